@@ -7,17 +7,21 @@
 # from it.  Running this twice changes nothing the second time.
 set -euo pipefail
 
-PACKAGES=(libblkio1 libblkio-dev pkg-config qemu-system-common fio util-linux
-          gcc make python3-venv)
+PACKAGES=(libblkio1 libblkio-dev pkg-config gcc make python3-dev python3-venv
+          # tests and benchmarks: vhost-user backend, loop devices, fio
+          qemu-system-common fio util-linux
+          # guest VM for nvme / vfio-pci / vhost-vdpa tests (tests/guest)
+          qemu-system-x86 busybox-static cpio kmod iproute2)
 # Everything the suite needs is a command or a pkg-config module; check those
 # first so that a second run does not touch apt at all.
 have_all() {
     pkg-config --exists 'blkio >= 1.3.0' 2>/dev/null || return 1
     [ -f /usr/share/doc/libblkio-dev/examples/blkio-bench.c ] ||
         [ -f /usr/share/doc/libblkio-dev/examples/blkio-bench.c.gz ] || return 1
-    for cmd in qemu-storage-daemon fio losetup gcc make; do
+    for cmd in qemu-storage-daemon fio losetup gcc make qemu-system-x86_64 cpio depmod vdpa; do
         command -v "$cmd" >/dev/null || return 1
     done
+    [ -x /bin/busybox ] || return 1
     return 0
 }
 
