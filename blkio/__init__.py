@@ -1,0 +1,349 @@
+"""blkio: fast block I/O from Python through libblkio.
+
+    import blkio
+    with blkio.open("io_uring", path="disk.img", direct=True) as dev:
+        buf = dev.alloc(4096)            # numpy uint8, mapped into the device
+        dev.readinto(0, buf)             # GIL released while waiting
+        dev.write(4096, buf, fua=True)
+        print(dev.capacity, dev.limits.request_alignment)
+
+``open`` applies keyword properties in the stage libblkio allows them (the
+catalogue in ``blkio._drivers`` knows each one), connects and starts the
+device.  ``Device`` has blocking I/O on queue 0, ``queue(i)`` for many requests
+in flight, ``alloc``/``register`` for zero-copy memory and a bounce pool for
+memory the driver cannot use directly.  The C boundary is ``blkio._core``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+import warnings as _warnings
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+from . import _core
+from ._core import Buffer, BouncePool, Completion, Queue, LIBBLKIO_VERSION
+from ._drivers import DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
+from ._errors import Error, ReadOnlyError, error_for as _error_for
+from ._limits import Limits, read_limits as _read_limits
+
+__all__ = [
+    "DRIVERS", "STATES", "LIBBLKIO_VERSION", "Buffer", "BouncePool", "Completion",
+    "Device", "Error", "Limits", "PropertySpec", "Queue", "ReadOnlyError", "Stats",
+    "driver_properties", "open",
+]
+__version__ = "0.1.0"
+
+_INT32 = (-(2**31), 2**31 - 1)
+_UINT64 = (0, 2**64 - 1)
+# Drivers whose path QEMU opens itself and hands over as an fd (when libblkio
+# accepts one); io_uring gets the path so that libblkio applies direct/read-only.
+_FD_PASSING = ("nvme-io_uring", "virtio-blk-vfio-pci", "virtio-blk-vhost-user",
+               "virtio-blk-vhost-vdpa")
+
+
+class Stats(NamedTuple):
+    """Counters of a device since it was opened."""
+
+    requests: int        #: requests handed to libblkio
+    bounced_requests: int  #: of which went through the bounce pool
+    bounced_bytes: int   #: bytes copied through the bounce pool
+    split_requests: int  #: pieces of requests split at max-transfer / bounce size
+
+
+def _check_value(driver: str, spec: PropertySpec, value: Any) -> Any:
+    """Type- and range-check a property value; ValueError names the property."""
+    want = spec.python_type
+    if spec.name == "path" and isinstance(value, _os.PathLike):
+        value = _os.fspath(value)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"property {spec.name!r} of driver {driver!r} takes a {spec.type}, "
+                         f"got {type(value).__name__} {value!r}")
+    if spec.type == "int" and not _INT32[0] <= value <= _INT32[1]:
+        raise ValueError(f"property {spec.name!r} of driver {driver!r}: {value} is out of int range")
+    if spec.type == "uint64" and not _UINT64[0] <= value <= _UINT64[1]:
+        raise ValueError(f"property {spec.name!r} of driver {driver!r}: {value} is out of uint64 range")
+    return value
+
+
+def _writable_spec(driver: str, name: str) -> PropertySpec:
+    spec = _lookup(driver, name)
+    if not spec.writable:
+        raise ValueError(f"property {spec.name!r} of driver {driver!r} is read-only")
+    return spec
+
+
+def _socket_fds() -> set:
+    fds = set()
+    try:
+        for name in _os.listdir("/proc/self/fd"):
+            try:
+                if _os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    fds.add(int(name))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return fds
+
+
+class Device(_core._DeviceCore):
+    """An open libblkio device (created → connected → started → closed).
+
+    Made by :func:`open`.  Blocking I/O (``read``, ``readinto``, ``write``,
+    ``readv``, ``writev``, ``write_zeroes``, ``discard``, ``flush``) runs on
+    queue 0 with the GIL released; offsets and lengths must be multiples of
+    ``limits.request_alignment`` and stay within ``capacity`` (ValueError
+    otherwise).  Any buffer works; memory the driver cannot use directly is
+    bounced through ``bounce_pool``, and ``alloc``/``register`` avoid that.
+    """
+
+    path: Optional[str]
+    _limits: Optional[Limits]
+
+    def __init__(self, driver: str, path: Optional[str] = None) -> None:
+        # Only open() makes devices; it calls the lifecycle primitives.
+        self.path = path
+        self._limits = None
+
+    # ---- properties ------------------------------------------------------
+
+    def get(self, name: str) -> Union[bool, int, str]:
+        """Read a libblkio property (``"num-entries"`` or ``"num_entries"``)."""
+        spec = _lookup(self.driver, name)
+        if self.state not in spec.readable:
+            raise ValueError(f"property {spec.name!r} of driver {self.driver!r} is not readable "
+                             f"when the device is {self.state} (readable: "
+                             f"{', '.join(sorted(spec.readable)) or 'never'})")
+        return self._get(spec.name, spec.type)
+
+    def set(self, name: str, value: Union[bool, int, str]) -> None:
+        """Write a libblkio property, in a state where libblkio allows it."""
+        spec = _writable_spec(self.driver, name)
+        if self.state not in spec.writable:
+            raise ValueError(f"property {spec.name!r} of driver {self.driver!r} can only be set "
+                             f"when the device is {'/'.join(sorted(spec.writable))}; "
+                             f"it is {self.state}")
+        self._set(spec.name, spec.type, _check_value(self.driver, spec, value))
+
+    def properties(self) -> Dict[str, Union[bool, int, str]]:
+        """Every property readable in the current state, by libblkio name."""
+        out: Dict[str, Union[bool, int, str]] = {}
+        for name, spec in driver_properties(self.driver).items():
+            if self.state in spec.readable:
+                try:
+                    out[name] = self._get(name, spec.type)
+                except OSError:
+                    pass    # e.g. may-pin-mem-regions on drivers that lack it
+        return out
+
+    @property
+    def limits(self) -> Limits:
+        """The device's validated :class:`Limits` (read at start)."""
+        if self._limits is None:
+            raise ValueError("device is not started")
+        return self._limits
+
+    def refresh_limits(self) -> Limits:
+        """Re-read and re-validate the limits and the capacity."""
+        self._ensure_open()
+        limits = _read_limits(self._get_named)
+        self._limits = limits
+        self._refresh(limits, self._get("capacity", "uint64"))
+        return limits
+
+    def _get_named(self, name: str) -> Any:
+        return self._get(name, _lookup(self.driver, name).type)
+
+    def _ensure_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"device is closed ({self.driver})")
+
+    @property
+    def stats(self) -> Stats:
+        """Request and bounce counters."""
+        return Stats(*self._stats())
+
+    # ---- queues ----------------------------------------------------------
+
+    def add_queue(self) -> Queue:
+        """Add a queue at run time (drivers with ``can-add-queues``)."""
+        self._require_can_add()
+        return self._add_queue(False)
+
+    def add_poll_queue(self) -> Queue:
+        """Add a poll queue at run time (drivers with ``can-add-queues``)."""
+        self._require_can_add()
+        if not self.limits.supports_poll_queues:
+            raise ValueError(f"driver {self.driver!r} does not support poll queues here")
+        return self._add_queue(True)
+
+    def remove_queue(self, queue: Queue, timeout: float = 10.0) -> None:
+        """Remove a queue; requests in flight are waited for (up to
+        ``timeout`` seconds) first."""
+        self._remove_queue(queue, timeout)
+
+    def _require_can_add(self) -> None:
+        self._ensure_open()
+        if not self._get("can-add-queues", "bool"):
+            raise ValueError(f"driver {self.driver!r} cannot add queues (can-add-queues is false)")
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for requests in flight (bounded), unmap memory, destroy the
+        instance.  Arrays from ``alloc`` stay valid.  Safe to call twice."""
+        self._close()
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self.closed:
+            _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        where = f" path={self.path!r}" if self.path is not None else ""
+        if self.state == "started":
+            return f"<blkio.Device {self.driver}{where} capacity={self.capacity} started>"
+        return f"<blkio.Device {self.driver}{where} {self.state}>"
+
+
+def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
+         fd: Optional[int] = None, read_only: bool = False, direct: Optional[bool] = None,
+         num_queues: int = 1, num_poll_queues: int = 0, **properties: Any) -> Device:
+    """Create, connect and start a libblkio device; returns a :class:`Device`.
+
+    ``driver`` is one of :data:`DRIVERS`.  ``path`` is a file or block device
+    (io_uring), a ``/dev/ngXnY`` char device (nvme-io_uring), a sysfs PCI
+    directory (virtio-blk-vfio-pci), a unix socket (virtio-blk-vhost-user) or a
+    ``/dev/vhost-vdpa-N`` device.  Other libblkio properties are keyword
+    arguments with ``_`` for ``-`` (``num_entries=256``, ``queue_size=512``);
+    each is set in the stage where libblkio accepts it.  Bad names, types,
+    stages and per-driver rules raise ValueError before libblkio runs.
+    """
+    if driver not in DRIVERS:
+        raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
+    if path is not None:
+        path = _os.fspath(path)
+        if not isinstance(path, str):
+            raise ValueError(f"property 'path' of driver {driver!r} takes a str")
+    catalogue = driver_properties(driver)
+
+    # Per-driver rules (QEMU's *_connect functions).
+    if driver == "io_uring":
+        if path is None and fd is None:
+            raise ValueError("driver 'io_uring' needs 'path' (or 'fd')")
+        if path is not None and fd is not None:
+            raise ValueError("driver 'io_uring' takes 'path' or 'fd', not both")
+    else:
+        if path is None:
+            raise ValueError(f"driver {driver!r} needs 'path'")
+        if direct is False:
+            raise ValueError(f"driver {driver!r} cannot run with direct=False "
+                             f"(it always bypasses the page cache)")
+        if fd is not None:
+            raise ValueError(f"driver {driver!r}: pass 'path'; blkio opens it and passes an fd "
+                             f"itself where libblkio accepts one")
+    if direct is not None and not isinstance(direct, bool):
+        raise ValueError(f"property 'direct' of driver {driver!r} takes a bool")
+    for name, value in (("num-queues", num_queues), ("num-poll-queues", num_poll_queues)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
+    if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
+        raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
+
+    # Keyword properties, sorted into the stage they are written in.
+    staged: Dict[str, list] = {"created": [], "connected": []}
+    for key, value in properties.items():
+        spec = _writable_spec(driver, key)
+        if spec.name in ("path", "fd", "direct", "read-only", "num-queues", "num-poll-queues"):
+            raise ValueError(f"pass {spec.name!r} of driver {driver!r} as open()'s own argument")
+        stage = spec.set_stage
+        if stage not in staged:
+            raise ValueError(f"property {spec.name!r} of driver {driver!r} cannot be set at open")
+        staged[stage].append((spec, _check_value(driver, spec, value)))
+
+    dev = Device(driver, path)
+    our_fd = -1
+    try:
+        dev._create(driver)
+        if read_only:
+            dev._set("read-only", "bool", True)   # must precede connect
+        if direct and driver == "io_uring":
+            dev._set("direct", "bool", True)
+        for spec, value in staged["created"]:
+            dev._set(spec.name, spec.type, value)
+
+        # Where libblkio takes an fd, open the path ourselves (QEMU does, for
+        # fd passing); read-only is enforced by the read-only property.
+        if driver == "io_uring" and fd is not None:
+            dev._set("fd", "int", fd)
+        elif driver in _FD_PASSING and "fd" in catalogue and _fd_supported(dev):
+            try:
+                our_fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise _error_for(_errno.ENOENT, f"{driver}: no such path", path) from None
+            except OSError:
+                our_fd = -1     # not openable as a file (a socket...): let libblkio try
+            if our_fd >= 0:
+                dev._set("fd", "int", our_fd)
+        if path is not None and our_fd < 0 and not (driver == "io_uring" and fd is not None):
+            dev._set("path", "str", path)
+
+        sockets_before = _socket_fds() if driver == "virtio-blk-vhost-user" else set()
+        ret, msg = dev._connect()
+        if ret == -_errno.EINVAL and our_fd >= 0:
+            # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
+            _os.close(our_fd)
+            our_fd = -1
+            dev._set("fd", "int", -1)
+            dev._set("path", "str", path)
+            ret, msg = dev._connect()
+        if ret < 0:
+            code = -ret
+            where = f"path={path!r}" if path is not None else f"fd={fd}"
+            text = f"cannot connect {driver} device ({where}): {msg}"
+            if code == _errno.ENOENT or (driver == "io_uring" and path and not _os.path.exists(path)):
+                raise _error_for(_errno.ENOENT, text, path)
+            raise _error_for(code, text, path)
+        our_fd = -1     # libblkio owns it now
+        backend_fds = (_socket_fds() - sockets_before) if driver == "virtio-blk-vhost-user" else ()
+
+        if num_poll_queues and not dev._get("supports-poll-queues", "bool"):
+            raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
+                             f"(supports-poll-queues is false); use num_poll_queues=0")
+        dev._set("num-queues", "int", num_queues)
+        dev._set("num-poll-queues", "int", num_poll_queues)
+        for spec, value in staged["connected"]:
+            dev._set(spec.name, spec.type, value)
+        dev._start()
+
+        # Capacity is read once here: on vhost-user it is a daemon round trip.
+        limits = _read_limits(dev._get_named)
+        dev._limits = limits
+        dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
+                       backend_fds)
+        return dev
+    except BaseException:
+        if our_fd >= 0:
+            _os.close(our_fd)
+        dev._close()
+        raise
+
+
+def _fd_supported(dev: Device) -> bool:
+    """Probe as QEMU does: a driver that accepts ``fd = -1`` takes fds."""
+    try:
+        dev._set("fd", "int", -1)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,1930 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The C boundary: the only module that calls libblkio.
+
+It owns the blkio instance and its queues, the memory mapped into devices
+(``Buffer``, the alloc arena, the bounce pool), and the request path that
+splits, bounces, submits and waits.  It never parses user options: the facade
+(``blkio/__init__.py``) turns keyword arguments into typed property calls.
+"""
+
+cimport cython
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo,
+                             PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS)
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport PyObject
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EBADF, EOPNOTSUPP, ETIME, ENOMEM
+
+cdef extern from "<errno.h>":
+    int ENOTSUP
+from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memset, strlen
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.time cimport timespec
+from posix.unistd cimport close as c_close
+from posix.uio cimport iovec
+
+from . cimport _libblkio as lb
+
+import os
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from ._errors import Error, ReadOnlyError, error_for
+
+cdef extern from "<sys/mman.h>" nogil:
+    int memfd_create(const char *name, unsigned int flags)
+    unsigned int MFD_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, long length)
+    long sysconf(int name)
+    int _SC_PAGESIZE
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int c_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLHUP
+    short POLLERR
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from *:
+    """
+    #ifndef BLKIO_PY_LIBBLKIO_VERSION
+    #define BLKIO_PY_LIBBLKIO_VERSION "unknown"
+    #endif
+    """
+    const char *BLKIO_PY_LIBBLKIO_VERSION
+
+#: libblkio version this extension was built against (from pkg-config).
+LIBBLKIO_VERSION = BLKIO_PY_LIBBLKIO_VERSION.decode()
+
+cdef size_t PAGE = <size_t>sysconf(_SC_PAGESIZE)
+
+# Request kinds.
+cdef enum:
+    OP_READ = 0
+    OP_WRITE = 1
+    OP_WRITE_ZEROES = 2
+    OP_DISCARD = 3
+    OP_FLUSH = 4
+
+_OP_NAMES = ("read", "write", "write_zeroes", "discard", "flush")
+
+REQ_FUA = lb.BLKIO_REQ_FUA
+REQ_NO_UNMAP = lb.BLKIO_REQ_NO_UNMAP
+REQ_NO_FALLBACK = lb.BLKIO_REQ_NO_FALLBACK
+
+# Waits are cut into slices so that Python signal handlers run, timeouts are
+# honoured and a dead backend is noticed, whatever the driver does with signals.
+cdef double WAIT_SLICE = 0.25
+# Completions fetched per blkioq_do_io call.
+cdef int NCOMPS = 64
+# Bounced requests are cut into pieces of at most this many bytes.
+cdef uint64_t BOUNCE_CHUNK = 4 << 20
+# Batch tags travel in user_data with the low bit set; Completion pointers have it clear.
+cdef uintptr_t TAG_BIT = 1
+
+
+# --------------------------------------------------------------------------
+# Errors: one converter, reading libblkio's per-thread message at once.
+
+cdef object _libblkio_error(int ret, str what, object filename=None):
+    cdef const char *msg = lb.blkio_get_error_msg()
+    text = what
+    if msg != NULL and msg[0] != 0:
+        text = f"{what}: {msg.decode('utf-8', 'replace')}"
+    return error_for(-ret, text, filename)
+
+
+cdef inline int _check(int ret, str what) except -1:
+    if ret < 0:
+        raise _libblkio_error(ret, what)
+    return ret
+
+
+cdef object _request_error(int ret, object msg, str what, bint read_only):
+    code = -ret
+    if code == EBADF and read_only:
+        return ReadOnlyError(EBADF, f"{what} failed: device is read-only")
+    text = f"{what} failed" + (f": {msg}" if msg else "")
+    return error_for(code, text)
+
+
+# --------------------------------------------------------------------------
+# Memory
+
+@cython.final
+cdef class Buffer:
+    """Page-aligned memory of our own: ``memfd_create`` + ``mmap``.
+
+    ``Buffer(nbytes)`` exposes ``nbytes`` through the buffer protocol
+    (``numpy.frombuffer(buf, numpy.uint8)``).  The memory has a file descriptor
+    (``fd``), so drivers that need one (vhost-user) can map it.  It is freed
+    only when no Python object views it any more: a device that had it mapped
+    unmaps it on close, and the arrays stay valid.
+    """
+
+    def __cinit__(self, size_t nbytes, *, str name="blkio-buffer"):
+        self.addr = NULL
+        self.fd = -1
+        if nbytes == 0:
+            raise ValueError("Buffer size must be positive")
+        self.nbytes = nbytes
+        self.size = (nbytes + PAGE - 1) // PAGE * PAGE
+        self.shape[0] = <Py_ssize_t>nbytes
+        cdef bytes bname = name.encode()
+        self.fd = memfd_create(bname, MFD_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(errno, f"memfd_create: {os.strerror(errno)}")
+        if ftruncate(self.fd, <long>self.size) < 0:
+            code = errno
+            c_close(self.fd)
+            self.fd = -1
+            raise OSError(code, f"ftruncate memfd to {self.size} bytes: {os.strerror(code)}")
+        cdef void *p = mmap(NULL, self.size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+        if p == MAP_FAILED:
+            code = errno
+            c_close(self.fd)
+            self.fd = -1
+            raise OSError(code, f"mmap {self.size} bytes: {os.strerror(code)}")
+        self.addr = <char *>p
+
+    def __dealloc__(self):
+        # Nothing can view the memory any more, and no device has it mapped
+        # (a mapping holds a reference), so the fd may close now.
+        if self.addr != NULL:
+            munmap(self.addr, self.size)
+            self.addr = NULL
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.addr, <Py_ssize_t>self.nbytes, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __len__(self):
+        return self.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        return self.nbytes
+
+    @property
+    def fd(self) -> int:
+        """The memfd backing this memory (owned by the Buffer)."""
+        return self.fd
+
+    @property
+    def address(self) -> int:
+        """Start address (page aligned)."""
+        return <uintptr_t>self.addr
+
+    def __repr__(self):
+        return f"<blkio.Buffer {self.nbytes} bytes at {<uintptr_t>self.addr:#x} fd={self.fd}>"
+
+
+@cython.final
+cdef class RangeAllocator:
+    """First-fit allocator over ``n`` granules, O(log n) per operation.
+
+    A segment tree keeps, for every node, the longest free run inside it and
+    the free runs touching its two ends, so the lowest-addressed hole that fits
+    is found by one descent instead of a scan over live allocations.
+    """
+
+    def __cinit__(self, size_t n):
+        self.n = n
+        self.leaves = 1
+        while self.leaves < n:
+            self.leaves <<= 1
+        cdef size_t total = 2 * self.leaves
+        self.best = <int *>calloc(total, sizeof(int))
+        self.pref = <int *>calloc(total, sizeof(int))
+        self.suf = <int *>calloc(total, sizeof(int))
+        self.sizes = <int *>calloc(self.leaves, sizeof(int))
+        if not (self.best and self.pref and self.suf and self.sizes):
+            raise MemoryError()
+        self.used = 0
+        # Leaves past n stay "used" (0); the real ones start free.
+        self._set(0, n, False)
+
+    def __dealloc__(self):
+        free(self.best)
+        free(self.pref)
+        free(self.suf)
+        free(self.sizes)
+
+    cdef void _set(self, size_t start, size_t count, bint used) noexcept nogil:
+        if count == 0:
+            return
+        cdef size_t lo = start + self.leaves, hi = start + count - 1 + self.leaves
+        cdef size_t i, l, r
+        cdef int v = 0 if used else 1
+        cdef int half = 1, a
+        for i in range(lo, hi + 1):
+            self.best[i] = v
+            self.pref[i] = v
+            self.suf[i] = v
+        lo >>= 1
+        hi >>= 1
+        while lo >= 1:
+            for i in range(lo, hi + 1):
+                l = 2 * i
+                r = l + 1
+                self.pref[i] = self.pref[l] if self.pref[l] < half else half + self.pref[r]
+                self.suf[i] = self.suf[r] if self.suf[r] < half else half + self.suf[l]
+                a = self.best[l] if self.best[l] > self.best[r] else self.best[r]
+                if self.suf[l] + self.pref[r] > a:
+                    a = self.suf[l] + self.pref[r]
+                self.best[i] = a
+            lo >>= 1
+            hi >>= 1
+            half <<= 1
+
+    cdef Py_ssize_t alloc(self, size_t count) noexcept nogil:
+        """Lowest start of ``count`` free granules, or -1."""
+        if count == 0 or <size_t>self.best[1] < count:
+            return -1
+        cdef size_t i = 1, base = 0, half = self.leaves, l, r
+        cdef Py_ssize_t start = -1
+        while i < self.leaves:
+            half >>= 1
+            l = 2 * i
+            r = l + 1
+            if <size_t>self.best[l] >= count:
+                i = l
+            elif <size_t>(self.suf[l] + self.pref[r]) >= count:
+                start = <Py_ssize_t>(base + half - self.suf[l])
+                break
+            else:
+                i = r
+                base += half
+        if start < 0:
+            start = <Py_ssize_t>base
+        self._set(start, count, True)
+        self.sizes[start] = <int>count
+        self.used += count
+        return start
+
+    cdef void free(self, size_t start) noexcept nogil:
+        cdef size_t count = self.sizes[start]
+        if count:
+            self.sizes[start] = 0
+            self.used -= count
+            self._set(start, count, False)
+
+    # Python access, for tests and for the pool's bookkeeping
+    def allocate(self, size_t count):
+        """Reserve ``count`` granules; return the first index or -1."""
+        return self.alloc(count)
+
+    def release(self, size_t start):
+        """Give back the allocation that starts at ``start``."""
+        if start >= self.n or self.sizes[start] == 0:
+            raise ValueError(f"no allocation starts at granule {start}")
+        self.free(start)
+
+    @property
+    def used(self) -> int:
+        return self.used
+
+    @property
+    def largest_free(self) -> int:
+        return self.best[1]
+
+    def __len__(self):
+        return self.n
+
+
+@cython.final
+cdef class _Slice:
+    """Memory carved out of an arena chunk; returned to the arena when collected."""
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.buffer.addr + self.offset,
+                          <Py_ssize_t>self.nbytes, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self.allocator is not None:
+            self.allocator.free(self.offset // self.granule)
+
+    @property
+    def buffer(self):
+        return self.buffer
+
+    @property
+    def offset(self):
+        return self.offset
+
+
+@cython.final
+cdef class _Arena:
+    """Memory for ``Device.alloc``: large mapped chunks carved into arrays.
+
+    Drivers limit the number of mapped regions (32 on vhost-user), so arrays
+    are cut out of a few big regions instead of mapping one region each.
+    """
+
+    def __cinit__(self, _DeviceCore device, size_t granule, size_t chunk_size):
+        self.device = device
+        self.chunks = []
+        self.granule = granule
+        self.chunk_size = chunk_size
+
+    def alloc(self, size_t nbytes):
+        cdef size_t g = self.granule
+        cdef size_t count = (nbytes + g - 1) // g
+        cdef Py_ssize_t start
+        cdef Buffer buf
+        cdef RangeAllocator ra
+        for buf, ra in self.chunks:
+            start = ra.alloc(count)
+            if start >= 0:
+                return self._slice(buf, ra, start, nbytes)
+        size = max(self.chunk_size, count * g)
+        buf = Buffer(size, name="blkio-arena")
+        ra = RangeAllocator(size // g)
+        self.device._map(<uintptr_t>buf.addr, buf.size, buf.fd, 0, buf)
+        self.chunks.append((buf, ra))
+        start = ra.alloc(count)
+        return self._slice(buf, ra, start, nbytes)
+
+    cdef object _slice(self, Buffer buf, RangeAllocator ra, Py_ssize_t start, size_t nbytes):
+        cdef _Slice s = _Slice.__new__(_Slice)
+        s.buffer = buf
+        s.offset = <size_t>start * self.granule
+        s.nbytes = nbytes
+        s.allocator = ra
+        s.granule = self.granule
+        return np.frombuffer(s, dtype=np.uint8)
+
+
+cdef object _owner_of(object obj):
+    """The Buffer or _Slice behind an array (walking .base / .obj), or None."""
+    seen = 0
+    while obj is not None and seen < 32:
+        if isinstance(obj, (Buffer, _Slice)):
+            return obj
+        nxt = getattr(obj, "base", None)
+        if nxt is None and isinstance(obj, memoryview):
+            nxt = obj.obj
+        obj = nxt
+        seen += 1
+    return None
+
+
+# --------------------------------------------------------------------------
+# Caller memory held for requests
+
+@cython.final
+cdef class _Views:
+
+    def __cinit__(self):
+        self.bufs = NULL
+        self.iov = NULL
+        self.n = 0
+        self.total = 0
+
+    def __dealloc__(self):
+        self.release()
+
+    cdef void release(self) noexcept:
+        cdef int i
+        if self.bufs != NULL:
+            for i in range(self.n):
+                PyBuffer_Release(&self.bufs[i])
+            free(self.bufs)
+            self.bufs = NULL
+        free(self.iov)
+        self.iov = NULL
+        self.n = 0
+
+
+cdef _Views _acquire_views(object objs, bint writable, bint single):
+    """Py_buffers for one object (``single``) or a sequence of them."""
+    if single:
+        objs = (objs,)
+    elif not isinstance(objs, (list, tuple)):
+        objs = tuple(objs)
+    cdef Py_ssize_t n = len(objs)
+    if n == 0:
+        raise ValueError("no buffers given")
+    if n > 1 << 20:
+        raise ValueError(f"too many buffers ({n})")
+    cdef _Views v = _Views.__new__(_Views)
+    v.bufs = <Py_buffer *>calloc(n, sizeof(Py_buffer))
+    v.iov = <iovec *>calloc(n, sizeof(iovec))
+    if v.bufs == NULL or v.iov == NULL:
+        raise MemoryError()
+    cdef int flags = PyBUF_ANY_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
+    cdef Py_ssize_t i
+    for i in range(n):
+        try:
+            PyObject_GetBuffer(objs[i], &v.bufs[i], flags)
+        except BufferError as e:
+            kind = "a writable" if writable else "a"
+            raise TypeError(f"buffer {i} must be {kind} contiguous buffer "
+                            f"(numpy array, bytearray, memoryview, mmap): {e}") from None
+        except TypeError:
+            raise TypeError(f"buffer {i} ({type(objs[i]).__name__}) does not support "
+                            f"the buffer protocol") from None
+        v.n = <int>(i + 1)
+        v.iov[i].iov_base = v.bufs[i].buf
+        v.iov[i].iov_len = <size_t>v.bufs[i].len
+        v.total += <size_t>v.bufs[i].len
+    return v
+
+
+cdef int _slice_iov(iovec *src, int n, size_t pos, size_t length, iovec **out) except -1:
+    """Point *out at a new array covering bytes [pos, pos+length) of src."""
+    cdef int i = 0, first, count = 0
+    cdef size_t skip = pos, left = length, take
+    while i < n and skip >= src[i].iov_len:
+        skip -= src[i].iov_len
+        i += 1
+    first = i
+    cdef size_t s = skip
+    cdef int j = i
+    while j < n and left > 0:
+        take = src[j].iov_len - s
+        if take > left:
+            take = left
+        left -= take
+        s = 0
+        j += 1
+        count += 1
+    out[0] = <iovec *>malloc(count * sizeof(iovec) if count else sizeof(iovec))
+    if out[0] == NULL:
+        raise MemoryError()
+    left = length
+    s = skip
+    for j in range(count):
+        take = src[first + j].iov_len - s
+        if take > left:
+            take = left
+        out[0][j].iov_base = <char *>src[first + j].iov_base + s
+        out[0][j].iov_len = take
+        left -= take
+        s = 0
+    return count
+
+
+cdef void _gather(iovec *iov, int n, char *dst) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        memcpy(dst, iov[i].iov_base, iov[i].iov_len)
+        dst += iov[i].iov_len
+
+
+cdef void _scatter(char *src, iovec *iov, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        memcpy(iov[i].iov_base, src, iov[i].iov_len)
+        src += iov[i].iov_len
+
+
+# --------------------------------------------------------------------------
+# Requests and completions
+
+@cython.final
+cdef class Completion:
+    """A finished request: ``user_data``, ``ret`` (0 or a negative errno),
+    ``error_msg`` and ``check()``, which raises the matching ``OSError``."""
+
+    def __cinit__(self):
+        self.user_iov = NULL
+        self.iov = NULL
+        self.bounce_start = -1
+
+    def __dealloc__(self):
+        self._release_memory()
+
+    cdef void _release_memory(self):
+        # Called once the request is reaped (or its device destroyed): only
+        # then may its caller memory and bounce space be reused.
+        if self.iov != NULL and self.iov != &self.iov1:
+            if self.iov != self.user_iov:
+                free(self.iov)
+        if self.user_iov != NULL and (self.views is None or self.user_iov != self.views.iov):
+            if self.user_iov != &self.iov1:
+                free(self.user_iov)
+        self.iov = NULL
+        self.user_iov = NULL
+        if self.bounce_start >= 0 and self.pool is not None:
+            self.pool._release(self.bounce_start, self.bounce_buffer)
+        self.bounce_start = -1
+        self.bounce_buffer = None
+        self.pool = None
+        self.views = None
+
+    @property
+    def error_msg(self):
+        """libblkio's message for a failed request, or None."""
+        return self._error_msg
+
+    @property
+    def op(self) -> str:
+        return _OP_NAMES[self.op]
+
+    def check(self):
+        """Raise the ``OSError`` for a failed request; return ``ret`` otherwise."""
+        if self.ret < 0:
+            raise _request_error(self.ret, self._error_msg, _OP_NAMES[self.op], False)
+        return self.ret
+
+    def __repr__(self):
+        state = "done" if self.done else "in flight"
+        return (f"<blkio.Completion {_OP_NAMES[self.op]} offset={self.offset} "
+                f"length={self.length} ret={self.ret} user_data={self.user_data!r} {state}>")
+
+
+# --------------------------------------------------------------------------
+# Bounce pool
+
+class _ThreadWaiter:
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def wake(self):
+        self.event.set()
+
+
+class _AsyncWaiter:
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.future = loop.create_future()
+
+    def wake(self):
+        def _set(fut=self.future):
+            if not fut.done():
+                fut.set_result(None)
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # loop closed
+            pass
+
+
+@cython.final
+cdef class BouncePool:
+    """Mapped memory for data the driver cannot use where it is.
+
+    ``acquire(nbytes)`` returns a numpy uint8 array of pool memory (sizes are
+    rounded up to the pool's granule, a multiple of mem-region-alignment);
+    ``release(array)`` gives it back.  Allocation is first-fit over the holes
+    between live buffers (O(log n)).  When nothing is in use and a request does
+    not fit, the pool is replaced by a larger one, up to ``max_size``; a
+    request larger than ``max_size`` fails at once.  Waiters are served first
+    come, first served; a woken waiter that still does not fit keeps its place
+    at the front.  Thread-safe; ``acquire_async`` waits on the same queue.
+    """
+
+    def __cinit__(self, _DeviceCore device, size_t granule, size_t initial, size_t max_size):
+        self.device = device
+        self.granule = granule
+        self._max_size = max_size
+        self.lock = threading.Lock()
+        self.waiters = deque()
+        self.buffer = None
+        self.allocator = None
+        self._replace(initial)
+
+    cdef size_t _round(self, size_t nbytes):
+        if nbytes == 0:
+            nbytes = 1
+        return (nbytes + self.granule - 1) // self.granule * self.granule
+
+    def _replace(self, size_t size):
+        # Only when nothing is allocated: no live buffer is moved.
+        size = self._round(size)
+        new = Buffer(size, name="blkio-bounce")
+        if self.device is not None and self.device.maps_memory:
+            self.device._map(<uintptr_t>(<Buffer>new).addr, (<Buffer>new).size,
+                             (<Buffer>new).fd, 0, new)
+        old = self.buffer
+        self.buffer = new
+        self.allocator = RangeAllocator(size // self.granule)
+        if old is not None and self.device is not None and self.device.maps_memory:
+            self.device._unmap(<uintptr_t>(<Buffer>old).addr)
+
+    cdef Py_ssize_t _try_locked(self, size_t size) except -2:
+        cdef size_t count = size // self.granule
+        cdef Py_ssize_t start = self.allocator.alloc(count)
+        if start < 0 and self.allocator.used == 0:
+            cur = self.buffer.size
+            grow = max(size + (1 << 20), 2 * cur)
+            self._replace(min(grow, self._max_size))
+            start = self.allocator.alloc(count)
+        return start
+
+    cdef Py_ssize_t _try_acquire(self, size_t nbytes) except -2:
+        """Granule index of a new allocation, -1 if it must wait."""
+        cdef size_t size = self._checked_size(nbytes)
+        with self.lock:
+            if self.waiters:
+                return -1
+            return self._try_locked(size)
+
+    cdef size_t _checked_size(self, size_t nbytes) except? 0:
+        cdef size_t size = self._round(nbytes)
+        if size > self._max_size:
+            raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
+                             f"max_size of {self._max_size} bytes")
+        return size
+
+    cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2:
+        """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
+        ``drive`` (the caller's queue) is reaped so its own completed requests
+        give their bounce space back."""
+        cdef size_t size = self._checked_size(nbytes)
+        cdef Py_ssize_t start
+        with self.lock:
+            if not self.waiters:
+                start = self._try_locked(size)
+                if start >= 0:
+                    return start
+            waiter = _ThreadWaiter()
+            self.waiters.append(waiter)
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        try:
+            while True:
+                with self.lock:
+                    if self.waiters[0] is waiter:
+                        start = self._try_locked(size)
+                        if start >= 0:
+                            self.waiters.popleft()
+                            self._wake_head()
+                            return start
+                    waiter.event.clear()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no bounce buffer space for {nbytes} bytes "
+                                       f"within {timeout} s")
+                if drive is not None and drive.inflight > 0:
+                    drive._drive(1, WAIT_SLICE, None)
+                else:
+                    left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+                    waiter.event.wait(max(left, 0))
+        except BaseException:
+            with self.lock:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+                self._wake_head()
+            raise
+
+    async def acquire_async(self, size_t nbytes):
+        """Coroutine form of ``acquire``: waits in the same FIFO without
+        blocking the event loop.  Returns the array."""
+        import asyncio
+        cdef size_t size = self._checked_size(nbytes)
+        cdef Py_ssize_t start
+        with self.lock:
+            if not self.waiters:
+                start = self._try_locked(size)
+                if start >= 0:
+                    return self._array(start, nbytes)
+            waiter = _AsyncWaiter(asyncio.get_running_loop())
+            self.waiters.append(waiter)
+        try:
+            while True:
+                with self.lock:
+                    if self.waiters[0] is waiter:
+                        start = self._try_locked(size)
+                        if start >= 0:
+                            self.waiters.popleft()
+                            self._wake_head()
+                            return self._array(start, nbytes)
+                    if waiter.future.done():
+                        waiter.future = waiter.loop.create_future()
+                await waiter.future
+        except BaseException:
+            with self.lock:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+                self._wake_head()
+            raise
+
+    def _wake_head(self):
+        if self.waiters:
+            self.waiters[0].wake()
+
+    cdef void _release(self, Py_ssize_t start, Buffer buffer):
+        with self.lock:
+            if buffer is self.buffer:
+                self.allocator.free(<size_t>start)
+            self._wake_head()
+
+    cdef object _array(self, Py_ssize_t start, size_t nbytes):
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
+                             offset=<Py_ssize_t>(<size_t>start * self.granule))
+
+    def acquire(self, size_t nbytes, timeout=None):
+        """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
+
+        Waits, first come first served, until space is free; ``timeout``
+        seconds (None: forever) bound the wait (``TimeoutError``).  A request
+        larger than ``max_size`` raises ``ValueError``.
+        """
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        cdef Py_ssize_t start = self._acquire_blocking(nbytes, t, None)
+        return self._array(start, nbytes)
+
+    def release(self, array):
+        """Give back an array from ``acquire``."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(array, &view, PyBUF_SIMPLE)
+        cdef uintptr_t addr = <uintptr_t>view.buf
+        PyBuffer_Release(&view)
+        with self.lock:
+            base = <uintptr_t>self.buffer.addr
+            off = addr - base
+            if addr < base or off >= self.buffer.size or off % self.granule:
+                raise ValueError("array was not acquired from this bounce pool")
+            start = off // self.granule
+            if self.allocator.sizes[start] == 0:
+                raise ValueError("array was already released")
+            self.allocator.free(start)
+            self._wake_head()
+
+    @property
+    def size(self) -> int:
+        """Current pool size in bytes."""
+        return self.buffer.size
+
+    @property
+    def in_use(self) -> int:
+        """Bytes currently handed out."""
+        return self.allocator.used * self.granule
+
+    @property
+    def granule(self) -> int:
+        """Allocation unit in bytes (a multiple of mem-region-alignment)."""
+        return self.granule
+
+    @property
+    def max_size(self) -> int:
+        """Upper bound of the pool size in bytes (settable)."""
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, size_t value):
+        if value < self.granule:
+            raise ValueError(f"max_size must be at least {self.granule} bytes")
+        self._max_size = self._round(value)
+
+    @property
+    def waiting(self) -> int:
+        """Number of callers waiting for space."""
+        return len(self.waiters)
+
+    def __repr__(self):
+        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
+                f"max_size={self._max_size} waiting={len(self.waiters)}>")
+
+
+# --------------------------------------------------------------------------
+# Queues
+
+cdef inline void _set_timeout(timespec *ts, double seconds) noexcept nogil:
+    if seconds < 0:
+        seconds = 0
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - <double>ts.tv_sec) * 1e9)
+
+
+@cython.final
+cdef class Queue:
+    """One libblkio queue.  Enqueue requests, then ``submit``/``wait``/``poll``.
+
+    Each queue serialises its own use with a lock taken without the GIL, so
+    several threads may share one; one queue per thread is the fast way.
+    """
+
+    def __cinit__(self):
+        self.q = NULL
+        self.lock_ready = False
+        self.comps = NULL
+        self.batch_tags = NULL
+        self.batch_rets = NULL
+
+    def __dealloc__(self):
+        if self.lock_ready:
+            pthread_mutex_destroy(&self.lock)
+        free(self.comps)
+        free(self.batch_tags)
+        free(self.batch_rets)
+
+    @staticmethod
+    cdef Queue _new(_DeviceCore device, lb.blkioq *q, int index, bint poll):
+        cdef Queue self = Queue.__new__(Queue)
+        self.q = q
+        self.device = device
+        self.index = index
+        self.is_poll_queue = poll
+        pthread_mutex_init(&self.lock, NULL)
+        self.lock_ready = True
+        self.ncomps = NCOMPS
+        self.comps = <lb.blkio_completion *>calloc(NCOMPS, sizeof(lb.blkio_completion))
+        if self.comps == NULL:
+            raise MemoryError()
+        self.ready = []
+        self.inflight = 0
+        self.queued = 0
+        self.batch_owners = {}
+        return self
+
+    cdef int _alive(self) except -1:
+        if self.q == NULL or self.removed:
+            raise ValueError("queue was removed or its device is closed")
+        return 0
+
+    # ---- enqueue: the one place that hands requests to libblkio ----------
+
+    cdef int _enqueue(self, Completion c) except -1:
+        # Link first: the list holds the reference libblkio's user_data borrows.
+        c.queue = self
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        self.inflight += 1
+        self.queued += 1
+        self.device.n_requests += 1
+        cdef void *ud = <void *>c
+        cdef lb.blkioq *q = self.q
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if c.op == OP_READ:
+                if c.iovcnt == 1:
+                    lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+                else:
+                    lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+            elif c.op == OP_WRITE:
+                if c.iovcnt == 1:
+                    lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+                else:
+                    lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+            elif c.op == OP_WRITE_ZEROES:
+                lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
+            elif c.op == OP_DISCARD:
+                lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
+            else:
+                lb.blkioq_flush(q, ud, c.flags)
+            pthread_mutex_unlock(&self.lock)
+        return 0
+
+    cdef void _unlink(self, Completion c):
+        if c.prev is not None:
+            c.prev.next = c.next
+        else:
+            self.head = c.next
+        if c.next is not None:
+            c.next.prev = c.prev
+        c.prev = None
+        c.next = None
+
+    # ---- reaping -------------------------------------------------------
+
+    cdef int _dispatch(self, int n) except -1:
+        """Hand out n completions from self.comps (GIL held)."""
+        cdef int i
+        cdef uintptr_t ud
+        cdef Completion c
+        cdef Py_ssize_t slot
+        for i in range(n):
+            ud = <uintptr_t>self.comps[i].user_data
+            self.inflight -= 1
+            if ud & TAG_BIT:
+                slot = (self.batch_head + self.batch_count) % self.batch_cap
+                self.batch_tags[slot] = (<int64_t>ud) >> 1
+                self.batch_rets[slot] = self.comps[i].ret
+                self.batch_count += 1
+                self.batch_inflight -= 1
+                if self.batch_inflight == 0:
+                    self.batch_owners.clear()
+                continue
+            c = <Completion><PyObject *>self.comps[i].user_data
+            self._unlink(c)
+            c.ret = self.comps[i].ret
+            if c.ret < 0 and self.comps[i].error_msg != NULL:
+                c._error_msg = self.comps[i].error_msg.decode("utf-8", "replace")
+            if c.ret == 0 and c.op == OP_READ and c.bounce_start >= 0:
+                _scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
+            if c.bounce_start >= 0:
+                self.device.bounced_bytes += c.length
+                self.device.n_bounced += 1
+            c.done = True
+            c._release_memory()
+            if not c.internal:
+                self.ready.append(c)
+        return 0
+
+    cdef int _drive(self, int min_completions, double timeout, Completion until) except -1:
+        """Submit what is queued and reap.  Returns when ``until`` is done (if
+        given), else once ``min_completions`` were reaped; ``timeout`` seconds
+        (< 0: none) bound the wait, then TimeoutError."""
+        cdef int n, want, got = 0
+        cdef timespec ts
+        cdef double slice_
+        cdef lb.blkioq *q = self.q
+        cdef bint interruptible = not self.is_poll_queue
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        while True:
+            if until is not None:
+                if until.done:
+                    return 0
+                want = 1 if self.inflight > 0 else 0
+            else:
+                want = min_completions - got
+                if want <= 0:
+                    want = 0
+                if want > self.inflight:
+                    want = <int>self.inflight
+            if deadline is None:
+                slice_ = WAIT_SLICE
+            else:
+                slice_ = min(WAIT_SLICE, deadline - time.monotonic())
+            _set_timeout(&ts, slice_)
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                if interruptible:
+                    n = lb.blkioq_do_io_interruptible(q, self.comps, want, self.ncomps, &ts, NULL)
+                else:
+                    n = lb.blkioq_do_io(q, self.comps, want, self.ncomps, &ts)
+                pthread_mutex_unlock(&self.lock)
+            if n >= 0:
+                self.queued = 0
+                got += n
+                self._dispatch(n)
+                if until is None and (got >= min_completions or want == 0):
+                    return got
+                if until is not None and want == 0 and not until.done:
+                    # Another thread holds our completion's turn; let it run.
+                    time.sleep(0)
+                continue
+            if n == -EINTR:
+                PyErr_CheckSignals()
+            elif n == -ETIME:
+                if self.device._backend_dead():
+                    raise OSError(EIO, f"{self.device.driver}: the backend hung up "
+                                       f"with {self.inflight} request(s) in flight")
+                PyErr_CheckSignals()
+            else:
+                raise _libblkio_error(n, "blkioq_do_io")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no completion within {timeout} s "
+                                   f"({self.inflight} request(s) still in flight)")
+
+    # ---- public API ------------------------------------------------------
+
+    def _submit_one(self, int op, uint64_t offset, object buf, bint vectored, unsigned int flags,
+                    object user_data, uint64_t length=0):
+        self._alive()
+        cdef _DeviceCore d = self.device
+        cdef _Views views = None
+        if op == OP_READ or op == OP_WRITE:
+            views = _acquire_views(buf, op == OP_READ, not vectored)
+            length = views.total
+        if op != OP_READ and op != OP_FLUSH:
+            d._check_writable(_OP_NAMES[op])
+        if op != OP_FLUSH:
+            d._check_range(offset, length, _OP_NAMES[op])
+        if (op == OP_READ or op == OP_WRITE) and d.max_transfer and length > d.max_transfer:
+            raise ValueError(f"{_OP_NAMES[op]} of {length} bytes exceeds max-transfer "
+                             f"({d.max_transfer}); split it, or use the Device's blocking "
+                             f"methods, which split")
+        cdef Completion c = d._prepare(op, offset, length, views,
+                                       views.iov if views is not None else NULL,
+                                       views.n if views is not None else 0,
+                                       flags, user_data, False, self)
+        self._enqueue(c)
+        return None
+
+    def read(self, uint64_t offset, buf, *, user_data=None):
+        """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
+        return self._submit_one(OP_READ, offset, buf, False, 0, user_data)
+
+    def write(self, uint64_t offset, buf, *, user_data=None, bint fua=False):
+        """Enqueue a write of ``buf``."""
+        return self._submit_one(OP_WRITE, offset, buf, False, REQ_FUA if fua else 0, user_data)
+
+    def readv(self, uint64_t offset, bufs, *, user_data=None):
+        """Enqueue a vectored read into the buffers of ``bufs``."""
+        return self._submit_one(OP_READ, offset, bufs, True, 0, user_data)
+
+    def writev(self, uint64_t offset, bufs, *, user_data=None, bint fua=False):
+        """Enqueue a vectored write of the buffers of ``bufs``."""
+        return self._submit_one(OP_WRITE, offset, bufs, True, REQ_FUA if fua else 0, user_data)
+
+    def write_zeroes(self, uint64_t offset, uint64_t length, *, user_data=None, bint fua=False,
+                     bint may_unmap=True, bint no_fallback=False):
+        """Enqueue a write-zeroes request."""
+        cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
+        return self._submit_one(OP_WRITE_ZEROES, offset, None, False, flags, user_data, length)
+
+    def discard(self, uint64_t offset, uint64_t length, *, user_data=None):
+        """Enqueue a discard request."""
+        return self._submit_one(OP_DISCARD, offset, None, False, 0, user_data, length)
+
+    def flush(self, *, user_data=None):
+        """Enqueue a flush request."""
+        return self._submit_one(OP_FLUSH, 0, None, False, 0, user_data, 0)
+
+    def submit(self):
+        """Submit enqueued requests without waiting; returns completions that
+        are already available."""
+        self._alive()
+        self._drive(0, 0.0, None)
+        return self._take(None)
+
+    def wait(self, int min=1, max=None, timeout=None):
+        """Submit, then wait for at least ``min`` completions; return up to
+        ``max`` of them as ``Completion`` objects.  The GIL is released while
+        waiting; Ctrl-C interrupts.  ``timeout`` (seconds) raises TimeoutError,
+        leaving requests in flight and tracked."""
+        self._alive()
+        if min < 0:
+            raise ValueError("min must be >= 0")
+        if max is not None and max < min:
+            raise ValueError(f"max ({max}) must be >= min ({min})")
+        have = len(self.ready)
+        if min > have + self.inflight:
+            raise ValueError(f"min={min} but only {have + self.inflight} request(s) "
+                             f"are in flight or completed")
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        if min > have:
+            self._drive(min - have, t, None)
+        else:
+            self._drive(0, 0.0, None)
+        return self._take(max)
+
+    def poll(self, max=None):
+        """Submit and return the completions available now, without waiting."""
+        self._alive()
+        self._drive(0, 0.0, None)
+        return self._take(max)
+
+    cdef list _take(self, object max):
+        if max is None or max >= len(self.ready):
+            out = self.ready
+            self.ready = []
+        else:
+            out = self.ready[:max]
+            del self.ready[:max]
+        return out
+
+    # ---- batch API: no Python object per request -------------------------
+
+    cdef int _ensure_batch(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap = self.batch_cap, i, j
+        if self.batch_count + need <= cap:
+            return 0
+        cdef Py_ssize_t newcap = max(2 * cap, self.batch_count + need, 256)
+        cdef int64_t *tags = <int64_t *>malloc(newcap * sizeof(int64_t))
+        cdef int *rets = <int *>malloc(newcap * sizeof(int))
+        if tags == NULL or rets == NULL:
+            free(tags)
+            free(rets)
+            raise MemoryError()
+        for i in range(self.batch_count):
+            j = (self.batch_head + i) % cap
+            tags[i] = self.batch_tags[j]
+            rets[i] = self.batch_rets[j]
+        free(self.batch_tags)
+        free(self.batch_rets)
+        self.batch_tags = tags
+        self.batch_rets = rets
+        self.batch_cap = newcap
+        self.batch_head = 0
+        return 0
+
+    def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags):
+        self._alive()
+        cdef _DeviceCore d = self.device
+        if op == OP_WRITE:
+            d._check_writable("write")
+        offs = np.ascontiguousarray(offsets)
+        if offs.dtype != np.uint64 or offs.ndim != 1:
+            raise TypeError(f"offsets must be a 1-D uint64 array, got {offs.dtype} with ndim {offs.ndim}")
+        cdef Py_ssize_t n = offs.shape[0]
+        if n == 0:
+            return 0
+        bufs = buffers
+        if not isinstance(bufs, np.ndarray) or bufs.dtype != np.uint8 or bufs.ndim != 2:
+            raise TypeError("buffers must be a uint8 numpy array of shape (n, blocksize)")
+        if bufs.shape[0] != n:
+            raise ValueError(f"{n} offsets but {bufs.shape[0]} buffers")
+        if not bufs.flags.c_contiguous:
+            raise ValueError("buffers must be C-contiguous")
+        if op == OP_READ and not bufs.flags.writeable:
+            raise ValueError("buffers for reads must be writable")
+        cdef uint64_t bs = bufs.shape[1]
+        if bs == 0:
+            raise ValueError("blocksize must be positive")
+        if user_data is None:
+            tags = np.arange(n, dtype=np.int64)
+        else:
+            tags = np.ascontiguousarray(user_data)
+            if tags.dtype != np.int64 or tags.ndim != 1 or tags.shape[0] != n:
+                raise TypeError(f"user_data must be an int64 array of {n} tags")
+            if n and (tags.min() < -(1 << 62) or tags.max() >= (1 << 62)):
+                raise ValueError("user_data tags must lie in [-2**62, 2**62)")
+        # Whole-batch validation, vectorised, before anything is enqueued.
+        ra = d.request_alignment
+        if bs % ra or (n and np.any(offs % np.uint64(ra))):
+            raise ValueError(f"offsets and blocksize must be multiples of request-alignment ({ra})")
+        if n and int(offs.max()) + bs > d.capacity:
+            raise ValueError(f"request at offset {int(offs.max())} of {bs} bytes passes the "
+                             f"device capacity ({d.capacity})")
+        if d.max_transfer and bs > d.max_transfer:
+            raise ValueError(f"blocksize {bs} exceeds max-transfer ({d.max_transfer})")
+        cdef Py_buffer view
+        PyObject_GetBuffer(bufs, &view, PyBUF_SIMPLE | (PyBUF_WRITABLE if op == OP_READ else 0))
+        cdef uintptr_t base = <uintptr_t>view.buf
+        cdef size_t total = <size_t>view.len
+        try:
+            if base % d.buf_alignment or bs % d.buf_alignment:
+                raise ValueError(f"buffers must be aligned to buf-alignment ({d.buf_alignment})")
+            if d.needs_mem_regions and not d.in_range(base, total):
+                raise ValueError("buffers must lie in memory mapped into the device "
+                                 "(Device.alloc or Device.register); the batch API never bounces")
+            self._ensure_batch(n + self.inflight)
+            # Keep the memory's owner alive until the batch completes: the
+            # kernel may write it until then.
+            root = bufs
+            while getattr(root, "base", None) is not None:
+                root = root.base
+            self.batch_owners[id(root)] = root
+            self.batch_inflight += n
+            self._enqueue_batch(op, <uint64_t *>(<uintptr_t>offs.ctypes.data),
+                                <int64_t *>(<uintptr_t>tags.ctypes.data), <char *>base, bs, n, flags)
+        finally:
+            # The caller owns the batch memory (mapped memory that outlives the
+            # request by contract, like C); we do not pin Python objects here.
+            PyBuffer_Release(&view)
+        return n
+
+    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base, uint64_t bs,
+                            Py_ssize_t n, unsigned int flags) except -1:
+        cdef Py_ssize_t i
+        cdef lb.blkioq *q = self.q
+        cdef int got
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            for i in range(n):
+                if op == OP_READ:
+                    lb.blkioq_read(q, offs[i], base + i * bs, bs,
+                                   <void *>((<uintptr_t>tags[i] << 1) | TAG_BIT), flags)
+                else:
+                    lb.blkioq_write(q, offs[i], base + i * bs, bs,
+                                    <void *>((<uintptr_t>tags[i] << 1) | TAG_BIT), flags)
+            got = lb.blkioq_do_io(q, self.comps, 0, self.ncomps, NULL)
+            pthread_mutex_unlock(&self.lock)
+        self.inflight += n
+        self.device.n_requests += n
+        if got < 0:
+            raise _libblkio_error(got, "blkioq_do_io")
+        self._dispatch(got)
+        return 0
+
+    def submit_reads(self, offsets, buffers, *, user_data=None):
+        """Enqueue and submit n reads: ``offsets`` uint64[n], ``buffers`` a
+        C-contiguous uint8[n, blocksize] view of mapped memory, ``user_data``
+        optional int64[n] tags (default 0..n-1).  Returns n.  Everything is
+        validated before anything is enqueued; no Python object per request."""
+        return self._submit_batch(OP_READ, offsets, buffers, user_data, 0)
+
+    def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None):
+        """Like ``submit_reads``, for writes."""
+        return self._submit_batch(OP_WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0)
+
+    def reap(self, out, int min=0, timeout=None):
+        """Fill ``out`` (a structured array with int64 ``user_data`` and int32
+        ``ret`` fields) with batch completions; wait for at least ``min``.
+        Returns the count."""
+        self._alive()
+        cdef Py_ssize_t cap = len(out)
+        if min > cap:
+            raise ValueError(f"min={min} exceeds the size of out ({cap})")
+        if min > self.batch_count + self.inflight:
+            raise ValueError(f"min={min} but only {self.batch_count + self.inflight} "
+                             f"batch request(s) are in flight or completed")
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        while self.batch_count < min:
+            self._drive(1, t, None)
+        if self.batch_count == 0:
+            self._drive(0, 0.0, None)
+        cdef Py_ssize_t k = min if min > 0 else 0
+        k = self.batch_count if self.batch_count < cap else cap
+        if k == 0:
+            return 0
+        ud_field = out["user_data"]
+        ret_field = out["ret"]
+        cdef Py_ssize_t i, j
+        cdef int64_t[:] udv = ud_field
+        cdef int[:] rv = ret_field
+        for i in range(k):
+            j = (self.batch_head + i) % self.batch_cap
+            udv[i] = self.batch_tags[j]
+            rv[i] = self.batch_rets[j]
+        self.batch_head = (self.batch_head + k) % self.batch_cap
+        self.batch_count -= k
+        return k
+
+    # ---- event-driven mode -----------------------------------------------
+
+    @property
+    def completion_fd(self) -> int:
+        """The queue's completion fd (-1 on poll queues).  Enable it with
+        ``completion_fd_enabled = True`` before waiting on it; read 8 bytes to
+        reset it, then call ``poll()``."""
+        self._alive()
+        if self.is_poll_queue:
+            return -1
+        return lb.blkioq_get_completion_fd(self.q)
+
+    @property
+    def completion_fd_enabled(self) -> bool:
+        """Whether the driver signals completions on ``completion_fd``.
+        libblkio (after 1.3) leaves it disabled by default."""
+        if self.is_poll_queue:
+            raise ValueError("poll queues have no completion fd")
+        return self.fd_enabled
+
+    @completion_fd_enabled.setter
+    def completion_fd_enabled(self, bint value):
+        self._alive()
+        if self.is_poll_queue:
+            raise ValueError("poll queues have no completion fd")
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            lb.blkioq_set_completion_fd_enabled(self.q, value)
+            pthread_mutex_unlock(&self.lock)
+        self.fd_enabled = value
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted or enqueued and not yet reaped."""
+        return self.inflight
+
+    @property
+    def device(self):
+        return self.device
+
+    def __repr__(self):
+        kind = "poll queue" if self.is_poll_queue else "queue"
+        return f"<blkio.Queue {kind} {self.index} in_flight={self.inflight}>"
+
+
+cdef unsigned int _zero_flags(bint fua, bint may_unmap, bint no_fallback):
+    cdef unsigned int flags = 0
+    if fua:
+        if LIBBLKIO_VERSION != "unknown" and tuple(int(x) for x in LIBBLKIO_VERSION.split(".")[:2]) < (1, 4):
+            raise ValueError("fua=True on write_zeroes needs libblkio >= 1.4.0 "
+                             f"(built against {LIBBLKIO_VERSION})")
+        flags |= REQ_FUA
+    if not may_unmap:
+        flags |= REQ_NO_UNMAP
+    if no_fallback:
+        flags |= REQ_NO_FALLBACK
+    return flags
+
+
+# --------------------------------------------------------------------------
+# The device
+
+cdef class _DeviceCore:
+    """The blkio instance, its memory and its request path.  Use ``blkio.open``."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.b = NULL
+        self.state = "closed"
+        self.reg_start = NULL
+        self.reg_end = NULL
+        self.nreg = 0
+        self.capreg = 0
+        self.regions = {}
+        self._queues = []
+        self._poll_queues = []
+        self.backend_fds = ()
+
+    def __dealloc__(self):
+        if self.b != NULL:
+            lb.blkio_destroy(&self.b)
+        free(self.reg_start)
+        free(self.reg_end)
+
+    # ---- lifecycle primitives used by the facade ------------------------
+
+    def _create(self, str driver):
+        cdef bytes bdriver = driver.encode()
+        cdef int ret = lb.blkio_create(bdriver, &self.b)
+        if ret < 0:
+            raise _libblkio_error(ret, f"blkio_create({driver!r})")
+        self.driver = driver
+        self.state = "created"
+
+    def _get(self, str name, str kind):
+        """Read property ``name`` with the getter for C type ``kind``."""
+        if self.b == NULL:
+            raise ValueError("device is closed")
+        cdef bytes bname = name.encode()
+        cdef const char *cname = bname
+        cdef lb.cbool bv
+        cdef int iv
+        cdef uint64_t uv
+        cdef char *sv = NULL
+        cdef int ret
+        if kind == "bool":
+            ret = lb.blkio_get_bool(self.b, bname, &bv)
+            _check(ret, f"get {name!r}")
+            return bool(bv)
+        if kind == "int":
+            ret = lb.blkio_get_int(self.b, bname, &iv)
+            _check(ret, f"get {name!r}")
+            return iv
+        if kind == "uint64":
+            with nogil:   # "capacity" is a round trip to a vhost-user daemon
+                ret = lb.blkio_get_uint64(self.b, cname, &uv)
+            _check(ret, f"get {name!r}")
+            return uv
+        ret = lb.blkio_get_str(self.b, bname, &sv)
+        _check(ret, f"get {name!r}")
+        try:
+            return sv.decode("utf-8", "replace")
+        finally:
+            free(sv)
+
+    def _set(self, str name, str kind, object value):
+        """Write property ``name`` with the setter for C type ``kind``."""
+        if self.b == NULL:
+            raise ValueError("device is closed")
+        cdef bytes bname = name.encode()
+        cdef bytes bvalue
+        cdef int ret
+        if kind == "bool":
+            ret = lb.blkio_set_bool(self.b, bname, <lb.cbool>bool(value))
+        elif kind == "int":
+            ret = lb.blkio_set_int(self.b, bname, <int>value)
+        elif kind == "uint64":
+            ret = lb.blkio_set_uint64(self.b, bname, <uint64_t>value)
+        else:
+            bvalue = str(value).encode()
+            ret = lb.blkio_set_str(self.b, bname, bvalue)
+        if ret < 0:
+            raise _libblkio_error(ret, f"set {name!r} = {value!r}")
+
+    def _connect(self):
+        cdef int ret
+        with nogil:
+            ret = lb.blkio_connect(self.b)
+        if ret < 0:
+            return ret, lb.blkio_get_error_msg().decode("utf-8", "replace")
+        self.state = "connected"
+        return 0, ""
+
+    def _start(self):
+        cdef int ret
+        with nogil:
+            ret = lb.blkio_start(self.b)
+        if ret < 0:
+            raise _libblkio_error(ret, "blkio_start")
+        self.state = "started"
+
+    def _configure(self, limits, uint64_t capacity, bint read_only, backend_fds=()):
+        """Copy the validated limits to C and set up queues and memory."""
+        self.capacity = capacity
+        self.read_only = read_only
+        self.request_alignment = limits.request_alignment
+        self.buf_alignment = limits.buf_alignment
+        self.mem_region_alignment = limits.mem_region_alignment
+        self.max_transfer = limits.max_transfer
+        self.max_segments = limits.max_segments
+        self.max_segment_len = limits.max_segment_len
+        self.max_write_zeroes_len = limits.max_write_zeroes_len
+        self.max_discard_len = limits.max_discard_len
+        self.needs_mem_regions = limits.needs_mem_regions
+        self.needs_mem_region_fd = limits.needs_mem_region_fd
+        # Map memory where the driver needs it or pins it (IOMMU mappings are
+        # set up once instead of per request); elsewhere mapping buys nothing.
+        self.maps_memory = limits.needs_mem_regions or limits.may_pin_mem_regions
+        self.backend_fds = tuple(backend_fds)
+        granule = max(PAGE, limits.mem_region_alignment)
+        self.bounce_chunk = BOUNCE_CHUNK
+        if self.max_transfer and self.max_transfer < self.bounce_chunk:
+            self.bounce_chunk = self.max_transfer
+        self.arena = _Arena(self, granule, 64 << 20)
+        self._bounce_pool = BouncePool(self, granule, 1 << 20, 256 << 20)
+        cdef int i
+        cdef lb.blkioq *q
+        i = 0
+        while True:
+            q = lb.blkio_get_queue(self.b, i)
+            if q == NULL:
+                break
+            self._queues.append(Queue._new(self, q, i, False))
+            i += 1
+        i = 0
+        while True:
+            q = lb.blkio_get_poll_queue(self.b, i)
+            if q == NULL:
+                break
+            self._poll_queues.append(Queue._new(self, q, i, True))
+            i += 1
+
+    def _refresh(self, limits, uint64_t capacity):
+        self.capacity = capacity
+
+    # ---- state -----------------------------------------------------------
+
+    cdef int _ensure_started(self) except -1:
+        if self.state != "started":
+            if self.state == "closed":
+                raise ValueError(f"I/O on a closed device ({self.driver})")
+            raise ValueError(f"device is {self.state}, not started")
+        return 0
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    # ---- memory regions --------------------------------------------------
+
+    cdef int _map(self, uintptr_t addr, size_t length, int fd, int64_t fd_offset, object owner) except -1:
+        cdef lb.blkio_mem_region r
+        memset(&r, 0, sizeof(r))
+        r.addr = <void *>addr
+        r.len = length
+        r.fd = fd
+        r.fd_offset = fd_offset
+        cdef int ret
+        if addr in self.regions:
+            raise ValueError(f"memory at {addr:#x} is already mapped into this device")
+        with nogil:
+            ret = lb.blkio_map_mem_region(self.b, &r)
+        if ret < 0:
+            raise _libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
+        # The owner reference keeps the memory and its fd alive while mapped:
+        # unmapping after the fd closed corrupts data on vhost-user.
+        self.regions[addr] = (length, fd, fd_offset, owner)
+        self._table_insert(addr, addr + length)
+        return 0
+
+    cdef int _unmap(self, uintptr_t addr) except -1:
+        length, fd, fd_offset, owner = self.regions.pop(addr)
+        cdef lb.blkio_mem_region r
+        memset(&r, 0, sizeof(r))
+        r.addr = <void *>addr
+        r.len = <size_t>length
+        r.fd = <int>fd
+        r.fd_offset = <int64_t>fd_offset
+        if self.b != NULL:
+            with nogil:
+                lb.blkio_unmap_mem_region(self.b, &r)
+        self._table_remove(addr)
+        return 0
+
+    def _table_insert(self, uintptr_t start, uintptr_t end):
+        cdef Py_ssize_t i, j
+        if self.nreg == self.capreg:
+            newcap = max(16, 2 * self.capreg)
+            s = <uintptr_t *>realloc(self.reg_start, newcap * sizeof(uintptr_t))
+            if s == NULL:
+                raise MemoryError()
+            self.reg_start = s
+            e = <uintptr_t *>realloc(self.reg_end, newcap * sizeof(uintptr_t))
+            if e == NULL:
+                raise MemoryError()
+            self.reg_end = e
+            self.capreg = newcap
+        i = 0
+        while i < self.nreg and self.reg_start[i] < start:
+            i += 1
+        j = self.nreg
+        while j > i:
+            self.reg_start[j] = self.reg_start[j - 1]
+            self.reg_end[j] = self.reg_end[j - 1]
+            j -= 1
+        self.reg_start[i] = start
+        self.reg_end[i] = end
+        self.nreg += 1
+
+    def _table_remove(self, uintptr_t start):
+        cdef Py_ssize_t i = 0
+        while i < self.nreg and self.reg_start[i] != start:
+            i += 1
+        if i == self.nreg:
+            return
+        while i + 1 < self.nreg:
+            self.reg_start[i] = self.reg_start[i + 1]
+            self.reg_end[i] = self.reg_end[i + 1]
+            i += 1
+        self.nreg -= 1
+
+    cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil:
+        """Does [start, start+length) lie inside one mapped region?"""
+        cdef Py_ssize_t lo = 0, hi = self.nreg, mid
+        while lo < hi:       # last region starting at or before `start`
+            mid = (lo + hi) // 2
+            if self.reg_start[mid] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return False
+        return start + length <= self.reg_end[lo - 1]
+
+    def alloc(self, size_t nbytes):
+        """A numpy uint8 array of ``nbytes`` mapped into this device.
+
+        Aligned to mem-region-alignment and at least 4096 bytes.  I/O on it is
+        zero-copy on every driver.  The memory outlives the device; it returns
+        to the device's arena when the array (and every view of it) is gone.
+        """
+        self._ensure_started()
+        if nbytes == 0:
+            raise ValueError("alloc size must be positive")
+        return self.arena.alloc(nbytes)
+
+    def register(self, array):
+        """Map caller memory into the device so I/O on it is not bounced.
+
+        Follows QEMU's register_buf: nothing to do where the driver neither
+        needs nor pins memory regions; address and size must be multiples of
+        mem-region-alignment (ValueError); where the driver needs an fd and
+        the memory has none (plain numpy memory) registration is skipped and
+        I/O on it is bounced.  Returns True when the memory was mapped.
+        """
+        self._ensure_started()
+        cdef Py_buffer view
+        PyObject_GetBuffer(array, &view, PyBUF_ANY_CONTIGUOUS)
+        cdef uintptr_t addr = <uintptr_t>view.buf
+        cdef size_t length = <size_t>view.len
+        PyBuffer_Release(&view)
+        if not self.maps_memory:
+            return False
+        if length == 0 or addr % self.mem_region_alignment or length % self.mem_region_alignment:
+            raise ValueError(f"cannot register {length} bytes at {addr:#x}: address and size must be "
+                             f"multiples of mem-region-alignment ({self.mem_region_alignment})")
+        owner = _owner_of(array)
+        cdef int fd = -1
+        cdef int64_t fd_offset = 0
+        cdef Buffer buf
+        if owner is not None:
+            buf = owner.buffer if isinstance(owner, _Slice) else owner
+            fd = buf.fd
+            fd_offset = <int64_t>(addr - <uintptr_t>buf.addr)
+            if self.in_range(addr, length):
+                return True     # already inside a mapped arena chunk or buffer
+        elif self.needs_mem_region_fd:
+            return False        # no fd: bounced at I/O time
+        self._map(addr, length, fd, fd_offset, array)
+        return True
+
+    def unregister(self, array):
+        """Undo ``register``: unmap exactly the region that was mapped."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(array, &view, PyBUF_ANY_CONTIGUOUS)
+        cdef uintptr_t addr = <uintptr_t>view.buf
+        PyBuffer_Release(&view)
+        entry = self.regions.get(addr)
+        if entry is None:
+            return False
+        if entry[3] is not array and not isinstance(entry[3], np.ndarray):
+            return False        # an arena chunk or pool, not a registration
+        self._unmap(addr)
+        return True
+
+    @property
+    def bounce_pool(self):
+        """The device's ``BouncePool``."""
+        return self._bounce_pool
+
+    @property
+    def mapped_regions(self) -> int:
+        """Number of memory regions mapped into the device."""
+        return len(self.regions)
+
+    # ---- the request path ------------------------------------------------
+
+    cdef int _check_range(self, uint64_t offset, uint64_t length, str what) except -1:
+        self._ensure_started()
+        cdef uint64_t ra = self.request_alignment
+        if offset % ra or length % ra:
+            raise ValueError(f"{what}: offset {offset} and length {length} must be multiples of "
+                             f"request-alignment ({ra}) on {self.driver}")
+        if offset > self.capacity or length > self.capacity - offset:
+            raise ValueError(f"{what}: {length} bytes at offset {offset} pass the end of the "
+                             f"device (capacity {self.capacity})")
+        return 0
+
+    cdef int _check_writable(self, str what) except -1:
+        if self.read_only:
+            raise ReadOnlyError(EBADF, f"{what} refused: device is read-only ({self.driver})")
+        return 0
+
+    cdef bint _direct_ok(self, iovec *iov, int iovcnt) noexcept nogil:
+        if iovcnt > self.max_segments:
+            return False
+        cdef int i
+        cdef uintptr_t a
+        for i in range(iovcnt):
+            a = <uintptr_t>iov[i].iov_base
+            if a % self.buf_alignment or iov[i].iov_len % self.buf_alignment:
+                return False
+            if self.max_segment_len and iov[i].iov_len > self.max_segment_len:
+                return False
+            if self.needs_mem_regions and not self.in_range(a, iov[i].iov_len):
+                return False
+        return True
+
+    cdef Completion _prepare(self, int op, uint64_t offset, uint64_t length, _Views views,
+                             iovec *iov, int iovcnt, unsigned int flags, object user_data,
+                             bint internal, Queue drive):
+        """One request: use the caller's memory where the driver can, else
+        a bounce buffer from the pool (acquired here, FIFO)."""
+        cdef Completion c = Completion.__new__(Completion)
+        c.op = op
+        c.offset = offset
+        c.length = length
+        c.flags = flags
+        c.internal = internal
+        c.user_data = user_data
+        if op != OP_READ and op != OP_WRITE:
+            return c
+        c.views = views
+        c.user_iov = iov
+        c.user_iovcnt = iovcnt
+        cdef Py_ssize_t start
+        cdef BouncePool pool
+        if self._direct_ok(iov, iovcnt):
+            c.iov = iov
+            c.iovcnt = iovcnt
+            return c
+        pool = self._bounce_pool
+        start = pool._acquire_blocking(length, -1.0, drive)
+        c.pool = pool
+        c.bounce_buffer = pool.buffer
+        c.bounce_start = start
+        c.iov1.iov_base = pool.buffer.addr + <size_t>start * pool.granule
+        c.iov1.iov_len = length
+        c.iov = &c.iov1
+        c.iovcnt = 1
+        if op == OP_WRITE:
+            _gather(iov, iovcnt, <char *>c.iov1.iov_base)
+        return c
+
+    cdef object _run(self, int op, uint64_t offset, uint64_t length, _Views views, unsigned int flags):
+        """The blocking path: split into pieces, bounce where needed, submit
+        each on queue 0 and wait for it (GIL released, Ctrl-C honoured)."""
+        if op != OP_READ and op != OP_FLUSH:
+            self._check_writable(_OP_NAMES[op])
+        if op != OP_FLUSH:
+            self._check_range(offset, length, _OP_NAMES[op])
+        else:
+            self._ensure_started()
+        cdef Queue q = self._queues[0] if self._queues else None
+        if q is None:
+            raise ValueError(f"{self.driver} device has no queue 0 (num_queues=0)")
+        cdef uint64_t limit = 0, pos = 0, piece
+        cdef iovec *sub
+        cdef int subcnt
+        cdef Completion c
+        if op == OP_READ or op == OP_WRITE:
+            limit = self.max_transfer
+        elif op == OP_WRITE_ZEROES:
+            limit = self.max_write_zeroes_len
+        elif op == OP_DISCARD:
+            limit = self.max_discard_len
+        if limit:
+            limit -= limit % self.request_alignment
+        if length == 0 and op != OP_FLUSH:
+            return 0
+        while True:
+            piece = length - pos
+            if limit and piece > limit:
+                piece = limit
+            if op == OP_READ or op == OP_WRITE:
+                if pos == 0 and piece == length:
+                    sub = views.iov
+                    subcnt = views.n
+                else:
+                    subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+                if not self._direct_ok(sub, subcnt) and piece > self.bounce_chunk:
+                    # Bounced pieces are cut to the chunk size: re-slice.
+                    if sub != views.iov:
+                        free(sub)
+                    piece = self.bounce_chunk - self.bounce_chunk % self.request_alignment
+                    subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+                c = self._prepare(op, offset + pos, piece, views, sub, subcnt, flags, None, True, q)
+            else:
+                c = self._prepare(op, offset + pos, piece, None, NULL, 0, flags, None, True, q)
+            if piece != length:
+                self.n_split += 1
+            q._enqueue(c)
+            q._drive(0, -1.0, c)
+            if c.ret < 0:
+                if op == OP_DISCARD and (c.ret == -ENOTSUP or c.ret == -EOPNOTSUPP):
+                    return 0    # discard is advisory
+                raise _request_error(c.ret, c._error_msg,
+                                     f"{_OP_NAMES[op]} of {piece} bytes at offset {offset + pos}",
+                                     self.read_only)
+            pos += piece
+            if pos >= length:
+                return length
+
+    # ---- blocking I/O on queue 0 ----------------------------------------
+
+    def read(self, uint64_t offset, size_t nbytes):
+        """Read ``nbytes`` at ``offset`` into a new numpy uint8 array (mapped
+        memory from ``alloc``, so no copy on any driver)."""
+        self._ensure_started()
+        self._check_range(offset, nbytes, "read")
+        if nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        out = self.arena.alloc(nbytes)
+        self._run(OP_READ, offset, nbytes, _acquire_views(out, True, True), 0)
+        return out
+
+    def readinto(self, uint64_t offset, buf):
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
+        contiguous buffer); returns the number of bytes read."""
+        cdef _Views v = _acquire_views(buf, True, True)
+        return self._run(OP_READ, offset, v.total, v, 0)
+
+    def write(self, uint64_t offset, buf, *, bint fua=False):
+        """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
+        ``fua=True`` makes it durable before returning.  Returns bytes written."""
+        cdef _Views v = _acquire_views(buf, False, True)
+        return self._run(OP_WRITE, offset, v.total, v, REQ_FUA if fua else 0)
+
+    def readv(self, uint64_t offset, bufs):
+        """Read consecutive bytes at ``offset`` into each buffer of ``bufs`` in
+        turn; returns the total."""
+        cdef _Views v = _acquire_views(bufs, True, False)
+        return self._run(OP_READ, offset, v.total, v, 0)
+
+    def writev(self, uint64_t offset, bufs, *, bint fua=False):
+        """Write the buffers of ``bufs`` back to back at ``offset``."""
+        cdef _Views v = _acquire_views(bufs, False, False)
+        return self._run(OP_WRITE, offset, v.total, v, REQ_FUA if fua else 0)
+
+    def write_zeroes(self, uint64_t offset, uint64_t length, *, bint fua=False,
+                     bint may_unmap=True, bint no_fallback=False):
+        """Write ``length`` zero bytes at ``offset``.  ``may_unmap=False``
+        keeps the blocks allocated; ``no_fallback=True`` fails rather than
+        writing zeroes the slow way."""
+        cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
+        return self._run(OP_WRITE_ZEROES, offset, length, None, flags)
+
+    def discard(self, uint64_t offset, uint64_t length):
+        """Discard ``length`` bytes at ``offset`` (advisory: a device that
+        cannot discard answers success)."""
+        return self._run(OP_DISCARD, offset, length, None, 0)
+
+    def flush(self):
+        """Make completed writes durable."""
+        self._run(OP_FLUSH, 0, 0, None, 0)
+
+    # ---- queues ----------------------------------------------------------
+
+    def queue(self, int index=0):
+        """Queue ``index`` (0 .. num_queues-1)."""
+        self._ensure_started()
+        if not 0 <= index < len(self._queues):
+            raise IndexError(f"queue {index} does not exist ({len(self._queues)} queue(s))")
+        return self._queues[index]
+
+    def poll_queue(self, int index=0):
+        """Poll queue ``index`` (0 .. num_poll_queues-1)."""
+        self._ensure_started()
+        if not 0 <= index < len(self._poll_queues):
+            raise IndexError(f"poll queue {index} does not exist "
+                             f"({len(self._poll_queues)} poll queue(s))")
+        return self._poll_queues[index]
+
+    @property
+    def queues(self):
+        """The device's queues (regular, then poll queues)."""
+        return tuple(self._queues) + tuple(self._poll_queues)
+
+    def _add_queue(self, bint poll):
+        self._ensure_started()
+        cdef int idx = lb.blkio_add_poll_queue(self.b) if poll else lb.blkio_add_queue(self.b)
+        if idx < 0:
+            raise _libblkio_error(idx, "blkio_add_poll_queue" if poll else "blkio_add_queue")
+        cdef lb.blkioq *q = lb.blkio_get_poll_queue(self.b, idx) if poll else lb.blkio_get_queue(self.b, idx)
+        if q == NULL:
+            raise Error(EIO, f"libblkio added queue {idx} but does not return it")
+        cdef Queue qq = Queue._new(self, q, idx, poll)
+        lst = self._poll_queues if poll else self._queues
+        while len(lst) <= idx:
+            lst.append(None)
+        lst[idx] = qq
+        return qq
+
+    def _remove_queue(self, Queue queue, double timeout):
+        self._ensure_started()
+        if queue.device is not self or queue.removed:
+            raise ValueError("queue is not a live queue of this device")
+        self._drain(queue, timeout)
+        cdef int ret = (lb.blkio_remove_poll_queue(self.b, queue.index) if queue.is_poll_queue
+                        else lb.blkio_remove_queue(self.b, queue.index))
+        if ret < 0:
+            raise _libblkio_error(ret, "blkio_remove_queue")
+        queue.removed = True
+        queue.q = NULL
+        lst = self._poll_queues if queue.is_poll_queue else self._queues
+        lst[queue.index] = None
+        while lst and lst[len(lst) - 1] is None:
+            lst.pop()
+
+    def _drain(self, Queue queue, double timeout):
+        """Wait (bounded) for the queue's requests in flight."""
+        deadline = time.monotonic() + timeout
+        while queue.inflight > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                queue._drive(<int>queue.inflight, left, None)
+            except TimeoutError:
+                return False
+            except OSError:
+                return False
+        return True
+
+    # ---- backend liveness (vhost-user) ----------------------------------
+
+    cdef int _backend_dead(self):
+        """Has the peer of a backend socket hung up?  (vhost-user never
+        reports a dead daemon: requests just never complete.)"""
+        cdef pollfd p
+        for fd in self.backend_fds:
+            p.fd = fd
+            p.events = 0
+            p.revents = 0
+            if c_poll(&p, 1, 0) > 0 and (p.revents & (POLLHUP | POLLERR)):
+                return 1
+        return 0
+
+    # ---- close -----------------------------------------------------------
+
+    def _close(self, double drain_timeout=10.0):
+        """Drain requests in flight (bounded), unmap memory, destroy."""
+        if self.b == NULL:
+            self.state = "closed"
+            return
+        queues = [q for q in self._queues + self._poll_queues if q is not None]
+        for q in queues:
+            if not (<Queue>q).removed and not self._backend_dead():
+                self._drain(q, drain_timeout)
+        for addr in sorted(self.regions):
+            self._unmap(addr)
+        with nogil:
+            lb.blkio_destroy(&self.b)
+        self.b = NULL
+        self.state = "closed"
+        # The instance is gone, so nothing can write request memory any more:
+        # let go of what requests still in flight were holding.
+        cdef Completion c
+        for q in queues:
+            while (<Queue>q).head is not None:
+                c = (<Queue>q).head
+                (<Queue>q)._unlink(c)
+                c.ret = -EIO
+                c.done = True
+                c._release_memory()
+            (<Queue>q).q = NULL
+            (<Queue>q).removed = True
+            (<Queue>q).inflight = 0
+        self._queues = []
+        self._poll_queues = []
+
+    def _stats(self):
+        return (self.n_requests, self.n_bounced, self.bounced_bytes, self.n_split)

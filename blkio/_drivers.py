@@ -1,0 +1,166 @@
+"""The property catalogue: every property libblkio 1.5.0 documents, per driver.
+
+libblkio has no introspection API, so this table is ours: each property's
+libblkio name, its C type (which selects ``blkio_get_bool/int/uint64/str``),
+and the instance states in which it can be read and written.  ``open()`` uses it
+to apply each keyword argument in the stage it belongs to, and to reject bad
+names, types and stages before libblkio runs.  It is data, not logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Mapping, Tuple
+
+__all__ = ["DRIVERS", "STATES", "PropertySpec", "driver_properties", "lookup"]
+
+DRIVERS: Tuple[str, ...] = (
+    "io_uring",
+    "nvme-io_uring",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+)
+
+#: Instance states, in order: after blkio_create, blkio_connect, blkio_start.
+STATES: Tuple[str, ...] = ("created", "connected", "started")
+
+_C, _N, _S = "created", "connected", "started"
+_ALL = frozenset(STATES)
+_AFTER_CONNECT = frozenset((_N, _S))
+_NONE: FrozenSet[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class PropertySpec:
+    """One libblkio property: its name, C type and where it can be used."""
+
+    name: str                    #: libblkio's name, e.g. ``"num-entries"``
+    type: str                    #: ``"bool"``, ``"int"``, ``"uint64"`` or ``"str"``
+    readable: FrozenSet[str]     #: states in which ``blkio_get_*`` works
+    writable: FrozenSet[str]     #: states in which ``blkio_set_*`` works
+    doc: str = ""
+
+    @property
+    def python_type(self) -> type:
+        """The Python type of values: bool, int or str."""
+        return {"bool": bool, "int": int, "uint64": int, "str": str}[self.type]
+
+    @property
+    def set_stage(self) -> str | None:
+        """The first state in which the property can be written, if any."""
+        for state in STATES:
+            if state in self.writable:
+                return state
+        return None
+
+
+def _ro(name: str, type_: str, doc: str, readable: FrozenSet[str] = _AFTER_CONNECT) -> PropertySpec:
+    return PropertySpec(name, type_, readable, _NONE, doc)
+
+
+def _rw(name: str, type_: str, stage: str, doc: str) -> PropertySpec:
+    # "rw <stage>, r <later stages>": readable from the stage it is set in onwards.
+    readable = frozenset(STATES[STATES.index(stage):])
+    return PropertySpec(name, type_, readable, frozenset((stage,)), doc)
+
+
+_COMMON = (
+    _ro("can-add-queues", "bool", "Queues can be added with add_queue()/add_poll_queue().", _ALL),
+    _ro("driver", "str", "The driver name given to blkio_create().", _ALL),
+    _rw("read-only", "bool", _C, "Requests other than read and flush fail with EBADF."),
+    _ro("capacity", "uint64", "Size of the device in bytes."),
+    _ro("max-queues", "int", "Maximum number of queues, poll queues included."),
+    _rw("num-queues", "int", _N, "Number of queues (default 1)."),
+    _rw("num-poll-queues", "int", _N, "Number of poll queues (default 0)."),
+    _ro("supports-poll-queues", "bool", "The driver supports poll queues."),
+    _ro("max-mem-regions", "uint64", "Maximum number of memory regions mapped at once."),
+    _ro("may-pin-mem-regions", "bool", "The driver may pin memory-region pages."),
+    _ro("mem-region-alignment", "uint64", "Alignment of memory-region address, iova and size (bytes)."),
+    _ro("needs-mem-regions", "bool", "I/O buffers must lie in mapped memory regions."),
+    _ro("needs-mem-region-fd", "bool", "Memory regions must be backed by a file descriptor."),
+    _ro("optimal-io-alignment", "int", "Ideal request start/length alignment (bytes)."),
+    _ro("optimal-io-size", "int", "Ideal request length (bytes), 0 if unspecified."),
+    _ro("request-alignment", "int", "Request start and length must be multiples of this (bytes)."),
+    _ro("flush-needed", "bool", "A flush is needed after writes for persistence."),
+    _ro("buf-alignment", "int", "Buffer address and length alignment (bytes)."),
+    _ro("can-grow", "bool", "I/O past the end grows the device (reads return zeros)."),
+    _ro("max-segments", "int", "Maximum iovcnt of a request."),
+    _ro("max-segment-len", "int", "Maximum length of one iovec (bytes), 0 if unspecified."),
+    _ro("max-transfer", "int", "Maximum read/write length (bytes), 0 if unspecified."),
+    _ro("optimal-buf-alignment", "int", "Ideal buffer alignment (bytes)."),
+    _ro("supports-fua-natively", "bool", "Writes support BLKIO_REQ_FUA natively."),
+    _ro("max-write-zeroes-len", "uint64", "Maximum write-zeroes length (bytes), 0 if unspecified."),
+    _ro("discard-alignment", "int", "Discard start/length alignment (bytes)."),
+    _ro("discard-alignment-offset", "int", "Offset of the first discardable block (bytes)."),
+    _ro("max-discard-len", "uint64", "Maximum discard length (bytes), 0 if unspecified."),
+)
+
+_PATH = _rw("path", "str", _C, "Path of the file, device node, sysfs directory or socket.")
+_FD = _rw("fd", "int", _C, "An open file descriptor; libblkio owns it after connect.")
+_NUM_ENTRIES = _rw("num-entries", "int", _N, "Minimum io_uring SQ/CQ entries per queue (default 128).")
+_VIRTIO = (
+    _PATH,
+    _ro("max-queue-size", "int", "Maximum virtqueue size of the device."),
+    _rw("queue-size", "int", _N, "Virtqueue size (default 256)."),
+)
+
+_PER_DRIVER: Dict[str, Tuple[PropertySpec, ...]] = {
+    "io_uring": (
+        _rw("direct", "bool", _C, "Bypass the page cache with O_DIRECT (default false)."),
+        _FD,
+        _PATH,
+        _NUM_ENTRIES,
+    ),
+    "nvme-io_uring": (
+        _FD,
+        _PATH,
+        _NUM_ENTRIES,
+        _ro("zoned", "int", "Zoned model: 0 none, 1 host-aware, 2 host-managed."),
+        _ro("max_active_zones", "int", "Zones that can be open or closed at once."),
+        _ro("max_open_zones", "int", "Zones that can be open at once."),
+        _ro("zone_size", "uint64", "Bytes in each zone."),
+        _ro("nr_zones", "uint64", "Number of zones."),
+        _ro("append_support", "bool", "Zone append requests are supported."),
+        _ro("zone_append_max_bytes", "uint64", "Maximum zone append length (bytes)."),
+    ),
+    "virtio-blk-vfio-pci": _VIRTIO,
+    "virtio-blk-vhost-user": _VIRTIO,
+    # Only vhost-vdpa accepts an fd among the virtio-blk drivers (libblkio 1.5.0).
+    "virtio-blk-vhost-vdpa": _VIRTIO + (_FD,),
+}
+
+_CATALOGUE: Dict[str, Dict[str, PropertySpec]] = {
+    driver: {spec.name: spec for spec in _COMMON + _PER_DRIVER[driver]} for driver in DRIVERS
+}
+
+
+def _check_driver(driver: str) -> None:
+    if driver not in _CATALOGUE:
+        raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
+
+
+def driver_properties(driver: str) -> Mapping[str, PropertySpec]:
+    """Every property of ``driver``: name -> :class:`PropertySpec`.
+
+    libblkio offers no way to list properties; this catalogue of the
+    documented ones (libblkio 1.5.0) does.
+    """
+    _check_driver(driver)
+    return dict(_CATALOGUE[driver])
+
+
+def lookup(driver: str, name: str) -> PropertySpec:
+    """The property ``name`` of ``driver``; ``_`` may stand for ``-``.
+
+    Raises ValueError naming the property and the driver when it is unknown.
+    """
+    _check_driver(driver)
+    props = _CATALOGUE[driver]
+    spec = props.get(name) or props.get(name.replace("_", "-"))
+    if spec is None:
+        raise ValueError(
+            f"unknown property {name!r} for driver {driver!r}; "
+            f"see blkio.driver_properties({driver!r})"
+        )
+    return spec

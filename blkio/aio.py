@@ -1,0 +1,1 @@
+"""asyncio front: see blkio.aio.open."""
