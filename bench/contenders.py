@@ -311,7 +311,13 @@ async def _caio(args, fd, cap, st: Stats) -> None:
                 n = await ctx.write(payload, fd, off)
                 if n != bs:
                     raise OSError(5, f"caio write returned {n}")
-        await _aio_loop(args, op, cap, st)
+        try:
+            await _aio_loop(args, op, cap, st)
+        except (SystemError, OSError) as e:
+            if args.direct:
+                raise SystemExit(f"caio fails on O_DIRECT ({e}; likely its "
+                                 "buffers are not aligned for O_DIRECT)")
+            raise
     finally:
         ctx.close()
 

@@ -2,7 +2,7 @@
 """blkio benchmark suite: our APIs against C and against Python peers.
 
     make bench        # short default (< 3 minutes): the key cases
-    make bench-full   # every workload and contender (about 15-20 minutes)
+    make bench-full   # every workload and contender (about 20 minutes)
     .venv/bin/python bench/run.py [--full] [--runtime S] [--reps N]
                                   [--only REGEX] [--list] [--no-vhost]
 
@@ -319,14 +319,16 @@ class Env:
         self.blkio_error: str | None = None
 
     def detect_blkio(self) -> None:
+        # cwd: not the repository, whose blkio/ source tree would shadow the
+        # installed package
         r = subprocess.run([self.py, "-c", "import blkio"], capture_output=True,
-                           text=True)
+                           text=True, cwd=self.tmpdir)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             self.blkio_error = f"blkio not importable ({last})"
             return
         r = subprocess.run([self.py, "-m", "blkio", "bench", "--help"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, cwd=self.tmpdir)
         if r.returncode == 0 and "--api" in r.stdout:
             self.pybench = [self.py, "-m", "blkio", "bench"]
         else:
@@ -406,7 +408,8 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True,
-                           timeout=runtime + 60, stdin=subprocess.DEVNULL)
+                           timeout=runtime + 60, stdin=subprocess.DEVNULL,
+                           cwd=env.tmpdir)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {runtime + 60} s",
                 "cmd": cmd}
@@ -481,6 +484,8 @@ def table_lines(cases: list[Case], summary: dict) -> list[str]:
             e = summary[c.key]
             if "iops_median" not in e:
                 why = "; ".join(e.get("errors", ["no result"]))
+                if len(why) > 110:
+                    why = why[:107] + "..."
                 lines.append(f"| {c.contender} | - | - | - | "
                              f"{'skipped' if e.get('skipped') else 'failed'}:"
                              f" {why} |")
@@ -651,7 +656,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--full", action="store_true",
                    help="every workload and contender (long)")
     p.add_argument("--runtime", type=int, default=None,
-                   help="seconds per run (default: 1 short, 3 full)")
+                   help="seconds per run (default: 1 short, 2 full)")
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions per case (default: 3; at least 3 for "
                    "meaningful medians)")
@@ -670,7 +675,7 @@ def main(argv: list[str]) -> int:
                    help="interpreter for the Python contenders")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    runtime = args.runtime or (3 if args.full else 1)
+    runtime = args.runtime or (2 if args.full else 1)
 
     cases = full_cases() if args.full else short_cases()
     if args.no_vhost:

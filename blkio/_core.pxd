@@ -45,6 +45,8 @@ cdef class _Views:
     """Py_buffers of caller memory, held while any request uses them."""
     cdef Py_buffer *bufs
     cdef iovec *iov
+    cdef Py_buffer buf1      # inline storage for the common single buffer
+    cdef iovec iov1
     cdef int n
     cdef size_t total
     cdef void release(self) noexcept
@@ -89,6 +91,7 @@ cdef class BouncePool:
     cdef Py_ssize_t _try_acquire(self, size_t nbytes) except -2
     cdef size_t _checked_size(self, size_t nbytes) except? 0
     cdef object _array(self, Py_ssize_t start, size_t nbytes)
+    cdef Py_ssize_t _start_of(self, object array, size_t nbytes) except -1
     cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2
     cdef void _release(self, Py_ssize_t start, Buffer buffer)
     cdef size_t _round(self, size_t nbytes)
@@ -126,7 +129,7 @@ cdef class Queue:
     @staticmethod
     cdef Queue _new(_DeviceCore device, blkioq *q, int index, bint poll)
     cdef int _alive(self) except -1
-    cdef int _enqueue(self, Completion c) except -1
+    cdef int _enqueue(self, Completion c, bint reap) except -1
     cdef void _unlink(self, Completion c)
     cdef list _take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1
@@ -141,6 +144,7 @@ cdef class _DeviceCore:
     cdef blkio *b
     cdef readonly str driver
     cdef readonly str state
+    cdef bint started
     cdef readonly uint64_t capacity
     cdef readonly bint read_only
     # limits copied to C for the hot path
@@ -175,7 +179,7 @@ cdef class _DeviceCore:
     cdef bint _direct_ok(self, iovec *iov, int iovcnt) noexcept nogil
     cdef Completion _prepare(self, int op, uint64_t offset, uint64_t length, _Views views,
                              iovec *iov, int iovcnt, unsigned int flags, object user_data,
-                             bint internal, Queue drive)
+                             bint internal, Queue drive, object bounce=*)
     cdef int _check_range(self, uint64_t offset, uint64_t length, str what) except -1
     cdef int _check_writable(self, str what) except -1
     cdef object _run(self, int op, uint64_t offset, uint64_t length, _Views views, unsigned int flags)

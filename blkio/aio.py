@@ -1,1 +1,247 @@
-"""asyncio front: see blkio.aio.open."""
+"""asyncio front: many requests in flight on one queue, driven by the event loop.
+
+    async with blkio.aio.open("io_uring", path="disk.img") as adev:
+        data = await adev.read(0, 4096)
+        await asyncio.gather(*(adev.write(i * 4096, data) for i in range(256)))
+
+The queue's completion fd is watched with ``loop.add_reader``; each request's
+future is its ``user_data`` and is resolved when its completion is reaped.
+Submissions made during one loop iteration go to libblkio in one
+``blkioq_do_io`` call (like QEMU's plug/unplug).  Memory the driver cannot use
+directly is bounced through the device's pool, waiting for space fairly (FIFO)
+without blocking the loop.  A cancelled coroutine's request stays in flight,
+its buffer held, until its completion arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from . import open as _open_device
+from ._core import Queue
+from . import Device
+
+__all__ = ["AsyncDevice", "open"]
+
+# Request kinds, as the core numbers them.
+_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = range(5)
+
+
+class AsyncDevice:
+    """Coroutine I/O on one queue of a :class:`blkio.Device`.
+
+    ``poll_us`` > 0 busy-polls the queue for that many microseconds after
+    submitting, before the loop sleeps on the completion fd (lower latency,
+    more CPU; QEMU's poll handler does the same).
+    """
+
+    def __init__(self, device: Device, queue: int = 0, *, poll_us: int = 0) -> None:
+        self.device = device
+        self.queue: Queue = device.queue(queue)
+        self.poll_us = poll_us
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
+        self._closed = False
+        self.queue.completion_fd_enabled = True   # off by default since libblkio 1.3
+        self._fd = self.queue.completion_fd
+        self._loop.add_reader(self._fd, self._on_completion_fd)
+
+    # ---- completion handling ---------------------------------------------
+
+    def _on_completion_fd(self) -> None:
+        try:
+            os.read(self._fd, 8)        # reset the eventfd before reaping
+        except BlockingIOError:
+            pass                        # spurious wake-up: nothing to reset
+        self._drain()
+
+    def _drain(self) -> None:
+        # Suppress-while-draining: no fd events while we reap in a loop, then
+        # re-enable and reap once more for what completed in between.
+        q = self.queue
+        q.completion_fd_enabled = False
+        try:
+            while True:
+                done = q.poll()
+                if not done:
+                    break
+                self._resolve(done)
+        finally:
+            q.completion_fd_enabled = True
+        self._resolve(q.poll())
+
+    @staticmethod
+    def _resolve(completions: List[Any]) -> None:
+        for c in completions:
+            fut = c.user_data
+            if not fut.done():          # cancelled coroutines: nothing to tell
+                fut.set_result(c)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        self._resolve(self.queue.submit())
+        if self.poll_us > 0 and self.queue.in_flight:
+            deadline = time.perf_counter() + self.poll_us / 1e6
+            while self.queue.in_flight and time.perf_counter() < deadline:
+                done = self.queue.poll()
+                if done:
+                    self._resolve(done)
+                    break
+
+    async def _request(self, op: int, offset: int, buf: Any, vectored: bool, flags: int,
+                       length: int = 0) -> Any:
+        if self._closed:
+            raise ValueError("AsyncDevice is closed")
+        q = self.queue
+        bounce = None
+        need = q._bounce_size(op, buf, vectored) if op in (_READ, _WRITE) else 0
+        if need:
+            bounce = await self.device.bounce_pool.acquire_async(need)
+        fut = self._loop.create_future()
+        try:
+            q._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
+        except BaseException:
+            if bounce is not None:
+                self.device.bounce_pool.release(bounce)
+            raise
+        self._schedule_flush()
+        # A cancellation here leaves the request in flight: the core holds its
+        # buffer (and bounce space) until the completion is reaped.
+        completion = await fut
+        completion.check()
+        return completion
+
+    def _pieces(self, length: int) -> List[tuple]:
+        limit = self.device.limits.max_transfer
+        if not limit or length <= limit:
+            return [(0, length)]
+        return [(pos, min(limit, length - pos)) for pos in range(0, length, limit)]
+
+    # ---- public coroutines -------------------------------------------------
+
+    async def readinto(self, offset: int, buf: Any) -> int:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
+        view = memoryview(buf).cast("B")
+        n = view.nbytes
+        await asyncio.gather(*(self._request(_READ, offset + pos, view[pos:pos + size], False, 0)
+                               for pos, size in self._pieces(n)))
+        return n
+
+    async def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
+        out = self.device.alloc(nbytes)
+        await self.readinto(offset, out)
+        return out
+
+    async def write(self, offset: int, buf: Any, *, fua: bool = False) -> int:
+        """Write ``buf`` at ``offset``."""
+        view = memoryview(buf).cast("B")
+        n = view.nbytes
+        flags = 1 if fua else 0
+        await asyncio.gather(*(self._request(_WRITE, offset + pos, view[pos:pos + size], False, flags)
+                               for pos, size in self._pieces(n)))
+        return n
+
+    async def readv(self, offset: int, bufs: Sequence[Any]) -> int:
+        """Vectored read (one request; at most max-transfer bytes)."""
+        c = await self._request(_READ, offset, list(bufs), True, 0)
+        return sum(memoryview(b).nbytes for b in bufs) if c.ret == 0 else 0
+
+    async def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> int:
+        """Vectored write (one request; at most max-transfer bytes)."""
+        await self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
+        return sum(memoryview(b).nbytes for b in bufs)
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                           may_unmap: bool = True, no_fallback: bool = False) -> None:
+        """Write ``length`` zero bytes at ``offset``."""
+        flags = self.queue._zero_flags(fua, may_unmap, no_fallback)
+        await self._request(_WRITE_ZEROES, offset, None, False, flags, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
+        try:
+            await self._request(_DISCARD, offset, None, False, 0, length)
+        except OSError as e:
+            if e.errno not in (95,):    # EOPNOTSUPP / ENOTSUP
+                raise
+
+    async def flush(self) -> None:
+        """Make completed writes durable."""
+        await self._request(_FLUSH, 0, None, False, 0, 0)
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Wait for requests in flight, then close the device."""
+        if self._closed:
+            return
+        while self.queue.in_flight:
+            fut = self._loop.create_future()
+            self._loop.call_later(0.01, lambda f=fut: f.done() or f.set_result(None))
+            await fut
+            self._drain()
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        await self._loop.run_in_executor(None, self.device.close)
+
+    async def __aenter__(self) -> "AsyncDevice":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<blkio.aio.AsyncDevice {self.device!r} queue={self.queue.index}>"
+
+
+class _Opener:
+    """``open(...)`` is both awaitable and an async context manager."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self._args = args
+        self._kwargs = kwargs
+        self._adev: Optional[AsyncDevice] = None
+
+    async def _open(self) -> AsyncDevice:
+        poll_us = self._kwargs.pop("poll_us", 0)
+        queue = self._kwargs.pop("queue", 0)
+        loop = asyncio.get_running_loop()
+        # Connecting can block (a vhost-user handshake): do it off the loop.
+        dev = await loop.run_in_executor(None, lambda: _open_device(*self._args, **self._kwargs))
+        try:
+            return AsyncDevice(dev, queue, poll_us=poll_us)
+        except BaseException:
+            dev.close()
+            raise
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncDevice:
+        self._adev = await self._open()
+        return self._adev
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._adev is not None
+        await self._adev.aclose()
+
+
+def open(driver: str, path: Optional[str] = None, *, poll_us: int = 0, queue: int = 0,
+         **kwargs: Any) -> _Opener:
+    """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
+    (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
+    Arguments are those of :func:`blkio.open`, plus ``poll_us`` and ``queue``."""
+    return _Opener((driver, path), dict(kwargs, poll_us=poll_us, queue=queue))

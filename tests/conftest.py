@@ -1,0 +1,290 @@
+"""Shared fixtures: real backends for blkio tests (DESIGN section 6).
+
+- ``image``: a 64 MiB raw file of random bytes (``Image`` with ``.path`` and
+  ``.data``; ``.pread(offset, n)`` reads the file as it is now).
+- ``make_image``: factory for more such files (any size, optionally zeroed).
+- ``loopdev``: a loop block device (``losetup --direct-io=on``) over a fresh
+  64 MiB random file, detached at teardown.
+- ``qsd``: factory starting ``qemu-storage-daemon`` exporting a raw file (or a
+  qcow2 image under blkdebug fault rules) as ``vhost-user-blk`` on a unix
+  socket; every daemon is stopped at teardown.
+
+Missing backends skip the test with the reason, except when ``CI=true``: then
+they fail, because CI must run every test.  That policy lives in ``require``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+import pytest
+
+MiB = 1 << 20
+IMAGE_SIZE = 64 * MiB
+CI = os.environ.get("CI") == "true"
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip the test unless ``condition`` holds; with CI=true, fail instead."""
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"{reason} (CI=true: backends must be available)", pytrace=False)
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------
+# Image files
+
+
+@dataclasses.dataclass
+class Image:
+    """A raw image file and the bytes it was created with."""
+
+    path: Path
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, offset: int, nbytes: int) -> bytes:
+        """The file's current bytes at ``offset`` (read with os.pread)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out = bytearray()
+            while len(out) < nbytes:
+                chunk = os.pread(fd, nbytes - len(out), offset + len(out))
+                if not chunk:
+                    break
+                out += chunk
+            return bytes(out)
+        finally:
+            os.close(fd)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def write_image(path: Union[str, Path], size: int = IMAGE_SIZE, *, random: bool = True) -> Image:
+    """Create ``path`` with ``size`` random (or zero) bytes; returns an Image."""
+    data = os.urandom(size) if random else bytes(size)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Image(path, data)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Image]:
+    """Factory: ``make_image(size=64 MiB, name=None, random=True) -> Image``."""
+    counter = [0]
+
+    def make(size: int = IMAGE_SIZE, name: Optional[str] = None, *, random: bool = True) -> Image:
+        counter[0] += 1
+        return write_image(tmp_path / (name or f"image{counter[0]}.raw"), size, random=random)
+
+    return make
+
+
+@pytest.fixture
+def image(make_image: Callable[..., Image]) -> Image:
+    """A 64 MiB raw temp file of random bytes."""
+    return make_image(IMAGE_SIZE, "image.raw")
+
+
+# ---------------------------------------------------------------------------
+# Loop device
+
+
+@dataclasses.dataclass
+class LoopDevice:
+    """A loop block device over ``backing`` (opened with direct I/O)."""
+
+    path: str
+    backing: Image
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+@pytest.fixture
+def loopdev(make_image: Callable[..., Image]) -> LoopDevice:
+    """``losetup --find --show --direct-io=on`` on a fresh 64 MiB random file."""
+    losetup = shutil.which("losetup") or ("/usr/sbin/losetup" if os.path.exists("/usr/sbin/losetup") else None)
+    require(losetup, "losetup is not installed (util-linux/mount)")
+    require(os.path.exists("/dev/loop-control"), "no /dev/loop-control: loop devices unavailable here")
+    require(os.access("/dev/loop-control", os.R_OK | os.W_OK),
+            "no permission on /dev/loop-control (loop devices need root or the disk group)")
+    backing = make_image(IMAGE_SIZE, "loop-backing.raw")
+    proc = subprocess.run([losetup, "--find", "--show", "--direct-io=on", str(backing.path)],
+                          capture_output=True, text=True, timeout=30)
+    require(proc.returncode == 0 and proc.stdout.strip().startswith("/dev/"),
+            f"losetup failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    try:
+        require(os.access(dev, os.R_OK | os.W_OK), f"no read/write permission on {dev}")
+        yield LoopDevice(dev, backing)
+    finally:
+        subprocess.run([losetup, "-d", dev], capture_output=True, timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# qemu-storage-daemon (vhost-user-blk export)
+
+
+@dataclasses.dataclass
+class Inject:
+    """One blkdebug ``inject-error`` rule.
+
+    ``event`` is a blkdebug event (``read_aio``, ``write_aio``,
+    ``flush_to_os``, ...); the error hits the next request of the node after
+    the event (with ``immediately`` without a coroutine yield).  ``once``
+    removes the rule after its first error; ``sector`` limits it to requests
+    touching that 512-byte sector of the qcow2 file.
+    """
+
+    event: str = "read_aio"
+    errno: int = 5
+    once: bool = True
+    immediately: bool = False
+    sector: Optional[int] = None
+
+    def options(self, index: int) -> List[str]:
+        p = f"inject-error.{index}."
+        opts = [f"{p}event={self.event}", f"{p}errno={self.errno}",
+                f"{p}once={'on' if self.once else 'off'}",
+                f"{p}immediately={'on' if self.immediately else 'off'}"]
+        if self.sector is not None:
+            opts.append(f"{p}sector={self.sector}")
+        return opts
+
+
+@dataclasses.dataclass
+class StorageDaemon:
+    """A running qemu-storage-daemon with a vhost-user-blk export."""
+
+    socket: str                 #: the vhost-user unix socket (the blkio path)
+    image: Path                 #: the backing file (raw, or qcow2 in fault mode)
+    pid: int
+    proc: subprocess.Popen
+    dir: Path
+    num_queues: int
+    raw: Optional[Image]        #: contents of a raw backing file (None for qcow2)
+    faults: Sequence[Inject] = ()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Kill the daemon (SIGKILL by default) and reap it."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+            self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        except ProcessLookupError:
+            self.proc.wait(10)
+
+    def stderr(self) -> str:
+        try:
+            return (self.dir / "stderr").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __fspath__(self) -> str:
+        return self.socket
+
+
+def _qemu_img() -> Optional[str]:
+    return shutil.which("qemu-img")
+
+
+@pytest.fixture
+def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon]:
+    """Factory: ``qsd(num_queues=1, image=None, faults=None, size=64 MiB)``.
+
+    Without ``faults`` it exports a raw file (``image``, an Image or path, or
+    a fresh 64 MiB random file) directly.  With ``faults`` (a list of
+    ``Inject`` rules, or one) it stacks file -> blkdebug -> qcow2 -> export
+    over a qcow2 image converted from ``image`` (so the data is there before
+    the daemon starts).  Every daemon is stopped at teardown.
+    """
+    binary = shutil.which("qemu-storage-daemon")
+    daemons: List[StorageDaemon] = []
+
+    def start(num_queues: int = 1, image: Union[Image, str, Path, None] = None,
+              faults: Union[Inject, Sequence[Inject], None] = None,
+              size: int = IMAGE_SIZE, timeout: float = 10.0) -> StorageDaemon:
+        require(binary, "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+        d = tmp_path_factory.mktemp("qsd")
+        raw: Optional[Image] = None
+        if image is None:
+            raw = write_image(d / "disk.raw", size)
+            backing = raw.path
+        elif isinstance(image, Image):
+            raw, backing = image, image.path
+        else:
+            backing = Path(image)
+        if isinstance(faults, Inject):
+            faults = [faults]
+        faults = list(faults or ())
+        sock = d / "vhost.sock"
+        args = [binary]
+        if faults:
+            qemu_img = _qemu_img()
+            require(qemu_img, "qemu-img is not installed (Debian: qemu-utils)")
+            qcow2 = d / "disk.qcow2"
+            subprocess.run([qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2",
+                            str(backing), str(qcow2)], check=True, capture_output=True, timeout=60)
+            rules = [o for i, rule in enumerate(faults) for o in rule.options(i)]
+            args += ["--blockdev", f"driver=file,node-name=file0,filename={qcow2}",
+                     "--blockdev", ",".join(["driver=blkdebug,node-name=dbg0,image=file0"] + rules),
+                     "--blockdev", "driver=qcow2,node-name=fmt0,file=dbg0"]
+            node, exported = "fmt0", qcow2
+        else:
+            args += ["--blockdev", f"driver=file,node-name=file0,filename={backing}"]
+            node, exported = "file0", Path(backing)
+        args += ["--export", f"type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,"
+                             f"addr.path={sock},writable=on,num-queues={num_queues}",
+                 "--pidfile", str(d / "pid")]
+        with open(d / "stderr", "wb") as err:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                    close_fds=True)
+        daemon = StorageDaemon(str(sock), exported, proc.pid, proc, d, num_queues,
+                               raw if not faults else None, tuple(faults))
+        daemons.append(daemon)
+        deadline = time.monotonic() + timeout
+        while not (sock.exists() and (d / "pid").exists()):
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-storage-daemon exited with {proc.returncode} before "
+                            f"creating {sock}:\n{daemon.stderr()}\nargs: {args}", pytrace=False)
+            if time.monotonic() > deadline:
+                daemon.stop()
+                pytest.fail(f"qemu-storage-daemon did not create {sock} within {timeout} s:\n"
+                            f"{daemon.stderr()}\nargs: {args}", pytrace=False)
+            time.sleep(0.02)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
