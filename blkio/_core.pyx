@@ -430,7 +430,7 @@ cdef _Views _acquire_one(object obj, bint writable):
     cdef _Views v = _Views.__new__(_Views)
     try:
         PyObject_GetBuffer(obj, &v.buf1, _VIEW_FLAGS[writable])
-    except (BufferError, TypeError):
+    except (BufferError, TypeError, ValueError):
         return _acquire_views((obj,), writable, False)   # for its error message
     v.bufs = &v.buf1
     v.iov = &v.iov1
@@ -462,7 +462,7 @@ cdef _Views _acquire_views(object objs, bint writable, bint single):
     for i in range(n):
         try:
             PyObject_GetBuffer(objs[i], &v.bufs[i], flags)
-        except BufferError as e:
+        except (BufferError, ValueError) as e:
             kind = "a writable" if writable else "a"
             raise TypeError(f"buffer {i} must be {kind} contiguous buffer "
                             f"(numpy array, bytearray, memoryview, mmap): {e}") from None
@@ -1863,12 +1863,12 @@ cdef class _DeviceCore:
         keeps the blocks allocated; ``no_fallback=True`` fails rather than
         writing zeroes the slow way."""
         cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
-        return self._run(OP_WRITE_ZEROES, offset, length, None, flags)
+        self._run(OP_WRITE_ZEROES, offset, length, None, flags)
 
     def discard(self, uint64_t offset, uint64_t length):
         """Discard ``length`` bytes at ``offset`` (advisory: a device that
         cannot discard answers success)."""
-        return self._run(OP_DISCARD, offset, length, None, 0)
+        self._run(OP_DISCARD, offset, length, None, 0)
 
     def flush(self):
         """Make completed writes durable."""
