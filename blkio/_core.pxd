@@ -113,9 +113,8 @@ cdef class Queue:
     cdef readonly bint is_poll_queue
     cdef pthread_mutex_t lock
     cdef bint lock_ready
-    cdef blkio_completion *comps
-    cdef int ncomps
     cdef Py_ssize_t inflight   # enqueued and not yet reaped
+    cdef Py_ssize_t outstanding  # the same, as libblkio counts it: changed only under the lock
     cdef Py_ssize_t queued     # enqueued since the last do_io
     cdef list ready            # reaped Completions not yet returned by wait()/poll()
     cdef Completion head       # in-flight Completions (doubly linked)
@@ -135,7 +134,7 @@ cdef class Queue:
     cdef int _ensure_batch(self, Py_ssize_t need) except -1
     cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base, uint64_t bs,
                             Py_ssize_t n, unsigned int flags) except -1
-    cdef int _dispatch(self, int n) except -1
+    cdef int _dispatch(self, blkio_completion *comps, int n) except -1
     cdef int _drive(self, int min_completions, double timeout, Completion until) except -1
 
 

@@ -89,8 +89,9 @@ REQ_NO_FALLBACK = lb.BLKIO_REQ_NO_FALLBACK
 # Waits are cut into slices so that Python signal handlers run, timeouts are
 # honoured and a dead backend is noticed, whatever the driver does with signals.
 cdef double WAIT_SLICE = 0.25
-# Completions fetched per blkioq_do_io call.
-cdef int NCOMPS = 64
+# Completions fetched per blkioq_do_io call (into an array on the caller's stack).
+cdef enum:
+    NCOMPS = 64
 # Bounced requests are cut into pieces of at most this many bytes.
 cdef uint64_t BOUNCE_CHUNK = 4 << 20
 # Batch tags travel in user_data with the low bit set; Completion pointers have it clear.
@@ -865,14 +866,12 @@ cdef class Queue:
     def __cinit__(self):
         self.q = NULL
         self.lock_ready = False
-        self.comps = NULL
         self.batch_tags = NULL
         self.batch_rets = NULL
 
     def __dealloc__(self):
         if self.lock_ready:
             pthread_mutex_destroy(&self.lock)
-        free(self.comps)
         free(self.batch_tags)
         free(self.batch_rets)
 
@@ -885,10 +884,6 @@ cdef class Queue:
         self.is_poll_queue = poll
         pthread_mutex_init(&self.lock, NULL)
         self.lock_ready = True
-        self.ncomps = NCOMPS
-        self.comps = <lb.blkio_completion *>calloc(NCOMPS, sizeof(lb.blkio_completion))
-        if self.comps == NULL:
-            raise MemoryError()
         self.ready = []
         self.inflight = 0
         self.queued = 0
@@ -915,6 +910,7 @@ cdef class Queue:
         cdef void *ud = <void *>c
         cdef lb.blkioq *q = self.q
         cdef int n = 0
+        cdef lb.blkio_completion comps[NCOMPS]
         with nogil:
             pthread_mutex_lock(&self.lock)
             if c.op == OP_READ:
@@ -933,16 +929,19 @@ cdef class Queue:
                 lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
             else:
                 lb.blkioq_flush(q, ud, c.flags)
+            self.outstanding += 1
             if reap:
                 # Submit and collect what is already done without sleeping:
                 # cached reads complete here, saving a wait and a GIL round trip.
-                n = lb.blkioq_do_io(q, self.comps, 0, self.ncomps, NULL)
+                n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.outstanding -= n
             pthread_mutex_unlock(&self.lock)
         if reap:
             if n < 0:
                 raise _libblkio_error(n, "blkioq_do_io")
             self.queued = 0
-            self._dispatch(n)
+            self._dispatch(comps, n)
         return 0
 
     cdef void _unlink(self, Completion c):
@@ -957,29 +956,31 @@ cdef class Queue:
 
     # ---- reaping -------------------------------------------------------
 
-    cdef int _dispatch(self, int n) except -1:
-        """Hand out n completions from self.comps (GIL held)."""
+    cdef int _dispatch(self, lb.blkio_completion *comps, int n) except -1:
+        """Hand out n completions (GIL held).  Each caller reaps into its own
+        array: a shared one would be overwritten by another thread's do_io
+        between the unlock and this dispatch."""
         cdef int i
         cdef uintptr_t ud
         cdef Completion c
         cdef Py_ssize_t slot
         for i in range(n):
-            ud = <uintptr_t>self.comps[i].user_data
+            ud = <uintptr_t>comps[i].user_data
             self.inflight -= 1
             if ud & TAG_BIT:
                 slot = (self.batch_head + self.batch_count) % self.batch_cap
                 self.batch_tags[slot] = (<int64_t>ud) >> 1
-                self.batch_rets[slot] = self.comps[i].ret
+                self.batch_rets[slot] = comps[i].ret
                 self.batch_count += 1
                 self.batch_inflight -= 1
                 if self.batch_inflight == 0:
                     self.batch_owners.clear()
                 continue
-            c = <Completion><PyObject *>self.comps[i].user_data
+            c = <Completion><PyObject *>comps[i].user_data
             self._unlink(c)
-            c.ret = self.comps[i].ret
-            if c.ret < 0 and self.comps[i].error_msg != NULL:
-                c._error_msg = self.comps[i].error_msg.decode("utf-8", "replace")
+            c.ret = comps[i].ret
+            if c.ret < 0 and comps[i].error_msg != NULL:
+                c._error_msg = comps[i].error_msg.decode("utf-8", "replace")
             if c.ret == 0 and c.op == OP_READ and c.bounce_start >= 0:
                 _scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
             if c.bounce_start >= 0:
@@ -997,6 +998,7 @@ cdef class Queue:
         (< 0: none) bound the wait, then TimeoutError."""
         cdef int n, want, got = 0
         cdef timespec ts
+        cdef lb.blkio_completion comps[NCOMPS]
         cdef double slice_
         cdef lb.blkioq *q = self.q
         cdef bint interruptible = not self.is_poll_queue
@@ -1019,15 +1021,27 @@ cdef class Queue:
             _set_timeout(&ts, slice_)
             with nogil:
                 pthread_mutex_lock(&self.lock)
-                if interruptible:
-                    n = lb.blkioq_do_io_interruptible(q, self.comps, want, self.ncomps, &ts, NULL)
+                # Other threads may have reaped meanwhile: never ask libblkio
+                # for more than is outstanding (it answers EINVAL).
+                if want > self.outstanding:
+                    want = <int>self.outstanding
+                if want > 0:
+                    # Collect what is done without sleeping first (cheap), then wait.
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                    if n == 0:
+                        if interruptible:
+                            n = lb.blkioq_do_io_interruptible(q, comps, want, NCOMPS, &ts, NULL)
+                        else:
+                            n = lb.blkioq_do_io(q, comps, want, NCOMPS, &ts)
                 else:
-                    n = lb.blkioq_do_io(q, self.comps, want, self.ncomps, &ts)
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.outstanding -= n
                 pthread_mutex_unlock(&self.lock)
             if n >= 0:
                 self.queued = 0
                 got += n
-                self._dispatch(n)
+                self._dispatch(comps, n)
                 if until is None and (got >= min_completions or want == 0):
                     return got
                 if until is not None and want == 0 and not until.done:
@@ -1252,6 +1266,7 @@ cdef class Queue:
         cdef Py_ssize_t i
         cdef lb.blkioq *q = self.q
         cdef int got
+        cdef lb.blkio_completion comps[NCOMPS]
         with nogil:
             pthread_mutex_lock(&self.lock)
             for i in range(n):
@@ -1261,13 +1276,16 @@ cdef class Queue:
                 else:
                     lb.blkioq_write(q, offs[i], base + i * bs, bs,
                                     <void *>((<uintptr_t>tags[i] << 1) | TAG_BIT), flags)
-            got = lb.blkioq_do_io(q, self.comps, 0, self.ncomps, NULL)
+            self.outstanding += n
+            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if got > 0:
+                self.outstanding -= got
             pthread_mutex_unlock(&self.lock)
         self.inflight += n
         self.device.n_requests += n
         if got < 0:
             raise _libblkio_error(got, "blkioq_do_io")
-        self._dispatch(got)
+        self._dispatch(comps, got)
         return 0
 
     def submit_reads(self, offsets, buffers, *, user_data=None):

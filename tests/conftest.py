@@ -16,13 +16,14 @@ they fail, because CI must run every test.  That policy lives in ``require``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import pytest
 
@@ -118,7 +119,7 @@ class LoopDevice:
 
 
 @pytest.fixture
-def loopdev(make_image: Callable[..., Image]) -> LoopDevice:
+def loopdev(make_image: Callable[..., Image]) -> Iterator[LoopDevice]:
     """``losetup --find --show --direct-io=on`` on a fresh 64 MiB random file."""
     losetup = shutil.which("losetup") or ("/usr/sbin/losetup" if os.path.exists("/usr/sbin/losetup") else None)
     require(losetup, "losetup is not installed (util-linux/mount)")
@@ -150,7 +151,8 @@ class Inject:
     ``flush_to_os``, ...); the error hits the next request of the node after
     the event (with ``immediately`` without a coroutine yield).  ``once``
     removes the rule after its first error; ``sector`` limits it to requests
-    touching that 512-byte sector of the qcow2 file.
+    touching that 512-byte sector of the qcow2 file; ``iotype`` (``read``,
+    ``write``, ``flush``, ...) to requests of that kind (default: any kind).
     """
 
     event: str = "read_aio"
@@ -158,6 +160,7 @@ class Inject:
     once: bool = True
     immediately: bool = False
     sector: Optional[int] = None
+    iotype: Optional[str] = None
 
     def options(self, index: int) -> List[str]:
         p = f"inject-error.{index}."
@@ -166,6 +169,8 @@ class Inject:
                 f"{p}immediately={'on' if self.immediately else 'off'}"]
         if self.sector is not None:
             opts.append(f"{p}sector={self.sector}")
+        if self.iotype is not None:
+            opts.append(f"{p}iotype={self.iotype}")
         return opts
 
 
@@ -179,7 +184,8 @@ class StorageDaemon:
     proc: subprocess.Popen
     dir: Path
     num_queues: int
-    raw: Optional[Image]        #: contents of a raw backing file (None for qcow2)
+    raw: Optional[Image]        #: the raw backing file (None in fault mode)
+    source: Optional[Image]     #: the data the export started with (when known)
     faults: Sequence[Inject] = ()
 
     @property
@@ -215,8 +221,30 @@ class StorageDaemon:
         return self.socket
 
 
-def _qemu_img() -> Optional[str]:
-    return shutil.which("qemu-img")
+def _qemu_img() -> str:
+    qemu_img = shutil.which("qemu-img")
+    require(qemu_img, "qemu-img is not installed (Debian: qemu-utils)")
+    return qemu_img
+
+
+def convert_to_qcow2(source: Union[Image, str, Path], dest: Union[str, Path]) -> Path:
+    """``qemu-img convert`` a raw file into a (fully allocated) qcow2 image."""
+    subprocess.run([_qemu_img(), "convert", "-q", "-f", "raw", "-O", "qcow2",
+                    os.fspath(source), os.fspath(dest)], check=True, capture_output=True, timeout=60)
+    return Path(dest)
+
+
+def qcow2_host_offset(qcow2: Union[str, Path], guest_offset: int) -> int:
+    """Where guest byte ``guest_offset`` lives in the qcow2 file (qemu-img map),
+    e.g. for ``Inject(sector=qcow2_host_offset(img, off) // 512)``."""
+    out = subprocess.run([_qemu_img(), "map", "-U", "--output=json", "-f", "qcow2", os.fspath(qcow2)],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    for ext in json.loads(out):
+        if ext["start"] <= guest_offset < ext["start"] + ext["length"]:
+            if not ext.get("data") or "offset" not in ext:
+                raise ValueError(f"guest offset {guest_offset} is not allocated in {qcow2}")
+            return ext["offset"] + guest_offset - ext["start"]
+    raise ValueError(f"guest offset {guest_offset} is outside {qcow2}")
 
 
 @pytest.fixture
@@ -226,8 +254,9 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
     Without ``faults`` it exports a raw file (``image``, an Image or path, or
     a fresh 64 MiB random file) directly.  With ``faults`` (a list of
     ``Inject`` rules, or one) it stacks file -> blkdebug -> qcow2 -> export
-    over a qcow2 image converted from ``image`` (so the data is there before
-    the daemon starts).  Every daemon is stopped at teardown.
+    over a qcow2 image: ``image`` itself when it is a ``.qcow2`` path, else
+    one converted from ``image`` (so its data is there before the daemon
+    starts).  Every daemon is stopped at teardown (SIGTERM, then SIGKILL).
     """
     binary = shutil.which("qemu-storage-daemon")
     daemons: List[StorageDaemon] = []
@@ -251,11 +280,10 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
         sock = d / "vhost.sock"
         args = [binary]
         if faults:
-            qemu_img = _qemu_img()
-            require(qemu_img, "qemu-img is not installed (Debian: qemu-utils)")
-            qcow2 = d / "disk.qcow2"
-            subprocess.run([qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2",
-                            str(backing), str(qcow2)], check=True, capture_output=True, timeout=60)
+            if Path(backing).suffix == ".qcow2":
+                qcow2 = Path(backing)
+            else:
+                qcow2 = convert_to_qcow2(backing, d / "disk.qcow2")
             rules = [o for i, rule in enumerate(faults) for o in rule.options(i)]
             args += ["--blockdev", f"driver=file,node-name=file0,filename={qcow2}",
                      "--blockdev", ",".join(["driver=blkdebug,node-name=dbg0,image=file0"] + rules),
@@ -271,7 +299,7 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     close_fds=True)
         daemon = StorageDaemon(str(sock), exported, proc.pid, proc, d, num_queues,
-                               raw if not faults else None, tuple(faults))
+                               raw if not faults else None, raw, tuple(faults))
         daemons.append(daemon)
         deadline = time.monotonic() + timeout
         while not (sock.exists() and (d / "pid").exists()):
@@ -288,3 +316,40 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture
+def slow_socket(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A vhost-user export throttled to 4 MiB/s (after a short burst), so
+    that reads take seconds: for Ctrl-C, timeout and close-in-flight tests."""
+    binary = shutil.which("qemu-storage-daemon")
+    require(binary, "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+    d = tmp_path_factory.mktemp("slow")
+    img = d / "slow.raw"
+    with open(img, "wb") as f:
+        f.truncate(64 * MiB)
+    sock = d / "slow.sock"
+    with open(d / "stderr", "wb") as err:
+        proc = subprocess.Popen([
+            binary, "--object",
+            '{"qom-type":"throttle-group","id":"tg0","limits":{"bps-total":4194304}}',
+            "--blockdev", f"driver=file,node-name=file0,filename={img}",
+            "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0",
+            "--export", f"type=vhost-user-blk,id=exp0,node-name=thr0,addr.type=unix,"
+                        f"addr.path={sock},writable=on"],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"throttled qemu-storage-daemon did not start: "
+                            f"{(d / 'stderr').read_text(errors='replace')}", pytrace=False)
+            time.sleep(0.02)
+        yield str(sock)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -247,43 +247,6 @@ def test_alloc_memory_is_reused_after_arrays_are_collected(image):
 
 # ---- Ctrl-C ----------------------------------------------------------------
 
-@pytest.fixture
-def slow_daemon(tmp_path):
-    """A vhost-user export throttled to 4 MiB/s, so that reads take seconds."""
-    import shutil
-    import subprocess
-    from conftest import require
-    binary = shutil.which("qemu-storage-daemon")
-    require(binary, "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
-    img = tmp_path / "slow.raw"
-    with open(img, "wb") as f:
-        f.truncate(64 * MiB)
-    sock = tmp_path / "slow.sock"
-    proc = subprocess.Popen([
-        binary, "--object",
-        '{"qom-type":"throttle-group","id":"tg0","limits":{"bps-total":4194304}}',
-        "--blockdev", f"driver=file,node-name=file0,filename={img}",
-        "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0",
-        "--export", f"type=vhost-user-blk,id=exp0,node-name=thr0,addr.type=unix,"
-                    f"addr.path={sock},writable=on"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "throttled daemon did not start"
-            time.sleep(0.02)
-        yield str(sock)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stderr.close()
-
-
 def _interrupt_after(seconds):
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -292,8 +255,8 @@ def _interrupt_after(seconds):
     return old
 
 
-def test_ctrl_c_interrupts_a_blocking_wait_promptly(slow_daemon):
-    with blkio.open("virtio-blk-vhost-user", path=slow_daemon) as dev:
+def test_ctrl_c_interrupts_a_blocking_wait_promptly(slow_socket):
+    with blkio.open("virtio-blk-vhost-user", path=slow_socket) as dev:
         buf = dev.alloc(8 * MiB)
         old = _interrupt_after(0.3)
         t0 = time.monotonic()
