@@ -258,10 +258,12 @@ class StorageDaemon:
                         f"num-queues={num_queues}",
         ]
         self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.crashes: list[str] = []
 
     def start(self, timeout: float = 15.0) -> None:
         log("  " + " ".join(self.cmd))
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log,
                                      stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -287,6 +289,22 @@ class StorageDaemon:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def restart(self) -> None:
+        self.stop()
+        try:
+            self.sock.unlink()
+        except FileNotFoundError:
+            pass
+        self.restarts += 1
+        self.start()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -402,9 +420,22 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
     cmd = env.command(case, runtime)
     if isinstance(cmd, str):
         return {"ok": False, "error": cmd, "skipped": True}
-    if case.wl.backend == "vhost" and not (env.qsd and env.qsd.alive()):
-        return {"ok": False, "error": "qemu-storage-daemon is not running",
-                "skipped": True}
+    if case.wl.backend == "vhost":
+        qsd = env.qsd
+        if qsd is None:
+            return {"ok": False, "error": "qemu-storage-daemon is not running",
+                    "skipped": True}
+        if not qsd.alive():
+            # QEMU 7.2's daemon aborts (vhost_user_server_ref: Assertion
+            # `!server->wait_idle' failed) when a client that used 2 queues
+            # disconnects: start a fresh one
+            qsd.crashes.append(qsd.log_tail())
+            log(f"  qemu-storage-daemon died ({qsd.log_tail()}); restarting")
+            try:
+                qsd.restart()
+            except (RuntimeError, OSError) as e:
+                return {"ok": False, "skipped": True,
+                        "error": f"qemu-storage-daemon restart failed: {e}"}
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True,
@@ -414,6 +445,18 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
         return {"ok": False, "error": f"timed out after {runtime + 60} s",
                 "cmd": cmd}
     wall = time.perf_counter() - t0
+    if case.wl.backend == "vhost" and case.wl.threads > 1 and env.qsd:
+        # see above: the daemon dies a moment after a multi-queue client
+        # leaves; restart it now so the next case finds it listening
+        time.sleep(0.2)
+        if not env.qsd.alive():
+            env.qsd.crashes.append(env.qsd.log_tail())
+            log(f"  qemu-storage-daemon died after a {case.wl.threads}-queue "
+                f"client ({env.qsd.log_tail()}); restarting")
+            try:
+                env.qsd.restart()
+            except (RuntimeError, OSError) as e:
+                log(f"  restart failed: {e}")
     if r.returncode != 0:
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else f"exit status {r.returncode}"
@@ -609,7 +652,7 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
     cmap = plt.get_cmap("tab20")
     colors = {n: cmap(i % 20) for i, n in enumerate(names)}
     markers = "osD^v<>phX*"
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups) + 3,
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups) + 2,
                                                       5.5), squeeze=False)
     for ax, (rw, per) in zip(axes[0], sorted(groups.items())):
         for name in names:
@@ -642,7 +685,7 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (6.5 * len(groups) + 3), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.9 / (6.5 * len(groups) + 3), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -742,6 +785,9 @@ def main(argv: list[str]) -> int:
     info["runtime_s"] = runtime
     info["reps"] = args.reps
     info["elapsed_s"] = round(elapsed, 1)
+    if env.qsd is not None:
+        info["qsd_restarts"] = env.qsd.restarts
+        info["qsd_crashes"] = sorted(set(c for c in env.qsd.crashes if c))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -764,6 +810,12 @@ def main(argv: list[str]) -> int:
           f"libblkio {info['libblkio']}; median of {args.reps} runs of "
           f"{runtime} s each, interleaved; IOPS = requests per second."]
     md += table_lines(cases, summary)
+    if info.get("qsd_restarts"):
+        md += ["", f"Note: qemu-storage-daemon died {info['qsd_restarts']} "
+               "time(s) during the run (" +
+               "; ".join(info.get("qsd_crashes") or ["no message"]) +
+               ") and was restarted. QEMU 7.2 aborts this way when a "
+               "vhost-user client that used 2 queues disconnects."]
     md += ["", "### Key ratios (median / median)", ""]
     md += [f"- {k}: **{v}**" for k, v in ratios]
     print("\n".join(md))

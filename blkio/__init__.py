@@ -25,7 +25,7 @@ from . import _core
 from ._core import Buffer, BouncePool, Completion, Queue, LIBBLKIO_VERSION
 from ._drivers import DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
 from ._errors import Error, ReadOnlyError, error_for as _error_for
-from ._limits import Limits, read_limits as _read_limits
+from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
 
 __all__ = [
     "DRIVERS", "STATES", "LIBBLKIO_VERSION", "Buffer", "BouncePool", "Completion",
@@ -148,7 +148,8 @@ class Device(_core._DeviceCore):
     def refresh_limits(self) -> Limits:
         """Re-read and re-validate the limits and the capacity."""
         self._ensure_open()
-        limits = _read_limits(self._get_named)
+        cap = _nvme_max_transfer(self.path) if self.driver == "nvme-io_uring" and self.path else 0
+        limits = _read_limits(self._get_named, cap)
         self._limits = limits
         self._refresh(limits, self._get("capacity", "uint64"))
         return limits
@@ -328,7 +329,8 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
         dev._start()
 
         # Capacity is read once here: on vhost-user it is a daemon round trip.
-        limits = _read_limits(dev._get_named)
+        cap = _nvme_max_transfer(path) if driver == "nvme-io_uring" and path else 0
+        limits = _read_limits(dev._get_named, cap)
         dev._limits = limits
         dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
                        backend_fds)

@@ -1128,11 +1128,11 @@ cdef class Queue:
         return self._submit_one(OP_FLUSH, 0, None, False, 0, user_data, 0)
 
     def submit(self):
-        """Submit enqueued requests without waiting; returns completions that
-        are already available."""
+        """Submit enqueued requests without waiting.  Completions that are
+        already there (cached reads complete during submission) are kept for
+        the next ``wait()`` or ``poll()``."""
         self._alive()
         self._drive(0, 0.0, None)
-        return self._take(None)
 
     def wait(self, int min=1, max=None, timeout=None):
         """Submit, then wait for at least ``min`` completions; return up to

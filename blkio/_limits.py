@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable
+import os
+from typing import Callable, Optional
 
 from ._errors import Error
 
@@ -57,11 +58,12 @@ def _invalid(field: str, value: int, why: str) -> Error:
     return Error(22, f'invalid "{Limits.property_name(field)}" value {value}, {why}')
 
 
-def read_limits(get: Callable[[str], object], may_pin_fallback: bool | None = None) -> Limits:
+def read_limits(get: Callable[[str], object], max_transfer_cap: int = 0) -> Limits:
     """Read every field with ``get(property_name)`` and validate them.
 
     ``may-pin-mem-regions`` is missing in old drivers; like QEMU we then assume
-    pinning wherever memory regions are needed.
+    pinning wherever memory regions are needed.  ``max_transfer_cap`` (bytes,
+    0: none) lowers max-transfer where the kernel knows better than libblkio.
     """
     values = {}
     for f in fields(Limits):
@@ -75,6 +77,11 @@ def read_limits(get: Callable[[str], object], may_pin_fallback: bool | None = No
         values[f.name] = get(name)
     if values["may_pin_mem_regions"] is None:
         values["may_pin_mem_regions"] = bool(values["needs_mem_regions"])
+    if max_transfer_cap > 0:
+        unit = max(values["request_alignment"], values["optimal_io_size"] or 1)
+        cap = max_transfer_cap - max_transfer_cap % unit
+        if cap > 0 and (values["max_transfer"] == 0 or values["max_transfer"] > cap):
+            values["max_transfer"] = cap
     limits = Limits(**values)
     validate(limits)
     return limits
@@ -100,3 +107,20 @@ def validate(limits: Limits) -> None:
         raise _invalid("mem_region_alignment", mra, "must be a power of 2")
     if not _power_of_two(limits.buf_alignment):
         raise _invalid("buf_alignment", limits.buf_alignment, "must be a power of 2")
+
+
+def nvme_max_transfer(path: str) -> int:
+    """The kernel's per-command limit for an NVMe generic char device, in bytes.
+
+    libblkio 1.5.0's nvme-io_uring reports max-transfer 32 MiB whatever the
+    controller's MDTS; a longer command fails with EINVAL.  ``/dev/ngXnY``
+    shares its limits with the block device ``nvmeXnY``.  0 when unknown.
+    """
+    name = os.path.basename(os.path.realpath(path))
+    if not name.startswith("ng"):
+        return 0
+    try:
+        with open(f"/sys/block/nvme{name[2:]}/queue/max_hw_sectors_kb") as f:
+            return int(f.read()) * 1024
+    except (OSError, ValueError):
+        return 0

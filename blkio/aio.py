@@ -91,7 +91,7 @@ class AsyncDevice:
         self._flush_scheduled = False
         if self._closed:
             return
-        self._resolve(self.queue.submit())
+        self._resolve(self.queue.poll())     # submits, and reaps what is done
         if self.poll_us > 0 and self.queue.in_flight:
             deadline = time.perf_counter() + self.poll_us / 1e6
             while self.queue.in_flight and time.perf_counter() < deadline:

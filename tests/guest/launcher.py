@@ -491,7 +491,8 @@ export PATH=/run/bin:$PATH
 echo "guest userspace up after $(cut -d' ' -f1 /proc/uptime) s"
 cd /run
 (
-  @PYTHON@ -m pytest -p no:cacheprovider -p no:hypothesispytest --confcutdir=@TESTDIR@ --rootdir=@TESTDIR@ \
+  # SIGINT before the host's deadline makes pytest stop and still write junit.
+  timeout -s INT -k 20 @SUITE_TIMEOUT@ @PYTHON@ -m pytest -p no:cacheprovider -p no:hypothesispytest -p no:benchmark --confcutdir=@TESTDIR@ --rootdir=@TESTDIR@ \
       -o addopts= -o 'filterwarnings=error' -o junit_logging=out-err --import-mode=importlib \
       -v -rA --tb=short --junitxml=$S/junit.xml @PYTEST_ARGS@ @TESTDIR@ ; echo $? > $S/pytest.rc
 ) 2>&1 | tee $S/pytest.log
@@ -553,7 +554,8 @@ def run_guest(pytest_args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
            .replace("@TESTDIR@", shlex.quote(str(IN_GUEST_DIR)))
            .replace("@PYTHON@", shlex.quote(sys.executable))
            .replace("@PYTEST_ARGS@", " ".join(shlex.quote(a) for a in pytest_args))
-           .replace("@DONE_MARK@", DONE_MARK))
+           .replace("@DONE_MARK@", DONE_MARK)
+           .replace("@SUITE_TIMEOUT@", str(max(30, int(timeout) - 60))))
     (share / "job.sh").write_text(job)
     (share / "job.sh").chmod(0o755)
 

@@ -8,8 +8,10 @@ driver, with the reason.
 
 from __future__ import annotations
 
+import faulthandler
 import glob
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +34,37 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="runs only inside the QEMU guest (tests/guest/launcher.py)")
     for item in items:
         item.add_marker(skip)
+
+
+TEST_TIMEOUT = int(os.environ.get("BLKIO_GUEST_TEST_TIMEOUT", "120"))
+
+
+@pytest.fixture(autouse=True)
+def _per_test_timeout():
+    """A hung request must not hang the whole guest: interrupt the test (the
+    package's waits run Python signal handlers) and dump stacks to the console."""
+    if not IN_GUEST:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        try:
+            with open("/dev/console", "w") as con:
+                con.write(f"\n*** in-guest test timeout ({TEST_TIMEOUT} s), stacks:\n")
+                con.flush()
+                faulthandler.dump_traceback(file=con, all_threads=True)
+        except OSError:
+            pass
+        raise TimeoutError(f"test still running after {TEST_TIMEOUT} s in the guest "
+                           f"(a request never completed?)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def sh(*cmd: str, timeout: float = 60, check: bool = True) -> str:

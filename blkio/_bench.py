@@ -370,8 +370,7 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
         i += 1
         if i == L:
             i = 0
-    # no submit() here: wait()/poll() submit what is queued, and submit()
-    # would hand back (and we would drop) completions that are already there
+    # no submit() here: wait()/poll() submit what is queued
     count = calls = 0
     while True:
         if poll is None:
