@@ -275,6 +275,7 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
 
     dev = Device(driver, path)
     our_fd = -1
+    our_fd_id = None
     try:
         dev._create(driver)
         if read_only:
@@ -296,6 +297,7 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
             except OSError:
                 our_fd = -1     # not openable as a file (a socket...): let libblkio try
             if our_fd >= 0:
+                our_fd_id = _fd_identity(our_fd)
                 dev._set("fd", "int", our_fd)
         if path is not None and our_fd < 0 and not (driver == "io_uring" and fd is not None):
             dev._set("path", "str", path)
@@ -304,7 +306,7 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
         ret, msg = dev._connect()
         if ret == -_errno.EINVAL and our_fd >= 0:
             # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
-            _os.close(our_fd)
+            _close_if_ours(our_fd, our_fd_id)
             our_fd = -1
             dev._set("fd", "int", -1)
             dev._set("path", "str", path)
@@ -332,14 +334,31 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
         cap = _nvme_max_transfer(path) if driver == "nvme-io_uring" and path else 0
         limits = _read_limits(dev._get_named, cap)
         dev._limits = limits
+        depth = "num-entries" if "num-entries" in catalogue else "queue-size"
         dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
-                       backend_fds)
+                       backend_fds, dev._get(depth, "int"))
         return dev
     except BaseException:
         if our_fd >= 0:
-            _os.close(our_fd)
+            _close_if_ours(our_fd, our_fd_id)
         dev._close()
         raise
+
+
+def _fd_identity(fd: int) -> tuple:
+    st = _os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_rdev)
+
+
+def _close_if_ours(fd: int, identity: Optional[tuple]) -> None:
+    """Close an fd we opened, unless libblkio already closed it on a failed
+    connect (the number may have been reused since: compare identities)."""
+    try:
+        if identity is not None and _fd_identity(fd) != identity:
+            return
+        _os.close(fd)
+    except OSError:
+        pass
 
 
 def _fd_supported(dev: Device) -> bool:

@@ -118,17 +118,28 @@ cdef class Queue:
     cdef Py_ssize_t queued     # enqueued since the last do_io
     cdef list ready            # reaped Completions not yet returned by wait()/poll()
     cdef Completion head       # in-flight Completions (doubly linked)
+    cdef Completion spare      # a finished internal Completion, recycled by the hot path
     cdef int64_t *batch_tags
     cdef int *batch_rets
     cdef Py_ssize_t batch_head, batch_count, batch_cap
     cdef bint fd_enabled
     cdef bint removed
-    cdef dict batch_owners     # memory of batch requests in flight, kept alive
     cdef Py_ssize_t batch_inflight
+    cdef Py_ssize_t batch_failed
+    cdef readonly Py_ssize_t slots   # driver queue depth (num-entries / queue-size), 0: unknown
+    cdef object reap_out       # layout of the last `out` given to reap()
+    cdef char *reap_base
+    cdef Py_ssize_t reap_stride, reap_len, reap_off_ud, reap_off_ret
+    cdef int _reap_layout(self, object out) except -1
+    cdef int _batch_view(self, object obj, Py_buffer *view, int ndim, const char *kinds,
+                         bint writable, str what) except -1
     @staticmethod
     cdef Queue _new(_DeviceCore device, blkioq *q, int index, bint poll)
     cdef int _alive(self) except -1
     cdef int _enqueue(self, Completion c, bint reap) except -1
+    cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
+                             blkio_completion *comps) noexcept nogil
+    cdef int _fail_all(self, int err) except -1
     cdef void _unlink(self, Completion c)
     cdef list _take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1
@@ -166,6 +177,9 @@ cdef class _DeviceCore:
     cdef Py_ssize_t nreg, capreg
     cdef dict regions
     cdef list _queues
+    cdef Queue q0
+    cdef unsigned long owner_thread   # first thread to do blocking I/O
+    cdef bint threaded                # a second thread has: always release the GIL
     cdef list _poll_queues
     cdef _Arena arena
     cdef BouncePool _bounce_pool
@@ -181,5 +195,6 @@ cdef class _DeviceCore:
                              bint internal, Queue drive, object bounce=*)
     cdef int _check_range(self, uint64_t offset, uint64_t length, str what) except -1
     cdef int _check_writable(self, str what) except -1
+    cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags)
     cdef object _run(self, int op, uint64_t offset, uint64_t length, _Views views, unsigned int flags)
     cdef int _backend_dead(self)

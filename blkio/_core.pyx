@@ -9,9 +9,11 @@ splits, bounces, submits and waits.  It never parses user options: the facade
 
 cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo,
-                             PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS)
+                             PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS,
+                             PyBUF_FORMAT, PyBUF_C_CONTIGUOUS)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.errno cimport errno, EINTR, EINVAL, EIO, EBADF, EOPNOTSUPP, ETIME, ENOMEM
 
 cdef extern from "<errno.h>":
@@ -57,6 +59,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_init(pthread_mutex_t *m, void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
 cdef extern from *:
@@ -643,13 +646,13 @@ cdef class BouncePool:
         # Only when nothing is allocated: no live buffer is moved.
         size = self._round(size)
         new = Buffer(size, name="blkio-bounce")
-        if self.device is not None and self.device.maps_memory:
+        if self.device is not None:
             self.device._map(<uintptr_t>(<Buffer>new).addr, (<Buffer>new).size,
                              (<Buffer>new).fd, 0, new)
         old = self.buffer
         self.buffer = new
         self.allocator = RangeAllocator(size // self.granule)
-        if old is not None and self.device is not None and self.device.maps_memory:
+        if old is not None and self.device is not None:
             self.device._unmap(<uintptr_t>(<Buffer>old).addr)
 
     cdef Py_ssize_t _try_locked(self, size_t size) except -2:
@@ -887,10 +890,11 @@ cdef class Queue:
         self.ready = []
         self.inflight = 0
         self.queued = 0
-        self.batch_owners = {}
         return self
 
     cdef int _alive(self) except -1:
+        if self.device is not None and self.device.state == "broken":
+            raise Error(EIO, f"{self.device.driver}: the backend hung up; close the device")
         if self.q == NULL or self.removed:
             raise ValueError("queue was removed or its device is closed")
         return 0
@@ -908,40 +912,69 @@ cdef class Queue:
         self.queued += 1
         self.device.n_requests += 1
         cdef void *ud = <void *>c
-        cdef lb.blkioq *q = self.q
         cdef int n = 0
         cdef lb.blkio_completion comps[NCOMPS]
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            if c.op == OP_READ:
-                if c.iovcnt == 1:
-                    lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
-                else:
-                    lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
-            elif c.op == OP_WRITE:
-                if c.iovcnt == 1:
-                    lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
-                else:
-                    lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
-            elif c.op == OP_WRITE_ZEROES:
-                lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
-            elif c.op == OP_DISCARD:
-                lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
-            else:
-                lb.blkioq_flush(q, ud, c.flags)
-            self.outstanding += 1
-            if reap:
-                # Submit and collect what is already done without sleeping:
-                # cached reads complete here, saving a wait and a GIL round trip.
-                n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
-                if n > 0:
-                    self.outstanding -= n
+        if self.device.threaded or pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                n = self._enqueue_locked(c, ud, reap, comps)
+                pthread_mutex_unlock(&self.lock)
+        else:
+            # One thread only, lock free: this call never sleeps (min_completions
+            # is 0), and releasing the GIL would cost more than the call itself.
+            n = self._enqueue_locked(c, ud, reap, comps)
             pthread_mutex_unlock(&self.lock)
         if reap:
             if n < 0:
                 raise _libblkio_error(n, "blkioq_do_io")
             self.queued = 0
             self._dispatch(comps, n)
+        return 0
+
+    cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
+                             lb.blkio_completion *comps) noexcept nogil:
+        """Hand one request to libblkio (queue lock held); with ``reap``,
+        submit and collect completions that are already there."""
+        cdef lb.blkioq *q = self.q
+        cdef int n = 0
+        if c.op == OP_READ:
+            if c.iovcnt == 1:
+                lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif c.op == OP_WRITE:
+            if c.iovcnt == 1:
+                lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif c.op == OP_WRITE_ZEROES:
+            lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
+        elif c.op == OP_DISCARD:
+            lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
+        else:
+            lb.blkioq_flush(q, ud, c.flags)
+        self.outstanding += 1
+        if reap:
+            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if n > 0:
+                self.outstanding -= n
+        return n
+
+    cdef int _fail_all(self, int err) except -1:
+        """Complete every request in flight with -err, without libblkio (its
+        backend is gone, so nothing can touch their memory any more)."""
+        cdef Completion c
+        while self.head is not None:
+            c = self.head
+            self._unlink(c)
+            c.ret = -err
+            c._error_msg = "the backend hung up"
+            c.done = True
+            c._release_memory()
+            if not c.internal:
+                self.ready.append(c)
+        self.inflight = 0
+        self.outstanding = 0
         return 0
 
     cdef void _unlink(self, Completion c):
@@ -973,8 +1006,6 @@ cdef class Queue:
                 self.batch_rets[slot] = comps[i].ret
                 self.batch_count += 1
                 self.batch_inflight -= 1
-                if self.batch_inflight == 0:
-                    self.batch_owners.clear()
                 continue
             c = <Completion><PyObject *>comps[i].user_data
             self._unlink(c)
@@ -1052,8 +1083,10 @@ cdef class Queue:
                 PyErr_CheckSignals()
             elif n == -ETIME:
                 if self.device._backend_dead():
-                    raise OSError(EIO, f"{self.device.driver}: the backend hung up "
-                                       f"with {self.inflight} request(s) in flight")
+                    inflight = self.inflight
+                    self.device._fail_backend()
+                    raise Error(EIO, f"{self.device.driver}: the backend hung up "
+                                     f"with {inflight} request(s) in flight")
                 PyErr_CheckSignals()
             else:
                 raise _libblkio_error(n, "blkioq_do_io")
@@ -1195,93 +1228,134 @@ cdef class Queue:
         self.batch_head = 0
         return 0
 
+    cdef int _batch_view(self, object obj, Py_buffer *view, int ndim, const char *kinds,
+                         bint writable, str what) except -1:
+        """A C-contiguous buffer of ``ndim`` dimensions and format in ``kinds``."""
+        cdef int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
+        try:
+            PyObject_GetBuffer(obj, view, flags)
+        except (BufferError, ValueError, TypeError) as e:
+            raise TypeError(f"{what}: {e}") from None
+        cdef const char *f = view.format
+        if f == NULL:
+            f = "B"
+        while f[0] == b'@' or f[0] == b'=' or f[0] == b'<':
+            f += 1
+        cdef bint ok = view.ndim == ndim and f[0] != 0 and f[1] == 0
+        if ok:
+            ok = False
+            while kinds[0] != 0:
+                if kinds[0] == f[0]:
+                    ok = True
+                kinds += 1
+        if not ok:
+            PyBuffer_Release(view)
+            raise TypeError(f"{what} has the wrong dtype or shape")
+        return 0
+
     def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags):
         self._alive()
         cdef _DeviceCore d = self.device
         if op == OP_WRITE:
             d._check_writable("write")
-        offs = np.ascontiguousarray(offsets)
-        if offs.dtype != np.uint64 or offs.ndim != 1:
-            raise TypeError(f"offsets must be a 1-D uint64 array, got {offs.dtype} with ndim {offs.ndim}")
-        cdef Py_ssize_t n = offs.shape[0]
-        if n == 0:
-            return 0
-        bufs = buffers
-        if not isinstance(bufs, np.ndarray) or bufs.dtype != np.uint8 or bufs.ndim != 2:
-            raise TypeError("buffers must be a uint8 numpy array of shape (n, blocksize)")
-        if bufs.shape[0] != n:
-            raise ValueError(f"{n} offsets but {bufs.shape[0]} buffers")
-        if not bufs.flags.c_contiguous:
-            raise ValueError("buffers must be C-contiguous")
-        if op == OP_READ and not bufs.flags.writeable:
-            raise ValueError("buffers for reads must be writable")
-        cdef uint64_t bs = bufs.shape[1]
-        if bs == 0:
-            raise ValueError("blocksize must be positive")
-        if user_data is None:
-            tags = np.arange(n, dtype=np.int64)
-        else:
-            tags = np.ascontiguousarray(user_data)
-            if tags.dtype != np.int64 or tags.ndim != 1 or tags.shape[0] != n:
-                raise TypeError(f"user_data must be an int64 array of {n} tags")
-            if n and (tags.min() < -(1 << 62) or tags.max() >= (1 << 62)):
-                raise ValueError("user_data tags must lie in [-2**62, 2**62)")
-        # Whole-batch validation, vectorised, before anything is enqueued.
-        ra = d.request_alignment
-        if bs % ra or (n and np.any(offs % np.uint64(ra))):
-            raise ValueError(f"offsets and blocksize must be multiples of request-alignment ({ra})")
-        if n and int(offs.max()) + bs > d.capacity:
-            raise ValueError(f"request at offset {int(offs.max())} of {bs} bytes passes the "
-                             f"device capacity ({d.capacity})")
-        if d.max_transfer and bs > d.max_transfer:
-            raise ValueError(f"blocksize {bs} exceeds max-transfer ({d.max_transfer})")
-        cdef Py_buffer view
-        PyObject_GetBuffer(bufs, &view, PyBUF_SIMPLE | (PyBUF_WRITABLE if op == OP_READ else 0))
-        cdef uintptr_t base = <uintptr_t>view.buf
-        cdef size_t total = <size_t>view.len
+        cdef Py_buffer ob, bb, tb
+        cdef bint has_tags = user_data is not None
+        cdef Py_ssize_t n, i, bad = -1
+        cdef uint64_t bs, o, cap = d.capacity, ra = d.request_alignment
+        cdef uint64_t *offs
+        cdef int64_t *tags = NULL
+        cdef int64_t t
+        cdef int problem = 0
+        self._batch_view(offsets, &ob, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
         try:
-            if base % d.buf_alignment or bs % d.buf_alignment:
-                raise ValueError(f"buffers must be aligned to buf-alignment ({d.buf_alignment})")
-            if d.needs_mem_regions and not d.in_range(base, total):
-                raise ValueError("buffers must lie in memory mapped into the device "
-                                 "(Device.alloc or Device.register); the batch API never bounces")
-            self._ensure_batch(n + self.inflight)
-            # Keep the memory's owner alive until the batch completes: the
-            # kernel may write it until then.
-            root = bufs
-            while getattr(root, "base", None) is not None:
-                root = root.base
-            self.batch_owners[id(root)] = root
-            self.batch_inflight += n
-            self._enqueue_batch(op, <uint64_t *>(<uintptr_t>offs.ctypes.data),
-                                <int64_t *>(<uintptr_t>tags.ctypes.data), <char *>base, bs, n, flags)
+            self._batch_view(buffers, &bb, 2, b"B", op == OP_READ,
+                             "buffers (a C-contiguous uint8 array of shape (n, blocksize)"
+                             + (", writable for reads)" if op == OP_READ else ")"))
+            try:
+                if has_tags:
+                    self._batch_view(user_data, &tb, 1, b"lq", False, "user_data (a 1-D int64 array)")
+                try:
+                    n = ob.shape[0]
+                    if bb.shape[0] != n:
+                        raise ValueError(f"{n} offsets but {bb.shape[0]} buffers")
+                    if has_tags and tb.shape[0] != n:
+                        raise ValueError(f"{n} offsets but {tb.shape[0]} user_data tags")
+                    if n == 0:
+                        return 0
+                    if self.slots and self.outstanding + n > self.slots:
+                        raise ValueError(
+                            f"batch of {n} requests does not fit: {self.outstanding} in flight, "
+                            f"queue holds {self.slots} (raise num_entries / queue_size at open)")
+                    bs = <uint64_t>bb.shape[1]
+                    offs = <uint64_t *>ob.buf
+                    if has_tags:
+                        tags = <int64_t *>tb.buf
+                    # Whole-batch validation before anything is enqueued.
+                    if bs == 0 or bs % ra:
+                        raise ValueError(f"blocksize {bs} must be a positive multiple of "
+                                         f"request-alignment ({ra})")
+                    if d.max_transfer and bs > d.max_transfer:
+                        raise ValueError(f"blocksize {bs} exceeds max-transfer ({d.max_transfer})")
+                    if <uintptr_t>bb.buf % d.buf_alignment or bs % d.buf_alignment:
+                        raise ValueError(f"buffers must be aligned to buf-alignment ({d.buf_alignment})")
+                    if not d.in_range(<uintptr_t>bb.buf, <size_t>bb.len):
+                        raise ValueError("buffers must lie in memory from Device.alloc() or "
+                                         "Device.register() (the batch API never copies)")
+                    with nogil:
+                        for i in range(n):
+                            o = offs[i]
+                            if o % ra:
+                                problem = 1
+                            elif o > cap or bs > cap - o:
+                                problem = 2
+                            elif tags != NULL and (tags[i] < -(<int64_t>1 << 62) or tags[i] >= (<int64_t>1 << 62)):
+                                problem = 3
+                            if problem:
+                                bad = i
+                                break
+                    if problem == 1:
+                        raise ValueError(f"offsets[{bad}] = {offs[bad]} is not a multiple of "
+                                         f"request-alignment ({ra})")
+                    if problem == 2:
+                        raise ValueError(f"offsets[{bad}] = {offs[bad]} + {bs} passes the device "
+                                         f"capacity ({cap})")
+                    if problem == 3:
+                        raise ValueError(f"user_data[{bad}] = {tags[bad]} is outside [-2**62, 2**62)")
+                    self._ensure_batch(n + self.inflight)
+                    self._enqueue_batch(op, offs, tags, <char *>bb.buf, bs, n, flags)
+                    return n
+                finally:
+                    if has_tags:
+                        PyBuffer_Release(&tb)
+            finally:
+                # The memory is the device's (alloc/register) and stays alive
+                # until close, which drains requests first.
+                PyBuffer_Release(&bb)
         finally:
-            # The caller owns the batch memory (mapped memory that outlives the
-            # request by contract, like C); we do not pin Python objects here.
-            PyBuffer_Release(&view)
-        return n
+            PyBuffer_Release(&ob)
 
     cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base, uint64_t bs,
                             Py_ssize_t n, unsigned int flags) except -1:
         cdef Py_ssize_t i
         cdef lb.blkioq *q = self.q
         cdef int got
+        cdef uintptr_t tag
         cdef lb.blkio_completion comps[NCOMPS]
         with nogil:
             pthread_mutex_lock(&self.lock)
             for i in range(n):
+                tag = ((<uintptr_t>(tags[i] if tags != NULL else i)) << 1) | TAG_BIT
                 if op == OP_READ:
-                    lb.blkioq_read(q, offs[i], base + i * bs, bs,
-                                   <void *>((<uintptr_t>tags[i] << 1) | TAG_BIT), flags)
+                    lb.blkioq_read(q, offs[i], base + i * bs, bs, <void *>tag, flags)
                 else:
-                    lb.blkioq_write(q, offs[i], base + i * bs, bs,
-                                    <void *>((<uintptr_t>tags[i] << 1) | TAG_BIT), flags)
+                    lb.blkioq_write(q, offs[i], base + i * bs, bs, <void *>tag, flags)
             self.outstanding += n
             got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
             if got > 0:
                 self.outstanding -= got
             pthread_mutex_unlock(&self.lock)
         self.inflight += n
+        self.batch_inflight += n
         self.device.n_requests += n
         if got < 0:
             raise _libblkio_error(got, "blkioq_do_io")
@@ -1289,48 +1363,78 @@ cdef class Queue:
         return 0
 
     def submit_reads(self, offsets, buffers, *, user_data=None):
-        """Enqueue and submit n reads: ``offsets`` uint64[n], ``buffers`` a
-        C-contiguous uint8[n, blocksize] view of mapped memory, ``user_data``
-        optional int64[n] tags (default 0..n-1).  Returns n.  Everything is
-        validated before anything is enqueued; no Python object per request."""
+        """Enqueue and submit n reads in one GIL-free call.
+
+        ``offsets``: uint64[n]; ``buffers``: a C-contiguous uint8[n, blocksize]
+        view of memory from ``Device.alloc`` or ``Device.register``;
+        ``user_data``: optional int64[n] tags in [-2**62, 2**62) (default
+        0..n-1).  The whole batch is validated before anything is enqueued;
+        no Python object is made per request.  Returns n."""
         return self._submit_batch(OP_READ, offsets, buffers, user_data, 0)
 
     def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None):
         """Like ``submit_reads``, for writes."""
         return self._submit_batch(OP_WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0)
 
+    cdef int _reap_layout(self, object out) except -1:
+        """Check ``out`` once and remember where its fields live."""
+        if not isinstance(out, np.ndarray) or out.ndim != 1:
+            raise TypeError("out must be a 1-D numpy structured array")
+        fields = out.dtype.fields
+        if (fields is None or "user_data" not in fields or "ret" not in fields
+                or fields["user_data"][0] != np.int64 or fields["ret"][0] != np.int32):
+            raise TypeError("out needs fields user_data (int64) and ret (int32)")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        self.reap_out = out        # our reference keeps its memory in place
+        self.reap_base = <char *><uintptr_t>out.ctypes.data
+        self.reap_stride = out.strides[0]
+        self.reap_len = out.shape[0]
+        self.reap_off_ud = fields["user_data"][1]
+        self.reap_off_ret = fields["ret"][1]
+        return 0
+
     def reap(self, out, int min=0, timeout=None):
         """Fill ``out`` (a structured array with int64 ``user_data`` and int32
-        ``ret`` fields) with batch completions; wait for at least ``min``.
-        Returns the count."""
+        ``ret`` fields) with completions of batch requests, waiting for at
+        least ``min`` (``timeout`` seconds: TimeoutError).  Returns the count."""
         self._alive()
-        cdef Py_ssize_t cap = len(out)
+        if out is not self.reap_out:
+            self._reap_layout(out)
+        cdef Py_ssize_t cap = self.reap_len
         if min > cap:
             raise ValueError(f"min={min} exceeds the size of out ({cap})")
-        if min > self.batch_count + self.inflight:
-            raise ValueError(f"min={min} but only {self.batch_count + self.inflight} "
+        if min > self.batch_count + self.batch_inflight:
+            raise ValueError(f"min={min} but only {self.batch_count + self.batch_inflight} "
                              f"batch request(s) are in flight or completed")
         cdef double t = -1.0 if timeout is None else float(timeout)
-        while self.batch_count < min:
-            self._drive(1, t, None)
-        if self.batch_count == 0:
+        if self.batch_count < min:
+            while self.batch_count < min:
+                self._drive(min - <int>self.batch_count, t, None)
+        elif self.batch_count == 0:
             self._drive(0, 0.0, None)
-        cdef Py_ssize_t k = min if min > 0 else 0
-        k = self.batch_count if self.batch_count < cap else cap
-        if k == 0:
-            return 0
-        ud_field = out["user_data"]
-        ret_field = out["ret"]
-        cdef Py_ssize_t i, j
-        cdef int64_t[:] udv = ud_field
-        cdef int[:] rv = ret_field
+        cdef Py_ssize_t k = self.batch_count if self.batch_count < cap else cap
+        cdef Py_ssize_t i, j = self.batch_head
+        cdef char *row = self.reap_base
         for i in range(k):
-            j = (self.batch_head + i) % self.batch_cap
-            udv[i] = self.batch_tags[j]
-            rv[i] = self.batch_rets[j]
-        self.batch_head = (self.batch_head + k) % self.batch_cap
+            (<int64_t *>(row + self.reap_off_ud))[0] = self.batch_tags[j]
+            (<int *>(row + self.reap_off_ret))[0] = self.batch_rets[j]
+            if self.batch_rets[j] < 0:
+                self.batch_failed += 1
+            row += self.reap_stride
+            j += 1
+            if j == self.batch_cap:
+                j = 0
+        self.batch_head = j
         self.batch_count -= k
         return k
+
+    @property
+    def failed(self) -> int:
+        """Batch completions reaped with ret < 0 so far (check ``ret`` in
+        ``out`` for which)."""
+        return self.batch_failed
+
 
     # ---- event-driven mode -----------------------------------------------
 
@@ -1493,7 +1597,7 @@ cdef class _DeviceCore:
         self.state = "started"
         self.started = True
 
-    def _configure(self, limits, uint64_t capacity, bint read_only, backend_fds=()):
+    def _configure(self, limits, uint64_t capacity, bint read_only, backend_fds=(), int slots=0):
         """Copy the validated limits to C and set up queues and memory."""
         self.capacity = capacity
         self.read_only = read_only
@@ -1525,13 +1629,16 @@ cdef class _DeviceCore:
             if q == NULL:
                 break
             self._queues.append(Queue._new(self, q, i, False))
+            (<Queue>self._queues[i]).slots = slots
             i += 1
+        self.q0 = self._queues[0] if self._queues else None
         i = 0
         while True:
             q = lb.blkio_get_poll_queue(self.b, i)
             if q == NULL:
                 break
             self._poll_queues.append(Queue._new(self, q, i, True))
+            (<Queue>self._poll_queues[i]).slots = slots
             i += 1
 
     def _refresh(self, limits, uint64_t capacity):
@@ -1539,7 +1646,17 @@ cdef class _DeviceCore:
 
     # ---- state -----------------------------------------------------------
 
+    def _fail_backend(self):
+        """The backend died: fail what is in flight, refuse further I/O."""
+        for q in self._queues + self._poll_queues:
+            if q is not None:
+                (<Queue>q)._fail_all(EIO)
+        self.started = False
+        self.state = "broken"
+
     cdef int _ensure_started(self) except -1:
+        if self.state == "broken":
+            raise Error(EIO, f"{self.driver}: the backend hung up; close the device")
         if not self.started:
             if self.state == "closed":
                 raise ValueError(f"I/O on a closed device ({self.driver})")
@@ -1553,34 +1670,40 @@ cdef class _DeviceCore:
     # ---- memory regions --------------------------------------------------
 
     cdef int _map(self, uintptr_t addr, size_t length, int fd, int64_t fd_offset, object owner) except -1:
+        """Hold ``owner``'s memory for the device's lifetime (or until
+        unregister), mapping it with libblkio where the driver needs or pins
+        memory regions.  The table of held memory is also what the batch API
+        and the direct path check buffers against."""
         cdef lb.blkio_mem_region r
         memset(&r, 0, sizeof(r))
         r.addr = <void *>addr
         r.len = length
         r.fd = fd
         r.fd_offset = fd_offset
-        cdef int ret
+        cdef int ret = 0
+        cdef bint mapped = self.maps_memory
         if addr in self.regions:
-            raise ValueError(f"memory at {addr:#x} is already mapped into this device")
-        with nogil:
-            ret = lb.blkio_map_mem_region(self.b, &r)
-        if ret < 0:
-            raise _libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
+            raise ValueError(f"memory at {addr:#x} is already registered with this device")
+        if mapped:
+            with nogil:
+                ret = lb.blkio_map_mem_region(self.b, &r)
+            if ret < 0:
+                raise _libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
         # The owner reference keeps the memory and its fd alive while mapped:
         # unmapping after the fd closed corrupts data on vhost-user.
-        self.regions[addr] = (length, fd, fd_offset, owner)
+        self.regions[addr] = (length, fd, fd_offset, owner, mapped)
         self._table_insert(addr, addr + length)
         return 0
 
     cdef int _unmap(self, uintptr_t addr) except -1:
-        length, fd, fd_offset, owner = self.regions.pop(addr)
+        length, fd, fd_offset, owner, mapped = self.regions.pop(addr)
         cdef lb.blkio_mem_region r
         memset(&r, 0, sizeof(r))
-        r.addr = <void *>addr
+        r.addr = <void *>addr       # exactly the values given to map
         r.len = <size_t>length
         r.fd = <int>fd
         r.fd_offset = <int64_t>fd_offset
-        if self.b != NULL:
+        if mapped and self.b != NULL:
             with nogil:
                 lb.blkio_unmap_mem_region(self.b, &r)
         self._table_remove(addr)
@@ -1649,13 +1772,15 @@ cdef class _DeviceCore:
         return self.arena.alloc(nbytes)
 
     def register(self, array):
-        """Map caller memory into the device so I/O on it is not bounced.
+        """Register caller memory with the device so I/O on it goes direct.
 
-        Follows QEMU's register_buf: nothing to do where the driver neither
-        needs nor pins memory regions; address and size must be multiples of
-        mem-region-alignment (ValueError); where the driver needs an fd and
-        the memory has none (plain numpy memory) registration is skipped and
-        I/O on it is bounced.  Returns True when the memory was mapped.
+        Follows QEMU's register_buf: address and size must be multiples of
+        mem-region-alignment (ValueError); the memory is mapped with libblkio
+        only where the driver needs or pins memory regions; where the driver
+        needs an fd and the memory has none (plain numpy memory) nothing is
+        registered and I/O on it is bounced.  The device holds a reference
+        to the memory until ``unregister`` or close.  Returns True when the
+        memory is registered (usable by the batch API and never bounced).
         """
         self._ensure_started()
         cdef Py_buffer view
@@ -1663,11 +1788,11 @@ cdef class _DeviceCore:
         cdef uintptr_t addr = <uintptr_t>view.buf
         cdef size_t length = <size_t>view.len
         PyBuffer_Release(&view)
-        if not self.maps_memory:
-            return False
         if length == 0 or addr % self.mem_region_alignment or length % self.mem_region_alignment:
             raise ValueError(f"cannot register {length} bytes at {addr:#x}: address and size must be "
                              f"multiples of mem-region-alignment ({self.mem_region_alignment})")
+        if self.in_range(addr, length):
+            return True         # already inside registered memory (alloc arena, a Buffer)
         owner = _owner_of(array)
         cdef int fd = -1
         cdef int64_t fd_offset = 0
@@ -1676,11 +1801,9 @@ cdef class _DeviceCore:
             buf = owner.buffer if isinstance(owner, _Slice) else owner
             fd = buf.fd
             fd_offset = <int64_t>(addr - <uintptr_t>buf.addr)
-            if self.in_range(addr, length):
-                return True     # already inside a mapped arena chunk or buffer
         elif self.needs_mem_region_fd:
             return False        # no fd: bounced at I/O time
-        self._map(addr, length, fd, fd_offset, array)
+        self._map(addr, length, fd, fd_offset, [array])    # a list marks a user registration
         return True
 
     def unregister(self, array):
@@ -1690,10 +1813,8 @@ cdef class _DeviceCore:
         cdef uintptr_t addr = <uintptr_t>view.buf
         PyBuffer_Release(&view)
         entry = self.regions.get(addr)
-        if entry is None:
-            return False
-        if entry[3] is not array and not isinstance(entry[3], np.ndarray):
-            return False        # an arena chunk or pool, not a registration
+        if entry is None or not isinstance(entry[3], list):
+            return False        # not registered, or an arena chunk / the pool
         self._unmap(addr)
         return True
 
@@ -1852,17 +1973,89 @@ cdef class _DeviceCore:
         self._run(OP_READ, offset, nbytes, _acquire_views(out, True, True), 0)
         return out
 
+    cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags):
+        """One buffer, the hot path: when the request needs no split and no
+        bounce, submit it straight from the caller's buffer with a recycled
+        Completion; anything else takes the general path (``_run``)."""
+        cdef Py_buffer view
+        cdef Queue q = self.q0
+        cdef uint64_t length, ra = self.request_alignment
+        cdef _Views v
+        if q is None:
+            v = _acquire_views(buf, op == OP_READ, True)
+            return self._run(op, offset, v.total, v, flags)
+        try:
+            PyObject_GetBuffer(buf, &view, _VIEW_FLAGS[op == OP_READ])
+        except Exception:
+            v = _acquire_views(buf, op == OP_READ, True)     # raises the clear error
+            return self._run(op, offset, v.total, v, flags)
+        length = <uint64_t>view.len
+        cdef iovec one
+        one.iov_base = view.buf
+        one.iov_len = <size_t>length
+        if (not self.started or length == 0 or offset % ra or length % ra
+                or offset > self.capacity or length > self.capacity - offset
+                or (self.max_transfer and length > self.max_transfer)
+                or (op != OP_READ and self.read_only) or not self._direct_ok(&one, 1)):
+            PyBuffer_Release(&view)
+            v = _acquire_views(buf, op == OP_READ, True)
+            return self._run(op, offset, v.total, v, flags)
+        cdef unsigned long tid = PyThread_get_thread_ident()
+        if tid != self.owner_thread:
+            if self.owner_thread == 0:
+                self.owner_thread = tid
+            else:
+                self.threaded = True    # from now on every submission releases the GIL
+        cdef Completion c = q.spare
+        if c is None:
+            c = Completion.__new__(Completion)
+            c.internal = True
+        else:
+            q.spare = None
+        c.op = op
+        c.offset = offset
+        c.length = length
+        c.flags = flags
+        c.done = False
+        c.ret = 0
+        c.iov1 = one
+        c.iov = &c.iov1
+        c.iovcnt = 1
+        try:
+            q._enqueue(c, True)
+            if not c.done:
+                q._drive(0, -1.0, c)
+        except BaseException:
+            if not c.done:
+                # Still in flight: the request keeps the caller's buffer.
+                v = _Views.__new__(_Views)
+                v.buf1 = view
+                v.bufs = &v.buf1
+                v.iov = &v.iov1
+                v.iov1 = one
+                v.n = 1
+                c.views = v
+                raise
+            PyBuffer_Release(&view)
+            raise
+        PyBuffer_Release(&view)
+        if c.ret < 0:
+            raise _request_error(c.ret, c._error_msg,
+                                 f"{_OP_NAMES[op]} of {length} bytes at offset {offset}",
+                                 self.read_only)
+        c._error_msg = None
+        q.spare = c
+        return length
+
     def readinto(self, uint64_t offset, buf):
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read."""
-        cdef _Views v = _acquire_views(buf, True, True)
-        return self._run(OP_READ, offset, v.total, v, 0)
+        return self._single(OP_READ, offset, buf, 0)
 
     def write(self, uint64_t offset, buf, *, bint fua=False):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written."""
-        cdef _Views v = _acquire_views(buf, False, True)
-        return self._run(OP_WRITE, offset, v.total, v, REQ_FUA if fua else 0)
+        return self._single(OP_WRITE, offset, buf, REQ_FUA if fua else 0)
 
     def readv(self, uint64_t offset, bufs):
         """Read consecutive bytes at ``offset`` into each buffer of ``bufs`` in
@@ -1896,14 +2089,16 @@ cdef class _DeviceCore:
 
     def queue(self, int index=0):
         """Queue ``index`` (0 .. num_queues-1)."""
-        self._ensure_started()
+        if self.state != "broken":      # a broken device still shows its queues
+            self._ensure_started()
         if not 0 <= index < len(self._queues):
             raise IndexError(f"queue {index} does not exist ({len(self._queues)} queue(s))")
         return self._queues[index]
 
     def poll_queue(self, int index=0):
         """Poll queue ``index`` (0 .. num_poll_queues-1)."""
-        self._ensure_started()
+        if self.state != "broken":
+            self._ensure_started()
         if not 0 <= index < len(self._poll_queues):
             raise IndexError(f"poll queue {index} does not exist "
                              f"({len(self._poll_queues)} poll queue(s))")
@@ -1942,6 +2137,8 @@ cdef class _DeviceCore:
         queue.q = NULL
         lst = self._poll_queues if queue.is_poll_queue else self._queues
         lst[queue.index] = None
+        if queue is self.q0:
+            self.q0 = None
         while lst and lst[len(lst) - 1] is None:
             lst.pop()
 
@@ -2005,8 +2202,18 @@ cdef class _DeviceCore:
             (<Queue>q).q = NULL
             (<Queue>q).removed = True
             (<Queue>q).inflight = 0
+            (<Queue>q).spare = None
+            (<Queue>q).reap_out = None
         self._queues = []
         self._poll_queues = []
+        self.q0 = None
+        # Break the reference cycles through the device so that memory (and
+        # its memfd) nobody views is freed now, not by the cyclic collector.
+        if self.arena is not None:
+            self.arena.device = None
+            self.arena.chunks = []
+        if self._bounce_pool is not None:
+            self._bounce_pool.device = None
 
     def _stats(self):
         return (self.n_requests, self.n_bounced, self.bounced_bytes, self.n_split)
