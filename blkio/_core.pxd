@@ -192,7 +192,7 @@ cdef class _DeviceCore:
     cdef bint _direct_ok(self, iovec *iov, int iovcnt) noexcept nogil
     cdef Completion _prepare(self, int op, uint64_t offset, uint64_t length, _Views views,
                              iovec *iov, int iovcnt, unsigned int flags, object user_data,
-                             bint internal, Queue drive, object bounce=*)
+                             bint internal, Queue drive, object bounce=*, bint nowait=*)
     cdef int _check_range(self, uint64_t offset, uint64_t length, str what) except -1
     cdef int _check_writable(self, str what) except -1
     cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags)

@@ -1033,6 +1033,23 @@ cdef class Queue:
         cdef double slice_
         cdef lb.blkioq *q = self.q
         cdef bint interruptible = not self.is_poll_queue
+        if until is None and min_completions <= 0:
+            # Non-blocking: submit, and reap what is already there.
+            while True:
+                if pthread_mutex_trylock(&self.lock) != 0:
+                    with nogil:
+                        pthread_mutex_lock(&self.lock)
+                n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.outstanding -= n
+                pthread_mutex_unlock(&self.lock)
+                if n < 0:
+                    raise _libblkio_error(n, "blkioq_do_io")
+                self.queued = 0
+                got += n
+                self._dispatch(comps, n)
+                if n < NCOMPS:
+                    return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         while True:
             if until is not None:
@@ -1097,7 +1114,11 @@ cdef class Queue:
     # ---- public API ------------------------------------------------------
 
     def _submit_one(self, int op, uint64_t offset, object buf, bint vectored, unsigned int flags,
-                    object user_data, uint64_t length=0, object bounce=None):
+                    object user_data, uint64_t length=0, object bounce=None, bint nowait=False):
+        """Validate and enqueue one request.  Returns its length in bytes, or,
+        with ``nowait``, minus the bounce space it needs when the pool has
+        none free right now (nothing is enqueued then; asyncio waits for the
+        space with ``acquire_async`` and passes it back as ``bounce``)."""
         self._alive()
         cdef _DeviceCore d = self.device
         cdef _Views views = None
@@ -1115,17 +1136,11 @@ cdef class Queue:
         cdef Completion c = d._prepare(op, offset, length, views,
                                        views.iov if views is not None else NULL,
                                        views.n if views is not None else 0,
-                                       flags, user_data, False, self, bounce)
+                                       flags, user_data, False, self, bounce, nowait)
+        if c is None:
+            return -<int64_t>length
         self._enqueue(c, False)
-        return None
-
-    def _bounce_size(self, int op, object buf, bint vectored):
-        """Bytes of bounce space a read/write of ``buf`` would need (0: none)."""
-        cdef _Views v = _acquire_views(buf, op == OP_READ, not vectored)
-        cdef uint64_t total = v.total
-        cdef bint direct = self.device._direct_ok(v.iov, v.n)
-        v.release()
-        return 0 if direct else total
+        return length
 
     def _zero_flags(self, bint fua, bint may_unmap, bint no_fallback):
         return _zero_flags(fua, may_unmap, no_fallback)
@@ -1461,10 +1476,11 @@ cdef class Queue:
         self._alive()
         if self.is_poll_queue:
             raise ValueError("poll queues have no completion fd")
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            lb.blkioq_set_completion_fd_enabled(self.q, value)
-            pthread_mutex_unlock(&self.lock)
+        if pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+        lb.blkioq_set_completion_fd_enabled(self.q, value)
+        pthread_mutex_unlock(&self.lock)
         self.fd_enabled = value
 
     @property
@@ -1863,9 +1879,10 @@ cdef class _DeviceCore:
 
     cdef Completion _prepare(self, int op, uint64_t offset, uint64_t length, _Views views,
                              iovec *iov, int iovcnt, unsigned int flags, object user_data,
-                             bint internal, Queue drive, object bounce=None):
+                             bint internal, Queue drive, object bounce=None, bint nowait=False):
         """One request: use the caller's memory where the driver can, else
-        a bounce buffer from the pool (acquired here, FIFO)."""
+        a bounce buffer from the pool (acquired here, FIFO; with ``nowait``
+        None is returned when the pool cannot serve it at once)."""
         cdef Completion c = Completion.__new__(Completion)
         c.op = op
         c.offset = offset
@@ -1887,6 +1904,10 @@ cdef class _DeviceCore:
         pool = self._bounce_pool
         if bounce is not None:
             start = pool._start_of(bounce, length)   # acquired by the caller (asyncio)
+        elif nowait:
+            start = pool._try_acquire(length)
+            if start < 0:
+                return None
         else:
             start = pool._acquire_blocking(length, -1.0, drive)
         c.pool = pool

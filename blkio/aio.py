@@ -16,6 +16,7 @@ its buffer held, until its completion arrives.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from typing import Any, List, Optional, Sequence
@@ -47,7 +48,11 @@ class AsyncDevice:
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._closed = False
-        self.queue.completion_fd_enabled = True   # off by default since libblkio 1.3
+        self._max_transfer = device.limits.max_transfer
+        # libblkio (after 1.3) leaves the completion fd disabled: we enable it
+        # whenever requests are in flight and we are about to sleep.
+        self.queue.completion_fd_enabled = True
+        self._fd_on = True
         self._fd = self.queue.completion_fd
         self._loop.add_reader(self._fd, self._on_completion_fd)
 
@@ -58,22 +63,24 @@ class AsyncDevice:
             os.read(self._fd, 8)        # reset the eventfd before reaping
         except BlockingIOError:
             pass                        # spurious wake-up: nothing to reset
-        self._drain()
+        self._reap()
 
-    def _drain(self) -> None:
-        # Suppress-while-draining: no fd events while we reap in a loop, then
-        # re-enable and reap once more for what completed in between.
+    def _reap(self) -> None:
+        # Suppress-while-draining: no fd events while we reap in a loop; the
+        # fd is re-enabled only while requests remain in flight, and polled
+        # once more after that for what completed in between.
         q = self.queue
-        q.completion_fd_enabled = False
-        try:
-            while True:
-                done = q.poll()
-                if not done:
-                    break
-                self._resolve(done)
-        finally:
+        if self._fd_on:
+            q.completion_fd_enabled = False
+            self._fd_on = False
+        done = q.poll()
+        while done:
+            self._resolve(done)
+            done = q.poll()
+        if q.in_flight:
             q.completion_fd_enabled = True
-        self._resolve(q.poll())
+            self._fd_on = True
+            self._resolve(q.poll())
 
     @staticmethod
     def _resolve(completions: List[Any]) -> None:
@@ -82,62 +89,65 @@ class AsyncDevice:
             if not fut.done():          # cancelled coroutines: nothing to tell
                 fut.set_result(c)
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
     def _flush(self) -> None:
+        # Runs once per loop iteration in which requests were enqueued: one
+        # blkioq_do_io submits them all (QEMU's plug/unplug).
         self._flush_scheduled = False
         if self._closed:
             return
-        self._resolve(self.queue.poll())     # submits, and reaps what is done
-        if self.poll_us > 0 and self.queue.in_flight:
+        q = self.queue
+        if self.poll_us > 0 and q.in_flight:
+            self._resolve(q.poll())
             deadline = time.perf_counter() + self.poll_us / 1e6
-            while self.queue.in_flight and time.perf_counter() < deadline:
-                done = self.queue.poll()
+            while q.in_flight and time.perf_counter() < deadline:
+                done = q.poll()
                 if done:
                     self._resolve(done)
                     break
+        self._reap()
 
     async def _request(self, op: int, offset: int, buf: Any, vectored: bool, flags: int,
-                       length: int = 0) -> Any:
+                       length: int = 0) -> int:
         if self._closed:
             raise ValueError("AsyncDevice is closed")
         q = self.queue
-        bounce = None
-        need = q._bounce_size(op, buf, vectored) if op in (_READ, _WRITE) else 0
-        if need:
-            bounce = await self.device.bounce_pool.acquire_async(need)
         fut = self._loop.create_future()
-        try:
-            q._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
-        except BaseException:
-            if bounce is not None:
-                self.device.bounce_pool.release(bounce)
-            raise
-        self._schedule_flush()
+        n = q._submit_one(op, offset, buf, vectored, flags, fut, length, None, True)
+        if n < 0:
+            # The request needs bounce space and the pool is full (or others
+            # wait first): wait in the pool's FIFO without blocking the loop.
+            pool = self.device.bounce_pool
+            bounce = await pool.acquire_async(-n)
+            try:
+                n = q._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
+            except BaseException:
+                pool.release(bounce)
+                raise
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         # A cancellation here leaves the request in flight: the core holds its
         # buffer (and bounce space) until the completion is reaped.
         completion = await fut
-        completion.check()
-        return completion
+        if completion.ret < 0:
+            completion.check()
+        return n
 
-    def _pieces(self, length: int) -> List[tuple]:
+    async def _split(self, op: int, offset: int, buf: Any, flags: int) -> int:
+        view = memoryview(buf).cast("B")
+        n = view.nbytes
         limit = self.device.limits.max_transfer
-        if not limit or length <= limit:
-            return [(0, length)]
-        return [(pos, min(limit, length - pos)) for pos in range(0, length, limit)]
+        await asyncio.gather(*(self._request(op, offset + pos, view[pos:pos + limit], False, flags)
+                               for pos in range(0, n, limit)))
+        return n
 
     # ---- public coroutines -------------------------------------------------
 
     async def readinto(self, offset: int, buf: Any) -> int:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
-        view = memoryview(buf).cast("B")
-        n = view.nbytes
-        await asyncio.gather(*(self._request(_READ, offset + pos, view[pos:pos + size], False, 0)
-                               for pos, size in self._pieces(n)))
-        return n
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; returns the count."""
+        if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
+            return await self._split(_READ, offset, buf, 0)
+        return await self._request(_READ, offset, buf, False, 0)
 
     async def read(self, offset: int, nbytes: int) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
@@ -146,23 +156,19 @@ class AsyncDevice:
         return out
 
     async def write(self, offset: int, buf: Any, *, fua: bool = False) -> int:
-        """Write ``buf`` at ``offset``."""
-        view = memoryview(buf).cast("B")
-        n = view.nbytes
+        """Write ``buf`` at ``offset``; returns the count."""
         flags = 1 if fua else 0
-        await asyncio.gather(*(self._request(_WRITE, offset + pos, view[pos:pos + size], False, flags)
-                               for pos, size in self._pieces(n)))
-        return n
+        if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
+            return await self._split(_WRITE, offset, buf, flags)
+        return await self._request(_WRITE, offset, buf, False, flags)
 
     async def readv(self, offset: int, bufs: Sequence[Any]) -> int:
         """Vectored read (one request; at most max-transfer bytes)."""
-        c = await self._request(_READ, offset, list(bufs), True, 0)
-        return sum(memoryview(b).nbytes for b in bufs) if c.ret == 0 else 0
+        return await self._request(_READ, offset, list(bufs), True, 0)
 
     async def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> int:
         """Vectored write (one request; at most max-transfer bytes)."""
-        await self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
-        return sum(memoryview(b).nbytes for b in bufs)
+        return await self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
@@ -175,12 +181,21 @@ class AsyncDevice:
         try:
             await self._request(_DISCARD, offset, None, False, 0, length)
         except OSError as e:
-            if e.errno not in (95,):    # EOPNOTSUPP / ENOTSUP
+            if e.errno != errno.EOPNOTSUPP:
                 raise
 
     async def flush(self) -> None:
         """Make completed writes durable."""
         await self._request(_FLUSH, 0, None, False, 0, 0)
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """Memory mapped into the device (see ``Device.alloc``)."""
+        return self.device.alloc(nbytes)
+
+    @property
+    def capacity(self) -> int:
+        """Device size in bytes."""
+        return self.device.capacity
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -192,7 +207,7 @@ class AsyncDevice:
             fut = self._loop.create_future()
             self._loop.call_later(0.01, lambda f=fut: f.done() or f.set_result(None))
             await fut
-            self._drain()
+            self._reap()
         self._closed = True
         self._loop.remove_reader(self._fd)
         await self._loop.run_in_executor(None, self.device.close)
