@@ -174,6 +174,8 @@ def short_cases() -> list[Case]:
           B_AIO]),
         (Workload(F, "randread", k4, 32, threads=2), [C_BENCH, B_BATCH]),
         (Workload(D, "randread", k4, 32), [C_BENCH, CAIO, B_AIO]),
+        (Workload(V, "randread", k4, 1), [C_BENCH, C_POLL, C_REF, B_BLOCK,
+                                          B_BLOCK_NP]),
         (Workload(V, "randread", k4, 32), [C_BENCH, B_BATCH, B_QUEUE,
                                            B_QUEUE_NP]),
     ]
@@ -566,6 +568,15 @@ def key_ratios(summary: dict) -> list[tuple[str, str]]:
     out.append(("blocking API, 4K randread qd1 / liburing (PyPI) qd1",
                 ratio(med("file", "randread", 1, B_BLOCK),
                       med("file", "randread", 1, LIBURING))))
+    out.append(("vhost-user qd1, blocking API, alloc'd memory / C blkio-bench",
+                ratio(med("vhost", "randread", 1, B_BLOCK),
+                      med("vhost", "randread", 1, C_BENCH))))
+    out.append(("vhost-user qd1, blocking API, alloc'd memory / C ref_blocking",
+                ratio(med("vhost", "randread", 1, B_BLOCK),
+                      med("vhost", "randread", 1, C_REF))))
+    out.append(("vhost-user qd1, blocking API, plain numpy memory (bounced) / C blkio-bench",
+                ratio(med("vhost", "randread", 1, B_BLOCK_NP),
+                      med("vhost", "randread", 1, C_BENCH))))
     out.append(("vhost-user qd32, batch, alloc'd (registered) memory "
                 "/ C blkio-bench",
                 ratio(med("vhost", "randread", 32, B_BATCH),
