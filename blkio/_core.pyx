@@ -1142,6 +1142,28 @@ cdef class Queue:
         self._enqueue(c, False)
         return length
 
+    def _submit_buffer(self, int op, uint64_t offset, object buf, unsigned int flags,
+                       object user_data):
+        """``_submit_one`` for one buffer, without waiting for bounce space
+        (asyncio's per-request call, kept short)."""
+        if self.q == NULL or self.removed:
+            self._alive()
+        cdef _DeviceCore d = self.device
+        cdef _Views views = _acquire_one(buf, op == OP_READ)
+        cdef uint64_t length = views.total
+        if op == OP_WRITE and d.read_only:
+            d._check_writable("write")
+        d._check_range(offset, length, _OP_NAMES[op])
+        if d.max_transfer and length > d.max_transfer:
+            raise ValueError(f"{_OP_NAMES[op]} of {length} bytes exceeds max-transfer "
+                             f"({d.max_transfer})")
+        cdef Completion c = d._prepare(op, offset, length, views, views.iov, 1,
+                                       flags, user_data, False, self, None, True)
+        if c is None:
+            return -<int64_t>length
+        self._enqueue(c, False)
+        return length
+
     def _zero_flags(self, bint fua, bint may_unmap, bint no_fallback):
         return _zero_flags(fua, may_unmap, no_fallback)
 

@@ -19,7 +19,7 @@ import asyncio
 import errno
 import os
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, Awaitable, List, Optional, Sequence
 
 import numpy as np
 
@@ -112,7 +112,10 @@ class AsyncDevice:
             raise ValueError("AsyncDevice is closed")
         q = self.queue
         fut = self._loop.create_future()
-        n = q._submit_one(op, offset, buf, vectored, flags, fut, length, None, True)
+        if vectored or buf is None:
+            n = q._submit_one(op, offset, buf, vectored, flags, fut, length, None, True)
+        else:
+            n = q._submit_buffer(op, offset, buf, flags, fut)
         if n < 0:
             # The request needs bounce space and the pool is full (or others
             # wait first): wait in the pool's FIFO without blocking the loop.
@@ -143,11 +146,14 @@ class AsyncDevice:
 
     # ---- public coroutines -------------------------------------------------
 
-    async def readinto(self, offset: int, buf: Any) -> int:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; returns the count."""
+    def readinto(self, offset: int, buf: Any) -> Awaitable[int]:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; awaits the count.
+
+        (A plain function returning the request's coroutine: one coroutine
+        less per request on the hot path.)"""
         if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
-            return await self._split(_READ, offset, buf, 0)
-        return await self._request(_READ, offset, buf, False, 0)
+            return self._split(_READ, offset, buf, 0)
+        return self._request(_READ, offset, buf, False, 0)
 
     async def read(self, offset: int, nbytes: int) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
@@ -155,12 +161,12 @@ class AsyncDevice:
         await self.readinto(offset, out)
         return out
 
-    async def write(self, offset: int, buf: Any, *, fua: bool = False) -> int:
-        """Write ``buf`` at ``offset``; returns the count."""
+    def write(self, offset: int, buf: Any, *, fua: bool = False) -> Awaitable[int]:
+        """Write ``buf`` at ``offset``; awaits the count."""
         flags = 1 if fua else 0
         if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
-            return await self._split(_WRITE, offset, buf, flags)
-        return await self._request(_WRITE, offset, buf, False, flags)
+            return self._split(_WRITE, offset, buf, flags)
+        return self._request(_WRITE, offset, buf, False, flags)
 
     async def readv(self, offset: int, bufs: Sequence[Any]) -> int:
         """Vectored read (one request; at most max-transfer bytes)."""
