@@ -218,7 +218,7 @@ class Device(_core._DeviceCore):
         return f"<blkio.Device {self.driver}{where} {self.state}>"
 
 
-def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
+def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
          fd: Optional[int] = None, read_only: bool = False, direct: Optional[bool] = None,
          num_queues: int = 1, num_poll_queues: int = 0, **properties: Any) -> Device:
     """Create, connect and start a libblkio device; returns a :class:`Device`.
@@ -290,6 +290,7 @@ def open(driver: str, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
         if driver == "io_uring" and fd is not None:
             dev._set("fd", "int", fd)
         elif driver in _FD_PASSING and "fd" in catalogue and _fd_supported(dev):
+            assert path is not None     # checked by the driver rules above
             try:
                 our_fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC)
             except FileNotFoundError:

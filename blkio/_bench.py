@@ -43,6 +43,8 @@ import sys
 import threading
 import time
 
+from typing import List, Optional
+
 import numpy as np
 
 GiB = 1 << 30
@@ -179,10 +181,10 @@ class Stats:
     def __init__(self, iodepth: int):
         self.count = 0
         self.runtime = 0.0
-        self.min_lat_ns = None
+        self.min_lat_ns: Optional[int] = None
         self.max_lat_ns = 0
         self.calls = 0
-        self.min_comp = None
+        self.min_comp: Optional[int] = None
         self.max_comp = 0
         self.iodepth = iodepth
         self.progress = 0          # count so far, for the progress line
@@ -226,8 +228,8 @@ def results_json(stats: list[Stats], blocksize: int) -> dict:
                                    s.max_comp, blocksize))
     count = sum(s.count for s in stats)
     runtime = sum(s.runtime for s in stats) / len(stats)
-    mins = [s.min_lat_ns for s in stats if s.min_lat_ns is not None]
-    mincomp = [s.min_comp for s in stats if s.min_comp is not None]
+    mins: List[int] = [s.min_lat_ns for s in stats if s.min_lat_ns is not None]
+    mincomp: List[int] = [s.min_comp for s in stats if s.min_comp is not None]
     # blkio-bench's aggregate mean latency: total latency / total count
     tot_lat_us = sum(t["mean_lat_us"] * s.count for t, s in zip(threads, stats))
     agg = _stats_dict(count, runtime, min(mins) if mins else None,
@@ -638,7 +640,7 @@ def run(args: argparse.Namespace) -> dict:
         def aio_main(t: int) -> None:
             asyncio.run(_aio_thread(args, open_kw, t, stats[t], ready))
 
-        targets = [(aio_main, t) for t in range(args.num_threads)]
+        targets: List[tuple] = [(aio_main, t) for t in range(args.num_threads)]
         dev = None
     else:
         open_ = _require(blkio, "open", "open")
@@ -675,9 +677,9 @@ def run(args: argparse.Namespace) -> dict:
         prog.join()
         if dev is not None:
             dev.close()
-    for e in errors:
-        if not isinstance(e, threading.BrokenBarrierError):
-            raise e
+    for err in errors:
+        if not isinstance(err, threading.BrokenBarrierError):
+            raise err
     if errors:
         raise errors[0]
     return results_json(stats, args.blocksize)

@@ -657,6 +657,10 @@ cdef class BouncePool:
 
     cdef Py_ssize_t _try_locked(self, size_t size) except -2:
         cdef size_t count = size // self.granule
+        if self.buffer.size > self._max_size and self.allocator.used == 0:
+            self._replace(self._max_size)       # max_size was lowered: shrink when idle
+        if (self.allocator.used + count) * self.granule > self._max_size:
+            return -1                           # over the bound until buffers come back
         cdef Py_ssize_t start = self.allocator.alloc(count)
         if start < 0 and self.allocator.used == 0:
             cur = self.buffer.size
@@ -2134,23 +2138,24 @@ cdef class _DeviceCore:
         """Queue ``index`` (0 .. num_queues-1)."""
         if self.state != "broken":      # a broken device still shows its queues
             self._ensure_started()
-        if not 0 <= index < len(self._queues):
-            raise IndexError(f"queue {index} does not exist ({len(self._queues)} queue(s))")
+        if not 0 <= index < len(self._queues) or self._queues[index] is None:
+            raise IndexError(f"queue {index} does not exist or was removed "
+                             f"({len(self._queues)} queue slot(s))")
         return self._queues[index]
 
     def poll_queue(self, int index=0):
         """Poll queue ``index`` (0 .. num_poll_queues-1)."""
         if self.state != "broken":
             self._ensure_started()
-        if not 0 <= index < len(self._poll_queues):
-            raise IndexError(f"poll queue {index} does not exist "
-                             f"({len(self._poll_queues)} poll queue(s))")
+        if not 0 <= index < len(self._poll_queues) or self._poll_queues[index] is None:
+            raise IndexError(f"poll queue {index} does not exist or was removed "
+                             f"({len(self._poll_queues)} poll queue slot(s))")
         return self._poll_queues[index]
 
     @property
     def queues(self):
         """The device's queues (regular, then poll queues)."""
-        return tuple(self._queues) + tuple(self._poll_queues)
+        return tuple(q for q in self._queues + self._poll_queues if q is not None)
 
     def _add_queue(self, bint poll):
         self._ensure_started()

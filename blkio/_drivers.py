@@ -9,6 +9,7 @@ names, types and stages before libblkio runs.  It is data, not logic.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping, Tuple
 
@@ -42,7 +43,7 @@ class PropertySpec:
     doc: str = ""
 
     @property
-    def python_type(self) -> type:
+    def python_type(self) -> builtins.type:
         """The Python type of values: bool, int or str."""
         return {"bool": bool, "int": int, "uint64": int, "str": str}[self.type]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Dict
 
 from ._errors import Error
 
@@ -65,7 +65,7 @@ def read_limits(get: Callable[[str], object], max_transfer_cap: int = 0) -> Limi
     pinning wherever memory regions are needed.  ``max_transfer_cap`` (bytes,
     0: none) lowers max-transfer where the kernel knows better than libblkio.
     """
-    values = {}
+    values: Dict[str, Any] = {}
     for f in fields(Limits):
         name = Limits.property_name(f.name)
         if f.name == "may_pin_mem_regions":

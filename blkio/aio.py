@@ -210,9 +210,7 @@ class AsyncDevice:
         if self._closed:
             return
         while self.queue.in_flight:
-            fut = self._loop.create_future()
-            self._loop.call_later(0.01, lambda f=fut: f.done() or f.set_result(None))
-            await fut
+            await asyncio.sleep(0.01)
             self._reap()
         self._closed = True
         self._loop.remove_reader(self._fd)

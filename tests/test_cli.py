@@ -1,0 +1,95 @@
+"""Command line: ``python -m blkio bench`` (the JSON of libblkio's C
+blkio-bench) and ``python -m blkio info``.  Run as subprocesses in a temp
+directory, so that the installed package is used, not the source tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# The keys print_stats() writes in libblkio's examples/blkio-bench.c, in order.
+STAT_KEYS = ["kiops", "gips", "min_lat_us", "mean_lat_us", "max_lat_us", "calls",
+             "min_completions", "mean_completions", "max_completions"]
+APIS = ["batch", "queue", "blocking", "asyncio"]
+
+
+def _blkio(cwd, *args, timeout=60):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-m", "blkio", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _check_stats(stats, where):
+    assert list(stats) == STAT_KEYS, f"{where}: keys {list(stats)}"
+    for key in STAT_KEYS:
+        assert isinstance(stats[key], (int, float)) and not isinstance(stats[key], bool), \
+            f"{where}.{key} = {stats[key]!r}"
+    assert isinstance(stats["calls"], int)
+    assert stats["calls"] > 0 and stats["kiops"] > 0
+
+
+def _bench_json(proc):
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstderr:\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_bench_prints_blkio_bench_json(tmp_path, image, api):
+    proc = _blkio(tmp_path, "bench", "--runtime=1", f"--api={api}", "io_uring", f"path={image.path}")
+    res = _bench_json(proc)
+    assert list(res) == ["aggregate", "threads"]
+    _check_stats(res["aggregate"], "aggregate")
+    assert isinstance(res["threads"], list) and len(res["threads"]) == 1
+    _check_stats(res["threads"][0], "threads[0]")
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_bench_num_threads_2_reports_two_threads(tmp_path, image, api):
+    proc = _blkio(tmp_path, "bench", "--runtime=1", "--num-threads=2", f"--api={api}",
+                  "io_uring", f"path={image.path}")
+    res = _bench_json(proc)
+    assert list(res) == ["aggregate", "threads"]
+    assert len(res["threads"]) == 2
+    for i, t in enumerate(res["threads"]):
+        _check_stats(t, f"threads[{i}]")
+    _check_stats(res["aggregate"], "aggregate")
+    agg = res["aggregate"]
+    assert agg["calls"] == sum(t["calls"] for t in res["threads"])
+    assert agg["min_lat_us"] == min(t["min_lat_us"] for t in res["threads"])
+    assert agg["max_lat_us"] == max(t["max_lat_us"] for t in res["threads"])
+
+
+def test_bench_no_progress_line_when_stderr_piped(tmp_path, image):
+    proc = _blkio(tmp_path, "bench", "--runtime=1.5", "--api=batch", "io_uring", f"path={image.path}")
+    _bench_json(proc)
+    assert "\r" not in proc.stderr
+    assert "\r" not in proc.stdout
+
+
+def test_bench_bad_property_prints_clear_error_and_exits_nonzero(tmp_path, image):
+    proc = _blkio(tmp_path, "bench", "--runtime=1", "io_uring", f"path={image.path}", "bogus-prop=1")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_info_prints_json_with_capacity(tmp_path, image):
+    proc = _blkio(tmp_path, "info", "io_uring", f"path={image.path}")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["capacity"] == image.size
+    assert info["driver"] == "io_uring"
+
+
+def test_info_bad_property_prints_clear_error_and_exits_nonzero(tmp_path, image):
+    proc = _blkio(tmp_path, "info", "io_uring", f"path={image.path}", "bogus-prop=1")
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
