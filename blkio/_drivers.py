@@ -160,8 +160,10 @@ def lookup(driver: str, name: str) -> PropertySpec:
     props = _CATALOGUE[driver]
     spec = props.get(name) or props.get(name.replace("_", "-"))
     if spec is None:
+        alias = name.replace("_", "-")
+        shown = f"{name!r}" + (f" ({alias!r})" if alias != name else "")
         raise ValueError(
-            f"unknown property {name!r} for driver {driver!r}; "
+            f"unknown property {shown} for driver {driver!r}; "
             f"see blkio.driver_properties({driver!r})"
         )
     return spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import List, Optional
 
 from . import _bench
@@ -11,11 +12,15 @@ from . import _bench
 
 def cmd_info(args: argparse.Namespace) -> int:
     import blkio
-    props = _bench.parse_properties(args.props)
-    with blkio.open(args.driver, **props) as dev:
-        info = {"driver": dev.driver, "capacity": dev.capacity,
-                "limits": dev.limits.__dict__, "properties": dev.properties()}
-        print(json.dumps(info, indent=2, sort_keys=True))
+    try:
+        props = _bench.parse_properties(args.props)
+        with blkio.open(args.driver, **props) as dev:
+            info = {"driver": dev.driver, "capacity": dev.capacity,
+                    "limits": dev.limits.__dict__, "properties": dev.properties()}
+    except (_bench.BenchError, ValueError, OSError) as e:
+        print(f"python -m blkio info: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
 

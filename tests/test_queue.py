@@ -175,15 +175,6 @@ def test_every_request_kind_on_a_queue(qsd):
     assert daemon.raw.pread(65536, 8192) == bytes(8192)
 
 
-def test_queue_request_above_max_transfer_is_refused(loopdev):
-    with blkio.open("io_uring", path=loopdev.path, direct=True) as dev:
-        mt = dev.limits.max_transfer
-        if not mt:
-            pytest.skip("this loop device reports no max-transfer")
-        with pytest.raises(ValueError, match="max-transfer"):
-            dev.queue(0).read(0, dev.alloc(mt + 512))
-
-
 def test_timeout_raises_timeouterror_and_keeps_requests_tracked(slow_socket):
     with blkio.open("virtio-blk-vhost-user", path=slow_socket) as dev:
         q = dev.queue(0)

@@ -395,6 +395,16 @@ def test_vectored_beyond_max_segments_is_merged_through_the_pool(dev, target):
     assert dev.bounce_pool.in_use == 0
 
 
+def test_queue_request_above_max_transfer_is_refused(dev, target):
+    """The queue API sends one request as one request: past max-transfer it
+    is refused (the blocking API splits instead)."""
+    mt = dev.limits.max_transfer
+    if not mt:
+        pytest.skip(f"{target.driver} reports no max-transfer")
+    with pytest.raises(ValueError, match="max-transfer"):
+        dev.queue(0).read(0, dev.alloc(mt + dev.limits.request_alignment))
+
+
 def test_large_transfer(dev, target):
     """One 1 MiB read and write from mapped memory: blkio splits requests the
     device cannot take in one piece.  (QEMU's NVMe controller takes 512 KiB
