@@ -112,9 +112,10 @@ B_AIO = "blkio asyncio"
 B_BATCH_NP = "blkio batch numpy-mem"
 B_QUEUE_NP = "blkio queue numpy-mem"
 B_BLOCK_NP = "blkio blocking numpy-mem"
+B_BLOCK_POLL = "blkio blocking --poll"
 
 BLKIO_CONTENDERS = {B_BATCH, B_QUEUE, B_BLOCK, B_AIO, B_BATCH_NP, B_QUEUE_NP,
-                    B_BLOCK_NP}
+                    B_BLOCK_NP, B_BLOCK_POLL}
 ASYNCIO_PEERS = (CAIO, AIOFILE)
 
 
@@ -156,7 +157,7 @@ def contenders_for(wl: Workload, full: bool) -> list[str]:
         out += [C_REF]
     out += [B_BATCH, B_QUEUE, B_QUEUE_NP]
     if qd1:
-        out += [B_BLOCK, B_BLOCK_NP]
+        out += [B_BLOCK, B_BLOCK_NP, B_BLOCK_POLL]
     if asyncio_ok:
         out += [B_AIO]
     return out
@@ -175,7 +176,7 @@ def short_cases() -> list[Case]:
         (Workload(F, "randread", k4, 32, threads=2), [C_BENCH, B_BATCH]),
         (Workload(D, "randread", k4, 32), [C_BENCH, CAIO, B_AIO]),
         (Workload(V, "randread", k4, 1), [C_BENCH, C_POLL, C_REF, B_BLOCK,
-                                          B_BLOCK_NP]),
+                                          B_BLOCK_NP, B_BLOCK_POLL]),
         (Workload(V, "randread", k4, 32), [C_BENCH, B_BATCH, B_QUEUE,
                                            B_QUEUE_NP]),
     ]
@@ -381,10 +382,12 @@ class Env:
                 return self.blkio_error or "blkio not available"
             api = {B_BATCH: "batch", B_BATCH_NP: "batch", B_QUEUE: "queue",
                    B_QUEUE_NP: "queue", B_BLOCK: "blocking",
-                   B_BLOCK_NP: "blocking", B_AIO: "asyncio"}[c]
+                   B_BLOCK_NP: "blocking", B_BLOCK_POLL: "blocking",
+                   B_AIO: "asyncio"}[c]
             mem = "numpy" if "numpy" in c else "alloc"
+            extra = ["--poll"] if c == B_BLOCK_POLL else []
             return [*self.pybench, *common, f"--api={api}",
-                    f"--buffers={mem}", driver, *props]
+                    f"--buffers={mem}", *extra, driver, *props]
         if c == FIO:
             if wl.backend == "vhost":
                 return "fio has no vhost-user engine here"
@@ -574,6 +577,9 @@ def key_ratios(summary: dict) -> list[tuple[str, str]]:
     out.append(("vhost-user qd1, blocking API, alloc'd memory / C ref_blocking",
                 ratio(med("vhost", "randread", 1, B_BLOCK),
                       med("vhost", "randread", 1, C_REF))))
+    out.append(("vhost-user qd1, blocking API with poll_us / C blkio-bench --poll",
+                ratio(med("vhost", "randread", 1, B_BLOCK_POLL),
+                      med("vhost", "randread", 1, C_POLL))))
     out.append(("vhost-user qd1, blocking API, plain numpy memory (bounced) / C blkio-bench",
                 ratio(med("vhost", "randread", 1, B_BLOCK_NP),
                       med("vhost", "randread", 1, C_BENCH))))

@@ -220,7 +220,8 @@ class Device(_core._DeviceCore):
 
 def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
          fd: Optional[int] = None, read_only: bool = False, direct: Optional[bool] = None,
-         num_queues: int = 1, num_poll_queues: int = 0, **properties: Any) -> Device:
+         num_queues: int = 1, num_poll_queues: int = 0, poll_us: int = 0,
+         **properties: Any) -> Device:
     """Create, connect and start a libblkio device; returns a :class:`Device`.
 
     ``driver`` is one of :data:`DRIVERS`.  ``path`` is a file or block device
@@ -230,6 +231,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     arguments with ``_`` for ``-`` (``num_entries=256``, ``queue_size=512``);
     each is set in the stage where libblkio accepts it.  Bad names, types,
     stages and per-driver rules raise ValueError before libblkio runs.
+    ``poll_us`` sets :attr:`Device.poll_us` (busy-polling before waits sleep).
     """
     if driver not in DRIVERS:
         raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
@@ -259,6 +261,8 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     for name, value in (("num-queues", num_queues), ("num-poll-queues", num_poll_queues)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
+    if isinstance(poll_us, bool) or not isinstance(poll_us, int) or poll_us < 0:
+        raise ValueError(f"poll_us takes an int >= 0 (microseconds), got {poll_us!r}")
     if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
         raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
 
@@ -338,6 +342,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
         depth = "num-entries" if "num-entries" in catalogue else "queue-size"
         dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
                        backend_fds, dev._get(depth, "int"))
+        dev.poll_us = poll_us
         return dev
     except BaseException:
         if our_fd >= 0:

@@ -651,7 +651,9 @@ def run(args: argparse.Namespace) -> dict:
         wl = Workload(args, int(dev.capacity))
         if args.api == "blocking":
             if args.poll:
-                raise BenchError("--poll does not apply to --api=blocking")
+                # Busy-poll each wait until the completion arrives, as C
+                # blkio-bench --poll does (bounded to 1 ms per wait).
+                dev.poll_us = 1000
             targets = [(run_blocking, dev, wl, t, stats[t], args.buffers,
                         ready) for t in range(args.num_threads)]
         elif args.api == "queue":

@@ -180,6 +180,7 @@ cdef class _DeviceCore:
     cdef Queue q0
     cdef unsigned long owner_thread   # first thread to do blocking I/O
     cdef bint threaded                # a second thread has: always release the GIL
+    cdef int64_t poll_ns              # busy-poll before sleeping in a wait (0: off)
     cdef list _poll_queues
     cdef _Arena arena
     cdef BouncePool _bounce_pool

@@ -296,3 +296,19 @@ def test_ctrl_c_interrupts_io_uring_wait(loopdev):
         # Every request is still tracked and can be reaped afterwards.
         done = q.wait(min=q.in_flight) if q.in_flight else []
         assert all(c.ret == 0 for c in done)
+
+
+def test_poll_us_busy_polls_waits_and_keeps_data_right(qsd):
+    daemon = qsd()
+    with blkio.open("virtio-blk-vhost-user", path=daemon.socket, poll_us=50) as dev:
+        assert dev.poll_us == 50
+        buf = dev.alloc(4096)
+        for i in range(200):
+            dev.readinto(i * 4096, buf)
+            assert buf.tobytes() == daemon.raw.data[i * 4096:(i + 1) * 4096]
+        dev.poll_us = 0
+        dev.readinto(0, buf)
+        with pytest.raises(ValueError, match="poll_us"):
+            dev.poll_us = -1
+    with pytest.raises(ValueError, match="poll_us"):
+        blkio.open("virtio-blk-vhost-user", path=daemon.socket, poll_us=-5)
