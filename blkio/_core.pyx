@@ -547,6 +547,10 @@ cdef class Completion:
     cdef void _release_memory(self):
         # Called once the request is reaped (or its device destroyed): only
         # then may its caller memory and bounce space be reused.
+        if (self.views is None and self.pool is None and self.user_iov == NULL
+                and (self.iov == NULL or self.iov == &self.iov1)):
+            self.iov = NULL             # the hot path's request: nothing held
+            return
         if self.iov != NULL and self.iov != &self.iov1:
             if self.iov != self.user_iov:
                 free(self.iov)

@@ -45,7 +45,13 @@ _SUBCLASSES: Dict[int, Type[Error]] = {
 def error_for(code: int, message: str, filename: Optional[str] = None) -> Error:
     """The ``Error`` for a positive errno ``code`` and a message."""
     cls = _SUBCLASSES.get(code, Error)
-    text = f"{message} ({os.strerror(code)})" if message else os.strerror(code)
+    reason = os.strerror(code)
+    if not message:
+        text = reason
+    elif reason.lower() in message.lower():
+        text = message          # libblkio's message already says it
+    else:
+        text = f"{message} ({reason})"
     if filename is not None:
         return cls(code, text, filename)
     return cls(code, text)
