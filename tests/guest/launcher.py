@@ -239,9 +239,8 @@ mount -t tmpfs -o mode=755 tmpfs /newroot/run || fail "tmpfs /run"
 mkdir -p /newroot/run/share
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 share /newroot/run/share \
     || fail "mount share"
-for d in tmp var/tmp; do
-    mount -t tmpfs -o mode=1777 tmpfs /newroot/$d || fail "tmpfs /$d"
-done
+# /tmp and /var/tmp stay the host's (read-only): the project and its venv may
+# live there (CI clones anywhere); the job uses TMPDIR=/run.
 for d in dev proc sys; do
     mount -o move /$d /newroot/$d || fail "move /$d"
 done
