@@ -88,6 +88,8 @@ cdef class BouncePool:
     cdef object lock
     cdef object waiters
     cdef Py_ssize_t _try_locked(self, size_t size) except -2
+    cdef Py_ssize_t _enter(self, size_t size, object waiter) except -2
+    cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2
     cdef Py_ssize_t _try_acquire(self, size_t nbytes) except -2
     cdef size_t _checked_size(self, size_t nbytes) except? 0
     cdef object _array(self, Py_ssize_t start, size_t nbytes)

@@ -573,7 +573,13 @@ cdef class Completion:
 
     @property
     def op(self) -> str:
+        """The request kind: read, write, write_zeroes, discard or flush."""
         return _OP_NAMES[self.op]
+
+    @property
+    def length(self) -> int:
+        """Bytes the request covers (0 for flush)."""
+        return self.length
 
     def check(self):
         """Raise the ``OSError`` for a failed request; return ``ret`` otherwise."""
@@ -599,6 +605,9 @@ class _ThreadWaiter:
     def wake(self):
         self.event.set()
 
+    def reset(self):
+        self.event.clear()
+
 
 class _AsyncWaiter:
     __slots__ = ("loop", "future")
@@ -606,6 +615,10 @@ class _AsyncWaiter:
     def __init__(self, loop):
         self.loop = loop
         self.future = loop.create_future()
+
+    def reset(self):
+        if self.future.done():
+            self.future = self.loop.create_future()
 
     def wake(self):
         def _set(fut=self.future):
@@ -688,30 +701,53 @@ cdef class BouncePool:
                              f"max_size of {self._max_size} bytes")
         return size
 
-    cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2:
-        """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
-        ``drive`` (the caller's queue) is reaped so its own completed requests
-        give their bounce space back."""
-        cdef size_t size = self._checked_size(nbytes)
-        cdef Py_ssize_t start
+    # One FIFO of waiters serves threads and coroutines alike: _enter either
+    # allocates at once or queues the waiter; _turn tries for the waiter at the
+    # head (keeping its place if it still does not fit); _leave drops it.
+
+    cdef Py_ssize_t _enter(self, size_t size, object waiter) except -2:
         with self.lock:
             if not self.waiters:
                 start = self._try_locked(size)
                 if start >= 0:
                     return start
-            waiter = _ThreadWaiter()
             self.waiters.append(waiter)
+            return -1
+
+    cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2:
+        with self.lock:
+            if self.waiters[0] is waiter:
+                start = self._try_locked(size)
+                if start >= 0:
+                    self.waiters.popleft()
+                    self._wake_head()
+                    return start
+            waiter.reset()
+            return -1
+
+    def _leave(self, waiter):
+        with self.lock:
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:
+                pass
+            self._wake_head()
+
+    cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2:
+        """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
+        ``drive`` (the caller's queue) is reaped so its own completed requests
+        give their bounce space back."""
+        cdef size_t size = self._checked_size(nbytes)
+        waiter = _ThreadWaiter()
+        cdef Py_ssize_t start = self._enter(size, waiter)
+        if start >= 0:
+            return start
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         try:
             while True:
-                with self.lock:
-                    if self.waiters[0] is waiter:
-                        start = self._try_locked(size)
-                        if start >= 0:
-                            self.waiters.popleft()
-                            self._wake_head()
-                            return start
-                    waiter.event.clear()
+                start = self._turn(size, waiter)
+                if start >= 0:
+                    return start
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no bounce buffer space for {nbytes} bytes "
                                        f"within {timeout} s")
@@ -721,12 +757,7 @@ cdef class BouncePool:
                     left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
                     waiter.event.wait(max(left, 0))
         except BaseException:
-            with self.lock:
-                try:
-                    self.waiters.remove(waiter)
-                except ValueError:
-                    pass
-                self._wake_head()
+            self._leave(waiter)
             raise
 
     async def acquire_async(self, size_t nbytes):
@@ -734,33 +765,18 @@ cdef class BouncePool:
         blocking the event loop.  Returns the array."""
         import asyncio
         cdef size_t size = self._checked_size(nbytes)
-        cdef Py_ssize_t start
-        with self.lock:
-            if not self.waiters:
-                start = self._try_locked(size)
-                if start >= 0:
-                    return self._array(start, nbytes)
-            waiter = _AsyncWaiter(asyncio.get_running_loop())
-            self.waiters.append(waiter)
+        waiter = _AsyncWaiter(asyncio.get_running_loop())
+        cdef Py_ssize_t start = self._enter(size, waiter)
+        if start >= 0:
+            return self._array(start, nbytes)
         try:
             while True:
-                with self.lock:
-                    if self.waiters[0] is waiter:
-                        start = self._try_locked(size)
-                        if start >= 0:
-                            self.waiters.popleft()
-                            self._wake_head()
-                            return self._array(start, nbytes)
-                    if waiter.future.done():
-                        waiter.future = waiter.loop.create_future()
+                start = self._turn(size, waiter)
+                if start >= 0:
+                    return self._array(start, nbytes)
                 await waiter.future
         except BaseException:
-            with self.lock:
-                try:
-                    self.waiters.remove(waiter)
-                except ValueError:
-                    pass
-                self._wake_head()
+            self._leave(waiter)
             raise
 
     def _wake_head(self):
@@ -782,10 +798,10 @@ cdef class BouncePool:
         PyBuffer_Release(&view)
         cdef uintptr_t base = <uintptr_t>self.buffer.addr
         if addr < base or addr - base >= self.buffer.size or (addr - base) % self.granule or n < nbytes:
-            raise ValueError("bounce array does not come from this pool or is too small")
+            raise ValueError("array was not acquired from this bounce pool (or is too small)")
         cdef Py_ssize_t start = <Py_ssize_t>((addr - base) // self.granule)
         if self.allocator.sizes[start] == 0:
-            raise ValueError("bounce array was already released")
+            raise ValueError("array was already released to the bounce pool")
         return start
 
     cdef object _array(self, Py_ssize_t start, size_t nbytes):
@@ -805,19 +821,8 @@ cdef class BouncePool:
 
     def release(self, array):
         """Give back an array from ``acquire``."""
-        cdef Py_buffer view
-        PyObject_GetBuffer(array, &view, PyBUF_SIMPLE)
-        cdef uintptr_t addr = <uintptr_t>view.buf
-        PyBuffer_Release(&view)
         with self.lock:
-            base = <uintptr_t>self.buffer.addr
-            off = addr - base
-            if addr < base or off >= self.buffer.size or off % self.granule:
-                raise ValueError("array was not acquired from this bounce pool")
-            start = off // self.granule
-            if self.allocator.sizes[start] == 0:
-                raise ValueError("array was already released")
-            self.allocator.free(start)
+            self.allocator.free(<size_t>self._start_of(array, 0))
             self._wake_head()
 
     @property

@@ -86,8 +86,17 @@ class AsyncDevice:
     def _resolve(completions: List[Any]) -> None:
         for c in completions:
             fut = c.user_data
-            if not fut.done():          # cancelled coroutines: nothing to tell
-                fut.set_result(c)
+            if fut.done():              # cancelled: nothing to tell
+                continue
+            if c.ret >= 0:
+                fut.set_result(c.length)
+            elif c.op == "discard" and c.ret == -errno.EOPNOTSUPP:
+                fut.set_result(0)       # discard is advisory
+            else:
+                try:
+                    c.check()
+                except OSError as e:
+                    fut.set_exception(e)
 
     def _flush(self) -> None:
         # Runs once per loop iteration in which requests were enqueued: one
@@ -106,8 +115,12 @@ class AsyncDevice:
                     break
         self._reap()
 
-    async def _request(self, op: int, offset: int, buf: Any, vectored: bool, flags: int,
-                       length: int = 0) -> int:
+    def _request(self, op: int, offset: int, buf: Any, vectored: bool, flags: int,
+                 length: int = 0) -> "Awaitable[int]":
+        """Enqueue now; return a future of the byte count (or, when bounce
+        space must be waited for, a coroutine that enqueues once it has it).
+        A cancelled await leaves the request in flight: the core holds its
+        buffer and bounce space until the completion is reaped."""
         if self._closed:
             raise ValueError("AsyncDevice is closed")
         q = self.queue
@@ -117,24 +130,28 @@ class AsyncDevice:
         else:
             n = q._submit_buffer(op, offset, buf, flags, fut)
         if n < 0:
-            # The request needs bounce space and the pool is full (or others
-            # wait first): wait in the pool's FIFO without blocking the loop.
-            pool = self.device.bounce_pool
-            bounce = await pool.acquire_async(-n)
-            try:
-                n = q._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
-            except BaseException:
-                pool.release(bounce)
-                raise
+            return self._request_bounced(op, offset, buf, vectored, flags, length, fut, -n)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        # A cancellation here leaves the request in flight: the core holds its
-        # buffer (and bounce space) until the completion is reaped.
-        completion = await fut
-        if completion.ret < 0:
-            completion.check()
-        return n
+        return fut
+
+    async def _request_bounced(self, op: int, offset: int, buf: Any, vectored: bool,
+                               flags: int, length: int, fut: "asyncio.Future[int]",
+                               need: int) -> int:
+        # The pool is full (or others wait first): wait in its FIFO without
+        # blocking the loop, then enqueue with the space we got.
+        pool = self.device.bounce_pool
+        bounce = await pool.acquire_async(need)
+        try:
+            self.queue._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
+        except BaseException:
+            pool.release(bounce)
+            raise
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return await fut
 
     async def _split(self, op: int, offset: int, buf: Any, flags: int) -> int:
         view = memoryview(buf).cast("B")
@@ -149,8 +166,9 @@ class AsyncDevice:
     def readinto(self, offset: int, buf: Any) -> Awaitable[int]:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``; awaits the count.
 
-        (A plain function returning the request's coroutine: one coroutine
-        less per request on the hot path.)"""
+        The request is enqueued when this is called (bad arguments raise
+        here); the returned awaitable is a future, not a coroutine, which
+        saves a coroutine per request on the hot path."""
         if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
             return self._split(_READ, offset, buf, 0)
         return self._request(_READ, offset, buf, False, 0)
@@ -168,13 +186,13 @@ class AsyncDevice:
             return self._split(_WRITE, offset, buf, flags)
         return self._request(_WRITE, offset, buf, False, flags)
 
-    async def readv(self, offset: int, bufs: Sequence[Any]) -> int:
-        """Vectored read (one request; at most max-transfer bytes)."""
-        return await self._request(_READ, offset, list(bufs), True, 0)
+    def readv(self, offset: int, bufs: Sequence[Any]) -> Awaitable[int]:
+        """Vectored read (one request; at most max-transfer bytes); awaits the count."""
+        return self._request(_READ, offset, list(bufs), True, 0)
 
-    async def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> int:
-        """Vectored write (one request; at most max-transfer bytes)."""
-        return await self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
+    def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> Awaitable[int]:
+        """Vectored write (one request; at most max-transfer bytes); awaits the count."""
+        return self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
@@ -184,11 +202,7 @@ class AsyncDevice:
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
-        try:
-            await self._request(_DISCARD, offset, None, False, 0, length)
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
+        await self._request(_DISCARD, offset, None, False, 0, length)
 
     async def flush(self) -> None:
         """Make completed writes durable."""

@@ -281,11 +281,11 @@ def test_ctrl_c_interrupts_io_uring_wait(loopdev):
         interrupted = 0
         old = _interrupt_after(0.001)
         try:
-            for _ in range(50):           # until the signal lands during a wait
-                for i, b in enumerate(bufs):
-                    q.read((i % 16) * 4 * MiB, b, user_data=i)
+            for _ in range(50):           # until the signal lands (almost surely in a wait)
                 try:
-                    q.wait(min=len(bufs))
+                    for i, b in enumerate(bufs):
+                        q.read((i % 16) * 4 * MiB, b, user_data=i)
+                    q.wait(min=q.in_flight)
                 except KeyboardInterrupt:
                     interrupted += 1
                     break
