@@ -2,7 +2,7 @@
 """blkio benchmark suite: our APIs against C and against Python peers.
 
     make bench        # short default (< 3 minutes): the key cases
-    make bench-full   # every workload and contender (about 20 minutes)
+    make bench-full   # every workload and contender (about 35 minutes on 2 CPUs)
     .venv/bin/python bench/run.py [--full] [--runtime S] [--reps N]
                                   [--only REGEX] [--list] [--no-vhost]
 
@@ -14,7 +14,7 @@ stops itself.
 
 Contenders, each in its own process, interleaved (repetition 1 of every case,
 then repetition 2, ...): blkio's batch, queue, blocking and asyncio APIs
-(`python -m blkio bench`, or bench/_pybench.py while the package has no CLI),
+(`python -m blkio bench`),
 C blkio-bench (compiled here from libblkio-dev's examples, with and without
 --poll), C bench/ref_blocking.c (what our blocking API does, in C), fio's
 io_uring engine, a plain os.preadv/os.pwritev loop, PyPI liburing, caio and
@@ -348,12 +348,7 @@ class Env:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             self.blkio_error = f"blkio not importable ({last})"
             return
-        r = subprocess.run([self.py, "-m", "blkio", "bench", "--help"],
-                           capture_output=True, text=True, cwd=self.tmpdir)
-        if r.returncode == 0 and "--api" in r.stdout:
-            self.pybench = [self.py, "-m", "blkio", "bench"]
-        else:
-            self.pybench = [self.py, str(HERE / "_pybench.py")]
+        self.pybench = [self.py, "-m", "blkio", "bench"]
         log(f"  blkio contenders run: {' '.join(self.pybench[1:])}")
 
     def device_args(self, wl: Workload) -> tuple[str, list[str]]:
