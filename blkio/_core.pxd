@@ -145,8 +145,8 @@ cdef class Queue:
     cdef void _unlink(self, Completion c)
     cdef list _take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1
-    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base, uint64_t bs,
-                            Py_ssize_t n, unsigned int flags) except -1
+    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base,
+                            uint64_t *boffs, uint64_t bs, Py_ssize_t n, unsigned int flags) except -1
     cdef int _dispatch(self, blkio_completion *comps, int n) except -1
     cdef int _drive(self, int min_completions, double timeout, Completion until) except -1
 

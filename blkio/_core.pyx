@@ -1321,77 +1321,111 @@ cdef class Queue:
             raise TypeError(f"{what} has the wrong dtype or shape")
         return 0
 
-    def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags):
+    def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags,
+                      region, uint64_t blocksize):
         self._alive()
         cdef _DeviceCore d = self.device
         if op == OP_WRITE:
             d._check_writable("write")
-        cdef Py_buffer ob, bb, tb
+        cdef Py_buffer ob, bb, tb, xb
         cdef bint has_tags = user_data is not None
-        cdef Py_ssize_t n, i, bad = -1
+        cdef bint indexed = region is not None      # buffers = offsets into region
+        cdef Py_ssize_t n, nbufs, i, bad = -1
         cdef uint64_t bs, o, cap = d.capacity, ra = d.request_alignment
+        cdef uint64_t ba = d.buf_alignment, rlen
         cdef uint64_t *offs
+        cdef uint64_t *boffs = NULL
         cdef int64_t *tags = NULL
-        cdef int64_t t
         cdef int problem = 0
         self._batch_view(offsets, &ob, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
         try:
-            self._batch_view(buffers, &bb, 2, b"B", op == OP_READ,
-                             "buffers (a C-contiguous uint8 array of shape (n, blocksize)"
-                             + (", writable for reads)" if op == OP_READ else ")"))
+            if indexed:
+                self._batch_view(region, &bb, 1, b"B", op == OP_READ,
+                                 "region (a C-contiguous 1-D uint8 array"
+                                 + (", writable for reads)" if op == OP_READ else ")"))
+            else:
+                self._batch_view(buffers, &bb, 2, b"B", op == OP_READ,
+                                 "buffers (a C-contiguous uint8 array of shape (n, blocksize)"
+                                 + (", writable for reads)" if op == OP_READ else ")"))
             try:
                 if has_tags:
                     self._batch_view(user_data, &tb, 1, b"lq", False, "user_data (a 1-D int64 array)")
                 try:
-                    n = ob.shape[0]
-                    if bb.shape[0] != n:
-                        raise ValueError(f"{n} offsets but {bb.shape[0]} buffers")
-                    if has_tags and tb.shape[0] != n:
-                        raise ValueError(f"{n} offsets but {tb.shape[0]} user_data tags")
-                    if n == 0:
-                        return 0
-                    if self.slots and self.outstanding + n > self.slots:
-                        raise ValueError(
-                            f"batch of {n} requests does not fit: {self.outstanding} in flight, "
-                            f"queue holds {self.slots} (raise num_entries / queue_size at open)")
-                    bs = <uint64_t>bb.shape[1]
-                    offs = <uint64_t *>ob.buf
-                    if has_tags:
-                        tags = <int64_t *>tb.buf
-                    # Whole-batch validation before anything is enqueued.
-                    if bs == 0 or bs % ra:
-                        raise ValueError(f"blocksize {bs} must be a positive multiple of "
-                                         f"request-alignment ({ra})")
-                    if d.max_transfer and bs > d.max_transfer:
-                        raise ValueError(f"blocksize {bs} exceeds max-transfer ({d.max_transfer})")
-                    if <uintptr_t>bb.buf % d.buf_alignment or bs % d.buf_alignment:
-                        raise ValueError(f"buffers must be aligned to buf-alignment ({d.buf_alignment})")
-                    if not d.in_range(<uintptr_t>bb.buf, <size_t>bb.len):
-                        raise ValueError("buffers must lie in memory from Device.alloc() or "
-                                         "Device.register() (the batch API never copies)")
-                    with nogil:
-                        for i in range(n):
-                            o = offs[i]
-                            if o % ra:
-                                problem = 1
-                            elif o > cap or bs > cap - o:
-                                problem = 2
-                            elif tags != NULL and (tags[i] < -(<int64_t>1 << 62) or tags[i] >= (<int64_t>1 << 62)):
-                                problem = 3
-                            if problem:
-                                bad = i
-                                break
-                    if problem == 1:
-                        raise ValueError(f"offsets[{bad}] = {offs[bad]} is not a multiple of "
-                                         f"request-alignment ({ra})")
-                    if problem == 2:
-                        raise ValueError(f"offsets[{bad}] = {offs[bad]} + {bs} passes the device "
-                                         f"capacity ({cap})")
-                    if problem == 3:
-                        raise ValueError(f"user_data[{bad}] = {tags[bad]} is outside [-2**62, 2**62)")
-                    self._ensure_batch(n + self.inflight)
-                    self._enqueue_batch(op, offs, tags, <char *>bb.buf, bs, n, flags)
-                    return n
+                    if indexed:
+                        self._batch_view(buffers, &xb, 1, b"LQ", False,
+                                         "buffers (with region: a 1-D uint64 array of offsets into it)")
+                    try:
+                        n = ob.shape[0]
+                        if indexed:
+                            nbufs = xb.shape[0]
+                            bs = blocksize
+                            boffs = <uint64_t *>xb.buf
+                        else:
+                            nbufs = bb.shape[0]
+                            bs = <uint64_t>bb.shape[1]
+                            if blocksize and blocksize != bs:
+                                raise ValueError(f"blocksize={blocksize} but buffers have {bs} columns")
+                        if nbufs != n:
+                            raise ValueError(f"{n} offsets but {nbufs} buffers")
+                        if has_tags and tb.shape[0] != n:
+                            raise ValueError(f"{n} offsets but {tb.shape[0]} user_data tags")
+                        if n == 0:
+                            return 0
+                        if self.slots and self.outstanding + n > self.slots:
+                            raise ValueError(
+                                f"batch of {n} requests does not fit: {self.outstanding} in flight, "
+                                f"queue holds {self.slots} (raise num_entries / queue_size at open)")
+                        offs = <uint64_t *>ob.buf
+                        if has_tags:
+                            tags = <int64_t *>tb.buf
+                        rlen = <uint64_t>bb.len
+                        # Whole-batch validation before anything is enqueued.
+                        if bs == 0 or bs % ra:
+                            raise ValueError(f"blocksize {bs} must be a positive multiple of "
+                                             f"request-alignment ({ra})")
+                        if d.max_transfer and bs > d.max_transfer:
+                            raise ValueError(f"blocksize {bs} exceeds max-transfer ({d.max_transfer})")
+                        if <uintptr_t>bb.buf % ba or bs % ba:
+                            raise ValueError(f"buffers must be aligned to buf-alignment ({ba})")
+                        if not d.in_range(<uintptr_t>bb.buf, <size_t>bb.len):
+                            raise ValueError("buffers must lie in memory from Device.alloc() or "
+                                             "Device.register() (the batch API never copies)")
+                        with nogil:
+                            for i in range(n):
+                                o = offs[i]
+                                if o % ra:
+                                    problem = 1
+                                elif o > cap or bs > cap - o:
+                                    problem = 2
+                                elif tags != NULL and (tags[i] < -(<int64_t>1 << 62) or tags[i] >= (<int64_t>1 << 62)):
+                                    problem = 3
+                                elif boffs != NULL and (boffs[i] > rlen or bs > rlen - boffs[i]):
+                                    problem = 4
+                                elif boffs != NULL and boffs[i] % ba:
+                                    problem = 5
+                                if problem:
+                                    bad = i
+                                    break
+                        if problem == 1:
+                            raise ValueError(f"offsets[{bad}] = {offs[bad]} is not a multiple of "
+                                             f"request-alignment ({ra})")
+                        if problem == 2:
+                            raise ValueError(f"offsets[{bad}] = {offs[bad]} + {bs} passes the device "
+                                             f"capacity ({cap})")
+                        if problem == 3:
+                            raise ValueError(f"user_data[{bad}] = {tags[bad]} is outside [-2**62, 2**62)")
+                        if problem == 4:
+                            raise ValueError(f"buffers[{bad}] = {boffs[bad]} + {bs} passes the end "
+                                             f"of region ({rlen} bytes)")
+                        if problem == 5:
+                            raise ValueError(f"buffers[{bad}] = {boffs[bad]} is not aligned to "
+                                             f"buf-alignment ({ba})")
+                        self._ensure_batch(n + self.inflight)
+                        self._enqueue_batch(op, offs, tags, <char *>bb.buf, boffs, bs, n, flags)
+                        return n
+                    finally:
+                        if indexed:
+                            PyBuffer_Release(&xb)
                 finally:
                     if has_tags:
                         PyBuffer_Release(&tb)
@@ -1402,21 +1436,23 @@ cdef class Queue:
         finally:
             PyBuffer_Release(&ob)
 
-    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base, uint64_t bs,
-                            Py_ssize_t n, unsigned int flags) except -1:
+    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base,
+                            uint64_t *boffs, uint64_t bs, Py_ssize_t n, unsigned int flags) except -1:
         cdef Py_ssize_t i
         cdef lb.blkioq *q = self.q
         cdef int got
         cdef uintptr_t tag
+        cdef char *buf
         cdef lb.blkio_completion comps[NCOMPS]
         with nogil:
             pthread_mutex_lock(&self.lock)
             for i in range(n):
                 tag = ((<uintptr_t>(tags[i] if tags != NULL else i)) << 1) | TAG_BIT
+                buf = base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)
                 if op == OP_READ:
-                    lb.blkioq_read(q, offs[i], base + i * bs, bs, <void *>tag, flags)
+                    lb.blkioq_read(q, offs[i], buf, bs, <void *>tag, flags)
                 else:
-                    lb.blkioq_write(q, offs[i], base + i * bs, bs, <void *>tag, flags)
+                    lb.blkioq_write(q, offs[i], buf, bs, <void *>tag, flags)
             self.outstanding += n
             got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
             if got > 0:
@@ -1430,19 +1466,24 @@ cdef class Queue:
         self._dispatch(comps, got)
         return 0
 
-    def submit_reads(self, offsets, buffers, *, user_data=None):
+    def submit_reads(self, offsets, buffers, *, user_data=None, region=None,
+                     uint64_t blocksize=0):
         """Enqueue and submit n reads in one GIL-free call.
 
-        ``offsets``: uint64[n]; ``buffers``: a C-contiguous uint8[n, blocksize]
-        view of memory from ``Device.alloc`` or ``Device.register``;
+        ``offsets``: uint64[n] device offsets; ``buffers``: a C-contiguous
+        uint8[n, blocksize] view of memory from ``Device.alloc`` or
+        ``Device.register`` -- or, with ``region`` (such memory, 1-D uint8)
+        and ``blocksize``, a uint64[n] of byte offsets into ``region``;
         ``user_data``: optional int64[n] tags in [-2**62, 2**62) (default
         0..n-1).  The whole batch is validated before anything is enqueued;
         no Python object is made per request.  Returns n."""
-        return self._submit_batch(OP_READ, offsets, buffers, user_data, 0)
+        return self._submit_batch(OP_READ, offsets, buffers, user_data, 0, region, blocksize)
 
-    def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None):
+    def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None, region=None,
+                      uint64_t blocksize=0):
         """Like ``submit_reads``, for writes."""
-        return self._submit_batch(OP_WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0)
+        return self._submit_batch(OP_WRITE, offsets, buffers, user_data,
+                                  REQ_FUA if fua else 0, region, blocksize)
 
     cdef int _reap_layout(self, object out) except -1:
         """Check ``out`` once and remember where its fields live."""

@@ -425,3 +425,58 @@ def test_100k_batched_reads_do_not_grow_python_heap(image):
         growth = after - before
         top = "\n".join(str(s) for s in snap_after.compare_to(snap_before, "lineno")[:5])
         assert growth < 64 * KiB, f"traced heap grew by {growth} bytes over {done} requests:\n{top}"
+
+
+# ---------------------------------------------------------------------------
+# The indexed form: buffers as offsets into one registered region
+
+
+def test_batch_with_buffer_offsets_into_one_region_reads_the_right_data(image):
+    with blkio.open("io_uring", path=image.path) as dev:
+        q = dev.queue(0)
+        region = dev.alloc(64 * 4096)
+        slots = np.array([5, 0, 63, 17], dtype=np.uint64) * 4096     # any order, any slot
+        offsets = np.array([3, 9, 1000, 42], dtype=np.uint64) * 4096
+        assert q.submit_reads(offsets, slots, region=region, blocksize=4096) == 4
+        out = np.zeros(4, dtype=[("user_data", np.int64), ("ret", np.int32)])
+        got = 0
+        while got < 4:
+            got += q.reap(out[got:], min=1)
+        assert (out["ret"] == 0).all()
+        for s, o in zip(slots.tolist(), offsets.tolist()):
+            assert region[s:s + 4096].tobytes() == image.data[o:o + 4096]
+
+
+def test_batch_with_buffer_offsets_writes_from_the_region(image):
+    with blkio.open("io_uring", path=image.path) as dev:
+        q = dev.queue(0)
+        region = dev.alloc(8 * 4096)
+        for i in range(8):
+            region[i * 4096:(i + 1) * 4096] = i + 1
+        slots = np.array([7, 2], dtype=np.uint64) * 4096
+        offsets = np.array([0, 4096], dtype=np.uint64)
+        q.submit_writes(offsets, slots, region=region, blocksize=4096)
+        out = np.zeros(2, dtype=[("user_data", np.int64), ("ret", np.int32)])
+        got = 0
+        while got < 2:
+            got += q.reap(out[got:], min=1)
+        dev.flush()
+    assert image.pread(0, 4096) == bytes([8]) * 4096
+    assert image.pread(4096, 4096) == bytes([3]) * 4096
+
+
+def test_batch_buffer_offset_past_the_region_is_refused_before_submission(image):
+    with blkio.open("io_uring", path=image.path) as dev:
+        q = dev.queue(0)
+        region = dev.alloc(4 * 4096)
+        before = dev.stats.requests
+        with pytest.raises(ValueError, match=r"buffers\[1\].*passes the end of region"):
+            q.submit_reads(np.zeros(2, np.uint64), np.array([0, 4 * 4096], np.uint64),
+                           region=region, blocksize=4096)
+        with pytest.raises(ValueError, match="blocksize"):
+            q.submit_reads(np.zeros(1, np.uint64), np.array([0], np.uint64),
+                           region=region, blocksize=0)
+        with pytest.raises(ValueError, match="Device.alloc"):
+            q.submit_reads(np.zeros(1, np.uint64), np.array([0], np.uint64),
+                           region=np.zeros(4096, np.uint8), blocksize=4096)
+        assert dev.stats.requests == before and q.in_flight == 0
