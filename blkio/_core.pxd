@@ -3,6 +3,7 @@
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
 from cpython.buffer cimport Py_buffer
+from cpython.pythread cimport PyThread_type_lock
 from ._libblkio cimport blkio, blkioq, blkio_completion
 
 cdef extern from "pthread.h" nogil:
@@ -85,8 +86,11 @@ cdef class BouncePool:
     cdef RangeAllocator allocator
     cdef size_t granule
     cdef size_t _max_size
-    cdef object lock
+    cdef PyThread_type_lock plock   # taken without the GIL when contended
+    cdef unsigned long owner        # thread holding plock, 0 if none
     cdef object waiters
+    cdef void _lock(self)
+    cdef void _unlock(self)
     cdef Py_ssize_t _try_locked(self, size_t size) except -2
     cdef Py_ssize_t _enter(self, size_t size, object waiter) except -2
     cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2

@@ -13,7 +13,10 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_Fill
                              PyBUF_FORMAT, PyBUF_C_CONTIGUOUS)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject
-from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.pythread cimport (PyThread_get_thread_ident, PyThread_type_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock,
+                               WAIT_LOCK, NOWAIT_LOCK)
 from libc.errno cimport errno, EINTR, EINVAL, EIO, EBADF, EOPNOTSUPP, ETIME, ENOMEM
 
 cdef extern from "<errno.h>":
@@ -648,7 +651,9 @@ cdef class BouncePool:
         self.device = device
         self.granule = granule
         self._max_size = max_size
-        self.lock = threading.Lock()
+        self.plock = PyThread_allocate_lock()
+        if self.plock == NULL:
+            raise MemoryError()
         self.waiters = deque()
         self.buffer = None
         self.allocator = None
@@ -689,10 +694,13 @@ cdef class BouncePool:
     cdef Py_ssize_t _try_acquire(self, size_t nbytes) except -2:
         """Granule index of a new allocation, -1 if it must wait."""
         cdef size_t size = self._checked_size(nbytes)
-        with self.lock:
+        self._lock()
+        try:
             if self.waiters:
                 return -1
             return self._try_locked(size)
+        finally:
+            self._unlock()
 
     cdef size_t _checked_size(self, size_t nbytes) except? 0:
         cdef size_t size = self._round(nbytes)
@@ -706,16 +714,20 @@ cdef class BouncePool:
     # head (keeping its place if it still does not fit); _leave drops it.
 
     cdef Py_ssize_t _enter(self, size_t size, object waiter) except -2:
-        with self.lock:
+        self._lock()
+        try:
             if not self.waiters:
                 start = self._try_locked(size)
                 if start >= 0:
                     return start
             self.waiters.append(waiter)
             return -1
+        finally:
+            self._unlock()
 
     cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2:
-        with self.lock:
+        self._lock()
+        try:
             if self.waiters[0] is waiter:
                 start = self._try_locked(size)
                 if start >= 0:
@@ -724,22 +736,30 @@ cdef class BouncePool:
                     return start
             waiter.reset()
             return -1
+        finally:
+            self._unlock()
 
     def _leave(self, waiter):
-        with self.lock:
+        self._lock()
+        try:
             try:
                 self.waiters.remove(waiter)
             except ValueError:
                 pass
             self._wake_head()
+        finally:
+            self._unlock()
 
     cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2:
         """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
         ``drive`` (the caller's queue) is reaped so its own completed requests
         give their bounce space back."""
         cdef size_t size = self._checked_size(nbytes)
+        cdef Py_ssize_t start = self._try_acquire(size)
+        if start >= 0:
+            return start                # the common case: no waiter object at all
         waiter = _ThreadWaiter()
-        cdef Py_ssize_t start = self._enter(size, waiter)
+        start = self._enter(size, waiter)
         if start >= 0:
             return start
         deadline = time.monotonic() + timeout if timeout >= 0 else None
@@ -765,8 +785,11 @@ cdef class BouncePool:
         blocking the event loop.  Returns the array."""
         import asyncio
         cdef size_t size = self._checked_size(nbytes)
+        cdef Py_ssize_t start = self._try_acquire(size)
+        if start >= 0:
+            return self._array(start, nbytes)
         waiter = _AsyncWaiter(asyncio.get_running_loop())
-        cdef Py_ssize_t start = self._enter(size, waiter)
+        start = self._enter(size, waiter)
         if start >= 0:
             return self._array(start, nbytes)
         try:
@@ -779,15 +802,42 @@ cdef class BouncePool:
             self._leave(waiter)
             raise
 
+    cdef void _lock(self):
+        # The GIL is released only when the lock is contended, so that a
+        # holder that needs the GIL can always get it.
+        if not PyThread_acquire_lock(self.plock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.plock, WAIT_LOCK)
+        self.owner = PyThread_get_thread_ident()
+
+    cdef void _unlock(self):
+        self.owner = 0
+        PyThread_release_lock(self.plock)
+
+    def __dealloc__(self):
+        if self.plock != NULL:
+            PyThread_free_lock(self.plock)
+
     def _wake_head(self):
         if self.waiters:
             self.waiters[0].wake()
 
     cdef void _release(self, Py_ssize_t start, Buffer buffer):
-        with self.lock:
+        if self.owner == PyThread_get_thread_ident():
+            # Re-entered from a destructor (the garbage collector ran inside
+            # a locked section of this thread): the allocator is consistent
+            # between its C calls, so free directly; waiters are woken at the
+            # next release.
+            if buffer is self.buffer:
+                self.allocator.free(<size_t>start)
+            return
+        self._lock()
+        try:
             if buffer is self.buffer:
                 self.allocator.free(<size_t>start)
             self._wake_head()
+        finally:
+            self._unlock()
 
     cdef Py_ssize_t _start_of(self, object array, size_t nbytes) except -1:
         """Granule index of a live allocation from acquire(), checked."""
@@ -821,9 +871,12 @@ cdef class BouncePool:
 
     def release(self, array):
         """Give back an array from ``acquire``."""
-        with self.lock:
+        self._lock()
+        try:
             self.allocator.free(<size_t>self._start_of(array, 0))
             self._wake_head()
+        finally:
+            self._unlock()
 
     @property
     def size(self) -> int:
