@@ -403,6 +403,7 @@ cdef object _owner_of(object obj):
 # Caller memory held for requests
 
 @cython.final
+@cython.freelist(64)
 cdef class _Views:
 
     def __cinit__(self):
@@ -535,6 +536,7 @@ cdef void _scatter(char *src, iovec *iov, int n) noexcept nogil:
 # Requests and completions
 
 @cython.final
+@cython.freelist(256)      # one per request in flight: recycle, don't malloc
 cdef class Completion:
     """A finished request: ``user_data``, ``ret`` (0 or a negative errno),
     ``error_msg`` and ``check()``, which raises the matching ``OSError``."""
