@@ -568,44 +568,35 @@ def key_ratios(summary: dict) -> list[tuple[str, str]]:
             return "n/a"
         return f"{a / b:.2f}  ({fmt_iops(a)} / {fmt_iops(b)} IOPS)"
 
-    out = []
-    out.append(("batch API, 4K randread qd32, 1 thread, page-cached file "
-                "/ C blkio-bench",
-                ratio(med("file", "randread", 32, B_BATCH),
-                      med("file", "randread", 32, C_BENCH))))
-    out.append(("blocking API, 4K randread qd1 / C ref_blocking",
-                ratio(med("file", "randread", 1, B_BLOCK),
-                      med("file", "randread", 1, C_REF))))
-    out.append(("blocking API, 4K randread qd1 / liburing (PyPI) qd1",
-                ratio(med("file", "randread", 1, B_BLOCK),
-                      med("file", "randread", 1, LIBURING))))
-    out.append(("vhost-user qd1, blocking API, alloc'd memory / C blkio-bench",
-                ratio(med("vhost", "randread", 1, B_BLOCK),
-                      med("vhost", "randread", 1, C_BENCH))))
-    out.append(("vhost-user qd1, blocking API, alloc'd memory / C ref_blocking",
-                ratio(med("vhost", "randread", 1, B_BLOCK),
-                      med("vhost", "randread", 1, C_REF))))
-    out.append(("vhost-user qd1, blocking API with poll_us / C blkio-bench --poll",
-                ratio(med("vhost", "randread", 1, B_BLOCK_POLL),
-                      med("vhost", "randread", 1, C_POLL))))
-    out.append(("vhost-user qd1, blocking API, plain numpy memory (bounced) / C blkio-bench",
-                ratio(med("vhost", "randread", 1, B_BLOCK_NP),
-                      med("vhost", "randread", 1, C_BENCH))))
-    out.append(("vhost-user qd32, batch, alloc'd (registered) memory "
-                "/ C blkio-bench",
-                ratio(med("vhost", "randread", 32, B_BATCH),
-                      med("vhost", "randread", 32, C_BENCH))))
-    out.append(("vhost-user qd32, queue API, plain numpy memory (bounced; "
-                "the batch API never bounces) / C blkio-bench",
-                ratio(med("vhost", "randread", 32, B_QUEUE_NP),
-                      med("vhost", "randread", 32, C_BENCH))))
-    out.append(("vhost-user qd32, queue API, numpy memory (bounced) "
-                "/ queue API, alloc'd memory (cost of the bounce)",
-                ratio(med("vhost", "randread", 32, B_QUEUE_NP),
-                      med("vhost", "randread", 32, B_QUEUE))))
-    out.append(("2 threads on 2 queues, batch qd32 / C --num-threads=2",
-                ratio(med("file", "randread", 32, B_BATCH, 2),
-                      med("file", "randread", 32, C_BENCH, 2))))
+    # (label, (backend, iodepth, contender, threads), denominator likewise)
+    simple = [
+        ("batch API, 4K randread qd32, 1 thread, page-cached file / C blkio-bench",
+         ("file", 32, B_BATCH, 1), ("file", 32, C_BENCH, 1)),
+        ("blocking API, 4K randread qd1 / C ref_blocking",
+         ("file", 1, B_BLOCK, 1), ("file", 1, C_REF, 1)),
+        ("blocking API, 4K randread qd1 / liburing (PyPI) qd1",
+         ("file", 1, B_BLOCK, 1), ("file", 1, LIBURING, 1)),
+        ("vhost-user qd1, blocking API, alloc'd memory / C blkio-bench",
+         ("vhost", 1, B_BLOCK, 1), ("vhost", 1, C_BENCH, 1)),
+        ("vhost-user qd1, blocking API, alloc'd memory / C ref_blocking",
+         ("vhost", 1, B_BLOCK, 1), ("vhost", 1, C_REF, 1)),
+        ("vhost-user qd1, blocking API with poll_us / C blkio-bench --poll",
+         ("vhost", 1, B_BLOCK_POLL, 1), ("vhost", 1, C_POLL, 1)),
+        ("vhost-user qd1, blocking API, plain numpy memory (bounced) / C blkio-bench",
+         ("vhost", 1, B_BLOCK_NP, 1), ("vhost", 1, C_BENCH, 1)),
+        ("vhost-user qd32, batch, alloc'd (registered) memory / C blkio-bench",
+         ("vhost", 32, B_BATCH, 1), ("vhost", 32, C_BENCH, 1)),
+        ("vhost-user qd32, queue API, plain numpy memory (bounced; the batch API "
+         "never bounces) / C blkio-bench",
+         ("vhost", 32, B_QUEUE_NP, 1), ("vhost", 32, C_BENCH, 1)),
+        ("vhost-user qd32, queue API, numpy memory (bounced) / queue API, alloc'd "
+         "memory (cost of the bounce)",
+         ("vhost", 32, B_QUEUE_NP, 1), ("vhost", 32, B_QUEUE, 1)),
+        ("2 threads on 2 queues, batch qd32 / C --num-threads=2",
+         ("file", 32, B_BATCH, 2), ("file", 32, C_BENCH, 2)),
+    ]
+    out = [(label, ratio(med(nb, "randread", nd, nc, nt), med(db, "randread", dd, dc, dt)))
+           for label, (nb, nd, nc, nt), (db, dd, dc, dt) in simple]
     peers = [(p, med("file", "randread", 32, p)) for p in ASYNCIO_PEERS]
     peers = [(p, v) for p, v in peers if v is not None]
     best = max(peers, key=lambda pv: pv[1]) if peers else (None, None)
