@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
-SOURCES := meson.build pyproject.toml $(wildcard blkio/*.py blkio/*.pyx blkio/*.pxd blkio/*.pyi blkio/meson.build blkio/py.typed)
+SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
 .PHONY: test bench bench-full system install clean
 

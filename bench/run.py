@@ -342,8 +342,6 @@ class Env:
         self.blkio_error: str | None = None
 
     def detect_blkio(self) -> None:
-        # cwd: not the repository, whose blkio/ source tree would shadow the
-        # installed package
         r = subprocess.run([self.py, "-c", "import blkio"], capture_output=True,
                            text=True, cwd=self.tmpdir)
         if r.returncode != 0:

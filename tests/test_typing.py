@@ -212,7 +212,7 @@ def test_installed_package_is_used(tmp_path: Path) -> None:
     """The check runs against site-packages, where the stubs are installed."""
     import blkio
     pkg = Path(blkio.__file__).parent
-    assert pkg != Path(__file__).resolve().parent.parent / "blkio", \
+    assert pkg != Path(__file__).resolve().parent.parent / "src" / "blkio", \
         "blkio is imported from the source tree; install it (make install)"
     for name in ("_core.pyi", "py.typed"):
         assert (pkg / name).is_file(), f"{name} is not installed in {pkg}"
