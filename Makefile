@@ -33,7 +33,7 @@ $(VENV)/.build-deps: pyproject.toml
 
 # The package itself, built by meson-python, with its test dependencies.
 $(VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation '.[test]'
+	$(VPY) -m pip install -q --no-build-isolation -Cbuild-dir=build/dev '.[test]'
 	touch $@
 
 $(VENV)/.bench-deps: $(VENV)/.build-deps pyproject.toml
