@@ -162,15 +162,19 @@ def test_loop_device_to_file_and_short_file_to_loop_device(tmp_path, make_image,
 
 
 @pytest.mark.parametrize("out_kind", ["io_uring", "vhost-user"])
+@pytest.mark.parametrize("size", [1000, 9 * MiB + 1000])
 def test_short_file_is_padded_with_zeroes_to_the_device_block(tmp_path, make_image, qsd,
-                                                              out_kind):
-    short = make_image(1000)
-    dst = _target(out_kind, tmp_path, make_image, qsd, 4 * MiB)
+                                                              out_kind, size):
+    """The 9 MiB + 1000 case ends in a slot that held random bytes before
+    (10 chunks, 8 slots): the padding must be zeroed, not left over."""
+    short = make_image(size)
+    dst = _target(out_kind, tmp_path, make_image, qsd, size + 4 * MiB)
     res = _ok(_copy(tmp_path, f"--input-file={short.path}", *dst.args, "--json"))
-    assert res["bytes"] == 1000
-    assert dst.read(0, 1000) == short.data
-    assert dst.read(1000, 24) == bytes(24)               # the rest of the 512-byte block
-    assert dst.read(1024, 4096) == dst.before[1024:1024 + 4096]
+    assert res["bytes"] == size
+    end = size + 24                                       # the rest of the 512-byte block
+    assert dst.read(0, size) == short.data
+    assert dst.read(size, 24) == bytes(24)
+    assert dst.read(end, 4096) == dst.before[end:end + 4096]
 
 
 def test_file_to_file_keeps_the_exact_size_through_o_direct(tmp_path, make_image):

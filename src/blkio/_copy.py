@@ -728,7 +728,7 @@ class Copier:
     def _ring(self, n: int) -> np.ndarray:
         """``n`` slots of aligned memory mapped into both devices."""
         buf = blkio.Buffer(n * self.bs, name="blkio-copy")
-        arr = np.frombuffer(buf, np.uint8)
+        arr = np.frombuffer(memoryview(buf), np.uint8)
         for end in (self.src, self.dst):
             end.dev.register(arr)
         self._rings.append((buf, arr))
@@ -742,7 +742,7 @@ class Copier:
         tail through the buffered fd now; zero the padding up to ``padded``."""
         body, tail = end.split(ch.length)
         if tail:
-            got = os.preadv(end.tail_fd, [buf[body:body + tail]], ch.offset + body)
+            got = os.preadv(end.tail_fd, [buf[body:body + tail].data], ch.offset + body)
             if got < tail:
                 buf[body + got:body + tail] = 0       # short file: zeroes (blkio-copy)
         if padded > ch.length:
