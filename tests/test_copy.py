@@ -345,6 +345,7 @@ def test_missing_input_file_is_one_line_exit_1(tmp_path):
 
 
 def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_image, qsd):
+    """blkdebug fails the read of guest byte 5 MiB (once)."""
     img = make_image(8 * MiB)
     qcow2 = convert_to_qcow2(img, tmp_path / "faulty.qcow2")
     sector = qcow2_host_offset(qcow2, 5 * MiB) // 512
@@ -358,7 +359,9 @@ def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_imag
     m = re.search(r"the first (\d+) bytes", proc.stderr)
     assert m, proc.stderr
     copied = int(m.group(1))
-    assert copied <= 5 * MiB
+    # The chunks before the failed one finish: the copy reaches the failed chunk.
+    assert f"input: read of {MiB} bytes at offset {copied}: " in proc.stderr
+    assert copied == 5 * MiB
     assert _read(out, 0, copied) == img.data[:copied]
     assert json.loads(proc.stdout)["bytes"] == copied
 

@@ -577,15 +577,18 @@ class Pipeline:
     of the oldest chunk and polls the other, so both devices stay busy
     without a thread.  ``should_stop()`` true: no new chunk starts, chunks
     whose requests are in flight are waited for, and unfinished ones are
-    dropped.  A failed request stops the pipeline the same way and is raised
-    at the end."""
+    dropped.  A failed request (or step) stops the pipeline the same way,
+    except that the chunks before the failed one still finish; the error of
+    the first failed chunk is raised at the end.  ``queues`` maps each queue
+    to the name its errors carry ("input", "output")."""
 
-    def __init__(self, queues: Sequence[blkio.Queue], depth: int,
+    def __init__(self, queues: Dict[blkio.Queue, str], depth: int,
                  should_stop: Callable[[], bool]) -> None:
-        self.queues = list(dict.fromkeys(queues))
+        self.queues = queues
         self.depth = depth
         self.should_stop = should_stop
-        self.error: Optional[BaseException] = None
+        self.error: Optional[Exception] = None
+        self.error_index = -1              # the chunk that failed first
         self.done_bytes = 0
         self.done_below = 0                # chunks [0, done_below) are all done
         self._done_above: set = set()
@@ -599,8 +602,19 @@ class Pipeline:
         ch.pending.append(q)
         self._enqueued.add(q)
 
-    def _stopping(self) -> bool:
-        return self.error is not None or self.should_stop()
+    def _stopping(self, ch: Optional[_Chunk] = None) -> bool:
+        """No new chunk once stopping; a chunk on its way goes on only if it
+        comes before a failed one (and Ctrl-C was not pressed)."""
+        if self.should_stop():
+            return True
+        if self.error is None:
+            return False
+        return ch is None or ch.index > self.error_index
+
+    def _fail(self, ch: _Chunk, error: Exception) -> None:
+        if self.error is None or ch.index < self.error_index:
+            self.error, self.error_index = error, ch.index
+        ch.step = _dropped
 
     def _advance(self, ch: _Chunk, active: Dict[int, _Chunk], free: deque) -> None:
         """Run ``ch``'s steps until it has requests in flight, is done, or is
@@ -610,15 +624,13 @@ class Pipeline:
             if step is None:
                 self._finish(ch)
                 break
-            if self._stopping():
+            if step is _dropped or self._stopping(ch):
                 break                      # dropped: not done
             ch.step = None
             try:
                 step(ch)
             except Exception as e:         # a synchronous part failed (tail I/O, compare)
-                if self.error is None:
-                    self.error = e
-                ch.step = _dropped
+                self._fail(ch, e)
         else:
             return
         del active[ch.index]
@@ -645,9 +657,8 @@ class Pipeline:
                 try:
                     c.check()
                 except OSError as e:
-                    if self.error is None:
-                        self.error = e
-                ch.step = _dropped
+                    self._fail(ch, OSError(e.errno, f"{self.queues[q]}: {c.op} of {c.length} "
+                                                    f"bytes at offset {ch.offset}: {e.strerror}"))
             if not ch.pending:
                 self._advance(ch, active, free)
 
@@ -678,7 +689,7 @@ class Pipeline:
             wait_q = head.pending[0]
             self._complete(wait_q, wait_q.wait(1), active, free, on_error)
             for q in self.queues:
-                if q is not wait_q and q.in_flight:
+                if q is not wait_q and q.in_flight:  # the other device: what is done
                     self._complete(q, q.poll(), active, free, on_error)
         if self.error is not None:
             raise self.error
@@ -794,7 +805,8 @@ class Copier:
                 res.zero_bytes += ch.length
             progress.update(p.done_bytes)
 
-        p = self.pipeline = Pipeline([src.queue, dst.queue], self.depth, self.should_stop)
+        p = self.pipeline = Pipeline({src.queue: "input", dst.queue: "output"}, self.depth,
+                                     self.should_stop)
         p.on_done = on_done
         start = time.monotonic()
         error: Optional[Exception] = None
@@ -849,7 +861,7 @@ class Copier:
                 first = int(np.flatnonzero(a != b)[0])
                 raise VerifyError(ch.offset + first)
 
-        p = Pipeline([src.queue, dst.queue], self.depth, self.should_stop)
+        p = Pipeline({src.queue: "input", dst.queue: "output"}, self.depth, self.should_stop)
         p.on_done = lambda ch: progress.update(p.done_bytes)
         start = time.monotonic()
         try:
