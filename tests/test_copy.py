@@ -490,3 +490,20 @@ def test_copy_is_listed_in_the_cli_help(tmp_path):
     assert proc.returncode == 0 and "copy" in proc.stdout
     proc = _copy(tmp_path, "--help")
     assert proc.returncode == 0 and "--input-blkio=DRIVER" in proc.stdout
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, slow_socket):
+    out = tmp_path / "out.raw"
+    proc = _spawn(tmp_path, ["--input-blkio=virtio-blk-vhost-user", f"path={slow_socket}",
+                             f"--output-file={out}", "--json", "--progress=lines",
+                             "--progress-interval=0.2"], subprocess.PIPE)
+    assert proc.stderr is not None
+    _read_until(proc.stderr.fileno(), lambda s: len(LINE.findall(s)) >= 2, 30)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr.decode()
+    assert "interrupted again: stopped at once" in stderr.decode().splitlines()[-1]
+    assert json.loads(stdout)["interrupted"] is True

@@ -941,6 +941,14 @@ def _say(msg: str) -> None:
 def main(argv: Sequence[str]) -> int:
     """Run ``python -m blkio copy ARGS``; returns the exit status."""
     try:
+        return _main(argv)
+    except KeyboardInterrupt:        # Ctrl-C outside the copy itself (closing, printing)
+        _say("interrupted")
+        return 130
+
+
+def _main(argv: Sequence[str]) -> int:
+    try:
         opts = parse_args(argv)
     except SpecError as e:
         _say(str(e))
@@ -1010,10 +1018,10 @@ def _run(opts: Options, src: End, dst: End, copier: Copier) -> int:
             res.interrupted = True
             if p is not None:
                 res.copied = min(p.done_below * copier.bs, res.length)
-            _say(f"interrupted again: stopped without waiting for requests in flight; "
-                 f"the first {res.copied} bytes ({_fmt_bytes(res.copied)}) were copied, "
-                 f"not flushed")
-            return 130
+            _say(f"interrupted again: stopped at once; the first {res.copied} bytes "
+                 f"({_fmt_bytes(res.copied)}) are copied, not flushed; closing the devices "
+                 f"waits for the requests in flight")
+            status = 130
         except VerifyError as e:
             res.verified = False
             _say(str(e))
