@@ -49,7 +49,6 @@ import mmap
 import os
 import sys
 import threading
-import time
 
 import numpy as np
 

@@ -409,9 +409,10 @@ def offset_stream(offsets: Sequence[int], start: int = 0):
     return itertools.cycle(offs[start:] + offs[:start])
 
 
-async def aio_workers(op: Callable[[int, Any], Any], bufs: Sequence[Any],
+async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                       table: Sequence[int], st: Stats, wl: Workload) -> None:
-    """``len(bufs)`` coroutines on the running loop, each awaiting
+    """``len(bufs)`` coroutines (bufs: a sequence or a 2-D array, one row
+    each) on the running loop, each awaiting
     ``op(offset, its buffer)`` one request after another until
     ``wl.runtime``; one request in ``wl.lat_sample`` is timed."""
     import asyncio
