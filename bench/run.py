@@ -1184,7 +1184,7 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
         elif wl.depth == 1 and wl.bs == K4 and c.contender in (C_BENCH,
                                                                B_BLOCK) and \
                 wl.backend in ("vhost", "direct"):
-            name = f"{c.contender}, {wl.backend} {wl.rw}"
+            name = f"{wl.backend} {wl.rw}: {c.contender}"
             thread_lines.setdefault(name, []).append((wl.threads, *m))
         elif wl.bulk and wl.depth == 0:
             label = {"cold": f"{wl.rw}", "copy": "copy", "vcopy": "copy->vhost"
@@ -1199,18 +1199,22 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6),
                              squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for ax, panel in zip(axes[0], panels):
         if panel in ("depth", "threads"):
             lines = depth_lines if panel == "depth" else thread_lines
+            # threads: one colour per backend and pattern, dashed for C
+            groups = sorted({n.split(":")[0] for n in lines})
             for i, (name, pts) in enumerate(sorted(lines.items())):
                 pts.sort()
                 xs = [p[0] for p in pts]
                 ys = [p[1] / 1000 for p in pts]
                 err = [[(p[1] - p[2]) / 1000 for p in pts],
                        [(p[3] - p[1]) / 1000 for p in pts]]
-                mine = name.startswith("blkio")
-                ax.errorbar(xs, ys, yerr=err, label=name, color=cmap(i % 20),
+                mine = name.split(": ")[-1].startswith("blkio ")
+                colour = (cmap(groups.index(name.split(":")[0]) % 10)
+                          if panel == "threads" else cmap(i % 10))
+                ax.errorbar(xs, ys, yerr=err, label=name, color=colour,
                             linestyle="-" if mine else "--",
                             linewidth=2.2 if mine else 1.2, marker="osD^v<>p"
                             [i % 8], capsize=3)
