@@ -31,9 +31,10 @@ $(VENV)/.build-deps: pyproject.toml
 	$(VPY) -m pip install -q 'meson-python>=0.15' 'meson>=1.1' 'Cython>=3.0' ninja
 	touch $@
 
-# The package itself, built by meson-python, with its test dependencies.
+# The package itself, built by meson-python, with its test dependencies and
+# the CLI's optional one (tqdm: copy's progress bar, tested on a pty).
 $(VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation '.[test]'
+	$(VPY) -m pip install -q --no-build-isolation -Cbuild-dir=build/dev '.[test,cli]'
 	touch $@
 
 # Benchmark-only peers (pyproject's bench extra). PyPI liburing 2026.x wheels

@@ -34,6 +34,15 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    # ``import blkio`` is enough to reach ``blkio.aio``; asyncio is imported
+    # only when it is used.
+    if name == "aio":
+        import importlib
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'blkio' has no attribute {name!r}")
+
 _INT32 = (-(2**31), 2**31 - 1)
 _UINT64 = (0, 2**64 - 1)
 # Drivers whose path QEMU opens itself and hands over as an fd (when libblkio
@@ -111,6 +120,7 @@ class Device(_core._DeviceCore):
 
     def get(self, name: str) -> Union[bool, int, str]:
         """Read a libblkio property (``"num-entries"`` or ``"num_entries"``)."""
+        self._ensure_open()
         spec = _lookup(self.driver, name)
         if self.state not in spec.readable:
             raise ValueError(f"property {spec.name!r} of driver {self.driver!r} is not readable "
@@ -120,6 +130,7 @@ class Device(_core._DeviceCore):
 
     def set(self, name: str, value: Union[bool, int, str]) -> None:
         """Write a libblkio property, in a state where libblkio allows it."""
+        self._ensure_open()
         spec = _writable_spec(self.driver, name)
         if self.state not in spec.writable:
             raise ValueError(f"property {spec.name!r} of driver {self.driver!r} can only be set "
@@ -129,6 +140,7 @@ class Device(_core._DeviceCore):
 
     def properties(self) -> Dict[str, Union[bool, int, str]]:
         """Every property readable in the current state, by libblkio name."""
+        self._ensure_open()
         out: Dict[str, Union[bool, int, str]] = {}
         for name, spec in driver_properties(self.driver).items():
             if self.state in spec.readable:
@@ -159,7 +171,7 @@ class Device(_core._DeviceCore):
 
     def _ensure_open(self) -> None:
         if self.closed:
-            raise ValueError(f"device is closed ({self.driver})")
+            raise ValueError(f"{self.driver} device is closed")
 
     @property
     def stats(self) -> Stats:
@@ -192,10 +204,16 @@ class Device(_core._DeviceCore):
 
     # ---- lifecycle -------------------------------------------------------
 
-    def close(self) -> None:
-        """Wait for requests in flight (bounded), unmap memory, destroy the
-        instance.  Arrays from ``alloc`` stay valid.  Safe to call twice."""
-        self._close()
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the device; safe to call twice, and from any thread.
+
+        New calls raise ``ValueError`` at once; calls in progress in other
+        threads return with that error within a fraction of a second (their
+        requests stay in flight); requests in flight are waited for (up to
+        ``timeout`` seconds); then memory is unmapped and the instance
+        destroyed.  Arrays from ``alloc`` stay valid.  Memory of requests that
+        never completed is kept, never freed under the device."""
+        self._close(timeout)
 
     def __enter__(self) -> "Device":
         return self

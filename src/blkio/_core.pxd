@@ -9,9 +9,21 @@ from ._libblkio cimport blkio, blkioq, blkio_completion
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_mutex_t:
         pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+
+# One in-flight batch request: its tag and the memory it reads into or
+# writes from (so that unregister can tell whether memory is still in use).
+cdef struct BatchSlot:
+    int64_t tag
+    uintptr_t addr
+    uint64_t length
+    Py_ssize_t next        # free list / chain of a submission; -1 ends it
 
 
 cdef class Buffer:
+    cdef object __weakref__
     cdef char *addr
     cdef size_t size          # bytes mapped (whole pages)
     cdef size_t nbytes        # bytes exposed
@@ -99,6 +111,7 @@ cdef class BouncePool:
     cdef object _array(self, Py_ssize_t start, size_t nbytes)
     cdef Py_ssize_t _start_of(self, object array, size_t nbytes) except -1
     cdef Py_ssize_t _acquire_blocking(self, size_t nbytes, double timeout, Queue drive) except -2
+    cdef int _check_open(self) except -1
     cdef void _release(self, Py_ssize_t start, Buffer buffer)
     cdef size_t _round(self, size_t nbytes)
 
@@ -130,6 +143,14 @@ cdef class Queue:
     cdef Py_ssize_t batch_head, batch_count, batch_cap
     cdef bint fd_enabled
     cdef bint removed
+    # lifetime guard of this queue (see _DeviceCore); protected by the GIL
+    cdef Py_ssize_t users
+    cdef bint removing
+    cdef bint draining
+    cdef bint remove_pending
+    cdef double remove_timeout
+    cdef BatchSlot *slots_table
+    cdef Py_ssize_t slots_cap, slots_free, slots_nfree
     cdef Py_ssize_t batch_inflight
     cdef Py_ssize_t batch_failed
     cdef readonly Py_ssize_t slots   # driver queue depth (num-entries / queue-size), 0: unknown
@@ -137,11 +158,24 @@ cdef class Queue:
     cdef char *reap_base
     cdef Py_ssize_t reap_stride, reap_len, reap_off_ud, reap_off_ret
     cdef int _reap_layout(self, object out) except -1
+    cdef object _reap_c(self, out, int min, timeout)
+    cdef object _submit_one_c(self, int op, uint64_t offset, object buf, bint vectored,
+                              unsigned int flags, object user_data, uint64_t length,
+                              object bounce, bint nowait)
+    cdef object _submit_batch_c(self, int op, offsets, buffers, user_data, unsigned int flags,
+                                region, uint64_t blocksize)
     cdef int _batch_view(self, object obj, Py_buffer *view, int ndim, const char *kinds,
                          bint writable, str what) except -1
     @staticmethod
     cdef Queue _new(_DeviceCore device, blkioq *q, int index, bint poll)
-    cdef int _alive(self) except -1
+    cdef int _enter(self) except -1
+    cdef void _leave(self) noexcept
+    cdef int _use(self) except -1
+    cdef void _unuse(self) noexcept
+    cdef int _check_not_closing(self) except -1
+    cdef Py_ssize_t _using(self, uintptr_t start, uintptr_t end)
+    cdef int _ensure_slots(self, Py_ssize_t need) except -1
+    cdef void _free_slot(self, Py_ssize_t i) noexcept
     cdef int _enqueue(self, Completion c, bint reap) except -1
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
@@ -158,6 +192,18 @@ cdef class Queue:
 cdef class _DeviceCore:
     cdef object __weakref__
     cdef blkio *b
+    # lifetime guard: calls in progress (protected by the GIL) and the state
+    # close() moves through; see the module docstring of _core
+    cdef Py_ssize_t users
+    cdef bint closing
+    cdef bint draining
+    cdef bint destroy_pending
+    cdef double close_timeout
+    cdef pthread_mutex_t guard_mutex
+    cdef pthread_cond_t guard_cond
+    cdef pthread_mutex_t ctl_lock   # serialises instance calls: properties, map, queues
+    cdef bint locks_ready
+    cdef list close_callbacks
     cdef readonly str driver
     cdef readonly str state
     cdef bint started
@@ -193,6 +239,15 @@ cdef class _DeviceCore:
     cdef uint64_t n_requests, n_bounced, bounced_bytes, n_split
     cdef object backend_fds
     cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil
+    cdef int _enter(self) except -1
+    cdef void _leave(self) noexcept
+    cdef object _closed_error(self)
+    cdef void _wake_closers(self) noexcept
+    cdef bint _wait_users(self, Queue queue, Py_ssize_t own, double timeout)
+    cdef void _ctl_lock(self) noexcept
+    cdef void _ctl_unlock(self) noexcept
+    cdef object _get_locked(self, str name, str kind)
+    cdef object _set_locked(self, str name, str kind, object value)
     cdef int _ensure_started(self) except -1
     cdef int _map(self, uintptr_t addr, size_t length, int fd, int64_t fd_offset, object owner) except -1
     cdef int _unmap(self, uintptr_t addr) except -1
@@ -203,5 +258,13 @@ cdef class _DeviceCore:
     cdef int _check_range(self, uint64_t offset, uint64_t length, str what) except -1
     cdef int _check_writable(self, str what) except -1
     cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags)
+    cdef object _single_on(self, Queue q, int op, uint64_t offset, object buf, unsigned int flags)
+    cdef object _checked_run_on(self, Queue q, int op, uint64_t offset, _Views v, unsigned int flags)
     cdef object _run(self, int op, uint64_t offset, uint64_t length, _Views views, unsigned int flags)
+    cdef object _run_on(self, Queue q, int op, uint64_t offset, uint64_t length, _Views views,
+                        unsigned int flags)
+    cdef object _register(self, object array)
+    cdef int _keep_undrained(self, Queue queue) except -1
+    cdef list _orphans(self, Queue queue, int kept)
+    cdef int _call_close_callbacks(self, Queue queue, list orphans) except -1
     cdef int _backend_dead(self)

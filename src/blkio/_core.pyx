@@ -5,13 +5,46 @@ It owns the blkio instance and its queues, the memory mapped into devices
 (``Buffer``, the alloc arena, the bounce pool), and the request path that
 splits, bounces, submits and waits.  It never parses user options: the facade
 (``blkio/__init__.py``) turns keyword arguments into typed property calls.
+
+Lifetime under threads (one mechanism for every entry point)
+-------------------------------------------------------------
+libblkio gives no protection against destroying an instance (or removing a
+queue) while another thread is inside a call on it: it reads freed memory or
+panics.  So every public call that touches the instance or a queue enters a
+guard first and leaves it last:
+
+* ``_DeviceCore._enter()`` refuses a closing device (``ValueError: ... device
+  is closed``) and counts the call in ``users``; ``Queue._enter()`` does the
+  same for the device and then for the queue (``... was removed``).  The counts
+  are plain integers protected by the GIL: entering and leaving happen with it
+  held, so the hot path pays two increments, not a lock.
+* Waits are cut into slices of ``WAIT_SLICE`` seconds; between slices a wait
+  notices ``closing``/``removing`` and returns with that ValueError.  Its
+  request stays in flight, holding its memory, for close to drain.
+* ``close()`` sets ``closing`` (new calls fail at once), waits -- GIL released,
+  on a condition variable that leaving calls signal -- until no call is inside
+  (calls of its own thread excepted, see below), drains the requests in flight
+  (bounded), unmaps memory and destroys the instance.  ``remove_queue()`` does
+  the same for one queue.  A use count plus a condition, rather than a
+  reader-writer lock: glibc's rwlock prefers readers, so a thread looping on
+  I/O would starve the closer, and the count costs nothing while the GIL is held.
+* A thread-local stack records the guards this thread is inside, so a close
+  from inside a call on the same device (a signal handler, a destructor) does
+  not wait for itself: it marks the device closing and the last call to leave
+  destroys it.
+* Requests that do not complete within the drain bound keep their memory
+  forever (``_kept_for_the_kernel``) rather than have it freed under the kernel.
+* Instance-level calls (properties, memory map/unmap, adding and removing
+  queues) are serialised by ``ctl_lock``: libblkio's vhost-user connection is
+  corrupted by two threads reading properties at once.  Queues have their own
+  locks (``Queue.lock``) for the data path.
 """
 
 cimport cython
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo,
                              PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS,
                              PyBUF_FORMAT, PyBUF_C_CONTIGUOUS)
-from cpython.exc cimport PyErr_CheckSignals
+from cpython.exc cimport PyErr_CheckSignals, PyErr_Occurred, PyErr_Clear
 from cpython.ref cimport PyObject
 from cpython.pythread cimport (PyThread_get_thread_ident, PyThread_type_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
@@ -21,6 +54,7 @@ from libc.errno cimport errno, EINTR, EINVAL, EIO, EBADF, EOPNOTSUPP, ETIME, ENO
 
 cdef extern from "<errno.h>":
     int ENOTSUP
+    int ECANCELED
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset, strlen
@@ -64,6 +98,36 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_trylock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+
+cdef extern from *:
+    """
+    /* The lifetime guards this thread is inside, innermost last (see the
+       module docstring): close() and remove_queue() must not wait for calls
+       of their own thread. */
+    #define BLKIO_PY_MAX_NEST 16
+    static __thread void *blkio_py_entered[BLKIO_PY_MAX_NEST];
+    static __thread int blkio_py_depth;
+    static inline void blkio_py_push(void *guard) {
+        if (blkio_py_depth < BLKIO_PY_MAX_NEST)
+            blkio_py_entered[blkio_py_depth] = guard;
+        blkio_py_depth++;
+    }
+    static inline void blkio_py_pop(void) { blkio_py_depth--; }
+    static inline int blkio_py_held(void *guard) {
+        int i, n = 0;
+        int d = blkio_py_depth < BLKIO_PY_MAX_NEST ? blkio_py_depth : BLKIO_PY_MAX_NEST;
+        for (i = 0; i < d; i++)
+            n += blkio_py_entered[i] == guard;
+        return n;
+    }
+    """
+    void blkio_py_push(void *guard) nogil
+    void blkio_py_pop() nogil
+    int blkio_py_held(void *guard) nogil
 
 cdef extern from *:
     """
@@ -94,14 +158,20 @@ REQ_NO_FALLBACK = lb.BLKIO_REQ_NO_FALLBACK
 
 # Waits are cut into slices so that Python signal handlers run, timeouts are
 # honoured and a dead backend is noticed, whatever the driver does with signals.
-cdef double WAIT_SLICE = 0.25
+cdef double WAIT_SLICE = 0.1
 # Completions fetched per blkioq_do_io call (into an array on the caller's stack).
 cdef enum:
     NCOMPS = 64
 # Bounced requests are cut into pieces of at most this many bytes.
 cdef uint64_t BOUNCE_CHUNK = 4 << 20
-# Batch tags travel in user_data with the low bit set; Completion pointers have it clear.
+# Batch requests travel in user_data as their slot index with the low bit
+# set; Completion pointers have it clear.
 cdef uintptr_t TAG_BIT = 1
+
+# What requests that never completed were holding (close or remove_queue gave
+# up waiting for them): the device may still write that memory, so it is
+# never given back.
+_kept_for_the_kernel = []
 
 
 # --------------------------------------------------------------------------
@@ -113,6 +183,17 @@ cdef object _libblkio_error(int ret, str what, object filename=None):
     if msg != NULL and msg[0] != 0:
         text = f"{what}: {msg.decode('utf-8', 'replace')}"
     return error_for(-ret, text, filename)
+
+
+cdef void _unraisable(object where) noexcept:
+    """Report an exception that cannot propagate (as Python does for __del__)."""
+    try:
+        import sys
+        import traceback
+        print(f"Exception ignored in {where!r}:", file=sys.stderr)
+        traceback.print_exc()
+    except BaseException:
+        pass
 
 
 cdef inline int _check(int ret, str what) except -1:
@@ -130,6 +211,46 @@ cdef object _request_error(int ret, object msg, str what, bint read_only):
 
 
 # --------------------------------------------------------------------------
+# Arguments: offsets and lengths are integers >= 0 (numpy integers too); a
+# float, a bool or a negative value is refused with the argument's name.
+
+cdef uint64_t _u64_slow(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+    value = value.__index__()
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{name} is too large: {value}")
+    return <uint64_t>value
+
+
+cdef Py_ssize_t _index(object value, str name) except? -1:
+    """An int argument (a count or index): float and bool are TypeErrors."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+        value = value.__index__()
+    return value
+
+
+cdef extern from "Python.h":
+    # Without Cython's exception check: _u64 looks at PyErr_Occurred itself.
+    unsigned long long _PyLong_AsU64 "PyLong_AsUnsignedLongLong"(object value)
+
+
+cdef inline uint64_t _u64(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+    """``value`` as a uint64 byte count or offset, checked."""
+    cdef uint64_t r
+    if type(value) is int:
+        r = _PyLong_AsU64(value)
+        if r != 0xFFFFFFFFFFFFFFFF or PyErr_Occurred() == NULL:
+            return r
+        PyErr_Clear()       # negative or too large: say which below
+    return _u64_slow(value, name)
+
+
+# --------------------------------------------------------------------------
 # Memory
 
 @cython.final
@@ -143,9 +264,10 @@ cdef class Buffer:
     unmaps it on close, and the arrays stay valid.
     """
 
-    def __cinit__(self, size_t nbytes, *, str name="blkio-buffer"):
+    def __cinit__(self, nbytes_arg, *, str name="blkio-buffer"):
         self.addr = NULL
         self.fd = -1
+        cdef size_t nbytes = _u64(nbytes_arg, "nbytes")
         if nbytes == 0:
             raise ValueError("Buffer size must be positive")
         self.nbytes = nbytes
@@ -767,6 +889,7 @@ cdef class BouncePool:
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         try:
             while True:
+                self._check_open()
                 start = self._turn(size, waiter)
                 if start >= 0:
                     return start
@@ -782,11 +905,31 @@ cdef class BouncePool:
             self._leave(waiter)
             raise
 
-    async def acquire_async(self, size_t nbytes):
+    cdef int _check_open(self) except -1:
+        if self.device is None or self.device.closing:
+            raise ValueError("the bounce pool's device is closed")
+        return 0
+
+    def _device_closed(self):
+        """The device is gone: waiters wake up and fail (their next turn
+        sees no device)."""
+        self.device = None
+        self._wake_all()
+
+    def _wake_all(self):
+        self._lock()
+        try:
+            for waiter in self.waiters:
+                waiter.wake()
+        finally:
+            self._unlock()
+
+    async def acquire_async(self, nbytes):
         """Coroutine form of ``acquire``: waits in the same FIFO without
         blocking the event loop.  Returns the array."""
         import asyncio
-        cdef size_t size = self._checked_size(nbytes)
+        self._check_open()
+        cdef size_t size = self._checked_size(_u64(nbytes, "nbytes"))
         cdef Py_ssize_t start = self._try_acquire(size)
         if start >= 0:
             return self._array(start, nbytes)
@@ -796,6 +939,7 @@ cdef class BouncePool:
             return self._array(start, nbytes)
         try:
             while True:
+                self._check_open()
                 start = self._turn(size, waiter)
                 if start >= 0:
                     return self._array(start, nbytes)
@@ -860,7 +1004,7 @@ cdef class BouncePool:
         return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
                              offset=<Py_ssize_t>(<size_t>start * self.granule))
 
-    def acquire(self, size_t nbytes, timeout=None):
+    def acquire(self, nbytes, timeout=None):
         """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
 
         Waits, first come first served, until space is free; ``timeout``
@@ -868,8 +1012,16 @@ cdef class BouncePool:
         larger than ``max_size`` raises ``ValueError``.
         """
         cdef double t = -1.0 if timeout is None else float(timeout)
-        cdef Py_ssize_t start = self._acquire_blocking(nbytes, t, None)
-        return self._array(start, nbytes)
+        cdef size_t n = _u64(nbytes, "nbytes")
+        self._check_open()
+        cdef _DeviceCore d = self.device
+        cdef Py_ssize_t start
+        d._enter()          # growing the pool maps memory into the device
+        try:
+            start = self._acquire_blocking(n, t, None)
+        finally:
+            d._leave()
+        return self._array(start, n)
 
     def release(self, array):
         """Give back an array from ``acquire``."""
@@ -901,7 +1053,8 @@ cdef class BouncePool:
         return self._max_size
 
     @max_size.setter
-    def max_size(self, size_t value):
+    def max_size(self, value_arg):
+        cdef size_t value = _u64(value_arg, "max_size")
         if value < self.granule:
             raise ValueError(f"max_size must be at least {self.granule} bytes")
         self._max_size = self._round(value)
@@ -922,6 +1075,7 @@ cdef class BouncePool:
 cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec *ts)
     int CLOCK_MONOTONIC
+    int CLOCK_REALTIME
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -937,6 +1091,14 @@ cdef inline void _set_timeout(timespec *ts, double seconds) noexcept nogil:
     ts.tv_nsec = <long>((seconds - <double>ts.tv_sec) * 1e9)
 
 
+cdef inline void _realtime_after(timespec *ts, double seconds) noexcept nogil:
+    """The CLOCK_REALTIME instant ``seconds`` from now (pthread_cond_timedwait)."""
+    clock_gettime(CLOCK_REALTIME, ts)
+    cdef int64_t ns = ts.tv_nsec + <int64_t>(seconds * 1e9)
+    ts.tv_sec += <long>(ns // 1000000000)
+    ts.tv_nsec = <long>(ns % 1000000000)
+
+
 @cython.final
 cdef class Queue:
     """One libblkio queue.  Enqueue requests, then ``submit``/``wait``/``poll``.
@@ -950,12 +1112,15 @@ cdef class Queue:
         self.lock_ready = False
         self.batch_tags = NULL
         self.batch_rets = NULL
+        self.slots_table = NULL
+        self.slots_free = -1
 
     def __dealloc__(self):
         if self.lock_ready:
             pthread_mutex_destroy(&self.lock)
         free(self.batch_tags)
         free(self.batch_rets)
+        free(self.slots_table)
 
     @staticmethod
     cdef Queue _new(_DeviceCore device, lb.blkioq *q, int index, bint poll):
@@ -971,12 +1136,81 @@ cdef class Queue:
         self.queued = 0
         return self
 
-    cdef int _alive(self) except -1:
-        if self.device is not None and self.device.state == "broken":
-            raise Error(EIO, f"{self.device.driver}: the backend hung up; close the device")
-        if self.q == NULL or self.removed:
-            raise ValueError("queue was removed or its device is closed")
+    # ---- lifetime guard (see the module docstring) ----------------------
+
+    cdef int _enter(self) except -1:
+        """Enter the device's guard, then this queue's; refuses a closed
+        device, a removed queue and a broken backend."""
+        cdef _DeviceCore d = self.device
+        if d is None:
+            raise ValueError(f"queue {self.index}: its device is closed")
+        d._enter()
+        if self.removing or self.q == NULL:
+            d._leave()
+            raise ValueError(f"queue {self.index} was removed")
+        if d.state == "broken":
+            d._leave()
+            raise Error(EIO, f"{d.driver}: the backend hung up; close the device")
+        self.users += 1
+        blkio_py_push(<void *>self)
         return 0
+
+    cdef void _leave(self) noexcept:
+        cdef _DeviceCore d = self.device
+        self._unuse()
+        d._leave()
+
+    cdef int _use(self) except -1:
+        """This queue's guard alone, for a caller inside the device's."""
+        if self.removing or self.q == NULL:
+            raise ValueError(f"queue {self.index} was removed")
+        self.users += 1
+        blkio_py_push(<void *>self)
+        return 0
+
+    cdef void _unuse(self) noexcept:
+        blkio_py_pop()
+        self.users -= 1
+        if self.removing:
+            self.device._wake_closers()
+            if self.users == 0 and self.remove_pending:
+                # remove_queue() ran inside a call of this thread: finish it now
+                self.remove_pending = False
+                try:
+                    self.device._finish_remove(self)
+                except BaseException:
+                    _unraisable(self)
+
+    cdef int _check_not_closing(self) except -1:
+        """Between wait slices: give up when the device or queue is going away
+        (close/remove_queue itself drains, so it passes)."""
+        cdef _DeviceCore d = self.device
+        if d.draining or self.draining:
+            return 0
+        if d.closing:
+            raise d._closed_error()
+        if self.removing:
+            raise ValueError(f"queue {self.index} was removed")
+        return 0
+
+    cdef Py_ssize_t _using(self, uintptr_t start, uintptr_t end):
+        """Requests in flight whose device-visible memory overlaps [start, end)."""
+        cdef Py_ssize_t n = 0, i
+        cdef Completion c = self.head
+        cdef int k
+        cdef uintptr_t a
+        while c is not None:
+            for k in range(c.iovcnt if c.iov != NULL else 0):
+                a = <uintptr_t>c.iov[k].iov_base
+                if a < end and a + c.iov[k].iov_len > start:
+                    n += 1
+                    break
+            c = c.next
+        for i in range(self.slots_cap):
+            if (self.slots_table[i].length and self.slots_table[i].addr < end
+                    and self.slots_table[i].addr + self.slots_table[i].length > start):
+                n += 1
+        return n
 
     # ---- enqueue: the one place that hands requests to libblkio ----------
 
@@ -1052,9 +1286,47 @@ cdef class Queue:
             c._release_memory()
             if not c.internal:
                 self.ready.append(c)
+        # Batch requests in flight complete with the same error.
+        cdef Py_ssize_t i, ring
+        self._ensure_batch(self.batch_inflight)
+        for i in range(self.slots_cap):
+            if self.slots_table[i].length:
+                ring = (self.batch_head + self.batch_count) % self.batch_cap
+                self.batch_tags[ring] = self.slots_table[i].tag
+                self.batch_rets[ring] = -err
+                self.batch_count += 1
+                self._free_slot(i)
+        self.batch_inflight = 0
         self.inflight = 0
         self.outstanding = 0
         return 0
+
+    cdef int _ensure_slots(self, Py_ssize_t need) except -1:
+        """At least ``need`` free batch slots (GIL held).  Slots are found by
+        index, so growing the table never moves a request in flight."""
+        if self.slots_nfree >= need:
+            return 0
+        cdef Py_ssize_t old = self.slots_cap, i
+        cdef Py_ssize_t newcap = max(2 * old, old + need - self.slots_nfree, 256)
+        cdef BatchSlot *t = <BatchSlot *>realloc(self.slots_table, newcap * sizeof(BatchSlot))
+        if t == NULL:
+            raise MemoryError()
+        self.slots_table = t
+        i = newcap - 1
+        while i >= old:
+            t[i].length = 0
+            t[i].next = self.slots_free
+            self.slots_free = i
+            i -= 1
+        self.slots_nfree += newcap - old
+        self.slots_cap = newcap
+        return 0
+
+    cdef void _free_slot(self, Py_ssize_t i) noexcept:
+        self.slots_table[i].length = 0
+        self.slots_table[i].next = self.slots_free
+        self.slots_free = i
+        self.slots_nfree += 1
 
     cdef void _unlink(self, Completion c):
         if c.prev is not None:
@@ -1075,16 +1347,18 @@ cdef class Queue:
         cdef int i
         cdef uintptr_t ud
         cdef Completion c
-        cdef Py_ssize_t slot
+        cdef Py_ssize_t ring, slot
         for i in range(n):
             ud = <uintptr_t>comps[i].user_data
             self.inflight -= 1
             if ud & TAG_BIT:
-                slot = (self.batch_head + self.batch_count) % self.batch_cap
-                self.batch_tags[slot] = (<int64_t>ud) >> 1
-                self.batch_rets[slot] = comps[i].ret
+                slot = <Py_ssize_t>(ud >> 1)
+                ring = (self.batch_head + self.batch_count) % self.batch_cap
+                self.batch_tags[ring] = self.slots_table[slot].tag
+                self.batch_rets[ring] = comps[i].ret
                 self.batch_count += 1
                 self.batch_inflight -= 1
+                self._free_slot(slot)
                 continue
             c = <Completion><PyObject *>comps[i].user_data
             self._unlink(c)
@@ -1135,8 +1409,10 @@ cdef class Queue:
             if until is not None:
                 if until.done:
                     return 0
+                self._check_not_closing()
                 want = 1 if self.inflight > 0 else 0
             else:
+                self._check_not_closing()
                 want = min_completions - got
                 if want <= 0:
                     want = 0
@@ -1199,13 +1475,23 @@ cdef class Queue:
 
     # ---- public API ------------------------------------------------------
 
-    def _submit_one(self, int op, uint64_t offset, object buf, bint vectored, unsigned int flags,
-                    object user_data, uint64_t length=0, object bounce=None, bint nowait=False):
+    def _submit_one(self, int op, offset, object buf, bint vectored, unsigned int flags,
+                    object user_data, length=0, object bounce=None, bint nowait=False):
         """Validate and enqueue one request.  Returns its length in bytes, or,
         with ``nowait``, minus the bounce space it needs when the pool has
         none free right now (nothing is enqueued then; asyncio waits for the
         space with ``acquire_async`` and passes it back as ``bounce``)."""
-        self._alive()
+        cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
+        self._enter()
+        try:
+            return self._submit_one_c(op, off, buf, vectored, flags, user_data, n,
+                                      bounce, nowait)
+        finally:
+            self._leave()
+
+    cdef object _submit_one_c(self, int op, uint64_t offset, object buf, bint vectored,
+                              unsigned int flags, object user_data, uint64_t length,
+                              object bounce, bint nowait):
         cdef _DeviceCore d = self.device
         cdef _Views views = None
         if op == OP_READ or op == OP_WRITE:
@@ -1228,56 +1514,66 @@ cdef class Queue:
         self._enqueue(c, False)
         return length
 
-    def _submit_buffer(self, int op, uint64_t offset, object buf, unsigned int flags,
+    def _submit_buffer(self, int op, offset_arg, object buf, unsigned int flags,
                        object user_data):
         """``_submit_one`` for one buffer, without waiting for bounce space
         (asyncio's per-request call, kept short)."""
-        if self.q == NULL or self.removed:
-            self._alive()
+        cdef uint64_t offset = _u64(offset_arg, "offset")
+        self._enter()
         cdef _DeviceCore d = self.device
-        cdef _Views views = _acquire_one(buf, op == OP_READ)
-        cdef uint64_t length = views.total
-        if op == OP_WRITE and d.read_only:
-            d._check_writable("write")
-        d._check_range(offset, length, _OP_NAMES[op])
-        if d.max_transfer and length > d.max_transfer:
-            raise ValueError(f"{_OP_NAMES[op]} of {length} bytes exceeds max-transfer "
-                             f"({d.max_transfer})")
-        cdef Completion c = d._prepare(op, offset, length, views, views.iov, 1,
-                                       flags, user_data, False, self, None, True)
-        if c is None:
-            return -<int64_t>length
-        self._enqueue(c, False)
-        return length
+        cdef _Views views
+        cdef uint64_t length
+        cdef Completion c
+        try:
+            views = _acquire_one(buf, op == OP_READ)
+            length = views.total
+            if op == OP_WRITE and d.read_only:
+                d._check_writable("write")
+            d._check_range(offset, length, _OP_NAMES[op])
+            if d.max_transfer and length > d.max_transfer:
+                raise ValueError(f"{_OP_NAMES[op]} of {length} bytes exceeds max-transfer "
+                                 f"({d.max_transfer})")
+            c = d._prepare(op, offset, length, views, views.iov, 1,
+                           flags, user_data, False, self, None, True)
+            if c is None:
+                return -<int64_t>length
+            self._enqueue(c, False)
+            return length
+        finally:
+            self._leave()
 
     def _zero_flags(self, bint fua, bint may_unmap, bint no_fallback):
         return _zero_flags(fua, may_unmap, no_fallback)
 
-    def read(self, uint64_t offset, buf, *, user_data=None):
+    def read(self, offset, buf, *, user_data=None):
         """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
-        return self._submit_one(OP_READ, offset, buf, False, 0, user_data)
+        return self._submit_one(OP_READ, _u64(offset, "offset"), buf, False, 0, user_data)
 
-    def write(self, uint64_t offset, buf, *, user_data=None, bint fua=False):
+    def write(self, offset, buf, *, user_data=None, bint fua=False):
         """Enqueue a write of ``buf``."""
-        return self._submit_one(OP_WRITE, offset, buf, False, REQ_FUA if fua else 0, user_data)
+        return self._submit_one(OP_WRITE, _u64(offset, "offset"), buf, False,
+                                REQ_FUA if fua else 0, user_data)
 
-    def readv(self, uint64_t offset, bufs, *, user_data=None):
+    def readv(self, offset, bufs, *, user_data=None):
         """Enqueue a vectored read into the buffers of ``bufs``."""
-        return self._submit_one(OP_READ, offset, bufs, True, 0, user_data)
+        return self._submit_one(OP_READ, _u64(offset, "offset"), bufs, True, 0, user_data)
 
-    def writev(self, uint64_t offset, bufs, *, user_data=None, bint fua=False):
+    def writev(self, offset, bufs, *, user_data=None, bint fua=False):
         """Enqueue a vectored write of the buffers of ``bufs``."""
-        return self._submit_one(OP_WRITE, offset, bufs, True, REQ_FUA if fua else 0, user_data)
+        return self._submit_one(OP_WRITE, _u64(offset, "offset"), bufs, True,
+                                REQ_FUA if fua else 0, user_data)
 
-    def write_zeroes(self, uint64_t offset, uint64_t length, *, user_data=None, bint fua=False,
+    def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
-        """Enqueue a write-zeroes request."""
+        """Enqueue a write-zeroes request of ``length`` bytes at ``offset``."""
         cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
-        return self._submit_one(OP_WRITE_ZEROES, offset, None, False, flags, user_data, length)
+        return self._submit_one(OP_WRITE_ZEROES, _u64(offset, "offset"), None, False, flags,
+                                user_data, _u64(length, "length"))
 
-    def discard(self, uint64_t offset, uint64_t length, *, user_data=None):
-        """Enqueue a discard request."""
-        return self._submit_one(OP_DISCARD, offset, None, False, 0, user_data, length)
+    def discard(self, offset, length, *, user_data=None):
+        """Enqueue a discard request of ``length`` bytes at ``offset``."""
+        return self._submit_one(OP_DISCARD, _u64(offset, "offset"), None, False, 0, user_data,
+                                _u64(length, "length"))
 
     def flush(self, *, user_data=None):
         """Enqueue a flush request."""
@@ -1287,35 +1583,47 @@ cdef class Queue:
         """Submit enqueued requests without waiting.  Completions that are
         already there (cached reads complete during submission) are kept for
         the next ``wait()`` or ``poll()``."""
-        self._alive()
-        self._drive(0, 0.0, None)
+        self._enter()
+        try:
+            self._drive(0, 0.0, None)
+        finally:
+            self._leave()
 
-    def wait(self, int min=1, max=None, timeout=None):
+    def wait(self, min=1, max=None, timeout=None):
         """Submit, then wait for at least ``min`` completions; return up to
         ``max`` of them as ``Completion`` objects.  The GIL is released while
         waiting; Ctrl-C interrupts.  ``timeout`` (seconds) raises TimeoutError,
         leaving requests in flight and tracked."""
-        self._alive()
-        if min < 0:
+        cdef Py_ssize_t nmin = _index(min, "min")
+        if max is not None:
+            max = _index(max, "max")
+        if nmin < 0:
             raise ValueError("min must be >= 0")
-        if max is not None and max < min:
-            raise ValueError(f"max ({max}) must be >= min ({min})")
-        have = len(self.ready)
-        if min > have + self.inflight:
-            raise ValueError(f"min={min} but only {have + self.inflight} request(s) "
-                             f"are in flight or completed")
+        if max is not None and max < nmin:
+            raise ValueError(f"max ({max}) must be >= min ({nmin})")
         cdef double t = -1.0 if timeout is None else float(timeout)
-        if min > have:
-            self._drive(min - have, t, None)
-        else:
-            self._drive(0, 0.0, None)
-        return self._take(max)
+        self._enter()
+        try:
+            have = len(self.ready)
+            if nmin > have + self.inflight:
+                raise ValueError(f"min={nmin} but only {have + self.inflight} request(s) "
+                                 f"are in flight or completed")
+            if nmin > have:
+                self._drive(nmin - have, t, None)
+            else:
+                self._drive(0, 0.0, None)
+            return self._take(max)
+        finally:
+            self._leave()
 
     def poll(self, max=None):
         """Submit and return the completions available now, without waiting."""
-        self._alive()
-        self._drive(0, 0.0, None)
-        return self._take(max)
+        self._enter()
+        try:
+            self._drive(0, 0.0, None)
+            return self._take(max)
+        finally:
+            self._leave()
 
     cdef list _take(self, object max):
         if max is None or max >= len(self.ready):
@@ -1378,7 +1686,14 @@ cdef class Queue:
 
     def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags,
                       region, uint64_t blocksize):
-        self._alive()
+        self._enter()
+        try:
+            return self._submit_batch_c(op, offsets, buffers, user_data, flags, region, blocksize)
+        finally:
+            self._leave()
+
+    cdef object _submit_batch_c(self, int op, offsets, buffers, user_data, unsigned int flags,
+                                region, uint64_t blocksize):
         cdef _DeviceCore d = self.device
         if op == OP_WRITE:
             d._check_writable("write")
@@ -1452,8 +1767,6 @@ cdef class Queue:
                                     problem = 1
                                 elif o > cap or bs > cap - o:
                                     problem = 2
-                                elif tags != NULL and (tags[i] < -(<int64_t>1 << 62) or tags[i] >= (<int64_t>1 << 62)):
-                                    problem = 3
                                 elif boffs != NULL and (boffs[i] > rlen or bs > rlen - boffs[i]):
                                     problem = 4
                                 elif boffs != NULL and boffs[i] % ba:
@@ -1467,8 +1780,6 @@ cdef class Queue:
                         if problem == 2:
                             raise ValueError(f"offsets[{bad}] = {offs[bad]} + {bs} passes the device "
                                              f"capacity ({cap})")
-                        if problem == 3:
-                            raise ValueError(f"user_data[{bad}] = {tags[bad]} is outside [-2**62, 2**62)")
                         if problem == 4:
                             raise ValueError(f"buffers[{bad}] = {boffs[bad]} + {bs} passes the end "
                                              f"of region ({rlen} bytes)")
@@ -1476,6 +1787,7 @@ cdef class Queue:
                             raise ValueError(f"buffers[{bad}] = {boffs[bad]} is not aligned to "
                                              f"buf-alignment ({ba})")
                         self._ensure_batch(n + self.inflight)
+                        self._ensure_slots(n)
                         self._enqueue_batch(op, offs, tags, <char *>bb.buf, boffs, bs, n, flags)
                         return n
                     finally:
@@ -1493,26 +1805,47 @@ cdef class Queue:
 
     cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base,
                             uint64_t *boffs, uint64_t bs, Py_ssize_t n, unsigned int flags) except -1:
-        cdef Py_ssize_t i
+        """Enqueue n requests and submit them in one GIL-free section.  Each
+        takes a batch slot (its tag and memory, for reap and unregister);
+        libblkio's user_data is the slot index with TAG_BIT set."""
+        cdef Py_ssize_t i, s
         cdef lb.blkioq *q = self.q
         cdef int got
-        cdef uintptr_t tag
-        cdef char *buf
+        cdef Py_ssize_t stack_idx[64]
+        cdef Py_ssize_t *idx = &stack_idx[0]
+        cdef BatchSlot *slot
         cdef lb.blkio_completion comps[NCOMPS]
+        if n > 64:
+            idx = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+            if idx == NULL:
+                raise MemoryError()
+        # Slots are taken with the GIL held (dispatch frees them with it held);
+        # the GIL-free section below only reads this call's own index list.
+        for i in range(n):
+            s = self.slots_free
+            slot = &self.slots_table[s]
+            self.slots_free = slot.next
+            slot.tag = tags[i] if tags != NULL else i
+            slot.addr = <uintptr_t>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs))
+            slot.length = bs
+            idx[i] = s
+        self.slots_nfree -= n
         with nogil:
             pthread_mutex_lock(&self.lock)
             for i in range(n):
-                tag = ((<uintptr_t>(tags[i] if tags != NULL else i)) << 1) | TAG_BIT
-                buf = base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)
                 if op == OP_READ:
-                    lb.blkioq_read(q, offs[i], buf, bs, <void *>tag, flags)
+                    lb.blkioq_read(q, offs[i], <void *>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)),
+                                   bs, <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
                 else:
-                    lb.blkioq_write(q, offs[i], buf, bs, <void *>tag, flags)
+                    lb.blkioq_write(q, offs[i], <void *>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)),
+                                    bs, <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
             self.outstanding += n
             got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
             if got > 0:
                 self.outstanding -= got
             pthread_mutex_unlock(&self.lock)
+        if idx != &stack_idx[0]:
+            free(idx)
         self.inflight += n
         self.batch_inflight += n
         self.device.n_requests += n
@@ -1529,8 +1862,7 @@ cdef class Queue:
         uint8[n, blocksize] view of memory from ``Device.alloc`` or
         ``Device.register`` -- or, with ``region`` (such memory, 1-D uint8)
         and ``blocksize``, a uint64[n] of byte offsets into ``region``;
-        ``user_data``: optional int64[n] tags in [-2**62, 2**62) (default
-        0..n-1).  The whole batch is validated before anything is enqueued;
+        ``user_data``: optional int64[n] tags (default 0..n-1).  The whole batch is validated before anything is enqueued;
         no Python object is made per request.  Returns n."""
         return self._submit_batch(OP_READ, offsets, buffers, user_data, 0, region, blocksize)
 
@@ -1558,11 +1890,20 @@ cdef class Queue:
         self.reap_off_ret = fields["ret"][1]
         return 0
 
-    def reap(self, out, int min=0, timeout=None):
+    def reap(self, out, min=0, timeout=None):
         """Fill ``out`` (a structured array with int64 ``user_data`` and int32
         ``ret`` fields) with completions of batch requests, waiting for at
         least ``min`` (``timeout`` seconds: TimeoutError).  Returns the count."""
-        self._alive()
+        cdef Py_ssize_t nmin = _index(min, "min")
+        if nmin < 0:
+            raise ValueError("min must be >= 0")
+        self._enter()
+        try:
+            return self._reap_c(out, nmin, timeout)
+        finally:
+            self._leave()
+
+    cdef object _reap_c(self, out, int min, timeout):
         if out is not self.reap_out:
             self._reap_layout(out)
         cdef Py_ssize_t cap = self.reap_len
@@ -1607,10 +1948,13 @@ cdef class Queue:
         """The queue's completion fd (-1 on poll queues).  Enable it with
         ``completion_fd_enabled = True`` before waiting on it; read 8 bytes to
         reset it, then call ``poll()``."""
-        self._alive()
         if self.is_poll_queue:
             return -1
-        return lb.blkioq_get_completion_fd(self.q)
+        self._enter()
+        try:
+            return lb.blkioq_get_completion_fd(self.q)
+        finally:
+            self._leave()
 
     @property
     def completion_fd_enabled(self) -> bool:
@@ -1622,20 +1966,28 @@ cdef class Queue:
 
     @completion_fd_enabled.setter
     def completion_fd_enabled(self, bint value):
-        self._alive()
         if self.is_poll_queue:
             raise ValueError("poll queues have no completion fd")
-        if pthread_mutex_trylock(&self.lock) != 0:
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-        lb.blkioq_set_completion_fd_enabled(self.q, value)
-        pthread_mutex_unlock(&self.lock)
-        self.fd_enabled = value
+        self._enter()
+        try:
+            if pthread_mutex_trylock(&self.lock) != 0:
+                with nogil:
+                    pthread_mutex_lock(&self.lock)
+            lb.blkioq_set_completion_fd_enabled(self.q, value)
+            pthread_mutex_unlock(&self.lock)
+            self.fd_enabled = value
+        finally:
+            self._leave()
 
     @property
     def in_flight(self) -> int:
         """Requests submitted or enqueued and not yet reaped."""
         return self.inflight
+
+    @property
+    def removed(self) -> bool:
+        """True once the queue is being removed, or its device closed."""
+        return self.removed or self.removing or self.q == NULL or self.device.closing
 
     @property
     def device(self):
@@ -1677,12 +2029,92 @@ cdef class _DeviceCore:
         self._queues = []
         self._poll_queues = []
         self.backend_fds = ()
+        self.close_callbacks = []
+        self.close_timeout = 10.0
+        pthread_mutex_init(&self.guard_mutex, NULL)
+        pthread_cond_init(&self.guard_cond, NULL)
+        pthread_mutex_init(&self.ctl_lock, NULL)
+        self.locks_ready = True
 
     def __dealloc__(self):
+        # Unreachable, so no call is inside (a call holds a reference).
         if self.b != NULL:
             lb.blkio_destroy(&self.b)
         free(self.reg_start)
         free(self.reg_end)
+        if self.locks_ready:
+            pthread_mutex_destroy(&self.guard_mutex)
+            pthread_cond_destroy(&self.guard_cond)
+            pthread_mutex_destroy(&self.ctl_lock)
+
+    # ---- lifetime guard (see the module docstring) ----------------------
+
+    cdef object _closed_error(self):
+        return ValueError(f"{self.driver or 'blkio'} device is closed")
+
+    cdef int _enter(self) except -1:
+        if self.closing or self.b == NULL:
+            raise self._closed_error()
+        self.users += 1
+        blkio_py_push(<void *>self)
+        return 0
+
+    cdef void _leave(self) noexcept:
+        blkio_py_pop()
+        self.users -= 1
+        if self.closing:
+            self._wake_closers()
+            if self.users == 0 and self.destroy_pending:
+                # close() ran inside a call (or gave up waiting for one):
+                # the last call out destroys the instance.
+                self.destroy_pending = False
+                try:
+                    self._destroy()
+                except BaseException:
+                    _unraisable(self)
+
+    cdef void _wake_closers(self) noexcept:
+        pthread_mutex_lock(&self.guard_mutex)
+        pthread_cond_broadcast(&self.guard_cond)
+        pthread_mutex_unlock(&self.guard_mutex)
+
+    cdef bint _wait_users(self, Queue queue, Py_ssize_t own, double timeout):
+        """Wait, GIL released, until the calls inside this device (or inside
+        ``queue``) are only the ``own`` ones of this thread; False on timeout.
+        A leaving call signals the condition while holding the mutex that
+        this check holds, so no wake-up is lost."""
+        cdef timespec ts
+        cdef double left
+        deadline = time.monotonic() + timeout
+        while (queue.users if queue is not None else self.users) > own:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _realtime_after(&ts, left if left < 0.05 else 0.05)
+            pthread_mutex_lock(&self.guard_mutex)
+            if (queue.users if queue is not None else self.users) > own:
+                with nogil:
+                    pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                    pthread_mutex_unlock(&self.guard_mutex)
+            else:
+                pthread_mutex_unlock(&self.guard_mutex)
+        return True
+
+    cdef void _ctl_lock(self) noexcept:
+        # Without the GIL only when contended, so that a holder that needs
+        # the GIL back can always get it.
+        if pthread_mutex_trylock(&self.ctl_lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.ctl_lock)
+
+    cdef void _ctl_unlock(self) noexcept:
+        pthread_mutex_unlock(&self.ctl_lock)
+
+    def _on_close(self, callback):
+        """Call ``callback(queue, completions)`` for each queue when the
+        device is closed or the queue removed, with the completions nobody
+        collected (drained, or failed because they never completed)."""
+        self.close_callbacks.append(callback)
 
     # ---- lifecycle primitives used by the facade ------------------------
 
@@ -1696,8 +2128,15 @@ cdef class _DeviceCore:
 
     def _get(self, str name, str kind):
         """Read property ``name`` with the getter for C type ``kind``."""
-        if self.b == NULL:
-            raise ValueError("device is closed")
+        self._enter()
+        self._ctl_lock()
+        try:
+            return self._get_locked(name, kind)
+        finally:
+            self._ctl_unlock()
+            self._leave()
+
+    cdef object _get_locked(self, str name, str kind):
         cdef bytes bname = name.encode()
         cdef const char *cname = bname
         cdef lb.cbool bv
@@ -1727,8 +2166,15 @@ cdef class _DeviceCore:
 
     def _set(self, str name, str kind, object value):
         """Write property ``name`` with the setter for C type ``kind``."""
-        if self.b == NULL:
-            raise ValueError("device is closed")
+        self._enter()
+        self._ctl_lock()
+        try:
+            self._set_locked(name, kind, value)
+        finally:
+            self._ctl_unlock()
+            self._leave()
+
+    cdef object _set_locked(self, str name, str kind, object value):
         cdef bytes bname = name.encode()
         cdef bytes bvalue
         cdef int ret
@@ -1820,17 +2266,18 @@ cdef class _DeviceCore:
         self.state = "broken"
 
     cdef int _ensure_started(self) except -1:
+        if self.closing or self.b == NULL:
+            raise self._closed_error()
         if self.state == "broken":
             raise Error(EIO, f"{self.driver}: the backend hung up; close the device")
         if not self.started:
-            if self.state == "closed":
-                raise ValueError(f"I/O on a closed device ({self.driver})")
-            raise ValueError(f"device is {self.state}, not started")
+            raise ValueError(f"{self.driver} device is {self.state}, not started")
         return 0
 
     @property
     def closed(self) -> bool:
-        return self.state == "closed"
+        """True once close() has begun: no new call is accepted."""
+        return self.closing or self.b == NULL
 
     # ---- memory regions --------------------------------------------------
 
@@ -1850,8 +2297,10 @@ cdef class _DeviceCore:
         if addr in self.regions:
             raise ValueError(f"memory at {addr:#x} is already registered with this device")
         if mapped:
+            self._ctl_lock()
             with nogil:
                 ret = lb.blkio_map_mem_region(self.b, &r)
+            self._ctl_unlock()
             if ret < 0:
                 raise _libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
         # The owner reference keeps the memory and its fd alive while mapped:
@@ -1868,10 +2317,14 @@ cdef class _DeviceCore:
         r.len = <size_t>length
         r.fd = <int>fd
         r.fd_offset = <int64_t>fd_offset
+        # Out of the lookup table first: no request can be validated against
+        # the region while it is being unmapped (``owner`` keeps it alive).
+        self._table_remove(addr)
         if mapped and self.b != NULL:
+            self._ctl_lock()
             with nogil:
                 lb.blkio_unmap_mem_region(self.b, &r)
-        self._table_remove(addr)
+            self._ctl_unlock()
         return 0
 
     def _table_insert(self, uintptr_t start, uintptr_t end):
@@ -1924,17 +2377,22 @@ cdef class _DeviceCore:
             return False
         return start + length <= self.reg_end[lo - 1]
 
-    def alloc(self, size_t nbytes):
+    def alloc(self, nbytes):
         """A numpy uint8 array of ``nbytes`` mapped into this device.
 
         Aligned to mem-region-alignment and at least 4096 bytes.  I/O on it is
         zero-copy on every driver.  The memory outlives the device; it returns
         to the device's arena when the array (and every view of it) is gone.
         """
-        self._ensure_started()
-        if nbytes == 0:
+        cdef uint64_t n = _u64(nbytes, "nbytes")
+        if n == 0:
             raise ValueError("alloc size must be positive")
-        return self.arena.alloc(nbytes)
+        self._enter()
+        try:
+            self._ensure_started()
+            return self.arena.alloc(n)
+        finally:
+            self._leave()
 
     def register(self, array):
         """Register caller memory with the device so I/O on it goes direct.
@@ -1947,7 +2405,14 @@ cdef class _DeviceCore:
         to the memory until ``unregister`` or close.  Returns True when the
         memory is registered (usable by the batch API and never bounced).
         """
-        self._ensure_started()
+        self._enter()
+        try:
+            self._ensure_started()
+            return self._register(array)
+        finally:
+            self._leave()
+
+    cdef object _register(self, object array):
         cdef Py_buffer view
         PyObject_GetBuffer(array, &view, PyBUF_ANY_CONTIGUOUS)
         cdef uintptr_t addr = <uintptr_t>view.buf
@@ -1972,16 +2437,34 @@ cdef class _DeviceCore:
         return True
 
     def unregister(self, array):
-        """Undo ``register``: unmap exactly the region that was mapped."""
+        """Undo ``register``: unmap exactly the region that was mapped.
+
+        Refuses (ValueError) while requests in flight still use the memory:
+        the device could still read or write it.  Returns False when the
+        memory was not registered."""
         cdef Py_buffer view
         PyObject_GetBuffer(array, &view, PyBUF_ANY_CONTIGUOUS)
         cdef uintptr_t addr = <uintptr_t>view.buf
         PyBuffer_Release(&view)
-        entry = self.regions.get(addr)
-        if entry is None or not isinstance(entry[3], list):
-            return False        # not registered, or an arena chunk / the pool
-        self._unmap(addr)
-        return True
+        cdef Py_ssize_t users = 0
+        self._enter()
+        try:
+            entry = self.regions.get(addr)
+            if entry is None or not isinstance(entry[3], list):
+                return False        # not registered, or an arena chunk / the pool
+            length = entry[0]
+            for q in self._queues + self._poll_queues:
+                if q is not None:
+                    users += (<Queue>q)._using(addr, addr + length)
+            if users:
+                raise ValueError(f"cannot unregister {length} bytes at {addr:#x}: {users} "
+                                 f"request(s) in flight still use it; wait for them first")
+            # Nothing in flight uses it, and nothing new can: the check and the
+            # removal from the table below happen with the GIL held.
+            self._unmap(addr)
+            return True
+        finally:
+            self._leave()
 
     @property
     def poll_us(self) -> int:
@@ -1991,7 +2474,8 @@ cdef class _DeviceCore:
         return self.poll_ns // 1000
 
     @poll_us.setter
-    def poll_us(self, int value):
+    def poll_us(self, value_arg):
+        cdef Py_ssize_t value = _index(value_arg, "poll_us")
         if value < 0:
             raise ValueError("poll_us must be >= 0")
         self.poll_ns = <int64_t>value * 1000
@@ -2094,7 +2578,16 @@ cdef class _DeviceCore:
             self._ensure_started()
         cdef Queue q = self._queues[0] if self._queues else None
         if q is None:
-            raise ValueError(f"{self.driver} device has no queue 0 (num_queues=0)")
+            raise ValueError(f"{self.driver} device has no queue 0 (num_queues=0, "
+                             f"or queue 0 was removed)")
+        q._use()
+        try:
+            return self._run_on(q, op, offset, length, views, flags)
+        finally:
+            q._unuse()
+
+    cdef object _run_on(self, Queue q, int op, uint64_t offset, uint64_t length, _Views views,
+                        unsigned int flags):
         cdef uint64_t limit = 0, pos = 0, piece
         cdef iovec *sub
         cdef int subcnt
@@ -2145,33 +2638,46 @@ cdef class _DeviceCore:
 
     # ---- blocking I/O on queue 0 ----------------------------------------
 
-    def read(self, uint64_t offset, size_t nbytes):
+    def read(self, offset, nbytes):
         """Read ``nbytes`` at ``offset`` into a new numpy uint8 array (mapped
         memory from ``alloc``, so no copy on any driver)."""
-        self._ensure_started()
-        self._check_range(offset, nbytes, "read")
-        if nbytes == 0:
-            return np.empty(0, dtype=np.uint8)
-        out = self.arena.alloc(nbytes)
-        self._run(OP_READ, offset, nbytes, _acquire_views(out, True, True), 0)
-        return out
+        cdef uint64_t off = _u64(offset, "offset"), n = _u64(nbytes, "nbytes")
+        self._enter()
+        try:
+            self._check_range(off, n, "read")
+            if n == 0:
+                return np.empty(0, dtype=np.uint8)
+            out = self.arena.alloc(n)
+            self._run(OP_READ, off, n, _acquire_views(out, True, True), 0)
+            return out
+        finally:
+            self._leave()
 
     cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags):
-        """One buffer, the hot path: when the request needs no split and no
-        bounce, submit it straight from the caller's buffer with a recycled
-        Completion; anything else takes the general path (``_run``)."""
-        cdef Py_buffer view
+        """One buffer (inside the device's guard): the hot path."""
         cdef Queue q = self.q0
-        cdef uint64_t length, ra = self.request_alignment
         cdef _Views v
         if q is None:
             v = _acquire_views(buf, op == OP_READ, True)
             return self._run(op, offset, v.total, v, flags)
+        q._use()
+        try:
+            return self._single_on(q, op, offset, buf, flags)
+        finally:
+            q._unuse()
+
+    cdef object _single_on(self, Queue q, int op, uint64_t offset, object buf, unsigned int flags):
+        """When the request needs no split and no bounce, submit it straight
+        from the caller's buffer with a recycled Completion; anything else
+        takes the general path (``_run_on``)."""
+        cdef Py_buffer view
+        cdef uint64_t length, ra = self.request_alignment
+        cdef _Views v
         try:
             PyObject_GetBuffer(buf, &view, _VIEW_FLAGS[op == OP_READ])
         except Exception:
             v = _acquire_views(buf, op == OP_READ, True)     # raises the clear error
-            return self._run(op, offset, v.total, v, flags)
+            return self._checked_run_on(q, op, offset, v, flags)
         length = <uint64_t>view.len
         cdef iovec one
         one.iov_base = view.buf
@@ -2182,7 +2688,7 @@ cdef class _DeviceCore:
                 or (op != OP_READ and self.read_only) or not self._direct_ok(&one, 1)):
             PyBuffer_Release(&view)
             v = _acquire_views(buf, op == OP_READ, True)
-            return self._run(op, offset, v.total, v, flags)
+            return self._checked_run_on(q, op, offset, v, flags)
         cdef unsigned long tid = PyThread_get_thread_ident()
         if tid != self.owner_thread:
             if self.owner_thread == 0:
@@ -2230,48 +2736,93 @@ cdef class _DeviceCore:
         q.spare = c
         return length
 
-    def readinto(self, uint64_t offset, buf):
+    cdef object _checked_run_on(self, Queue q, int op, uint64_t offset, _Views v, unsigned int flags):
+        if op != OP_READ and op != OP_FLUSH:
+            self._check_writable(_OP_NAMES[op])
+        self._check_range(offset, v.total, _OP_NAMES[op])
+        return self._run_on(q, op, offset, v.total, v, flags)
+
+    def readinto(self, offset, buf):
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read."""
-        return self._single(OP_READ, offset, buf, 0)
+        cdef uint64_t off = _u64(offset, "offset")
+        self._enter()
+        try:
+            return self._single(OP_READ, off, buf, 0)
+        finally:
+            self._leave()
 
-    def write(self, uint64_t offset, buf, *, bint fua=False):
+    def write(self, offset, buf, *, bint fua=False):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written."""
-        return self._single(OP_WRITE, offset, buf, REQ_FUA if fua else 0)
+        cdef uint64_t off = _u64(offset, "offset")
+        self._enter()
+        try:
+            return self._single(OP_WRITE, off, buf, REQ_FUA if fua else 0)
+        finally:
+            self._leave()
 
-    def readv(self, uint64_t offset, bufs):
+    def readv(self, offset, bufs):
         """Read consecutive bytes at ``offset`` into each buffer of ``bufs`` in
         turn; returns the total."""
-        cdef _Views v = _acquire_views(bufs, True, False)
-        return self._run(OP_READ, offset, v.total, v, 0)
+        cdef uint64_t off = _u64(offset, "offset")
+        cdef _Views v
+        self._enter()
+        try:
+            v = _acquire_views(bufs, True, False)
+            return self._run(OP_READ, off, v.total, v, 0)
+        finally:
+            self._leave()
 
-    def writev(self, uint64_t offset, bufs, *, bint fua=False):
+    def writev(self, offset, bufs, *, bint fua=False):
         """Write the buffers of ``bufs`` back to back at ``offset``."""
-        cdef _Views v = _acquire_views(bufs, False, False)
-        return self._run(OP_WRITE, offset, v.total, v, REQ_FUA if fua else 0)
+        cdef uint64_t off = _u64(offset, "offset")
+        cdef _Views v
+        self._enter()
+        try:
+            v = _acquire_views(bufs, False, False)
+            return self._run(OP_WRITE, off, v.total, v, REQ_FUA if fua else 0)
+        finally:
+            self._leave()
 
-    def write_zeroes(self, uint64_t offset, uint64_t length, *, bint fua=False,
+    def write_zeroes(self, offset, length, *, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
         """Write ``length`` zero bytes at ``offset``.  ``may_unmap=False``
         keeps the blocks allocated; ``no_fallback=True`` fails rather than
         writing zeroes the slow way."""
+        cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
         cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
-        self._run(OP_WRITE_ZEROES, offset, length, None, flags)
+        self._enter()
+        try:
+            self._run(OP_WRITE_ZEROES, off, n, None, flags)
+        finally:
+            self._leave()
 
-    def discard(self, uint64_t offset, uint64_t length):
+    def discard(self, offset, length):
         """Discard ``length`` bytes at ``offset`` (advisory: a device that
         cannot discard answers success)."""
-        self._run(OP_DISCARD, offset, length, None, 0)
+        cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
+        self._enter()
+        try:
+            self._run(OP_DISCARD, off, n, None, 0)
+        finally:
+            self._leave()
 
     def flush(self):
         """Make completed writes durable."""
-        self._run(OP_FLUSH, 0, 0, None, 0)
+        self._enter()
+        try:
+            self._run(OP_FLUSH, 0, 0, None, 0)
+        finally:
+            self._leave()
 
     # ---- queues ----------------------------------------------------------
 
-    def queue(self, int index=0):
+    def queue(self, index=0):
         """Queue ``index`` (0 .. num_queues-1)."""
+        index = _index(index, "index")
+        if self.closing or self.b == NULL:
+            raise self._closed_error()
         if self.state != "broken":      # a broken device still shows its queues
             self._ensure_started()
         if not 0 <= index < len(self._queues) or self._queues[index] is None:
@@ -2279,8 +2830,11 @@ cdef class _DeviceCore:
                              f"({len(self._queues)} queue slot(s))")
         return self._queues[index]
 
-    def poll_queue(self, int index=0):
+    def poll_queue(self, index=0):
         """Poll queue ``index`` (0 .. num_poll_queues-1)."""
+        index = _index(index, "index")
+        if self.closing or self.b == NULL:
+            raise self._closed_error()
         if self.state != "broken":
             self._ensure_started()
         if not 0 <= index < len(self._poll_queues) or self._poll_queues[index] is None:
@@ -2294,29 +2848,64 @@ cdef class _DeviceCore:
         return tuple(q for q in self._queues + self._poll_queues if q is not None)
 
     def _add_queue(self, bint poll):
-        self._ensure_started()
-        cdef int idx = lb.blkio_add_poll_queue(self.b) if poll else lb.blkio_add_queue(self.b)
-        if idx < 0:
-            raise _libblkio_error(idx, "blkio_add_poll_queue" if poll else "blkio_add_queue")
-        cdef lb.blkioq *q = lb.blkio_get_poll_queue(self.b, idx) if poll else lb.blkio_get_queue(self.b, idx)
-        if q == NULL:
-            raise Error(EIO, f"libblkio added queue {idx} but does not return it")
-        cdef Queue qq = Queue._new(self, q, idx, poll)
-        lst = self._poll_queues if poll else self._queues
-        while len(lst) <= idx:
-            lst.append(None)
-        lst[idx] = qq
-        return qq
+        cdef int idx
+        cdef lb.blkioq *q
+        self._enter()
+        try:
+            self._ensure_started()
+            self._ctl_lock()
+            idx = lb.blkio_add_poll_queue(self.b) if poll else lb.blkio_add_queue(self.b)
+            if idx >= 0:
+                q = lb.blkio_get_poll_queue(self.b, idx) if poll else lb.blkio_get_queue(self.b, idx)
+            self._ctl_unlock()
+            if idx < 0:
+                raise _libblkio_error(idx, "blkio_add_poll_queue" if poll else "blkio_add_queue")
+            if q == NULL:
+                raise Error(EIO, f"libblkio added queue {idx} but does not return it")
+            qq = Queue._new(self, q, idx, poll)
+            lst = self._poll_queues if poll else self._queues
+            while len(lst) <= idx:
+                lst.append(None)
+            lst[idx] = qq
+            return qq
+        finally:
+            self._leave()
 
     def _remove_queue(self, Queue queue, double timeout):
-        self._ensure_started()
-        if queue.device is not self or queue.removed:
-            raise ValueError("queue is not a live queue of this device")
-        self._drain(queue, timeout)
+        """Remove ``queue``: refuse new calls on it, wait for the calls in
+        progress to leave (their waits give up within a slice), drain its
+        requests (``timeout`` seconds), then remove it from libblkio."""
+        self._enter()
+        try:
+            self._ensure_started()
+            if queue.device is not self or queue.removing:
+                raise ValueError("queue is not a live queue of this device")
+            queue.removing = True
+            queue.remove_timeout = timeout
+            own = blkio_py_held(<void *>queue)
+            if not self._wait_users(queue, own, timeout + 2 * WAIT_SLICE) or own:
+                # A call of this thread (or one stuck inside libblkio) is still
+                # in the queue: the last one to leave removes it.
+                queue.remove_pending = True
+                return
+            self._finish_remove(queue)
+        finally:
+            self._leave()
+
+    def _finish_remove(self, Queue queue):
+        """Drain and remove a queue nobody is inside any more."""
+        queue.draining = True
+        interrupted = None
+        try:
+            self._drain(queue, queue.remove_timeout)
+        except BaseException as e:      # Ctrl-C: stop draining, still remove
+            interrupted = e
+        kept = self._keep_undrained(queue)
+        self._ctl_lock()
         cdef int ret = (lb.blkio_remove_poll_queue(self.b, queue.index) if queue.is_poll_queue
                         else lb.blkio_remove_queue(self.b, queue.index))
-        if ret < 0:
-            raise _libblkio_error(ret, "blkio_remove_queue")
+        self._ctl_unlock()
+        orphans = self._orphans(queue, kept)
         queue.removed = True
         queue.q = NULL
         lst = self._poll_queues if queue.is_poll_queue else self._queues
@@ -2325,9 +2914,15 @@ cdef class _DeviceCore:
             self.q0 = None
         while lst and lst[len(lst) - 1] is None:
             lst.pop()
+        self._call_close_callbacks(queue, orphans)
+        if ret < 0:
+            raise _libblkio_error(ret, "blkio_remove_queue")
+        if interrupted is not None:
+            raise interrupted
 
     def _drain(self, Queue queue, double timeout):
-        """Wait (bounded) for the queue's requests in flight."""
+        """Wait (bounded) for the queue's requests in flight.  Only close()
+        and remove_queue() call it, once no other call is inside."""
         deadline = time.monotonic() + timeout
         while queue.inflight > 0:
             left = deadline - time.monotonic()
@@ -2340,6 +2935,60 @@ cdef class _DeviceCore:
             except OSError:
                 return False
         return True
+
+    cdef int _keep_undrained(self, Queue queue) except -1:
+        """Requests still in flight after the drain: unless the backend is
+        gone, the device may still write their memory after the instance or
+        queue is destroyed, so that memory is never given back."""
+        if queue.inflight == 0:
+            return 0
+        if self.state == "broken" or self._backend_dead():
+            return 0
+        kept = []
+        cdef Completion c = queue.head
+        while c is not None:
+            kept.append(c)
+            c = c.next
+        if queue.batch_inflight:
+            kept.append([entry[3] for entry in self.regions.values()])
+        _kept_for_the_kernel.append(kept)
+        import warnings
+        warnings.warn(f"{self.driver}: {queue.inflight} request(s) did not complete before the "
+                      f"queue went away; their memory is kept until the process exits",
+                      ResourceWarning, stacklevel=2)
+        return <int>queue.inflight
+
+    cdef list _orphans(self, Queue queue, int kept):
+        """Completions nobody collected: those drained into ``ready`` and those
+        that never completed (failed with ECANCELED; their memory is released
+        only when nothing can touch it any more)."""
+        cdef Completion c
+        orphans = queue.ready
+        queue.ready = []
+        while queue.head is not None:
+            c = queue.head
+            queue._unlink(c)
+            c.ret = -ECANCELED
+            c._error_msg = "the device was closed (or the queue removed) before it completed"
+            c.done = True
+            if not kept:
+                c._release_memory()
+            if not c.internal:
+                orphans.append(c)
+        queue.inflight = 0
+        queue.outstanding = 0
+        queue.batch_inflight = 0
+        queue.spare = None
+        queue.reap_out = None
+        return orphans
+
+    cdef int _call_close_callbacks(self, Queue queue, list orphans) except -1:
+        for cb in list(self.close_callbacks):
+            try:
+                cb(queue, orphans)
+            except BaseException:
+                _unraisable(cb)
+        return 0
 
     # ---- backend liveness (vhost-user) ----------------------------------
 
@@ -2358,14 +3007,58 @@ cdef class _DeviceCore:
     # ---- close -----------------------------------------------------------
 
     def _close(self, double drain_timeout=10.0):
-        """Drain requests in flight (bounded), unmap memory, destroy."""
+        """Refuse new calls, wait for the calls in progress to leave, drain
+        requests in flight (bounded), unmap memory, destroy.  See the module
+        docstring for the whole mechanism."""
         if self.b == NULL:
             self.state = "closed"
             return
+        cdef Py_ssize_t own = blkio_py_held(<void *>self)
+        if self.closing:
+            # Another thread is closing it, or a call of ours will destroy it
+            # as it leaves: wait for the first (never for ourselves).
+            if own == 0:
+                self._wait_destroyed(self.close_timeout + 5.0)
+            return
+        self.closing = True
+        self.close_timeout = drain_timeout
+        if self._bounce_pool is not None:
+            self._bounce_pool._wake_all()
+        if not self._wait_users(None, own, drain_timeout + 2 * WAIT_SLICE) or own:
+            # A call of this thread (a signal handler or destructor closing the
+            # device it interrupted), or one stuck inside libblkio: the last
+            # call to leave destroys the instance.
+            self.destroy_pending = True
+            return
+        self._destroy()
+
+    def _wait_destroyed(self, double timeout):
+        cdef timespec ts
+        deadline = time.monotonic() + timeout
+        while self.b != NULL and time.monotonic() < deadline:
+            _realtime_after(&ts, 0.05)
+            pthread_mutex_lock(&self.guard_mutex)
+            if self.b != NULL:
+                with nogil:
+                    pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                    pthread_mutex_unlock(&self.guard_mutex)
+            else:
+                pthread_mutex_unlock(&self.guard_mutex)
+
+    def _destroy(self):
+        """Drain, unmap, destroy; no call is inside the device any more."""
+        self.draining = True
+        interrupted = None
         queues = [q for q in self._queues + self._poll_queues if q is not None]
-        for q in queues:
-            if not (<Queue>q).removed and not self._backend_dead():
-                self._drain(q, drain_timeout)
+        deadline = time.monotonic() + self.close_timeout
+        if self.state != "broken" and not self._backend_dead():
+            for q in queues:
+                try:
+                    self._drain(q, max(0.0, deadline - time.monotonic()))
+                except BaseException as e:      # Ctrl-C: stop draining, still close
+                    interrupted = e
+                    break
+        kept = [self._keep_undrained(q) for q in queues]
         for addr in sorted(self.regions):
             self._unmap(addr)
         with nogil:
@@ -2373,21 +3066,10 @@ cdef class _DeviceCore:
         self.b = NULL
         self.state = "closed"
         self.started = False
-        # The instance is gone, so nothing can write request memory any more:
-        # let go of what requests still in flight were holding.
-        cdef Completion c
+        orphans = [self._orphans(q, k) for q, k in zip(queues, kept)]
         for q in queues:
-            while (<Queue>q).head is not None:
-                c = (<Queue>q).head
-                (<Queue>q)._unlink(c)
-                c.ret = -EIO
-                c.done = True
-                c._release_memory()
             (<Queue>q).q = NULL
             (<Queue>q).removed = True
-            (<Queue>q).inflight = 0
-            (<Queue>q).spare = None
-            (<Queue>q).reap_out = None
         self._queues = []
         self._poll_queues = []
         self.q0 = None
@@ -2397,7 +3079,13 @@ cdef class _DeviceCore:
             self.arena.device = None
             self.arena.chunks = []
         if self._bounce_pool is not None:
-            self._bounce_pool.device = None
+            self._bounce_pool._device_closed()
+        for q, o in zip(queues, orphans):
+            self._call_close_callbacks(q, o)
+        self.close_callbacks = []
+        self._wake_closers()
+        if interrupted is not None:
+            raise interrupted
 
     def _stats(self):
         return (self.n_requests, self.n_bounced, self.bounced_bytes, self.n_split)

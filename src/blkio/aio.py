@@ -11,6 +11,12 @@ Submissions made during one loop iteration go to libblkio in one
 directly is bounced through the device's pool, waiting for space fairly (FIFO)
 without blocking the loop.  A cancelled coroutine's request stays in flight,
 its buffer held, until its completion arrives.
+
+Another thread may close the device (or remove the queue) while requests are
+in flight: their awaits then end with the result of the request if close
+drained it, else with ``ValueError`` saying the device is closed.  The loop
+watches a duplicate of the completion fd, so the fd number it watches stays
+ours until the AsyncDevice lets it go.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import errno
 import os
 import time
+import weakref
 from typing import Any, Awaitable, List, Optional, Sequence
 
 import numpy as np
@@ -53,8 +60,33 @@ class AsyncDevice:
         # whenever requests are in flight and we are about to sleep.
         self.queue.completion_fd_enabled = True
         self._fd_on = True
-        self._fd = self.queue.completion_fd
+        # A duplicate: libblkio closes its fd when the device goes, possibly
+        # from another thread, and the loop must never watch a reused number.
+        self._fd = os.dup(self.queue.completion_fd)
         self._loop.add_reader(self._fd, self._on_completion_fd)
+        ref = weakref.ref(self)
+
+        def device_gone(queue: Queue, orphans: List[Any]) -> None:
+            adev = ref()
+            if adev is not None and queue is adev.queue:
+                try:
+                    adev._loop.call_soon_threadsafe(adev._device_gone, orphans)
+                except RuntimeError:        # the loop is closed
+                    pass
+        device._on_close(device_gone)
+
+    def _device_gone(self, orphans: List[Any]) -> None:
+        """The device was closed (or our queue removed) by someone else:
+        resolve what was in flight and stop watching the fd."""
+        self._release_fd()
+        self._closed = True
+        self._resolve(orphans)
+
+    def _release_fd(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
     # ---- completion handling ---------------------------------------------
 
@@ -66,6 +98,14 @@ class AsyncDevice:
         self._reap()
 
     def _reap(self) -> None:
+        try:
+            self._reap_queue()
+        except ValueError:
+            if not (self.device.closed or self.queue.removed):
+                raise
+            # Closed by another thread: its callback resolves what is left.
+
+    def _reap_queue(self) -> None:
         # Suppress-while-draining: no fd events while we reap in a loop; the
         # fd is re-enabled only while requests remain in flight, and polled
         # once more after that for what completed in between.
@@ -92,6 +132,9 @@ class AsyncDevice:
                 fut.set_result(c.length)
             elif c.op == "discard" and c.ret == -errno.EOPNOTSUPP:
                 fut.set_result(0)       # discard is advisory
+            elif c.ret == -errno.ECANCELED:
+                fut.set_exception(ValueError(f"the device was closed (or its queue removed) "
+                                             f"before this {c.op} completed"))
             else:
                 try:
                     c.check()
@@ -105,14 +148,19 @@ class AsyncDevice:
         if self._closed:
             return
         q = self.queue
-        if self.poll_us > 0 and q.in_flight:
-            self._resolve(q.poll())
-            deadline = time.perf_counter() + self.poll_us / 1e6
-            while q.in_flight and time.perf_counter() < deadline:
-                done = q.poll()
-                if done:
-                    self._resolve(done)
-                    break
+        try:
+            if self.poll_us > 0 and q.in_flight:
+                self._resolve(q.poll())
+                deadline = time.perf_counter() + self.poll_us / 1e6
+                while q.in_flight and time.perf_counter() < deadline:
+                    done = q.poll()
+                    if done:
+                        self._resolve(done)
+                        break
+        except ValueError:
+            if not (self.device.closed or q.removed):
+                raise
+            return
         self._reap()
 
     def _request(self, op: int, offset: int, buf: Any, vectored: bool, flags: int,
@@ -122,7 +170,7 @@ class AsyncDevice:
         A cancelled await leaves the request in flight: the core holds its
         buffer and bounce space until the completion is reaped."""
         if self._closed:
-            raise ValueError("AsyncDevice is closed")
+            raise ValueError(f"{self.device.driver} device is closed")
         q = self.queue
         fut = self._loop.create_future()
         if vectored or buf is None:
@@ -222,12 +270,13 @@ class AsyncDevice:
     async def aclose(self) -> None:
         """Wait for requests in flight, then close the device."""
         if self._closed:
+            self._release_fd()
             return
-        while self.queue.in_flight:
+        while self.queue.in_flight and not self.device.closed:
             await asyncio.sleep(0.01)
             self._reap()
         self._closed = True
-        self._loop.remove_reader(self._fd)
+        self._release_fd()
         await self._loop.run_in_executor(None, self.device.close)
 
     async def __aenter__(self) -> "AsyncDevice":

@@ -1,4 +1,5 @@
-"""Command line: ``python -m blkio info|bench <driver> prop=value ...``."""
+"""Command line: ``python -m blkio info|bench|copy ...``: the subcommands and
+their dispatch (copy lives in ``_copy``, bench in ``_bench``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["copy"]:
+        # copy parses its own arguments: PROPERTY=VALUE belongs to the
+        # --input-blkio/--output-blkio before it (libblkio's blkio-copy).
+        from . import _copy
+        return _copy.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m blkio")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="open a device and print its limits and properties as JSON")
@@ -32,5 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
     p.set_defaults(func=cmd_info)
     _bench.add_parser(sub)
+    sub.add_parser("copy", add_help=False,
+                   help="copy a device or file to another, pipelined (libblkio's blkio-copy; "
+                        "python -m blkio copy --help)")
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

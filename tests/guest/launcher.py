@@ -11,9 +11,11 @@ What this module does:
 * ``prepare()`` -- once per cache: fetch the kernel package with apt into
   ``tests/guest/.cache/``, unpack it with ``dpkg-deb -x``, index its modules with
   ``depmod -b``, build a tiny busybox initramfs (with the decompressed 9p
-  modules), compile libblkio's ``blkio-info`` example, and probe whether KVM
+  modules), compile libblkio's ``blkio-info`` example and ``zone_probe.c``
+  (libblkio's zone calls, for the zoned tests), and probe whether KVM
   really boots a guest (else TCG).  Later runs reuse all of it.
-* ``run_guest()`` -- boot ONE guest with an NVMe controller, a virtio-blk-pci
+* ``run_guest()`` -- boot ONE guest with two NVMe controllers (a plain
+  namespace; two zoned namespaces, ``ZONED_NAMESPACES``), a virtio-blk-pci
   device behind an emulated Intel IOMMU (for vfio-pci) and, inside the guest, a
   VDUSE export for vhost-vdpa; run pytest on ``tests/guest/in_guest`` there and
   return the junit XML it wrote on a read-write 9p share.  The boot is bounded
@@ -64,6 +66,44 @@ GUEST_MEM = "2G"
 GUEST_SMP = "2"
 DEFAULT_TIMEOUT = float(os.environ.get("BLKIO_GUEST_TIMEOUT", "600"))
 DISK_SIZE = 64 * 1024 * 1024
+MiB = 1024 * 1024
+# NVMe controllers, found in the guest by serial (names like /dev/ng0n1 depend
+# on the order in which the kernel probes them, which is asynchronous).
+NVME_SERIAL = "deadbeef"    # one plain namespace (nsid 1) over nvme.img
+ZNS_SERIAL = "zns0"         # the zoned namespaces below
+
+
+@dataclasses.dataclass(frozen=True)
+class ZonedNamespace:
+    """A zoned (ZNS) namespace on the ZNS_SERIAL controller (sizes in bytes)."""
+    nsid: int
+    image: str
+    size: int
+    zone_size: int
+    zone_capacity: int
+    max_open: int       # 0: no limit
+    max_active: int     # 0: no limit
+
+    def qemu_args(self, share: Path) -> list[str]:
+        drive = f"zn{self.nsid}"
+        return [
+            "-drive", f"file={share / self.image},if=none,id={drive},format=raw",
+            "-device", (f"nvme-ns,drive={drive},bus=nvme1,nsid={self.nsid},zoned=on,"
+                        f"zoned.zone_size={self.zone_size},"
+                        f"zoned.zone_capacity={self.zone_capacity},"
+                        f"zoned.max_open={self.max_open},zoned.max_active={self.max_active}"),
+        ]
+
+
+ZONED_NAMESPACES = (
+    # 16 zones of 4 MiB, at most 4 open / 4 active.
+    ZonedNamespace(1, "zns.img", 64 * MiB, 4 * MiB, 4 * MiB, 4, 4),
+    # Zone capacity < zone size: 8 zones of 4 MiB that hold 3 MiB each; fewer
+    # open than active zones, so that open-all can run into max-open.
+    ZonedNamespace(2, "zns-cap.img", 32 * MiB, 4 * MiB, 3 * MiB, 2, 3),
+)
+# Zone Append Size Limit: 2^5 * 4 KiB = 128 KiB (0 would mean MDTS, 512 KiB).
+ZNS_ZASL = 5
 # Marks printed on the serial console.
 DONE_MARK = "BLKIO-GUEST-DONE"
 INIT_FAIL_MARK = "BLKIO-GUEST-INIT-FAILED"
@@ -321,18 +361,41 @@ def ensure_blkio_info() -> Optional[Path]:
         plain = CACHE / "bin" / "blkio-info.c"
         plain.write_bytes(gzip.decompress(Path(str(src) + ".gz").read_bytes()))
         src = plain
-    if not src.is_file() or shutil.which("gcc") is None or shutil.which("pkg-config") is None:
+    if not src.is_file():
+        return None
+    return _compile_against_libblkio(src, out)
+
+
+def _compile_against_libblkio(src: Path, out: Path) -> Optional[Path]:
+    """gcc src -> out with libblkio's flags; None (logged) when it cannot."""
+    if shutil.which("gcc") is None or shutil.which("pkg-config") is None:
         return None
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "blkio"],
                            stdout=subprocess.PIPE, text=True)
     if flags.returncode != 0:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["gcc", "-O2", "-o", str(out), str(src), *flags.stdout.split()],
+    tmp = out.with_name(out.name + ".tmp")
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(src), *flags.stdout.split()],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
-        log(f"cannot build blkio-info: {r.stdout}")
+        log(f"cannot build {out.name}: {r.stdout}")
         return None
+    os.replace(tmp, out)
+    return out
+
+
+def ensure_zone_probe() -> Optional[Path]:
+    """zone_probe.c (libblkio's zone calls from C), rebuilt when it changes."""
+    src = HERE / "zone_probe.c"
+    out = CACHE / "bin" / "zone-probe"
+    stamp = out.with_suffix(".stamp")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    if out.is_file() and stamp.is_file() and stamp.read_text() == digest:
+        return out
+    if _compile_against_libblkio(src, out) is None:
+        return None
+    stamp.write_text(digest)
     return out
 
 
@@ -452,6 +515,7 @@ class Prepared:
     initrd: Path
     accel: str
     blkio_info: Optional[Path]
+    zone_probe: Optional[Path] = None
 
 
 def prepare() -> Prepared:
@@ -463,8 +527,9 @@ def prepare() -> Prepared:
         kernel = ensure_kernel()
         initrd = ensure_initramfs(kernel)
         info = ensure_blkio_info()
+        probe = ensure_zone_probe()
         accel = "kvm" if _kvm_usable(kernel, initrd) else "tcg"
-    return Prepared(kernel, initrd, accel, info)
+    return Prepared(kernel, initrd, accel, info, probe)
 
 
 JOB_SCRIPT = r"""#!/bin/sh
@@ -537,6 +602,9 @@ def run_guest(pytest_args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
     for name in ("nvme.img", "vfio.img"):
         with open(share / name, "wb") as f:
             f.truncate(DISK_SIZE)
+    for zns in ZONED_NAMESPACES:
+        with open(share / zns.image, "wb") as f:
+            f.truncate(zns.size)
 
     env = {
         "BLKIO_GUEST": "1",
@@ -546,6 +614,12 @@ def run_guest(pytest_args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
         "BLKIO_GUEST_DISK_SIZE": str(DISK_SIZE),
         "BLKIO_GUEST_NVME_IMAGE": "/run/share/nvme.img",
         "BLKIO_GUEST_VFIO_IMAGE": "/run/share/vfio.img",
+        "BLKIO_GUEST_NVME_SERIAL": NVME_SERIAL,
+        "BLKIO_GUEST_ZNS_SERIAL": ZNS_SERIAL,
+        "BLKIO_GUEST_ZONED": json.dumps([
+            dict(dataclasses.asdict(z), image=f"/run/share/{z.image}")
+            for z in ZONED_NAMESPACES]),
+        "BLKIO_GUEST_ZONE_PROBE": str(prep.zone_probe or ""),
     }
     job = (JOB_SCRIPT
            .replace("@KROOT@", shlex.quote(str(prep.kernel.root)))
@@ -568,7 +642,11 @@ def run_guest(pytest_args: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
         "-fsdev", f"local,id=s,path={share},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=s,mount_tag=share",
         "-drive", f"file={share / 'nvme.img'},if=none,id=nv0,format=raw",
-        "-device", "nvme,serial=deadbeef,drive=nv0",
+        "-device", f"nvme,serial={NVME_SERIAL},drive=nv0",
+        # Zoned namespaces on a second controller.
+        *(["-device", f"nvme,id=nvme1,serial={ZNS_SERIAL},zoned.zasl={ZNS_ZASL}"]
+          if ZONED_NAMESPACES else []),
+        *[arg for zns in ZONED_NAMESPACES for arg in zns.qemu_args(share)],
         "-drive", f"file={share / 'vfio.img'},if=none,id=vb0,format=raw",
         "-device", "virtio-blk-pci,drive=vb0,disable-legacy=on,iommu_platform=on",
     ]

@@ -4,12 +4,18 @@ The launcher (tests/guest/launcher.py) runs pytest on this directory inside a
 QEMU guest with BLKIO_GUEST=1.  Each driver's device is set up once per session
 by a fixture here, so a set-up failure shows as an error of every test of that
 driver, with the reason.
+
+NVMe namespaces are found by their controller's serial and their namespace id,
+never by name: the kernel probes the two controllers asynchronously, so the
+plain namespace is /dev/ng0n1 in one boot and /dev/ng1n1 in the next.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -90,11 +96,177 @@ def _pci_read(dev: Path, name: str) -> str:
     return (dev / name).read_text().strip()
 
 
+# --------------------------------------------------------------------------
+# NVMe namespaces, by controller serial and namespace id
+# --------------------------------------------------------------------------
+
+NVME_SERIAL = os.environ.get("BLKIO_GUEST_NVME_SERIAL", "deadbeef")
+ZNS_SERIAL = os.environ.get("BLKIO_GUEST_ZNS_SERIAL", "zns0")
+# The zoned namespaces the launcher gave the guest (launcher.ZONED_NAMESPACES).
+ZONED = json.loads(os.environ.get("BLKIO_GUEST_ZONED", "[]"))
+ZONE_PROBE = os.environ.get("BLKIO_GUEST_ZONE_PROBE", "")
+NVME_IOCTL_ID = 0x4E40      # _IO('N', 0x40): the namespace id of an NVMe device node
+
+
+class NvmeNamespace(NamedTuple):
+    path: str       # /dev/ngXnY (the generic char device nvme-io_uring takes)
+    serial: str     # the controller's serial number
+    nsid: int
+    sysfs: str      # /sys/block/nvmeXnY ("" when the kernel made no block device)
+
+    def queue_attr(self, name: str) -> str:
+        """A /sys/block/nvmeXnY/queue attribute ("" when absent)."""
+        try:
+            return Path(self.sysfs, "queue", name).read_text().strip()
+        except OSError:
+            return ""
+
+
+def nvme_namespaces() -> dict:
+    """{(serial, nsid): NvmeNamespace} of every NVMe namespace present now."""
+    found = {}
+    for cls in sorted(glob.glob("/sys/class/nvme-generic/ng*n*")):
+        name = os.path.basename(cls)
+        try:
+            serial = Path(cls, "device", "serial").read_text().strip()
+            fd = os.open(f"/dev/{name}", os.O_RDONLY)
+        except OSError:
+            continue        # still appearing
+        try:
+            nsid = fcntl.ioctl(fd, NVME_IOCTL_ID)
+        finally:
+            os.close(fd)
+        block = f"/sys/block/nvme{name[2:]}"    # ngXnY and nvmeXnY share XnY
+        found[(serial, nsid)] = NvmeNamespace(f"/dev/{name}", serial, nsid,
+                                              block if os.path.isdir(block) else "")
+    return found
+
+
 @pytest.fixture(scope="session")
-def nvme_path() -> str:
+def nvme_devices() -> dict:
+    """Every namespace the launcher gave the guest, once all have appeared."""
+    t0 = time.monotonic()
     sh("modprobe", "nvme")
-    return wait_for(lambda: os.path.exists("/dev/ng0n1") and "/dev/ng0n1",
-                    "/dev/ng0n1 (the NVMe generic char device)")
+    want = {(NVME_SERIAL, 1)} | {(ZNS_SERIAL, z["nsid"]) for z in ZONED}
+
+    def all_there():
+        now = nvme_namespaces()
+        return now if want <= now.keys() else None
+
+    found = wait_for(all_there, f"NVMe namespaces (serial, nsid) {sorted(want)}")
+    print(f"NVMe namespaces {time.monotonic() - t0:.2f} s after modprobe nvme: "
+          + ", ".join(f"{k[0]}/{k[1]}={v.path}" for k, v in sorted(found.items())))
+    return found
+
+
+@pytest.fixture(scope="session")
+def nvme_path(nvme_devices) -> str:
+    """The plain (not zoned) namespace: nsid 1 of the NVME_SERIAL controller."""
+    return nvme_devices[(NVME_SERIAL, 1)].path
+
+
+class ZonedTarget(NamedTuple):
+    """A zoned namespace and the geometry the launcher gave it (bytes)."""
+    ns: NvmeNamespace
+    image: str
+    size: int
+    zone_size: int
+    zone_capacity: int
+    max_open: int       # 0: no limit
+    max_active: int     # 0: no limit
+
+    @property
+    def path(self) -> str:
+        return self.ns.path
+
+    @property
+    def nr_zones(self) -> int:
+        return self.size // self.zone_size
+
+
+def _zoned_target(nvme_devices, spec: dict) -> ZonedTarget:
+    ns = nvme_devices[(ZNS_SERIAL, spec["nsid"])]
+    zt = ZonedTarget(ns, spec["image"], spec["size"], spec["zone_size"],
+                     spec["zone_capacity"], spec["max_open"], spec["max_active"])
+    model = ns.queue_attr("zoned")
+    if model != "host-managed":
+        raise RuntimeError(f"{ns.path} (serial {ZNS_SERIAL}, nsid {ns.nsid}) is not "
+                           f"host-managed: /sys/block/.../queue/zoned = {model!r}")
+    return zt
+
+
+def _zoned_spec(pred, what: str) -> dict:
+    for spec in ZONED:
+        if pred(spec):
+            return spec
+    pytest.fail(f"the launcher gave the guest no {what} (BLKIO_GUEST_ZONED={ZONED})")
+
+
+@pytest.fixture(scope="session")
+def zns(nvme_devices) -> ZonedTarget:
+    """The zoned namespace whose zones hold their whole size (capacity == size)."""
+    return _zoned_target(nvme_devices, _zoned_spec(
+        lambda z: z["zone_capacity"] == z["zone_size"], "zoned namespace with capacity == size"))
+
+
+@pytest.fixture(scope="session")
+def zns_small_capacity(nvme_devices) -> ZonedTarget:
+    """The zoned namespace whose zone capacity is smaller than its zone size."""
+    return _zoned_target(nvme_devices, _zoned_spec(
+        lambda z: z["zone_capacity"] < z["zone_size"], "zoned namespace with capacity < size"))
+
+
+@pytest.fixture(params=["zns", "zns_small_capacity"],
+                ids=["zns", "zns-small-cap"])
+def zoned(request) -> ZonedTarget:
+    """Each zoned namespace in turn."""
+    return request.getfixturevalue(request.param)
+
+
+class ZoneProbe:
+    """libblkio's zone calls from C (tests/guest/zone_probe.c, built by the
+    launcher): blkio's Python API does not wrap them yet."""
+
+    def __init__(self, exe: str):
+        self.exe = exe
+
+    def run(self, path: str, *ops: str, props: bool = False) -> list:
+        """Run ops ("report 0 4", "reset-all", ...) in one libblkio instance;
+        one dict per op (plus the three "props" lines when props=True)."""
+        argv = [self.exe, "nvme-io_uring", path]
+        for i, op in enumerate(ops):
+            argv += (["--"] if i else []) + op.split()
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"zone-probe {' '.join(argv[1:])} failed ({r.returncode}): "
+                               f"{r.stderr.strip()}")
+        out = [json.loads(line) for line in r.stdout.splitlines()]
+        # The probe reads the properties before connect, after connect and
+        # after start, then runs the ops.
+        assert [d.get("state") for d in out[:3]] == ["created", "connected", "started"], out
+        return out if props else out[3:]
+
+    def one(self, path: str, op: str) -> dict:
+        (res,) = self.run(path, op)
+        return res
+
+    def report(self, path: str, offset: int = 0, nr: int = 1) -> list:
+        """The zones libblkio reported (ret of them), checking ret >= 0."""
+        res = self.one(path, f"report {offset} {nr}")
+        assert res["ret"] >= 0, res
+        return res["zones"][:res["ret"]]
+
+    def reset_all(self, path: str) -> None:
+        res = self.one(path, "reset-all")
+        assert res["ret"] == 0, res
+
+
+@pytest.fixture(scope="session")
+def zone_probe() -> ZoneProbe:
+    if not ZONE_PROBE:
+        pytest.skip("zone-probe was not built on the host (needs gcc, pkg-config, libblkio-dev)")
+    return ZoneProbe(ZONE_PROBE)
 
 
 @pytest.fixture(scope="session")

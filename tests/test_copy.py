@@ -1,0 +1,509 @@
+"""``python -m blkio copy``: libblkio's blkio-copy, pipelined.
+
+Every copy runs as a subprocess in a temp directory (the installed package,
+not the source tree) and is checked byte for byte against the source with
+os.pread: between every pair of plain file / io_uring / vhost-user (and a
+loop device), with --sparse and --verify, with a short file padded on a
+device, with bad specs (exit 2, nothing written), with progress on a pty and
+on a pipe, and with Ctrl-C in the middle of a throttled copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import pytest
+
+from conftest import Image, Inject, convert_to_qcow2, qcow2_host_offset, require, write_image
+
+MiB = 1 << 20
+#: not a multiple of the 1 MiB default blocksize, so the last chunk is short;
+#: more chunks than the default depth (8), so the ring of slots wraps.
+SIZE = 11 * MiB + 12 * 1024
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _copy(cwd, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blkio", "copy", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _ok(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _read(path, offset: int = 0, n: Optional[int] = None) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read() if n is None else f.read(n)
+
+
+def _image_with_zero_chunks(make_image, size: int, zero_chunks: List[int],
+                            chunk: int = MiB) -> Image:
+    img = make_image(size)
+    data = bytearray(img.data)
+    for i in zero_chunks:
+        data[i * chunk:(i + 1) * chunk] = bytes(min(chunk, size - i * chunk))
+    return _rewrite(img, bytes(data))
+
+
+def _rewrite(img: Image, data: bytes) -> Image:
+    with open(img.path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Image(img.path, data)
+
+
+# ---------------------------------------------------------------------------
+# the three kinds of end, as input and as output
+
+
+class Source:
+    """An input holding ``image``'s bytes, and its command-line spec."""
+
+    def __init__(self, args: List[str], image: Image):
+        self.args, self.image = args, image
+
+
+class Target:
+    """An output: its spec, and how to read what it holds now."""
+
+    def __init__(self, args: List[str], read: Callable[[int, int], bytes], before: bytes):
+        self.args, self.read, self.before = args, read, before
+
+
+def _source(kind: str, image: Image, qsd) -> Source:
+    if kind == "file":
+        return Source([f"--input-file={image.path}"], image)
+    if kind == "io_uring":      # buffered, where --input-file uses O_DIRECT
+        return Source(["--input-blkio=io_uring", f"path={image.path}"], image)
+    daemon = qsd(image=image)
+    return Source(["--input-blkio=virtio-blk-vhost-user", f"path={daemon.socket}"], image)
+
+
+def _target(kind: str, tmp_path: Path, make_image, qsd, size: int) -> Target:
+    """Outputs other than a new file start 1 MiB larger and full of random
+    bytes: the copy must replace the first ``size`` and leave the rest."""
+    if kind == "file":
+        path = tmp_path / "out.raw"
+        return Target([f"--output-file={path}"], lambda off, n: _read(path, off, n), b"")
+    img = make_image(size + MiB)
+    if kind == "io_uring":
+        return Target(["--output-blkio=io_uring", f"path={img.path}", "direct=true"],
+                      img.pread, img.data)
+    daemon = qsd(image=img)
+    return Target(["--output-blkio=virtio-blk-vhost-user", f"path={daemon.socket}"],
+                  img.pread, img.data)
+
+
+KINDS = ["file", "io_uring", "vhost-user"]
+
+
+@pytest.mark.parametrize("out_kind", KINDS)
+@pytest.mark.parametrize("in_kind", KINDS)
+def test_copy_between_every_pair_is_byte_for_byte(tmp_path, make_image, qsd, in_kind, out_kind):
+    src = _source(in_kind, make_image(SIZE), qsd)
+    dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
+    res = _ok(_copy(tmp_path, *src.args, *dst.args, "--json"))
+    assert res["bytes"] == res["input_bytes"] == SIZE
+    assert res["chunks"] == 12 and res["blocksize"] == MiB and res["depth"] == 8
+    assert res["interrupted"] is False and res["zero_chunks"] == 0
+    assert res["bounced_bytes"] == 0      # one Buffer mapped into both devices
+    assert dst.read(0, SIZE) == src.image.data
+    if dst.before:
+        assert dst.read(SIZE, MiB) == dst.before[SIZE:]
+    else:
+        assert os.path.getsize(tmp_path / "out.raw") == SIZE
+
+
+def test_small_blocksize_and_depth_one_still_copy_everything(tmp_path, make_image):
+    img = make_image(SIZE)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={img.path}", f"--output-file={out}",
+                    "--blocksize=64K", "--depth=1", "--json"))
+    assert (res["blocksize"], res["depth"], res["chunks"]) == (65536, 1, SIZE // 65536 + 1)
+    assert _read(out) == img.data
+
+
+def test_loop_device_to_file_and_short_file_to_loop_device(tmp_path, make_image, loopdev):
+    out = tmp_path / "from-loop.raw"
+    _ok(_copy(tmp_path, f"--input-file={loopdev.path}", f"--output-file={out}", "--json"))
+    assert _read(out) == loopdev.backing.data
+
+    short = make_image(5000)                  # not a multiple of 512
+    res = _ok(_copy(tmp_path, f"--input-file={short.path}", f"--output-file={loopdev.path}",
+                    "--json"))
+    assert res["bytes"] == 5000
+    written = loopdev.backing.pread(0, 8192)
+    assert written[:5000] == short.data
+    assert written[5000:5120] == bytes(120)              # padded to the 512-byte block
+    assert written[5120:] == loopdev.backing.data[5120:8192]
+
+
+# ---------------------------------------------------------------------------
+# padding and output size
+
+
+@pytest.mark.parametrize("out_kind", ["io_uring", "vhost-user"])
+@pytest.mark.parametrize("size", [1000, 9 * MiB + 1000])
+def test_short_file_is_padded_with_zeroes_to_the_device_block(tmp_path, make_image, qsd,
+                                                              out_kind, size):
+    """The 9 MiB + 1000 case ends in a slot that held random bytes before
+    (10 chunks, 8 slots): the padding must be zeroed, not left over."""
+    short = make_image(size)
+    dst = _target(out_kind, tmp_path, make_image, qsd, size + 4 * MiB)
+    res = _ok(_copy(tmp_path, f"--input-file={short.path}", *dst.args, "--json"))
+    assert res["bytes"] == size
+    end = size + 24                                       # the rest of the 512-byte block
+    assert dst.read(0, size) == short.data
+    assert dst.read(size, 24) == bytes(24)
+    assert dst.read(end, 4096) == dst.before[end:end + 4096]
+
+
+def test_file_to_file_keeps_the_exact_size_through_o_direct(tmp_path, make_image):
+    short = make_image(MiB + 1000)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={short.path}", f"--output-file={out}", "--json"))
+    assert res["output"]["direct"] is True and res["input"]["direct"] is True
+    assert _read(out) == short.data
+
+
+def test_longer_output_file_is_not_truncated(tmp_path, make_image):
+    src = make_image(MiB + 1000)
+    out = make_image(3 * MiB, "existing.raw")
+    _ok(_copy(tmp_path, f"--input-file={src.path}", f"--output-file={out.path}", "--json"))
+    after = _read(out.path)
+    assert len(after) == 3 * MiB
+    assert after[:MiB + 1000] == src.data and after[MiB + 1000:] == out.data[MiB + 1000:]
+
+
+def test_shorter_output_file_is_extended(tmp_path, make_image):
+    src = make_image(2 * MiB)
+    out = make_image(4096, "short.raw")
+    _ok(_copy(tmp_path, f"--input-file={src.path}", f"--output-file={out.path}", "--json"))
+    assert _read(out.path) == src.data
+
+
+def test_empty_input_file_copies_nothing(tmp_path, make_image):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    res = _ok(_copy(tmp_path, f"--input-file={empty}", f"--output-file={out}", "--json"))
+    assert res["bytes"] == 0 and out.read_bytes() == b""
+
+
+# ---------------------------------------------------------------------------
+# --sparse and --verify
+
+
+ZERO_CHUNKS = [1, 2, 5, 11]      # chunk 11 is the short last one
+
+
+@pytest.mark.parametrize("out_kind", KINDS)
+def test_sparse_writes_zero_chunks_as_write_zeroes(tmp_path, make_image, qsd, out_kind):
+    src = _image_with_zero_chunks(make_image, SIZE, ZERO_CHUNKS)
+    dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
+    res = _ok(_copy(tmp_path, f"--input-file={src.path}", *dst.args, "--sparse", "--json"))
+    assert res["zero_chunks"] == len(ZERO_CHUNKS)
+    assert res["zero_bytes"] == 3 * MiB + (SIZE - 11 * MiB)
+    assert dst.read(0, SIZE) == src.data                  # the random bytes were zeroed
+    if out_kind == "file":
+        # write-zeroes may unmap: a new file keeps holes where the zeroes are.
+        assert os.stat(tmp_path / "out.raw").st_blocks * 512 <= SIZE - 3 * MiB
+
+
+def test_without_sparse_zero_chunks_are_plain_writes(tmp_path, make_image):
+    src = _image_with_zero_chunks(make_image, SIZE, ZERO_CHUNKS)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={src.path}", f"--output-file={out}", "--json"))
+    assert res["zero_chunks"] == 0 and _read(out) == src.data
+
+
+@pytest.mark.parametrize("out_kind", KINDS)
+def test_verify_reads_back_and_reports_verified(tmp_path, make_image, qsd, out_kind):
+    src = make_image(SIZE)
+    dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
+    proc = _copy(tmp_path, f"--input-file={src.path}", *dst.args, "--verify", "--sparse",
+                 "--json")
+    res = _ok(proc)
+    assert res["verified"] is True and res["verify_seconds"] > 0
+    assert "verified" in proc.stderr.splitlines()[-1]
+    assert dst.read(0, SIZE) == src.data
+
+
+@pytest.mark.parametrize("diff_at", [0, 3 * MiB + 17, SIZE - 1])
+def test_verify_finds_the_first_differing_byte(tmp_path, make_image, diff_at):
+    """The verify pass alone, on two files that differ in one byte."""
+    from blkio import _copy as copy_mod
+    src = make_image(SIZE)
+    other = bytearray(src.data)
+    other[diff_at] ^= 0xFF
+    dst = _rewrite(make_image(SIZE), bytes(other))
+    opts = copy_mod.parse_args([f"--input-file={src.path}", f"--output-file={dst.path}"])
+    a = copy_mod.open_input(opts.input, "auto")
+    b = copy_mod.open_output(opts.output, SIZE, "auto")
+    try:
+        c = copy_mod.Copier(a, b, SIZE, *copy_mod.choose_geometry(a, b, SIZE, None, None))
+        with pytest.raises(copy_mod.VerifyError) as err:
+            c.verify(copy_mod.NoProgress())
+        assert err.value.offset == diff_at
+        c.close()
+    finally:
+        b.close()
+        a.close()
+
+
+# ---------------------------------------------------------------------------
+# bad specs: one line on stderr, exit status 2, nothing written
+
+
+def _bad_cases(src: Image, out: Path, small: Image) -> List[Tuple[str, List[str], str]]:
+    return [
+        ("unknown driver", ["--input-blkio=nosuch", f"path={src.path}",
+                            f"--output-file={out}"], "unknown driver"),
+        ("missing property", ["--input-blkio=io_uring", f"--output-file={out}"], "needs 'path'"),
+        ("unknown property", ["--input-blkio=io_uring", f"path={src.path}", "bogus-prop=1",
+                              f"--output-file={out}"], "bogus"),
+        ("property without value", ["--input-blkio=io_uring", f"path={src.path}", "direct",
+                                    f"--output-file={out}"], "missing property value"),
+        ("unknown option", [f"--input-file={src.path}", f"--output-file={out}", "--bogus"],
+         "--bogus"),
+        ("stray argument", [f"--input-file={src.path}", "stray", f"--output-file={out}"],
+         "stray"),
+        ("output before input", [f"--output-file={out}", f"--input-file={src.path}"],
+         "after an --input"),
+        ("no output", [f"--input-file={src.path}"], "missing --output"),
+        ("two inputs", [f"--input-file={src.path}", f"--input-file={src.path}",
+                        f"--output-file={out}"], "only one --input"),
+        ("output smaller than input", [f"--input-file={src.path}", "--output-blkio=io_uring",
+                                       f"path={small.path}"], "smaller than the input"),
+        ("input is output", [f"--input-file={src.path}", "--output-blkio=io_uring",
+                             f"path={src.path}"], "the same"),
+        ("blocksize not aligned", [f"--input-file={src.path}", f"--output-file={out}",
+                                   "--blocksize=1000"], "not a multiple"),
+        ("depth zero", [f"--input-file={src.path}", f"--output-file={out}", "--depth=0"],
+         "--depth"),
+    ]
+
+
+CASE_NAMES = [c[0] for c in _bad_cases(Image(Path("in"), b""), Path("out"),
+                                       Image(Path("small"), b""))]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, make_image, case):
+    src, small = make_image(2 * MiB), make_image(MiB)
+    out = tmp_path / "never.raw"
+    _, args, needle = next(c for c in _bad_cases(src, out, small) if c[0] == case)
+    proc = _copy(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("python -m blkio copy: ")
+    assert needle in proc.stderr
+    assert not out.exists()
+    assert src.pread(0, src.size) == src.data and small.pread(0, small.size) == small.data
+
+
+def test_same_vhost_user_socket_on_both_sides_is_refused(tmp_path, qsd):
+    daemon = qsd(size=MiB)
+    proc = _copy(tmp_path, "--input-blkio=virtio-blk-vhost-user", f"path={daemon.socket}",
+                 "--output-blkio=virtio-blk-vhost-user", f"path={daemon.socket}", timeout=30)
+    assert proc.returncode == 2 and "the same" in proc.stderr
+    assert daemon.raw is not None and daemon.raw.pread(0, MiB) == daemon.raw.data
+
+
+def test_bad_blocksize_leaves_an_existing_output_file_as_it_was(tmp_path, make_image):
+    src, out = make_image(4 * MiB), make_image(MiB, "existing.raw")
+    proc = _copy(tmp_path, f"--input-file={src.path}", f"--output-file={out.path}",
+                 "--blocksize=1000")
+    assert proc.returncode == 2
+    assert _read(out.path) == out.data                   # extended, then cut back
+
+
+def test_missing_input_file_is_one_line_exit_1(tmp_path):
+    out = tmp_path / "never.raw"
+    proc = _copy(tmp_path, f"--input-file={tmp_path / 'nope'}", f"--output-file={out}")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "No such file" in proc.stderr and not out.exists()
+
+
+def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_image, qsd):
+    """blkdebug fails the read of guest byte 5 MiB (once)."""
+    img = make_image(8 * MiB)
+    qcow2 = convert_to_qcow2(img, tmp_path / "faulty.qcow2")
+    sector = qcow2_host_offset(qcow2, 5 * MiB) // 512
+    daemon = qsd(image=qcow2, faults=Inject(event="read_aio", errno=5, once=True,
+                                             sector=sector, iotype="read"))
+    out = tmp_path / "out.raw"
+    proc = _copy(tmp_path, "--input-blkio=virtio-blk-vhost-user", f"path={daemon.socket}",
+                 f"--output-file={out}", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    m = re.search(r"the first (\d+) bytes", proc.stderr)
+    assert m, proc.stderr
+    copied = int(m.group(1))
+    # The chunks before the failed one finish: the copy reaches the failed chunk.
+    assert f"input: read of {MiB} bytes at offset {copied}: " in proc.stderr
+    assert copied == 5 * MiB
+    assert _read(out, 0, copied) == img.data[:copied]
+    assert json.loads(proc.stdout)["bytes"] == copied
+
+
+# ---------------------------------------------------------------------------
+# progress, Ctrl-C
+
+
+def _spawn(cwd, args: List[str], stderr, pre: str = "") -> subprocess.Popen:
+    code = f"{pre}import sys; from blkio.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, "copy", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=stderr, env=_env())
+
+
+def _read_until(fd: int, done: Callable[[str], bool], timeout: float) -> str:
+    """Read ``fd`` until ``done(text so far)`` or ``timeout`` seconds."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done(out.decode(errors="replace")):
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:             # EIO: the pty's other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def _interrupt(proc: subprocess.Popen, fd: int) -> Tuple[int, str]:
+    """SIGINT, then the exit status and the rest of ``fd``."""
+    proc.send_signal(signal.SIGINT)
+    rest = _read_until(fd, lambda s: False, 30)
+    rc = proc.wait(30)
+    for f in (proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+    return rc, rest
+
+
+LINE = re.compile(r"copy: [\d.]+ MiB of 64\.0 MiB \(\d+%\), [\d.]+ MiB/s, ETA \d\d:\d\d:\d\d")
+
+
+def test_progress_lines_when_stderr_is_not_a_tty(tmp_path, slow_socket):
+    out = tmp_path / "out.raw"
+    proc = _spawn(tmp_path, ["--input-blkio=virtio-blk-vhost-user", f"path={slow_socket}",
+                             f"--output-file={out}", "--progress-interval=0.2"],
+                  subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        text = _read_until(proc.stderr.fileno(), lambda s: len(LINE.findall(s)) >= 3, 30)
+        assert len(LINE.findall(text)) >= 3, text
+        assert "\r" not in text and "\x1b" not in text
+    finally:
+        rc, rest = _interrupt(proc, proc.stderr.fileno())   # type: ignore[union-attr]
+    assert rc == 130
+
+
+def _pty_progress(tmp_path, slow_socket, pre: str, done: Callable[[str], bool]) -> str:
+    master, slave = pty.openpty()
+    out = tmp_path / "out.raw"
+    proc = _spawn(tmp_path, ["--input-blkio=virtio-blk-vhost-user", f"path={slow_socket}",
+                             f"--output-file={out}", "--progress-interval=0.2"], slave, pre)
+    os.close(slave)
+    try:
+        text = _read_until(master, done, 30)
+        rc, rest = _interrupt(proc, master)
+        assert rc == 130, text + rest
+        return text + rest
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.wait(10)
+        os.close(master)
+
+
+def test_progress_bar_with_rate_and_eta_on_a_tty(tmp_path, slow_socket):
+    require(importlib.util.find_spec("tqdm"), "tqdm is not installed (pip install 'blkio[cli]')")
+    # tqdm: "copy:  9%|▉  | 6.00M/64.0M [00:01<00:13, 4.19MB/s]", redrawn with \r
+    bar = re.compile(r"copy:\s+\d+%\|[^|\r]*\| [\d.]+M/64\.0M \[\d\d:\d\d<\d\d:\d\d, +[\d.]+MB/s\]")
+    text = _pty_progress(tmp_path, slow_socket, "", lambda s: len(bar.findall(s)) >= 3)
+    assert len(bar.findall(text)) >= 3, text
+    assert "\r" in text
+    assert "interrupted during the copy" in text
+
+
+def test_progress_lines_on_a_tty_without_tqdm(tmp_path, slow_socket):
+    pre = "import sys; sys.modules['tqdm'] = None; "     # import tqdm -> ImportError
+    text = _pty_progress(tmp_path, slow_socket, pre, lambda s: len(LINE.findall(s)) >= 2)
+    assert len(LINE.findall(text)) >= 2, text
+    assert "%|" not in text
+
+
+def test_ctrl_c_mid_copy_waits_flushes_and_says_how_far_it_got(tmp_path, slow_socket):
+    """Copy the throttled export (64 MiB of zeroes, 4 MiB/s) over a file of
+    random bytes; Ctrl-C after a few MiB."""
+    out = write_image(tmp_path / "out.raw", 64 * MiB)
+    proc = _spawn(tmp_path, ["--input-blkio=virtio-blk-vhost-user", f"path={slow_socket}",
+                             f"--output-file={out.path}", "--json", "--progress=lines",
+                             "--progress-interval=0.2"], subprocess.PIPE)
+    assert proc.stderr is not None and proc.stdout is not None
+    _read_until(proc.stderr.fileno(), lambda s: len(LINE.findall(s)) >= 3, 30)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr.decode()
+    last = stderr.decode().splitlines()[-1]
+    m = re.match(r"python -m blkio copy: interrupted during the copy: the first (\d+) bytes "
+                 r"\(.*\) are copied and flushed; every request in flight was waited for$", last)
+    assert m, last
+    copied = int(m.group(1))
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True and summary["bytes"] == copied
+    assert 0 < copied < 64 * MiB and copied % MiB == 0
+    after = _read(out.path)
+    assert len(after) == 64 * MiB                         # never truncated
+    assert after[:copied] == bytes(copied)                 # the zeroes are there
+    # Beyond what was in flight (depth 8 x 1 MiB), nothing was touched.
+    assert after[copied + 8 * MiB:] == out.data[copied + 8 * MiB:]
+
+
+def test_copy_is_listed_in_the_cli_help(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "blkio", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0 and "copy" in proc.stdout
+    proc = _copy(tmp_path, "--help")
+    assert proc.returncode == 0 and "--input-blkio=DRIVER" in proc.stdout
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, slow_socket):
+    out = tmp_path / "out.raw"
+    proc = _spawn(tmp_path, ["--input-blkio=virtio-blk-vhost-user", f"path={slow_socket}",
+                             f"--output-file={out}", "--json", "--progress=lines",
+                             "--progress-interval=0.2"], subprocess.PIPE)
+    assert proc.stderr is not None
+    _read_until(proc.stderr.fileno(), lambda s: len(LINE.findall(s)) >= 2, 30)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr.decode()
+    assert "interrupted again: stopped at once" in stderr.decode().splitlines()[-1]
+    assert json.loads(stdout)["interrupted"] is True
