@@ -2,18 +2,36 @@
 
     python bench/contenders.py KIND [--num-threads=N] [--iodepth=N]
         [--readwrite=read|write|randread|randwrite] [--blocksize=BYTES]
-        [--runtime=SECONDS] [--direct] PATH
+        [--runtime=SECONDS] [--requests=N] [--loop=asyncio|uvloop]
+        [--direct] [--flush] [--resolve=batch|each] [PATH]
 
 KIND is one of:
-  preadv   plain os.preadv/os.pwritev loop, one request at a time per thread
-           (--iodepth must be 1)
-  liburing PyPI "liburing": iodepth requests in flight per thread, one ring per
-           thread; submit_and_wait(1) then reap every ready completion in one
-           batch (cqe iterator + cq_advance), resubmitting as they come
-  caio     PyPI "caio" AsyncioContext (its default backend), iodepth
-           coroutines on one event loop
-  aiofile  PyPI "aiofile" AIOFile.read_bytes/write_bytes (on caio), iodepth
-           coroutines on one event loop
+  preadv    plain os.preadv/os.pwritev loop, one request at a time per thread
+            (--iodepth must be 1)
+  liburing  PyPI "liburing" (2024.5.3, built from source: see bench/README.md):
+            iodepth requests in flight per thread, one ring per thread;
+            submit_and_wait(1), then reap every ready completion
+            (peek_cqe + cq_advance), resubmitting as they come
+  caio      PyPI "caio" AsyncioContext (its default backend), iodepth
+            coroutines on one event loop
+  aiofile   PyPI "aiofile" AIOFile.read_bytes/write_bytes (on caio), iodepth
+            coroutines on one event loop
+  ping      bare asyncio, no I/O and no PATH: iodepth coroutines each awaiting
+            a future that a loop callback resolves (--resolve=batch: one
+            call_soon callback resolves every pending future, as a completion
+            fd reader would; each: one call_soon(set_result) per future). The
+            most a per-request asyncio API can reach on this loop.
+  fromfile  numpy.fromfile(PATH, count=blocksize, offset=...) per request
+            (buffered; the array is allocated by numpy inside the call)
+  readinto  file.readinto(buf) on open(PATH, "rb") per request (buffered;
+            buf a numpy array touched before the clock starts)
+  tofile    ndarray.tofile(f) on open(PATH, "r+b") per request
+  write     file.write(buf) on open(PATH, "r+b") per request
+            (--flush: os.fsync at the end, inside the timed run)
+
+Every kind is timed by the loops of blkio._bench (what `python -m blkio
+bench` runs): closed_loop for the one-at-a-time kinds, aio_workers for the
+asyncio ones, so the Python contenders differ only in the call they make.
 
 Output: the JSON of libblkio's blkio-bench (aggregate and per-thread kiops,
 gips, latencies in microseconds, calls, completions per call), so run.py
@@ -24,91 +42,31 @@ parses every contender the same way. mean_lat_us is iodepth * runtime / count
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
+import itertools
 import json
 import mmap
 import os
-import random
 import sys
 import threading
-import time
 
-GiB = 1 << 30
-TABLE_LEN = 1 << 16
-SAMPLE = 64
+import numpy as np
 
+from blkio._bench import (BenchError, InflightClock, Stats, Workload,
+                          add_workload_arguments, aio_workers, closed_loop,
+                          offset_stream, results_json, run_event_loop,
+                          run_threads, touch)
 
-class Stats:
-    def __init__(self, depth: int):
-        self.depth = depth
-        self.count = 0
-        self.runtime = 0.0
-        self.calls = 0
-        self.min_ns = None
-        self.max_ns = 0
-        self.min_comp = None
-        self.max_comp = 0
-
-    def lat(self, ns: int) -> None:
-        if self.min_ns is None or ns < self.min_ns:
-            self.min_ns = ns
-        if ns > self.max_ns:
-            self.max_ns = ns
-
-    def comp(self, n: int) -> None:
-        if self.min_comp is None or n < self.min_comp:
-            self.min_comp = n
-        if n > self.max_comp:
-            self.max_comp = n
+KINDS = ("preadv", "liburing", "caio", "aiofile", "ping",
+         "fromfile", "readinto", "tofile", "write")
+ASYNC_KINDS = ("caio", "aiofile", "ping")
+FILE_OBJECT_KINDS = ("fromfile", "readinto", "tofile", "write")
 
 
-def _d(count, runtime, min_ns, mean_us, max_ns, calls, min_c, max_c, bs):
-    runtime = runtime or 1e-9
-    return {
-        "kiops": round(count / runtime / 1000.0, 3),
-        "gips": round(count * bs / runtime / GiB, 3),
-        "min_lat_us": round((min_ns or 0) / 1000.0, 3),
-        "mean_lat_us": round(mean_us, 3),
-        "max_lat_us": round(max_ns / 1000.0, 3),
-        "calls": int(calls),
-        "min_completions": round(float(min_c or 0), 2),
-        "mean_completions": round(count / calls if calls else 0.0, 2),
-        "max_completions": round(float(max_c), 2),
-    }
-
-
-def results(stats: list[Stats], bs: int) -> dict:
-    th = []
-    for s in stats:
-        mean = s.depth * s.runtime / s.count * 1e6 if s.count else 0.0
-        th.append(_d(s.count, s.runtime, s.min_ns, mean, s.max_ns, s.calls,
-                     s.min_comp, s.max_comp, bs))
-    count = sum(s.count for s in stats)
-    mins = [s.min_ns for s in stats if s.min_ns is not None]
-    minc = [s.min_comp for s in stats if s.min_comp is not None]
-    tot = sum(t["mean_lat_us"] * s.count for t, s in zip(th, stats))
-    agg = _d(count, sum(s.runtime for s in stats) / len(stats),
-             min(mins) if mins else None, tot / count if count else 0.0,
-             max(s.max_ns for s in stats), sum(s.calls for s in stats),
-             min(minc) if minc else None, max(s.max_comp for s in stats), bs)
-    return {"aggregate": agg, "threads": th}
-
-
-def offsets(args, thread: int, capacity: int) -> list[int]:
-    bs = args.blocksize
-    nblocks = capacity // bs
-    if args.readwrite.startswith("rand"):
-        rng = random.Random((os.getpid() << 8) + thread)
-        return [rng.randrange(nblocks) * bs for _ in range(TABLE_LEN)]
-    first = capacity // args.num_threads * thread // bs
-    n = min(nblocks, 1 << 20)
-    return [((first + k) % nblocks) * bs for k in range(n)]
-
-
-def aligned(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory (good for O_DIRECT)."""
+def aligned(nbytes: int, is_read: bool) -> np.ndarray:
+    """Page-aligned anonymous memory (good for O_DIRECT), touched."""
     m = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))
-    return m
+    return touch(np.frombuffer(m, dtype=np.uint8, count=nbytes), is_read)
 
 
 def open_fd(args) -> int:
@@ -126,274 +84,287 @@ def capacity_of(fd: int) -> int:
 
 
 # --------------------------------------------------------------------------
+# one request at a time per thread
 
 
-def run_preadv(args, fd, cap, t, st: Stats, barrier) -> None:
-    if args.iodepth != 1:
-        raise SystemExit("preadv runs one request at a time: use --iodepth=1")
-    mem = aligned(args.blocksize)
-    buf = [memoryview(mem)[:args.blocksize]]
-    if args.readwrite in ("read", "randread"):
-        op = os.preadv
+def run_preadv(args, wl: Workload, fd: int, t: int, st: Stats, ready) -> None:
+    if wl.depth != 1:
+        raise BenchError("preadv runs one request at a time: use --iodepth=1")
+    bufs = [aligned(wl.bs, wl.is_read)]
+    op = os.preadv if wl.is_read else os.pwritev
+    offs = offset_stream(wl.offsets(t).tolist())
+    isl = itertools.islice
+
+    def run_n(k: int) -> None:
+        for off in isl(offs, k):
+            op(fd, bufs, off)
+
+    closed_loop(run_n, st, wl, ready)
+
+
+def run_file_object(args, wl: Workload, fd: int, t: int, st: Stats,
+                    ready) -> None:
+    """numpy.fromfile / ndarray.tofile / file.readinto / file.write."""
+    kind = args.kind
+    if (kind in ("fromfile", "readinto")) != wl.is_read:
+        raise BenchError(f"{kind} goes with --readwrite="
+                         f"{'read' if kind in ('fromfile', 'readinto') else 'write'}")
+    offs = offset_stream(wl.offsets(t).tolist())
+    isl = itertools.islice
+    bs = wl.bs
+    path = args.path
+    f = open(path, "rb" if wl.is_read else "r+b")
+    buf = touch(np.empty(bs, dtype=np.uint8), wl.is_read)
+    seek = f.seek
+    if kind == "fromfile":
+        fromfile = np.fromfile
+        u8 = np.uint8
+
+        def run_n(k: int) -> None:
+            for off in isl(offs, k):
+                if fromfile(path, dtype=u8, count=bs, offset=off).size != bs:
+                    raise OSError(5, "numpy.fromfile: short read")
     else:
-        mem[:] = b"\xa5" * len(mem)
-        op = os.pwritev
-    offs = offsets(args, t, cap)
-    L = len(offs)
-    i = 0
-    K = SAMPLE - 1
-    pc = time.perf_counter_ns
-    if barrier:
-        barrier.wait()
-    t0 = time.perf_counter()
-    deadline = t0 + args.runtime
-    count = 0
-    while True:
-        for _ in range(K):
-            op(fd, buf, offs[i])
-            i += 1
-            if i == L:
-                i = 0
-        a = pc()
-        op(fd, buf, offs[i])
-        st.lat(pc() - a)
-        i += 1
-        if i == L:
-            i = 0
-        count += K + 1
-        if time.perf_counter() >= deadline:
-            break
-    st.runtime = time.perf_counter() - t0
-    st.count = st.calls = count
-    st.min_comp = st.max_comp = 1
+        call = {"readinto": functools.partial(f.readinto, buf),
+                "tofile": functools.partial(buf.tofile, f),
+                "write": functools.partial(f.write, buf)}[kind]
+
+        def run_n(k: int) -> None:
+            for off in isl(offs, k):
+                seek(off)
+                done = call()
+                if done is not None and done != bs:
+                    raise OSError(5, f"{kind}: {done} of {bs} bytes")
+
+    def flush() -> None:
+        f.flush()
+        os.fsync(f.fileno())
+
+    try:
+        closed_loop(run_n, st, wl, ready, flush if args.flush else None)
+    finally:
+        f.close()
 
 
-def run_liburing(args, fd, cap, t, st: Stats, barrier) -> None:
+# --------------------------------------------------------------------------
+# several requests in flight
+
+
+LIBURING_NAMES = ("io_uring", "io_uring_cqe", "io_uring_queue_init",
+                  "io_uring_queue_exit", "io_uring_get_sqe",
+                  "io_uring_prep_read", "io_uring_prep_write",
+                  "io_uring_sqe_set_data64", "io_uring_submit_and_wait",
+                  "io_uring_peek_cqe", "io_uring_cq_advance")
+
+
+def import_liburing():
+    """PyPI liburing, its names resolved in this thread (2024.5.3 imports
+    them lazily, which is not safe from several threads at once)."""
     import liburing as L_
+    missing = [n for n in LIBURING_NAMES if not hasattr(L_, n)]
+    if missing:
+        raise BenchError("liburing: this contender uses the API of PyPI "
+                         f"liburing 2024.5.3; {', '.join(missing)} missing "
+                         f"in {getattr(L_, '__version__', '?')}")
+    return L_
 
-    D = args.iodepth
-    bs = args.blocksize
-    is_read = args.readwrite in ("read", "randread")
-    if args.direct:
-        raise SystemExit("liburing: its prep_read takes only bytearray "
-                         "buffers, which are not aligned for O_DIRECT")
-    if is_read:
-        bufs = [bytearray(bs) for _ in range(D)]
-        prep = L_.io_uring_prep_read
-    else:
-        bufs = [bytes(b"\xa5" * bs) for _ in range(D)]
-        prep = L_.io_uring_prep_write
-    ring = L_.Ring()
-    cqe = L_.Cqe()
+
+def run_liburing(args, wl: Workload, fd: int, t: int, st: Stats,
+                 ready) -> None:
+    L_ = import_liburing()
+    D = wl.depth
+    bs = wl.bs
+    flat = aligned(D * bs, wl.is_read)
+    bufs = [flat[j * bs:(j + 1) * bs] for j in range(D)]
+    prep = L_.io_uring_prep_read if wl.is_read else L_.io_uring_prep_write
+    ring = L_.io_uring()
+    cqe = L_.io_uring_cqe()
     L_.io_uring_queue_init(max(8, 1 << (D - 1).bit_length()), ring)
     get_sqe = L_.io_uring_get_sqe
     set_data = L_.io_uring_sqe_set_data64
     submit_and_wait = L_.io_uring_submit_and_wait
-    iter_init = L_.io_uring_cqe_iter_init
-    iter_next = L_.io_uring_cqe_iter_next
+    peek = L_.io_uring_peek_cqe
     advance = L_.io_uring_cq_advance
-    offs = offsets(args, t, cap)
-    NL = len(offs)
-    i = 0
-    pc = time.perf_counter_ns
-    t_sub = [0] * D
-    sampled = -1
+    offs = offset_stream(wl.offsets(t).tolist())
+    nxt = offs.__next__
     try:
-        if barrier:
-            barrier.wait()
-        t0 = time.perf_counter()
-        deadline = t0 + args.runtime
-        now = time.perf_counter
-        for j in range(D):
+        if ready is not None:
+            ready.wait()
+        clock = InflightClock(st, wl)
+        for j in range(1, D + 1):   # user_data 0 reads as "no cqe" in 2024.5.3
             sqe = get_sqe(ring)
-            prep(sqe, fd, bufs[j], offs[i])
+            prep(sqe, fd, bufs[j - 1], bs, nxt())
             set_data(sqe, j)
-            i += 1
-            if i == NL:
-                i = 0
         count = calls = 0
-        inflight = D
         while True:
             submit_and_wait(ring, 1)
             calls += 1
-            it = iter_init(ring)
             n = 0
-            while iter_next(it, cqe):
-                e = cqe[0]
-                j = e.user_data
-                res = e.res
+            while peek(ring, cqe) == 0:
+                j = cqe.user_data
+                res = cqe.res
+                advance(ring, 1)
                 if res != bs:
                     raise OSError(-res if res < 0 else 5,
                                   f"liburing request returned {res}")
-                if j == sampled:
-                    st.lat(pc() - t_sub[j])
-                    sampled = -1
+                if j == clock.slot:
+                    clock.done()
                 sqe = get_sqe(ring)
-                prep(sqe, fd, bufs[j], offs[i])
+                prep(sqe, fd, bufs[j - 1], bs, nxt())
                 set_data(sqe, j)
-                i += 1
-                if i == NL:
-                    i = 0
                 n += 1
-            advance(ring, n)
             st.comp(n)
             count += n
-            if calls % SAMPLE == 0:
-                if sampled < 0:
-                    sampled = j
-                    t_sub[j] = pc()
-                if now() >= deadline:
-                    break
-        st.runtime = now() - t0
-        st.count = count
-        st.calls = calls
+            if clock.tick(calls, count, j):
+                break
+        clock.finish(count, calls)
         # drain: submit what was prepared, reap everything
+        inflight = D
         while inflight > 0:
             submit_and_wait(ring, 1)
-            it = iter_init(ring)
-            n = 0
-            while iter_next(it, cqe):
-                n += 1
-            advance(ring, n)
-            inflight -= n
+            while peek(ring, cqe) == 0:
+                advance(ring, 1)
+                inflight -= 1
     finally:
         L_.io_uring_queue_exit(ring)
 
 
-async def _aio_loop(args, op, cap, st: Stats) -> None:
-    D = args.iodepth
-    offs = offsets(args, 0, cap)
-    L = len(offs)
-    stop = [False]
-    counts = [0] * D
-    pc = time.perf_counter_ns
-
-    async def worker(j: int) -> None:
-        i = (j * L) // D
-        c = 0
-        while not stop[0]:
-            if c % SAMPLE == 0:
-                a = pc()
-                await op(offs[i])
-                st.lat(pc() - a)
-            else:
-                await op(offs[i])
-            c += 1
-            i += 1
-            if i == L:
-                i = 0
-        counts[j] = c
-
-    loop = asyncio.get_running_loop()
-    t0 = time.perf_counter()
-    loop.call_later(args.runtime, stop.__setitem__, 0, True)
-    await asyncio.gather(*(worker(j) for j in range(D)))
-    st.runtime = time.perf_counter() - t0
-    st.count = st.calls = sum(counts)
-    st.min_comp = st.max_comp = 1
-
-
-async def _caio(args, fd, cap, st: Stats) -> None:
+async def _caio(args, wl: Workload, fd: int, st: Stats) -> None:
     from caio import AsyncioContext
 
-    bs = args.blocksize
-    ctx = AsyncioContext(max_requests=max(args.iodepth, 1))
+    bs = wl.bs
+    ctx = AsyncioContext(max_requests=max(wl.depth, 1))
     try:
-        if args.readwrite in ("read", "randread"):
-            async def op(off):
+        if wl.is_read:
+            async def op(off, buf):
                 data = await ctx.read(bs, fd, off)
                 if len(data) != bs:
                     raise OSError(5, f"caio read returned {len(data)} bytes")
         else:
             payload = b"\xa5" * bs
 
-            async def op(off):
+            async def op(off, buf):
                 n = await ctx.write(payload, fd, off)
                 if n != bs:
                     raise OSError(5, f"caio write returned {n}")
         try:
-            await _aio_loop(args, op, cap, st)
+            await aio_workers(op, [None] * wl.depth, wl.offsets(0).tolist(),
+                              st, wl)
         except (SystemError, OSError) as e:
             if args.direct:
-                raise SystemExit(f"caio fails on O_DIRECT ({e}; likely its "
+                raise BenchError(f"caio fails on O_DIRECT ({e}; likely its "
                                  "buffers are not aligned for O_DIRECT)")
             raise
     finally:
         ctx.close()
 
 
-async def _aiofile(args, fd, cap, st: Stats) -> None:
+async def _aiofile(args, wl: Workload, fd: int, st: Stats) -> None:
     from aiofile import AIOFile
 
-    bs = args.blocksize
-    is_read = args.readwrite in ("read", "randread")
+    bs = wl.bs
     # AIOFile opens the path itself; O_DIRECT is not one of its modes.
     if args.direct:
-        raise SystemExit("aiofile: AIOFile has no O_DIRECT mode")
-    async with AIOFile(args.path, "rb" if is_read else "r+b") as af:
-        if is_read:
-            async def op(off):
+        raise BenchError("aiofile: AIOFile has no O_DIRECT mode")
+    async with AIOFile(args.path, "rb" if wl.is_read else "r+b") as af:
+        if wl.is_read:
+            async def op(off, buf):
                 data = await af.read_bytes(bs, off)
                 if len(data) != bs:
                     raise OSError(5, f"aiofile read returned {len(data)}")
         else:
             payload = b"\xa5" * bs
 
-            async def op(off):
+            async def op(off, buf):
                 await af.write_bytes(payload, off)
-        await _aio_loop(args, op, cap, st)
+        await aio_workers(op, [None] * wl.depth, wl.offsets(0).tolist(),
+                          st, wl)
+
+
+async def _ping(args, wl: Workload, fd: int, st: Stats) -> None:
+    import asyncio
+    loop = asyncio.get_running_loop()
+    new_future = loop.create_future
+    call_soon = loop.call_soon
+    bs = wl.bs
+    if args.resolve == "each":
+        def op(off, buf):
+            fut = new_future()
+            call_soon(fut.set_result, bs)
+            return fut
+    else:
+        pending: list = []
+        scheduled = [False]
+
+        def resolve_all() -> None:
+            scheduled[0] = False
+            ready = pending[:]
+            pending.clear()
+            for fut in ready:
+                fut.set_result(bs)
+
+        def op(off, buf):
+            fut = new_future()
+            pending.append(fut)
+            if not scheduled[0]:
+                scheduled[0] = True
+                call_soon(resolve_all)
+            return fut
+    await aio_workers(op, [None] * wl.depth, wl.offsets(0).tolist(), st, wl)
+
+
+# --------------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="contenders.py")
-    p.add_argument("kind", choices=("preadv", "liburing", "caio", "aiofile"))
-    p.add_argument("--num-threads", type=int, default=1)
-    p.add_argument("--iodepth", type=int, default=1)
-    p.add_argument("--readwrite", default="read",
-                   choices=("read", "write", "randread", "randwrite"))
-    p.add_argument("--blocksize", type=int, default=4096)
-    p.add_argument("--runtime", type=float, default=30.0)
+    p.add_argument("kind", choices=KINDS)
+    add_workload_arguments(p)
     p.add_argument("--direct", action="store_true", help="open with O_DIRECT")
-    p.add_argument("path")
-    args = p.parse_args(argv)
+    p.add_argument("--flush", action="store_true",
+                   help="fsync at the end, inside the timed run "
+                   "(tofile, write)")
+    p.add_argument("--resolve", default="batch", choices=("batch", "each"),
+                   help="ping: one callback for every pending future "
+                   "(default) or one per future")
+    p.add_argument("path", nargs="?", help="file or block device "
+                   "(not for ping)")
+    args = p.parse_intermixed_args(argv)
+    if args.kind != "ping" and not args.path:
+        p.error(f"{args.kind} needs a PATH")
+    if args.flush and args.kind not in ("tofile", "write"):
+        p.error("--flush goes with tofile and write")
 
-    fd = open_fd(args)
-    cap = capacity_of(fd)
-    stats = [Stats(args.iodepth) for _ in range(args.num_threads)]
+    fd = -1
     try:
-        if args.kind in ("caio", "aiofile"):
-            if args.num_threads != 1:
-                raise SystemExit(f"{args.kind}: one event loop, one thread")
-            coro = _caio if args.kind == "caio" else _aiofile
-            asyncio.run(coro(args, fd, cap, stats[0]))
+        if args.kind == "ping":
+            cap = args.blocksize * args.iodepth
         else:
-            fn = run_preadv if args.kind == "preadv" else run_liburing
-            if args.num_threads == 1:
-                fn(args, fd, cap, 0, stats[0], None)
-            else:
-                barrier = threading.Barrier(args.num_threads)
-                errs: list[BaseException] = []
-
-                def target(t):
-                    try:
-                        fn(args, fd, cap, t, stats[t], barrier)
-                    except BaseException as e:
-                        errs.append(e)
-                        barrier.abort()
-
-                ths = [threading.Thread(target=target, args=(t,))
-                       for t in range(args.num_threads)]
-                for th in ths:
-                    th.start()
-                for th in ths:
-                    th.join()
-                real = [e for e in errs
-                        if not isinstance(e, threading.BrokenBarrierError)]
-                if real or errs:
-                    raise (real or errs)[0]
+            fd = open_fd(args)
+            cap = capacity_of(fd)
+        wl = Workload(args, cap)
+        stats = [Stats(args.iodepth) for _ in range(args.num_threads)]
+        if args.kind in ASYNC_KINDS:
+            if args.num_threads != 1:
+                raise BenchError(f"{args.kind}: one event loop, one thread")
+            coro = {"caio": _caio, "aiofile": _aiofile, "ping": _ping}[args.kind]
+            run_event_loop(coro(args, wl, fd, stats[0]), args.loop)
+        else:
+            fn = {"preadv": run_preadv, "liburing": run_liburing}.get(
+                args.kind, run_file_object)
+            if args.kind == "liburing":
+                import_liburing()
+            ready = (threading.Barrier(args.num_threads)
+                     if args.num_threads > 1 else None)
+            run_threads([(fn, args, wl, fd, t, stats[t], ready)
+                         for t in range(args.num_threads)], ready)
+    except BenchError as e:
+        print(f"contenders.py {args.kind}: {e}", file=sys.stderr)
+        return 1
     finally:
-        os.close(fd)
-    print(json.dumps(results(stats, args.blocksize), indent=2))
+        if fd >= 0:
+            os.close(fd)
+    print(json.dumps(results_json(stats, args.blocksize), indent=2))
     return 0
 
 

@@ -1,29 +1,28 @@
 #!/usr/bin/env python3
-"""blkio benchmark suite: our APIs against C and against Python peers.
+"""blkio benchmark suite: our APIs against C, fio, qemu-img, dd and Python peers.
 
-    make bench        # short default (< 3 minutes): the key cases
-    make bench-full   # every workload and contender (about 35 minutes on 2 CPUs)
+    make bench        # short default (about 6 minutes): every goal's cases
+    make bench-full   # every workload and contender (long)
     .venv/bin/python bench/run.py [--full] [--runtime S] [--reps N]
                                   [--only REGEX] [--list] [--no-vhost]
+    .venv/bin/python bench/run.py --compare A.json B.json
 
-Workloads: 4 KiB randread and randwrite at iodepth 1, 8, 32, 128; 1 MiB
-sequential read; 1 and 2 threads; on a temporary 1 GiB file (filled with
-random data, page-cached) through io_uring, on the same file with O_DIRECT,
-and on a qemu-storage-daemon vhost-user-blk export that the suite starts and
-stops itself.
+Workloads: 4 KiB random I/O at several depths and thread counts, on a 1 GiB
+file of random data in the page cache (io_uring), on a second file with
+O_DIRECT, and on a qemu-storage-daemon vhost-user-blk export of the first
+(the suite starts and stops the daemon itself); one-call 1 GiB sequential
+reads and writes into numpy arrays, cold (O_DIRECT, the file's page cache
+dropped before every run); 1 GiB copies raw file -> raw file (O_DIRECT) and
+file -> vhost-user.
 
-Contenders, each in its own process, interleaved (repetition 1 of every case,
-then repetition 2, ...): blkio's batch, queue, blocking and asyncio APIs
-(`python -m blkio bench`),
-C blkio-bench (compiled here from libblkio-dev's examples, with and without
---poll), C bench/ref_blocking.c (what our blocking API does, in C), fio's
-io_uring engine, a plain os.preadv/os.pwritev loop, PyPI liburing, caio and
-aiofile (bench/contenders.py).
-
-Each figure is the median of the repetitions, with min and max. Output: a
-table with IOPS, MB/s and the ratio to C blkio-bench, the key ratios, a
-markdown block for the README, bench/results/bench-<time>.json and a PNG
-plot of IOPS against iodepth.
+Each case runs in its own process, interleaved: repetition 1 of every case,
+then repetition 2, ...; within a workload the contenders' order rotates from
+one repetition to the next. Each figure is the median of the repetitions,
+with min and max. The goals of the open issues are data (GOALS below): each
+is a ratio of two cases' medians (or of one case to the best of several)
+with a threshold, and the run ends with a one-line verdict per goal. The
+JSON in bench/results/ keeps every repetition's raw figure, every ratio
+(median/median and per repetition) and every command line.
 """
 
 from __future__ import annotations
@@ -44,47 +43,75 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / ".build"
 RESULTS = HERE / "results"
-BLKIO_BENCH_C = Path("/usr/share/doc/libblkio-dev/examples/blkio-bench.c")
+EXAMPLES = Path("/usr/share/doc/libblkio-dev/examples")
 GiB = 1 << 30
+MiB = 1 << 20
 MB = 1_000_000
+K4 = 4096
+THREAD_COUNTS = (1, 2, 4, 8)
+SEQ_DEPTH = 8           # the vhost-user 1 MiB sequential read's depth
+EXPORT_QUEUES = max(THREAD_COUNTS)
 
 
 # --------------------------------------------------------------------------
-# cases
+# workloads, contenders, cases
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    backend: str          # "file" (io_uring, page cache), "direct", "vhost"
-    rw: str               # randread, randwrite, read, write
+    """backend: "file" (page-cached, io_uring), "direct" (O_DIRECT file),
+    "vhost" (vhost-user export of the page-cached file), "cold" (one call
+    over the whole O_DIRECT file, its page cache dropped first), "copy"
+    (raw file -> raw file), "vcopy" (raw file -> vhost-user).
+    bs: bytes per request; depth 0: chosen by each contender."""
+    backend: str
+    rw: str               # randread, randwrite, read, write, copy
     bs: int
     depth: int
     threads: int = 1
 
     @property
     def key(self) -> str:
-        bs = f"{self.bs // 1024}k" if self.bs < (1 << 20) else \
-            f"{self.bs >> 20}M"
-        return (f"{self.backend}/{self.rw}/{bs}/qd{self.depth}/"
-                f"t{self.threads}")
+        qd = f"/qd{self.depth}" if self.depth else ""
+        return f"{self.backend}/{self.rw}/{_size(self.bs)}{qd}/t{self.threads}"
 
     @property
     def is_read(self) -> bool:
         return self.rw in ("read", "randread")
 
+    @property
+    def bulk(self) -> bool:
+        """Figures in MB/s rather than IOPS."""
+        return self.bs >= MiB
+
     def title(self) -> str:
         bk = {"file": "io_uring, page-cached file",
               "direct": "io_uring, O_DIRECT file",
-              "vhost": "virtio-blk-vhost-user (qemu-storage-daemon)"}
-        bs = f"{self.bs // 1024} KiB" if self.bs < (1 << 20) else \
-            f"{self.bs >> 20} MiB"
-        return (f"{bs} {self.rw}, iodepth {self.depth}, "
-                f"{self.threads} thread{'s' if self.threads > 1 else ''} "
-                f"- {bk[self.backend]}")
+              "vhost": "virtio-blk-vhost-user (qemu-storage-daemon)",
+              "cold": "O_DIRECT file, page cache dropped before each run",
+              "copy": "raw file -> raw file, O_DIRECT both sides",
+              "vcopy": "raw file -> virtio-blk-vhost-user"}[self.backend]
+        if self.rw == "copy":
+            return f"copy {_size(self.bs, True)} - {bk}"
+        if self.backend == "cold":
+            return (f"{_size(self.bs, True)} sequential {self.rw} into numpy "
+                    f"in one call - {bk}")
+        qd = f", iodepth {self.depth}" if self.depth else ""
+        return (f"{_size(self.bs, True)} {self.rw}{qd}, {self.threads} "
+                f"thread{'s' if self.threads > 1 else ''} - {bk}")
+
+
+def _size(n: int, long: bool = False) -> str:
+    if n >= GiB and n % GiB == 0:
+        return f"{n // GiB} GiB" if long else f"{n // GiB}G"
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB" if long else f"{n // MiB}M"
+    return f"{n // 1024} KiB" if long else f"{n // 1024}k"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +127,90 @@ class Case:
 C_BENCH = "C blkio-bench"
 C_POLL = "C blkio-bench --poll"
 C_REF = "C ref_blocking"
+C_COPY = "C blkio-copy"
 FIO = "fio io_uring"
+FIO_QD = {d: f"fio io_uring qd{d}" for d in (1, 8, 32)}
+QEMU_IMG = "qemu-img convert"
+DD = "dd"
 PREADV = "py os.preadv"
 LIBURING = "liburing (PyPI)"
 CAIO = "caio (PyPI)"
 AIOFILE = "aiofile (PyPI)"
+PING = "bare asyncio"
+PING_UV = "bare asyncio uvloop"
+PING_EACH = "bare asyncio, a callback per future"
+NP_FROMFILE = "np.fromfile"
+FILE_READINTO = "file.readinto"
+NP_TOFILE = "ndarray.tofile + fsync"
+FILE_WRITE = "file.write + fsync"
 B_BATCH = "blkio batch"
 B_QUEUE = "blkio queue"
 B_BLOCK = "blkio blocking"
 B_AIO = "blkio asyncio"
+B_AIO_UV = "blkio asyncio uvloop"
+B_AIO_BATCH = "blkio asyncio batch"
 B_BATCH_NP = "blkio batch numpy-mem"
 B_QUEUE_NP = "blkio queue numpy-mem"
 B_BLOCK_NP = "blkio blocking numpy-mem"
 B_BLOCK_POLL = "blkio blocking --poll"
+B_BIG = "blkio one call"                       # alloc'd memory, defaults
+B_BIG_NP = "blkio one call numpy-mem"          # plain numpy memory
+B_BIG_KNOBS = f"blkio one call depth={SEQ_DEPTH} chunk=1M"
+B_COPY = "blkio copy"
+B_COPY_BLKIO = "blkio copy --input-blkio/--output-blkio"
 
-BLKIO_CONTENDERS = {B_BATCH, B_QUEUE, B_BLOCK, B_AIO, B_BATCH_NP, B_QUEUE_NP,
-                    B_BLOCK_NP, B_BLOCK_POLL}
-ASYNCIO_PEERS = (CAIO, AIOFILE)
+# python -m blkio bench: (api, buffers, extra options)
+BLKIO_BENCH = {
+    B_BATCH: ("batch", "alloc", []), B_BATCH_NP: ("batch", "numpy", []),
+    B_QUEUE: ("queue", "alloc", []), B_QUEUE_NP: ("queue", "numpy", []),
+    B_BLOCK: ("blocking", "alloc", []), B_BLOCK_NP: ("blocking", "numpy", []),
+    B_BLOCK_POLL: ("blocking", "alloc", ["--poll"]),
+    B_AIO: ("asyncio", "alloc", []),
+    B_AIO_UV: ("asyncio", "alloc", ["--loop=uvloop"]),
+    B_AIO_BATCH: ("asyncio-batch", "alloc", []),
+    B_BIG: ("blocking", "alloc", []), B_BIG_NP: ("blocking", "numpy", []),
+    B_BIG_KNOBS: ("blocking", "alloc", [f"--chunk={MiB}",
+                                        f"--chunk-depth={SEQ_DEPTH}"]),
+}
+# bench/contenders.py: (kind, extra options)
+PEERS = {
+    PREADV: ("preadv", []), LIBURING: ("liburing", []), CAIO: ("caio", []),
+    AIOFILE: ("aiofile", []), PING: ("ping", []),
+    PING_UV: ("ping", ["--loop=uvloop"]),
+    PING_EACH: ("ping", ["--resolve=each"]),
+    NP_FROMFILE: ("fromfile", []), FILE_READINTO: ("readinto", []),
+    NP_TOFILE: ("tofile", ["--flush"]), FILE_WRITE: ("write", ["--flush"]),
+}
+# what a contender needs, checked once at setup (Env.probe)
+NEEDS = {B_AIO_BATCH: "aio_batch", B_AIO_UV: "uvloop", PING_UV: "uvloop",
+         LIBURING: "liburing", B_COPY: "copy", B_COPY_BLKIO: "copy",
+         QEMU_IMG: "qemu-img", DD: "dd", C_COPY: "c_copy",
+         **{f: "fio" for f in (FIO, *FIO_QD.values())}}
 
 
-def contenders_for(wl: Workload, full: bool) -> list[str]:
-    """Which contenders make sense for a workload."""
+def contenders_for(wl: Workload) -> list[str]:
+    """Every contender that makes sense for a workload (the full suite)."""
     qd1 = wl.depth == 1
     asyncio_ok = wl.threads == 1
+    if wl.backend == "cold":
+        if wl.is_read:
+            return [*FIO_QD.values(), NP_FROMFILE, FILE_READINTO, B_BIG,
+                    B_BIG_NP]
+        return [*FIO_QD.values(), NP_TOFILE, FILE_WRITE, B_BIG, B_BIG_NP]
+    if wl.backend == "copy":
+        return [QEMU_IMG, DD, C_COPY, B_COPY, B_COPY_BLKIO]
+    if wl.backend == "vcopy":
+        return [C_COPY, B_COPY]
+    if wl.bs >= MiB:                  # sequential 1 MiB
+        out = [C_BENCH]
+        if wl.backend != "vhost":
+            out += [FIO]
+        out += [B_BATCH]
+        if wl.backend == "vhost" and wl.depth == SEQ_DEPTH:
+            out += [B_BIG, B_BIG_KNOBS]
+        return out
+    if wl.threads > 1 and qd1:        # thread pool rows
+        return [C_BENCH, B_BLOCK]
     if wl.backend == "file":
         out = [C_BENCH, C_POLL]
         if qd1:
@@ -133,11 +221,15 @@ def contenders_for(wl: Workload, full: bool) -> list[str]:
         out += [LIBURING]
         if asyncio_ok:
             out += [CAIO, AIOFILE]
+        if asyncio_ok and wl.depth > 1 and wl.is_read:
+            out += [PING, PING_UV, PING_EACH]
         out += [B_BATCH, B_QUEUE]
         if qd1:
             out += [B_BLOCK]
         if asyncio_ok:
-            out += [B_AIO]
+            out += [B_AIO, B_AIO_UV]
+        if asyncio_ok and wl.depth > 1:
+            out += [B_AIO_BATCH]
         return out
     if wl.backend == "direct":
         out = [C_BENCH, FIO]
@@ -163,43 +255,256 @@ def contenders_for(wl: Workload, full: bool) -> list[str]:
     return out
 
 
-def short_cases() -> list[Case]:
-    F, D, V = "file", "direct", "vhost"
-    k4 = 4096
-    spec = [
-        (Workload(F, "randread", k4, 1),
-         [C_BENCH, C_POLL, C_REF, FIO, PREADV, LIBURING, B_BLOCK, B_QUEUE,
-          B_BATCH, B_AIO]),
-        (Workload(F, "randread", k4, 32),
-         [C_BENCH, C_POLL, FIO, LIBURING, CAIO, AIOFILE, B_BATCH, B_QUEUE,
-          B_AIO]),
-        (Workload(F, "randread", k4, 32, threads=2), [C_BENCH, B_BATCH]),
-        (Workload(D, "randread", k4, 32), [C_BENCH, CAIO, B_AIO]),
-        (Workload(V, "randread", k4, 1), [C_BENCH, C_POLL, C_REF, B_BLOCK,
-                                          B_BLOCK_NP, B_BLOCK_POLL]),
-        (Workload(V, "randread", k4, 32), [C_BENCH, B_BATCH, B_QUEUE,
-                                           B_QUEUE_NP]),
+def thread_workloads(backends=("vhost", "direct"),
+                     rws=("randread", "randwrite")) -> list[Workload]:
+    return [Workload(b, rw, K4, 1, n) for b in backends for rw in rws
+            for n in THREAD_COUNTS]
+
+
+def bulk_workloads(size: int) -> list[Workload]:
+    return [Workload("cold", "read", size, 0), Workload("cold", "write", size, 0),
+            Workload("vhost", "read", MiB, SEQ_DEPTH),
+            Workload("copy", "copy", size, 0), Workload("vcopy", "copy", size, 0)]
+
+
+def short_cases(size: int) -> list[Case]:
+    """The cases every goal needs, and a few references beside them."""
+    F, V = "file", "vhost"
+    spec: list[tuple[Workload, list[str]]] = [
+        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
+        (Workload(F, "randread", K4, 32),
+         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH]),
+        (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH]),
+        (Workload(V, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
+        (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP]),
+        # np.fromfile and ndarray.tofile (3x and 6x slower than file.readinto
+        # and file.write here, 30 s a repetition) run in the full suite
+        (Workload("cold", "read", size, 0),
+         [*FIO_QD.values(), FILE_READINTO, B_BIG]),
+        (Workload("cold", "write", size, 0),
+         [*FIO_QD.values(), FILE_WRITE, B_BIG]),
+        (Workload(V, "read", MiB, SEQ_DEPTH), [C_BENCH, B_BIG_KNOBS]),
+        (Workload("copy", "copy", size, 0), [QEMU_IMG, DD, B_COPY]),
+        (Workload("vcopy", "copy", size, 0), [B_COPY]),
     ]
+    # the O_DIRECT write rows run in the full suite
+    for wl in thread_workloads(rws=("randread",)) + thread_workloads(
+            backends=("vhost",), rws=("randwrite",)):
+        if wl.backend == V and wl.threads == 1 and wl.rw == "randread":
+            continue                   # the same as the vhost qd1 row above
+        spec.append((wl, [C_BENCH, B_BLOCK]))
     return [Case(wl, c) for wl, cs in spec for c in cs]
 
 
-def full_cases() -> list[Case]:
-    k4 = 4096
+def full_cases(size: int) -> list[Case]:
     wls: list[Workload] = []
     for rw in ("randread", "randwrite"):
         for qd in (1, 8, 32, 128):
-            wls.append(Workload("file", rw, k4, qd))
+            wls.append(Workload("file", rw, K4, qd))
     for qd in (1, 8):
-        wls.append(Workload("file", "read", 1 << 20, qd))
+        wls.append(Workload("file", "read", MiB, qd))
     for qd in (1, 32):
-        wls.append(Workload("file", "randread", k4, qd, threads=2))
+        wls.append(Workload("file", "randread", K4, qd, threads=2))
     for qd in (1, 32):
-        wls.append(Workload("direct", "randread", k4, qd))
+        wls.append(Workload("direct", "randread", K4, qd))
     for qd in (1, 32):
-        wls.append(Workload("vhost", "randread", k4, qd))
-    wls.append(Workload("vhost", "randwrite", k4, 32))
-    wls.append(Workload("vhost", "randread", k4, 32, threads=2))
-    return [Case(wl, c) for wl in wls for c in contenders_for(wl, True)]
+        wls.append(Workload("vhost", "randread", K4, qd))
+    wls.append(Workload("vhost", "randwrite", K4, 32))
+    wls.append(Workload("vhost", "randread", K4, 32, threads=2))
+    wls += [wl for wl in thread_workloads() if wl not in wls]
+    wls += bulk_workloads(size)
+    return [Case(wl, c) for wl in wls for c in contenders_for(wl)]
+
+
+# --------------------------------------------------------------------------
+# goals (issues 12, 13, 15): each one ratio of case medians and a threshold
+
+
+CaseRef = Union[str, tuple]       # one case key, or a tuple: the best of them
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """numerator / denominator >= threshold (the denominator a case, or the
+    best of several); with ``floor``, also numerator >= that case (e.g. N
+    threads never below 1 thread). threshold None: tracked, no verdict."""
+    name: str
+    issue: int
+    num: str
+    den: CaseRef
+    threshold: Optional[float]
+    floor: Optional[str] = None
+
+
+def _k(wl: Workload, contender: str) -> str:
+    return Case(wl, contender).key
+
+
+def goals(size: int) -> list[Goal]:
+    F, V = "file", "vhost"
+    f1 = Workload(F, "randread", K4, 1)
+    f32 = Workload(F, "randread", K4, 32)
+    f32t2 = Workload(F, "randread", K4, 32, threads=2)
+    v1 = Workload(V, "randread", K4, 1)
+    v32 = Workload(V, "randread", K4, 32)
+    cr, cw = Workload("cold", "read", size, 0), Workload("cold", "write", size, 0)
+    vseq = Workload(V, "read", MiB, SEQ_DEPTH)
+    cp, vcp = Workload("copy", "copy", size, 0), Workload("vcopy", "copy", size, 0)
+    out = [
+        Goal("batch 4K randread QD32 / C blkio-bench, page-cached file", 13,
+             _k(f32, B_BATCH), _k(f32, C_BENCH), 0.97),
+        Goal("blocking 4K randread QD1 / C ref_blocking, page-cached file", 13,
+             _k(f1, B_BLOCK), _k(f1, C_REF), 0.92),
+        Goal("vhost-user QD32 batch, alloc'd memory / C blkio-bench", 13,
+             _k(v32, B_BATCH), _k(v32, C_BENCH), 0.95),
+        Goal("vhost-user QD32 queue API, plain numpy (bounced) / C blkio-bench",
+             13, _k(v32, B_QUEUE_NP), _k(v32, C_BENCH), 0.90),
+        Goal("2 threads, batch QD32 / C --num-threads=2, page-cached file", 13,
+             _k(f32t2, B_BATCH), _k(f32t2, C_BENCH), 0.95),
+        Goal("asyncio per request QD32 / bare asyncio future-ping QD32", 13,
+             _k(f32, B_AIO), _k(f32, PING), 0.9),
+        Goal("asyncio per request QD32 on uvloop / bare uvloop future-ping",
+             13, _k(f32, B_AIO_UV), _k(f32, PING_UV), None),
+        Goal("asyncio batch await QD32 / C blkio-bench QD32", 13,
+             _k(f32, B_AIO_BATCH), _k(f32, C_BENCH), 0.8),
+        Goal("vhost-user blocking QD1 / C ref_blocking", 13,
+             _k(v1, B_BLOCK), _k(v1, C_REF), None),
+        Goal(f"{_size(size, True)} read into numpy, O_DIRECT cold / best fio "
+             "qd1/8/32 at 1 MiB", 12,
+             _k(cr, B_BIG), tuple(_k(cr, f) for f in FIO_QD.values()), 0.95),
+        Goal(f"{_size(size, True)} read into numpy, O_DIRECT cold / best of "
+             "np.fromfile, file.readinto (cold)", 12,
+             _k(cr, B_BIG), (_k(cr, NP_FROMFILE), _k(cr, FILE_READINTO)), 1.5),
+        Goal(f"{_size(size, True)} write from numpy + flush, O_DIRECT / best "
+             "fio qd1/8/32 at 1 MiB + fsync", 12,
+             _k(cw, B_BIG), tuple(_k(cw, f) for f in FIO_QD.values()), 0.95),
+        Goal(f"{_size(size, True)} write from numpy + flush, O_DIRECT / best "
+             "of ndarray.tofile, file.write (+ fsync)", 12,
+             _k(cw, B_BIG), (_k(cw, NP_TOFILE), _k(cw, FILE_WRITE)), 1.5),
+        Goal(f"vhost-user 1 MiB sequential read, one call depth={SEQ_DEPTH} / "
+             f"C blkio-bench --blocksize=1M --iodepth={SEQ_DEPTH}", 12,
+             _k(vseq, B_BIG_KNOBS), _k(vseq, C_BENCH), 0.95),
+        Goal("copy raw -> raw, O_DIRECT / best of qemu-img convert, dd", 12,
+             _k(cp, B_COPY), (_k(cp, QEMU_IMG), _k(cp, DD)), 1.0),
+        Goal("copy raw file -> vhost-user / best of qemu-img convert, dd "
+             "(raw -> raw: neither writes to vhost-user)", 12,
+             _k(vcp, B_COPY), (_k(cp, QEMU_IMG), _k(cp, DD)), 1.0),
+    ]
+    for wl in thread_workloads():
+        what = {"vhost": "vhost-user", "direct": "O_DIRECT file"}[wl.backend]
+        one = dataclasses.replace(wl, threads=1)
+        out.append(Goal(
+            f"{wl.threads} thread{'s' if wl.threads > 1 else ''} blocking "
+            f"{wl.rw} on one device / C --num-threads={wl.threads} "
+            f"--iodepth=1, {what}", 15,
+            _k(wl, B_BLOCK), _k(wl, C_BENCH), 0.9,
+            floor=_k(one, B_BLOCK) if wl.threads > 1 else None))
+    return out
+
+
+def _fig(summary: dict, key: str) -> tuple[Optional[float], str]:
+    """A case's median (requests/s in its workload's unit), or why not."""
+    e = summary.get(key)
+    if e is None:
+        return None, f"not run in this suite ({key})"
+    if "iops_median" in e:
+        return e["iops_median"], ""
+    why = "; ".join(e.get("errors", ["no result"]))
+    return None, f"{e['contender']}: {why}"
+
+
+def _rep_figs(summary: dict, key: str) -> list[Optional[float]]:
+    e = summary.get(key) or {}
+    return list(e.get("iops_by_rep", []))
+
+
+def _best(summary: dict, ref: CaseRef) -> tuple[Optional[float], str, str]:
+    """(figure, which case, why not): the best of a tuple of cases, among
+    those this suite runs; one that ran and failed leaves no denominator."""
+    keys = ref if isinstance(ref, tuple) else (ref,)
+    best, which = None, ""
+    ran = [k for k in keys if k in summary]
+    if not ran:
+        return None, "", f"not run in this suite ({', '.join(keys)})"
+    for k in ran:
+        v, why = _fig(summary, k)
+        if v is None:
+            return None, "", why
+        if best is None or v > best:
+            best, which = v, k
+    return best, which, ""
+
+
+def evaluate(goal: Goal, summary: dict) -> dict:
+    """The goal's ratios and verdict: met, missed, info, n/a."""
+    num, why = _fig(summary, goal.num)
+    den, den_key, why_den = _best(summary, goal.den)
+    out = {"name": goal.name, "issue": goal.issue, "numerator": goal.num,
+           "denominator": list(goal.den) if isinstance(goal.den, tuple)
+           else goal.den, "threshold": goal.threshold,
+           "numerator_figure": num, "denominator_figure": den,
+           "denominator_best": den_key or None}
+    if num is None or den is None or den == 0:
+        why = why or why_den
+        out.update(verdict="not run" if why.startswith("not run") else "n/a",
+                   why=why)
+        return out
+    ratio = num / den
+    out["ratio"] = round(ratio, 4)
+    # per repetition: rep i of the numerator over the best of rep i's
+    # denominators (interleaved, so rep i ran within the same minutes)
+    keys = [k for k in (goal.den if isinstance(goal.den, tuple)
+                        else (goal.den,)) if k in summary]
+    nums = _rep_figs(summary, goal.num)
+    dens = [_rep_figs(summary, k) for k in keys]
+    per_rep = []
+    for i, n in enumerate(nums):
+        ds = [d[i] for d in dens if i < len(d) and d[i]]
+        per_rep.append(round(n / max(ds), 4) if n and len(ds) == len(dens)
+                       else None)
+    out["ratio_by_rep"] = per_rep
+    short = []
+    if goal.threshold is not None and ratio < goal.threshold:
+        short.append(f"{ratio:.2f} < {goal.threshold:g} "
+                     f"(short by {(1 - ratio / goal.threshold) * 100:.1f}%)")
+    if goal.floor is not None:
+        base, why_floor = _fig(summary, goal.floor)
+        if base is None:
+            out.update(verdict="n/a", why=why_floor)
+            return out
+        out["floor"] = goal.floor
+        out["floor_figure"] = base
+        out["floor_ratio"] = round(num / base, 4)
+        if num < base:
+            short.append(f"below the 1-thread figure ({num / base:.2f}x)")
+    if goal.threshold is None and goal.floor is None:
+        out["verdict"] = "info"
+    else:
+        out["verdict"] = "missed" if short else "met"
+    if short:
+        out["missed_by"] = "; ".join(short)
+    return out
+
+
+def verdict_line(g: dict, unit_of) -> str:
+    v = g["verdict"]
+    tag = {"met": "met   ", "missed": "MISSED", "info": "info  ",
+           "n/a": "n/a   ", "not run": "-     "}[v]
+    if v == "n/a":
+        return f"  {tag}  {g['name']}: not available ({g['why']})"
+    if v == "not run":
+        return f"  {tag}  {g['name']}: not in this suite (make bench-full)"
+    figs = (f"[{unit_of(g['numerator'], g['numerator_figure'])} / "
+            f"{unit_of(g['denominator_best'], g['denominator_figure'])}]")
+    head = f"  {tag}  {g['ratio']:.2f}"
+    if g["threshold"] is not None:
+        head += f" (goal {g['threshold']:g})"
+    if "floor_ratio" in g:
+        head += f", {g['floor_ratio']:.2f}x the 1-thread figure"
+    line = f"{head}  {g['name']}  {figs}"
+    if v == "missed":
+        line += f"  -- missed: {g['missed_by']}"
+    return line
 
 
 # --------------------------------------------------------------------------
@@ -210,8 +515,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_image(path: Path, size: int) -> None:
-    """A real (not sparse) file of random data, on disk and in the page cache."""
+def make_image(path: Path, size: int, cache: bool) -> None:
+    """A real (not sparse) file of random data; in the page cache or not."""
     t0 = time.perf_counter()
     chunk = 64 << 20
     seed = os.urandom(chunk)
@@ -221,16 +526,35 @@ def make_image(path: Path, size: int) -> None:
         while written < size:
             k = min(chunk, size - written)
             # vary every chunk so no two 4 KiB blocks repeat
-            head = n.to_bytes(8, "little") * 512
+            head = (n + (hash(path.name) & 0xFFFF) * 65536).to_bytes(
+                8, "little") * 512
             f.write(head + seed[len(head):k] if k > len(head) else seed[:k])
             written += k
             n += 1
         os.fsync(f.fileno())
-    with open(path, "rb", buffering=0) as f:     # read it once: page-cached
+    if cache:
+        warm(path)
+    else:
+        drop_cache(path)
+    log(f"  {path} ({size >> 20} MiB) written"
+        f"{' and cached' if cache else ''} in {time.perf_counter() - t0:.1f} s")
+
+
+def warm(path: Path) -> None:
+    """Read a file once so that it is (back) in the page cache."""
+    with open(path, "rb", buffering=0) as f:
         while f.read(16 << 20):
             pass
-    log(f"  {path} ({size >> 20} MiB) written and cached in "
-        f"{time.perf_counter() - t0:.1f} s")
+
+
+def drop_cache(path: Path) -> None:
+    """Write back and drop the file's pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def compile_c(out: Path, src: Path) -> Path:
@@ -246,22 +570,36 @@ def compile_c(out: Path, src: Path) -> Path:
     return out
 
 
-class StorageDaemon:
-    """qemu-storage-daemon exporting a raw file as vhost-user-blk."""
+def _pin(cpu: int) -> list[str]:
+    """``taskset -c N`` for CPU ``cpu`` (negative: from the end), or nothing
+    when there is no taskset or only one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or not shutil.which("taskset"):
+        return []
+    return ["taskset", "-c", str(cpus[cpu])]
 
-    def __init__(self, image: Path, tmpdir: Path, num_queues: int = 2):
+
+class StorageDaemon:
+    """qemu-storage-daemon exporting raw files as vhost-user-blk: the
+    page-cached benchmark image (EXPORT_QUEUES queues, for the thread rows)
+    and the copy target."""
+
+    def __init__(self, image: Path, copy_target: Path, tmpdir: Path):
         self.sock = tmpdir / "vhost.sock"
+        self.copy_sock = tmpdir / "vhost-copy.sock"
         self.log_path = tmpdir / "qsd.log"
         # On a machine with few CPUs the daemon and the client fight for
         # them and vhost-user figures swing by 2x: give the daemon the last
         # CPU and single-threaded clients the first (the same for C and Python).
-        self.cmd = [*_pin(-1), "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={image},"
-                          "cache.direct=off",
-            "--export", "type=vhost-user-blk,id=exp0,node-name=file0,"
-                        f"addr.type=unix,addr.path={self.sock},writable=on,"
-                        f"num-queues={num_queues}",
-        ]
+        self.cmd = [*_pin(-1), "qemu-storage-daemon"]
+        for i, (img, sock, nq) in enumerate(((image, self.sock, EXPORT_QUEUES),
+                                             (copy_target, self.copy_sock, 1))):
+            self.cmd += [
+                "--blockdev", f"driver=file,node-name=file{i},filename={img},"
+                              "cache.direct=off",
+                "--export", f"type=vhost-user-blk,id=exp{i},node-name=file{i},"
+                            f"addr.type=unix,addr.path={sock},writable=on,"
+                            f"num-queues={nq}"]
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.crashes: list[str] = []
@@ -277,20 +615,24 @@ class StorageDaemon:
             if self.proc.poll() is not None:
                 raise RuntimeError("qemu-storage-daemon exited: " +
                                    self.log_path.read_text(errors="replace"))
-            if self.sock.exists():
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    s.connect(str(self.sock))
-                    s.close()
-                    log(f"  qemu-storage-daemon pid {self.proc.pid} listening "
-                        f"on {self.sock}")
-                    return
-                except OSError:
-                    pass
-                finally:
-                    s.close()
+            if self._listening(self.sock) and self._listening(self.copy_sock):
+                log(f"  qemu-storage-daemon pid {self.proc.pid} listening")
+                return
             time.sleep(0.05)
-        raise RuntimeError("qemu-storage-daemon did not create its socket")
+        raise RuntimeError("qemu-storage-daemon did not create its sockets")
+
+    @staticmethod
+    def _listening(path: Path) -> bool:
+        if not path.exists():
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -302,14 +644,28 @@ class StorageDaemon:
             return ""
         return lines[-1] if lines else ""
 
-    def restart(self) -> None:
+    def ensure_alive(self, why: str) -> Optional[str]:
+        """Restart a dead daemon; an error message if that fails."""
+        if self.alive():
+            return None
+        # QEMU 7.2's daemon aborts (vhost_user_server_ref: Assertion
+        # `!server->wait_idle' failed) when a client that used several
+        # queues disconnects: start a fresh one
+        self.crashes.append(self.log_tail())
+        log(f"  qemu-storage-daemon died {why} ({self.log_tail()}); "
+            "restarting")
         self.stop()
-        try:
-            self.sock.unlink()
-        except FileNotFoundError:
-            pass
+        for s in (self.sock, self.copy_sock):
+            try:
+                s.unlink()
+            except FileNotFoundError:
+                pass
         self.restarts += 1
-        self.start()
+        try:
+            self.start()
+        except (RuntimeError, OSError) as e:
+            return f"qemu-storage-daemon restart failed: {e}"
+        return None
 
     def stop(self) -> None:
         if self.proc is None:
@@ -329,155 +685,311 @@ class StorageDaemon:
 # running contenders
 
 
+@dataclasses.dataclass
+class Command:
+    argv: list[str]
+    unit: int                 # bytes per request in the contender's output
+    parse: str                # "bench" (blkio-bench JSON), "fio", "wall"
+
+
 class Env:
-    def __init__(self, args, tmpdir: Path, image: Path):
+    def __init__(self, args, tmpdir: Path):
         self.args = args
         self.tmpdir = tmpdir
-        self.image = image
+        self.size = args.size << 20
+        self.image = tmpdir / "disk.img"        # page-cached
+        self.cold = tmpdir / "cold.img"         # O_DIRECT cases, copy input
+        self.copy_out = tmpdir / "copy-out.img"   # both copies' target
         self.py = args.python
         self.c_bench: Path | None = None
         self.c_ref: Path | None = None
+        self.c_copy: Path | None = None
         self.qsd: StorageDaemon | None = None
-        self.pybench: list[str] | None = None     # command prefix
-        self.blkio_error: str | None = None
+        self.missing: dict[str, str] = {}       # feature -> why not
 
-    def detect_blkio(self) -> None:
-        r = subprocess.run([self.py, "-c", "import blkio"], capture_output=True,
-                           text=True, cwd=self.tmpdir)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["?"])[-1]
-            self.blkio_error = f"blkio not importable ({last})"
-            return
-        self.pybench = [self.py, "-m", "blkio", "bench"]
-        log(f"  blkio contenders run: {' '.join(self.pybench[1:])}")
+    def probe(self, cases: Sequence[Case]) -> None:
+        """Find out once what this machine and this build can run."""
+        wanted = {NEEDS[c.contender] for c in cases if c.contender in NEEDS}
+        wanted.add("blkio")
+
+        def py_ok(code: str) -> tuple[bool, str]:
+            r = subprocess.run([self.py, "-c", code], capture_output=True,
+                               text=True, cwd=self.tmpdir, timeout=60)
+            if r.returncode < 0:
+                return False, f"dies with {signal.Signals(-r.returncode).name}"
+            last = (r.stderr.strip().splitlines() or [""])[-1]
+            return r.returncode == 0, last or r.stdout.strip()
+
+        ok, why = py_ok("import blkio")
+        if not ok:
+            self.missing["blkio"] = f"blkio not importable ({why})"
+        if "aio_batch" in wanted:
+            ok, why = py_ok("import blkio.aio as a, sys; sys.exit(0 if "
+                            "hasattr(a.AsyncDevice, 'read_batch') else 3)")
+            if not ok:
+                self.missing["aio_batch"] = (
+                    "blkio.aio.AsyncDevice has no read_batch in this build")
+        if "uvloop" in wanted:
+            ok, why = py_ok("import uvloop")
+            if not ok:
+                self.missing["uvloop"] = f"uvloop not installed ({why})"
+        if "liburing" in wanted:
+            ok, why = py_ok(LIBURING_PROBE)
+            if not ok:
+                if "SIGILL" in why:
+                    why += (" (PyPI liburing 2026.x wheels are built with "
+                            "AVX-512 instructions, which this CPU lacks; the "
+                            "Makefile builds 2024.5.3 from source instead)")
+                self.missing["liburing"] = f"PyPI liburing: {why}"
+        if "copy" in wanted:
+            r = subprocess.run([self.py, "-m", "blkio", "copy", "--help"],
+                               capture_output=True, text=True,
+                               cwd=self.tmpdir, timeout=60)
+            if r.returncode != 0:
+                self.missing["copy"] = ("`python -m blkio copy` is not in this "
+                                        "build")
+        for tool in ("qemu-img", "dd", "fio"):
+            if tool in wanted and not shutil.which(tool):
+                self.missing[tool] = f"{tool} is not installed"
+        if "c_copy" in wanted and self.c_copy is None:
+            self.missing["c_copy"] = "blkio-copy.c did not compile"
+        for feature, why in self.missing.items():
+            log(f"  not available: {why}")
 
     def device_args(self, wl: Workload) -> tuple[str, list[str]]:
         if wl.backend == "vhost":
             assert self.qsd is not None
             return "virtio-blk-vhost-user", [f"path={self.qsd.sock}"]
-        props = [f"path={self.image}"]
-        if wl.backend == "direct":
-            props.append("direct=true")
-        return "io_uring", props
+        if wl.backend in ("direct", "cold"):
+            return "io_uring", [f"path={self.cold}", "direct=true"]
+        return "io_uring", [f"path={self.image}"]
 
-    def command(self, case: Case, runtime: int) -> list[str] | str:
+    def command(self, case: Case, runtime: int) -> Command | str:
         """The command line, or a string saying why the case is skipped."""
         wl, c = case.wl, case.contender
-        common = [f"--num-threads={wl.threads}", f"--iodepth={wl.depth}",
-                  f"--readwrite={wl.rw}", f"--blocksize={wl.bs}",
-                  f"--runtime={runtime}"]
+        need = NEEDS.get(c)
+        if need in self.missing:
+            return self.missing[need]
+        if wl.backend in ("vhost", "vcopy") and self.qsd is None:
+            return "qemu-storage-daemon is not running"
+        if wl.rw == "copy":
+            return self.copy_command(wl, c)
+        bs = wl.bs
+        if wl.backend == "cold":
+            # one call over the whole file (--requests=1): the library (or
+            # the peer) does what it does with 1 GiB; fio: 1 MiB requests
+            rw = wl.rw
+            common = ["--readwrite=" + rw, f"--blocksize={bs}",
+                      "--requests=1", f"--runtime={runtime + 60}"]
+        else:
+            rw = wl.rw
+            common = [f"--num-threads={wl.threads}", f"--iodepth={wl.depth}",
+                      f"--readwrite={rw}", f"--blocksize={bs}",
+                      f"--runtime={runtime}"]
         driver, props = self.device_args(wl)
         if c in (C_BENCH, C_POLL):
             extra = ["--poll"] if c == C_POLL else []
-            return [str(self.c_bench), *common, *extra, driver, *props]
+            return Command([str(self.c_bench), *common, *extra, driver,
+                            *props], bs, "bench")
         if c == C_REF:
-            return [str(self.c_ref), *common, driver, *props]
-        if c in BLKIO_CONTENDERS:
-            if self.pybench is None:
-                return self.blkio_error or "blkio not available"
-            api = {B_BATCH: "batch", B_BATCH_NP: "batch", B_QUEUE: "queue",
-                   B_QUEUE_NP: "queue", B_BLOCK: "blocking",
-                   B_BLOCK_NP: "blocking", B_BLOCK_POLL: "blocking",
-                   B_AIO: "asyncio"}[c]
-            mem = "numpy" if "numpy" in c else "alloc"
-            extra = ["--poll"] if c == B_BLOCK_POLL else []
-            return [*self.pybench, *common, f"--api={api}",
-                    f"--buffers={mem}", *extra, driver, *props]
-        if c == FIO:
-            if wl.backend == "vhost":
-                return "fio has no vhost-user engine here"
-            cmd = ["fio", "--name=bench", f"--filename={self.image}",
-                   "--ioengine=io_uring", f"--rw={wl.rw}", f"--bs={wl.bs}",
-                   f"--iodepth={wl.depth}", f"--numjobs={wl.threads}",
-                   "--thread", "--group_reporting", "--time_based",
-                   f"--runtime={runtime}", "--invalidate=0",
+            return Command([str(self.c_ref), *common, driver, *props], bs,
+                           "bench")
+        if c in BLKIO_BENCH:
+            if "blkio" in self.missing:
+                return self.missing["blkio"]
+            api, mem, extra = BLKIO_BENCH[c]
+            unit = bs
+            if c in (B_BIG, B_BIG_NP, B_BIG_KNOBS) and wl.backend != "cold":
+                # sequential: each request one call over the whole device
+                unit = self.size
+                common = [f"--readwrite={rw}", f"--blocksize={unit}",
+                          f"--runtime={runtime}"]
+            if wl.backend == "cold" and not wl.is_read:
+                extra = [*extra, "--flush"]
+            if api == "blocking" and wl.threads > 1:
+                # a queue per thread where the library uses them (issue 15)
+                props = [*props, f"num-queues={wl.threads}"]
+            return Command([self.py, "-m", "blkio", "bench", *common,
+                            f"--api={api}", f"--buffers={mem}", *extra,
+                            driver, *props], unit, "bench")
+        if c == FIO or c in FIO_QD.values():
+            depth = wl.depth or int(c.rsplit("qd", 1)[1])
+            path = self.image if wl.backend == "file" else self.cold
+            cmd = ["fio", "--name=bench", f"--filename={path}",
+                   "--ioengine=io_uring", f"--rw={rw}", f"--bs={min(bs, MiB)}",
+                   f"--iodepth={depth}", f"--numjobs={wl.threads}",
+                   "--thread", "--group_reporting",
                    "--norandommap", "--randrepeat=0",
-                   f"--direct={1 if wl.backend == 'direct' else 0}",
+                   f"--direct={0 if wl.backend == 'file' else 1}",
                    "--output-format=json"]
+            if wl.backend == "cold":
+                # one pass over the file; the fsync is inside fio's runtime
+                cmd += [f"--size={bs}"] + ([] if wl.is_read
+                                           else ["--end_fsync=1"])
+            else:
+                cmd += ["--time_based", f"--runtime={runtime}",
+                        "--invalidate=0"]       # the page cache stays warm
             if wl.is_read:
                 cmd.append("--readonly")
-            return cmd
-        kind = {PREADV: "preadv", LIBURING: "liburing", CAIO: "caio",
-                AIOFILE: "aiofile"}[c]
-        cmd = [self.py, str(HERE / "contenders.py"), kind, *common]
+            return Command(cmd, min(bs, MiB), "fio")
+        kind, extra = PEERS[c]
+        cmd = [self.py, str(HERE / "contenders.py"), kind, *common, *extra]
+        if kind == "ping":
+            return Command(cmd, bs, "bench")
         if wl.backend == "direct":
             cmd.append("--direct")
-        return [*cmd, str(self.image)]
+        path = self.image if wl.backend == "file" else self.cold
+        return Command([*cmd, str(path)], bs, "bench")
+
+    def copy_command(self, wl: Workload, c: str) -> Command | str:
+        src, dst = str(self.cold), str(self.copy_out)
+        if wl.backend == "vcopy":
+            assert self.qsd is not None
+            out_blkio = ["virtio-blk-vhost-user", f"path={self.qsd.copy_sock}"]
+            if c == B_COPY:
+                return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
+                                f"--input-file={src}",
+                                f"--output-blkio={out_blkio[0]}",
+                                *out_blkio[1:]], wl.bs, "wall")
+            return Command([str(self.c_copy), "--input-blkio=io_uring",
+                            f"path={src}", "direct=true",
+                            f"--output-blkio={out_blkio[0]}", *out_blkio[1:]],
+                           wl.bs, "wall")
+        if c == B_COPY:
+            # --input-file/--output-file: O_DIRECT through io_uring where
+            # the file system allows it (the copy command's default)
+            return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
+                            f"--input-file={src}", f"--output-file={dst}"],
+                           wl.bs, "wall")
+        if c == B_COPY_BLKIO:
+            return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
+                            "--input-blkio=io_uring", f"path={src}",
+                            "direct=true", "--output-blkio=io_uring",
+                            f"path={dst}", "direct=true"], wl.bs, "wall")
+        if c == QEMU_IMG:
+            # -n: into the existing (preallocated) output, as the others do
+            return Command(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                            "-t", "none", "-T", "none", "-m", "8", "-W", "-n",
+                            src, dst], wl.bs, "wall")
+        if c == DD:
+            # conv=notrunc: the existing output; fsync: flushed at the end
+            # as the others are
+            return Command(["dd", f"if={src}", f"of={dst}", "bs=1M",
+                            "iflag=direct", "oflag=direct",
+                            "conv=notrunc,fsync"], wl.bs, "wall")
+        return Command([str(self.c_copy), "--input-blkio=io_uring",
+                        f"path={src}", "direct=true", "--output-blkio=io_uring",
+                        f"path={dst}", "direct=true"], wl.bs, "wall")
 
 
-def parse_output(contender: str, stdout: str, wl: Workload) -> float:
-    """IOPS from a contender's JSON output."""
-    if contender == FIO:
-        # fio may print warnings before its JSON
-        data = json.loads(stdout[stdout.index("{"):])
+# blkio copy: no progress output (qemu-img without -p prints none either);
+# its JSON summary goes into the raw figures beside the wall-clock one
+COPY_OPTS = ["--progress=none", "--json"]
+
+# Builds of PyPI liburing 2026.x are compiled for AVX-512 (their Ring()
+# constructor zeroes memory with vmovups %zmm0) and die with SIGILL on CPUs
+# without it; bench/README.md says more.
+LIBURING_PROBE = ("import liburing as L\n"
+                  "ring = L.io_uring() if hasattr(L, 'io_uring') else L.Ring()\n"
+                  "assert hasattr(L, 'io_uring_peek_cqe'), "
+                  "'not the 2024.5.3 API: ' + getattr(L, '__version__', '?')")
+
+
+def parse_output(cmd: Command, stdout: str, wall: float,
+                 wl: Workload) -> tuple[float, dict]:
+    """Bytes per second, and the raw figures worth keeping."""
+    if cmd.parse == "wall":
+        raw: dict = {"wall_s": round(wall, 4)}
+        if stdout.lstrip().startswith("{"):       # blkio copy --json
+            own = json.loads(stdout)
+            raw.update(own_seconds=own.get("seconds"),
+                       own_mib_per_s=own.get("mib_per_s"))
+        return wl.bs / wall, raw
+    data = json.loads(stdout[stdout.index("{"):])   # fio may warn first
+    if cmd.parse == "fio":
         job = data["jobs"][0]
-        return float(job["read" if wl.is_read else "write"]["iops"])
-    data = json.loads(stdout[stdout.index("{"):])
-    return float(data["aggregate"]["kiops"]) * 1000.0
-
-
-def _pin(cpu: int) -> list[str]:
-    """``taskset -c N`` for CPU ``cpu`` (negative: from the end), or nothing
-    when there is no taskset or only one CPU."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2 or not shutil.which("taskset"):
-        return []
-    return ["taskset", "-c", str(cpus[cpu])]
+        part = job["read" if wl.is_read else "write"]
+        return float(part["bw_bytes"]), {
+            "iops": part["iops"], "runtime_ms": part["runtime"],
+            "bw_bytes": part["bw_bytes"],
+            "clat_mean_us": round(part.get("clat_ns", {}).get("mean", 0)
+                                  / 1000, 3)}
+    agg = data["aggregate"]
+    if cmd.unit >= MiB:
+        bps = float(agg["gips"]) * GiB     # kiops has too few digits here
+    else:
+        bps = float(agg["kiops"]) * 1000.0 * cmd.unit
+    return bps, agg
 
 
 def run_case(env: Env, case: Case, runtime: int) -> dict:
     cmd = env.command(case, runtime)
     if isinstance(cmd, str):
         return {"ok": False, "error": cmd, "skipped": True}
-    if case.wl.backend == "vhost":
-        qsd = env.qsd
-        if qsd is None:
-            return {"ok": False, "error": "qemu-storage-daemon is not running",
-                    "skipped": True}
-        if not qsd.alive():
-            # QEMU 7.2's daemon aborts (vhost_user_server_ref: Assertion
-            # `!server->wait_idle' failed) when a client that used 2 queues
-            # disconnects: start a fresh one
-            qsd.crashes.append(qsd.log_tail())
-            log(f"  qemu-storage-daemon died ({qsd.log_tail()}); restarting")
-            try:
-                qsd.restart()
-            except (RuntimeError, OSError) as e:
-                return {"ok": False, "skipped": True,
-                        "error": f"qemu-storage-daemon restart failed: {e}"}
-    if case.wl.backend == "vhost" and case.wl.threads == 1:
-        cmd = [*_pin(0), *cmd]
+    wl = case.wl
+    if wl.backend in ("vhost", "vcopy"):
+        assert env.qsd is not None
+        err = env.qsd.ensure_alive("before this case")
+        if err:
+            return {"ok": False, "skipped": True, "error": err}
+    if wl.backend == "cold" or wl.rw == "copy":
+        drop_cache(env.cold)
+        if wl.rw == "copy":
+            drop_cache(env.copy_out)
+    argv = cmd.argv
+    if wl.backend in ("vhost", "vcopy"):
+        # every vhost-user client on the first CPU, the daemon on the last
+        # (StorageDaemon): the same placement for C and Python, and for 1
+        # thread and N threads, so the thread rows compare like with like
+        argv = [*_pin(0), *argv]
+    timeout = runtime + 60 if not (wl.bulk and wl.depth == 0) else 300
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True,
-                           timeout=runtime + 60, stdin=subprocess.DEVNULL,
+        r = subprocess.run(argv, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL,
                            cwd=env.tmpdir)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {runtime + 60} s",
-                "cmd": cmd}
+        return {"ok": False, "error": f"timed out after {timeout} s",
+                "cmd": argv}
     wall = time.perf_counter() - t0
-    if case.wl.backend == "vhost" and case.wl.threads > 1 and env.qsd:
-        # see above: the daemon dies a moment after a multi-queue client
-        # leaves; restart it now so the next case finds it listening
+    if wl.backend == "vhost" and wl.threads > 1 and env.qsd:
+        # see ensure_alive: the daemon dies a moment after a multi-queue
+        # client leaves; restart it now so the next case finds it listening
         time.sleep(0.2)
-        if not env.qsd.alive():
-            env.qsd.crashes.append(env.qsd.log_tail())
-            log(f"  qemu-storage-daemon died after a {case.wl.threads}-queue "
-                f"client ({env.qsd.log_tail()}); restarting")
-            try:
-                env.qsd.restart()
-            except (RuntimeError, OSError) as e:
-                log(f"  restart failed: {e}")
+        env.qsd.ensure_alive(f"after a {wl.threads}-queue client")
     if r.returncode != 0:
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else f"exit status {r.returncode}"
-        return {"ok": False, "error": msg[:300], "cmd": cmd, "wall": wall}
+        if r.returncode < 0:
+            msg = f"killed by {signal.Signals(-r.returncode).name}: {msg}"
+        return {"ok": False, "error": msg[:300], "cmd": argv, "wall": wall}
     try:
-        iops = parse_output(case.contender, r.stdout, case.wl)
+        bps, raw = parse_output(cmd, r.stdout, wall, wl)
     except (ValueError, KeyError, IndexError) as e:
-        return {"ok": False, "error": f"unparsable output ({e})", "cmd": cmd,
+        return {"ok": False, "error": f"unparsable output ({e})", "cmd": argv,
                 "wall": wall}
-    return {"ok": True, "iops": iops, "cmd": cmd, "wall": wall}
+    if case.contender == DD:
+        m = re.search(r"copied, ([\d.]+) s", r.stderr)
+        if m:
+            raw["dd_own_seconds"] = float(m.group(1))
+    return {"ok": True, "iops": bps / wl.bs, "bps": bps, "raw": raw,
+            "cmd": argv, "wall": round(wall, 3)}
+
+
+def estimate_s(case: Case, runtime: int) -> float:
+    """A rough duration (from runs on the 2-CPU machine), for the log."""
+    wl = case.wl
+    gib = wl.bs / GiB
+    if wl.rw == "copy":
+        return 2.8 * gib + 0.4
+    if wl.backend == "cold":
+        return (5.0 if case.contender in (B_BIG, B_BIG_NP, FILE_READINTO)
+                else 2.0) * gib + 0.5
+    if case.contender in (B_BIG, B_BIG_NP, B_BIG_KNOBS):
+        return runtime + 3.0
+    python = case.contender.startswith(("blkio", "py", "bare", "caio",
+                                        "aiofile", "liburing"))
+    return runtime + (0.6 if python else 0.15)
 
 
 # --------------------------------------------------------------------------
@@ -492,7 +1004,15 @@ def summarize(cases: list[Case], runs: dict[str, list[dict]]) -> dict:
         errs = [r["error"] for r in rs if not r.get("ok")]
         entry = {"workload": dataclasses.asdict(case.wl),
                  "contender": case.contender, "reps": len(good),
-                 "iops_all": good}
+                 "iops_all": good,
+                 "iops_by_rep": [r["iops"] if r.get("ok") else None
+                                 for r in rs],
+                 "mbps_all": [round(r["bps"] / MB, 2) for r in rs
+                              if r.get("ok")]}
+        own = [r["raw"]["own_mib_per_s"] * MiB / MB for r in rs
+               if r.get("ok") and r.get("raw", {}).get("own_mib_per_s")]
+        if own:         # blkio copy's own figure, without process start
+            entry["own_mbps_median"] = round(statistics.median(own), 1)
         if good:
             entry.update(iops_median=statistics.median(good),
                          iops_min=min(good), iops_max=max(good))
@@ -513,25 +1033,91 @@ def fmt_iops(v: float) -> str:
     return f"{v:.0f}"
 
 
-def c_baseline(summary: dict, wl: Workload) -> float | None:
-    e = summary.get(Case(wl, C_BENCH).key)
-    return e.get("iops_median") if e else None
+def fmt_figure(bs: int, iops: Optional[float]) -> str:
+    """IOPS for small requests, MB/s for big ones."""
+    if iops is None:
+        return "-"
+    if bs >= MiB:
+        return f"{iops * bs / MB:.0f} MB/s"
+    return f"{fmt_iops(iops)} IOPS"
+
+
+def unit_formatter(summary: dict):
+    def unit_of(key: Optional[str], v: Optional[float]) -> str:
+        e = summary.get(key or "")
+        bs = e["workload"]["bs"] if e else K4
+        return fmt_figure(bs, v)
+    return unit_of
+
+
+def reference(wl: Workload, summary: dict) -> tuple[Optional[str],
+                                                    Optional[float]]:
+    """The row a workload's others are compared with in the tables: C
+    blkio-bench; for the one-call rows the best fio; for copies qemu-img."""
+    if wl.backend == "cold":
+        names: Sequence[str] = list(FIO_QD.values())
+    elif wl.rw == "copy":
+        names = [QEMU_IMG] if wl.backend == "copy" else [C_COPY]
+    else:
+        names = [C_BENCH]
+    best: tuple[Optional[str], Optional[float]] = (None, None)
+    for n in names:
+        e = summary.get(Case(wl, n).key, {})
+        v = e.get("iops_median")
+        if v is not None and (best[1] is None or v > best[1]):
+            best = (n, v)
+    if wl.backend == "cold" and best[0]:
+        return "best fio", best[1]
+    return best
+
+
+def thread_table(cases: list[Case], summary: dict) -> list[str]:
+    """The thread-pool rows (issue 15) in one table."""
+    rows = [wl for wl in thread_workloads()
+            if any(c.wl == wl for c in cases)]
+    if not rows:
+        return []
+    lines = ["", "### 4 KiB, N threads doing blocking I/O on one device, "
+             "iodepth 1 each", "",
+             "| backend | rw | threads | C blkio-bench | blkio blocking | "
+             "blkio / C | blkio / blkio 1 thread |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for wl in rows:
+        c = summary.get(Case(wl, C_BENCH).key, {}).get("iops_median")
+        b = summary.get(Case(wl, B_BLOCK).key, {}).get("iops_median")
+        one = summary.get(Case(dataclasses.replace(wl, threads=1),
+                               B_BLOCK).key, {}).get("iops_median")
+        lines.append(
+            f"| {wl.backend} | {wl.rw} | {wl.threads} | "
+            f"{fmt_iops(c) if c else '-'} | {fmt_iops(b) if b else '-'} | "
+            f"{f'{b / c:.2f}' if b and c else '-'} | "
+            f"{f'{b / one:.2f}' if b and one else '-'} |")
+    return lines
 
 
 def table_lines(cases: list[Case], summary: dict) -> list[str]:
     lines = []
     seen: list[Workload] = []
+    # the thread rows go to thread_table, unless a workload has more
+    # contenders than the two it compares
+    only_threads = set(thread_workloads())
     for c in cases:
-        if c.wl not in seen:
+        if c.contender not in (C_BENCH, B_BLOCK):
+            only_threads.discard(c.wl)
+    for c in cases:
+        if c.wl not in seen and c.wl not in only_threads:
             seen.append(c.wl)
     for wl in seen:
-        base = c_baseline(summary, wl)
-        lines.append("")
-        lines.append(f"### {wl.title()}")
-        lines.append("")
-        lines.append("| contender | IOPS median | min - max | MB/s | "
-                     "vs C blkio-bench |")
-        lines.append("|---|---:|---:|---:|---:|")
+        ref, base = reference(wl, summary)
+        lines += ["", f"### {wl.title()}", ""]
+        if wl.bulk:
+            lines.append(f"| contender | MB/s median | min - max | "
+                         f"vs {ref or '-'} |")
+            lines.append("|---|---:|---:|---:|")
+        else:
+            lines.append(f"| contender | IOPS median | min - max | MB/s | "
+                         f"vs {ref or '-'} |")
+            lines.append("|---|---:|---:|---:|---:|")
         for c in cases:
             if c.wl != wl:
                 continue
@@ -540,82 +1126,26 @@ def table_lines(cases: list[Case], summary: dict) -> list[str]:
                 why = "; ".join(e.get("errors", ["no result"]))
                 if len(why) > 110:
                     why = why[:107] + "..."
-                lines.append(f"| {c.contender} | - | - | - | "
-                             f"{'skipped' if e.get('skipped') else 'failed'}:"
-                             f" {why} |")
+                state = ("not available" if e.get("skipped") else "failed")
+                dashes = "- | - |" if wl.bulk else "- | - | - |"
+                lines.append(f"| {c.contender} | {dashes} {state}: {why} |")
                 continue
             ratio = f"{e['iops_median'] / base:.2f}x" if base else "-"
-            lines.append(
-                f"| {c.contender} | {fmt_iops(e['iops_median'])} | "
-                f"{fmt_iops(e['iops_min'])} - {fmt_iops(e['iops_max'])} | "
-                f"{e['mbps_median']:.0f} | {ratio} |")
-    return lines
-
-
-def key_ratios(summary: dict) -> list[tuple[str, str]]:
-    """The ratios the project tracks (issue 5), as (label, value) pairs."""
-    k4 = 4096
-
-    def med(backend, rw, depth, contender, threads=1):
-        e = summary.get(Case(Workload(backend, rw, k4, depth, threads),
-                             contender).key)
-        return e.get("iops_median") if e else None
-
-    def ratio(a, b):
-        if a is None or b is None or b == 0:
-            return "n/a"
-        return f"{a / b:.2f}  ({fmt_iops(a)} / {fmt_iops(b)} IOPS)"
-
-    # (label, (backend, iodepth, contender, threads), denominator likewise)
-    simple = [
-        ("batch API, 4K randread qd32, 1 thread, page-cached file / C blkio-bench",
-         ("file", 32, B_BATCH, 1), ("file", 32, C_BENCH, 1)),
-        ("blocking API, 4K randread qd1 / C ref_blocking",
-         ("file", 1, B_BLOCK, 1), ("file", 1, C_REF, 1)),
-        ("blocking API, 4K randread qd1 / liburing (PyPI) qd1",
-         ("file", 1, B_BLOCK, 1), ("file", 1, LIBURING, 1)),
-        ("vhost-user qd1, blocking API, alloc'd memory / C blkio-bench",
-         ("vhost", 1, B_BLOCK, 1), ("vhost", 1, C_BENCH, 1)),
-        ("vhost-user qd1, blocking API, alloc'd memory / C ref_blocking",
-         ("vhost", 1, B_BLOCK, 1), ("vhost", 1, C_REF, 1)),
-        ("vhost-user qd1, blocking API with poll_us / C blkio-bench --poll",
-         ("vhost", 1, B_BLOCK_POLL, 1), ("vhost", 1, C_POLL, 1)),
-        ("vhost-user qd1, blocking API, plain numpy memory (bounced) / C blkio-bench",
-         ("vhost", 1, B_BLOCK_NP, 1), ("vhost", 1, C_BENCH, 1)),
-        ("vhost-user qd32, batch, alloc'd (registered) memory / C blkio-bench",
-         ("vhost", 32, B_BATCH, 1), ("vhost", 32, C_BENCH, 1)),
-        ("vhost-user qd32, queue API, plain numpy memory (bounced; the batch API "
-         "never bounces) / C blkio-bench",
-         ("vhost", 32, B_QUEUE_NP, 1), ("vhost", 32, C_BENCH, 1)),
-        ("vhost-user qd32, queue API, numpy memory (bounced) / queue API, alloc'd "
-         "memory (cost of the bounce)",
-         ("vhost", 32, B_QUEUE_NP, 1), ("vhost", 32, B_QUEUE, 1)),
-        ("2 threads on 2 queues, batch qd32 / C --num-threads=2",
-         ("file", 32, B_BATCH, 2), ("file", 32, C_BENCH, 2)),
-    ]
-    out = [(label, ratio(med(nb, "randread", nd, nc, nt), med(db, "randread", dd, dc, dt)))
-           for label, (nb, nd, nc, nt), (db, dd, dc, dt) in simple]
-    peers = [(p, med("file", "randread", 32, p)) for p in ASYNCIO_PEERS]
-    peers = [(p, v) for p, v in peers if v is not None]
-    best = max(peers, key=lambda pv: pv[1]) if peers else (None, None)
-    out.append((f"asyncio qd32 / best asyncio peer ({best[0] or 'none'})",
-                ratio(med("file", "randread", 32, B_AIO), best[1])))
-    aio_direct = summary.get(Case(Workload("direct", "randread", k4, 32),
-                                  B_AIO).key)
-    if aio_direct is None:
-        val = "n/a"
-    elif "iops_median" in aio_direct:
-        caio_d = med("direct", "randread", 32, CAIO)
-        val = (f"works: {fmt_iops(aio_direct['iops_median'])} IOPS"
-               + (f"; caio on O_DIRECT: {fmt_iops(caio_d)} IOPS"
-                  if caio_d else "; caio on O_DIRECT: fails"))
-        cd = med("direct", "randread", 32, C_BENCH)
-        if cd:
-            val += f"; / C blkio-bench {aio_direct['iops_median'] / cd:.2f}"
-    else:
-        val = "FAILS: " + "; ".join(aio_direct.get("errors", []))
-    out.append(("asyncio on O_DIRECT, 4K randread qd32", val))
-    return out
+            if wl.bulk:
+                mb = wl.bs / MB
+                own = (f" (its own timing, without process start: "
+                       f"{e['own_mbps_median']:.0f})"
+                       if "own_mbps_median" in e else "")
+                lines.append(
+                    f"| {c.contender}{own} | {e['iops_median'] * mb:.0f} | "
+                    f"{e['iops_min'] * mb:.0f} - {e['iops_max'] * mb:.0f} | "
+                    f"{ratio} |")
+            else:
+                lines.append(
+                    f"| {c.contender} | {fmt_iops(e['iops_median'])} | "
+                    f"{fmt_iops(e['iops_min'])} - {fmt_iops(e['iops_max'])} | "
+                    f"{e['mbps_median']:.0f} | {ratio} |")
+    return lines + thread_table(cases, summary)
 
 
 def machine_info() -> dict:
@@ -641,6 +1171,8 @@ def machine_info() -> dict:
 
 
 def plot(summary: dict, cases: list[Case], path: Path) -> bool:
+    """IOPS against iodepth (4 KiB, page-cached file), IOPS against threads
+    (blocking, one device), and MB/s of the 1 GiB reads, writes and copies."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -648,61 +1180,156 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
     except ImportError:
         log("matplotlib not installed: no plot")
         return False
-    groups = {}
+
+    def med(c: Case):
+        e = summary.get(c.key, {})
+        if "iops_median" not in e:
+            return None
+        return e["iops_median"], e["iops_min"], e["iops_max"]
+
+    depth_lines: dict = {}
+    thread_lines: dict = {}
+    bars: list = []
     for c in cases:
-        wl = c.wl
-        if wl.bs != 4096 or wl.threads != 1 or wl.backend != "file":
+        wl, m = c.wl, med(c)
+        if m is None:
             continue
-        groups.setdefault(wl.rw, {}).setdefault(c.contender, [])
-        e = summary[c.key]
-        if "iops_median" in e:
-            groups[wl.rw][c.contender].append(
-                (wl.depth, e["iops_median"], e["iops_min"], e["iops_max"]))
-    groups = {k: v for k, v in groups.items() if any(v.values())}
-    if not groups:
+        if wl.backend == "file" and wl.bs == K4 and wl.threads == 1 and \
+                wl.is_read:
+            depth_lines.setdefault(c.contender, []).append((wl.depth, *m))
+        elif wl.depth == 1 and wl.bs == K4 and c.contender in (C_BENCH,
+                                                               B_BLOCK) and \
+                wl.backend in ("vhost", "direct"):
+            name = f"{wl.backend} {wl.rw}: {c.contender}"
+            thread_lines.setdefault(name, []).append((wl.threads, *m))
+        elif wl.bulk and wl.depth == 0:
+            label = {"cold": f"{wl.rw}", "copy": "copy", "vcopy": "copy->vhost"
+                     }[wl.backend]
+            bars.append((f"{label}: {c.contender}", m[0] * wl.bs / MB,
+                         m[1] * wl.bs / MB, m[2] * wl.bs / MB))
+    thread_lines = {k: v for k, v in thread_lines.items() if len(v) > 1}
+    panels = [p for p in ("depth", "threads", "bulk")
+              if {"depth": depth_lines, "threads": thread_lines,
+                  "bulk": bars}[p]]
+    if not panels:
         return False
-    names = sorted({n for per in groups.values() for n, pts in per.items()
-                    if pts})
-    cmap = plt.get_cmap("tab20")
-    colors = {n: cmap(i % 20) for i, n in enumerate(names)}
-    markers = "osD^v<>phX*"
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups) + 2,
-                                                      5.5), squeeze=False)
-    for ax, (rw, per) in zip(axes[0], sorted(groups.items())):
-        for name in names:
-            pts = sorted(per.get(name, []))
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            ys = [p[1] / 1000 for p in pts]
-            err = [[(p[1] - p[2]) / 1000 for p in pts],
-                   [(p[3] - p[1]) / 1000 for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, label=name, color=colors[name],
-                        linestyle="-" if name.startswith("blkio") else "--",
-                        linewidth=2.2 if name.startswith("blkio") else 1.2,
-                        marker=markers[names.index(name) % len(markers)],
-                        capsize=3)
-        ax.set_xscale("log", base=2)
-        depths = sorted({p[0] for pts in per.values() for p in pts})
-        ax.set_xticks(depths)
-        ax.set_xticklabels([str(d) for d in depths])
-        ax.set_xlabel("iodepth")
-        ax.set_ylabel("kIOPS (median; bars: min-max)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"4 KiB {rw}, 1 thread, io_uring page-cached file",
-                     fontsize=10)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, panel in zip(axes[0], panels):
+        if panel in ("depth", "threads"):
+            lines = depth_lines if panel == "depth" else thread_lines
+            # threads: one colour per backend and pattern, dashed for C
+            groups = sorted({n.split(":")[0] for n in lines})
+            for i, (name, pts) in enumerate(sorted(lines.items())):
+                pts.sort()
+                xs = [p[0] for p in pts]
+                ys = [p[1] / 1000 for p in pts]
+                err = [[(p[1] - p[2]) / 1000 for p in pts],
+                       [(p[3] - p[1]) / 1000 for p in pts]]
+                mine = name.split(": ")[-1].startswith("blkio ")
+                colour = (cmap(groups.index(name.split(":")[0]) % 10)
+                          if panel == "threads" else cmap(i % 10))
+                ax.errorbar(xs, ys, yerr=err, label=name, color=colour,
+                            linestyle="-" if mine else "--",
+                            linewidth=2.2 if mine else 1.2, marker="osD^v<>p"
+                            [i % 8], capsize=3)
+            ax.set_xscale("log", base=2)
+            xs = sorted({p[0] for pts in lines.values() for p in pts})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+            ax.set_xlabel("iodepth" if panel == "depth" else
+                          "threads (blocking, iodepth 1 each)")
+            ax.set_ylabel("kIOPS (median; bars: min-max)")
+            ax.set_ylim(bottom=0)
+            ax.set_title("4 KiB random reads, page-cached file" if panel ==
+                         "depth" else "4 KiB, threads sharing one device",
+                         fontsize=10)
+            ax.legend(fontsize=7)
+        else:
+            names = [b[0] for b in bars]
+            vals = [b[1] for b in bars]
+            err = [[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]]
+            colors = ["tab:blue" if "blkio" in n else "tab:gray"
+                      for n in names]
+            ax.barh(range(len(bars)), vals, xerr=err, color=colors, capsize=2)
+            ax.set_yticks(range(len(bars)))
+            ax.set_yticklabels(names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("MB/s (median; bars: min-max)")
+            ax.set_title("1 GiB in one call, cold O_DIRECT; copies",
+                         fontsize=10)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1 - 1.9 / (6.5 * len(groups) + 3), 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# --------------------------------------------------------------------------
+# comparing two runs
+
+
+def _ratio_value(v) -> Optional[float]:
+    """A ratio from either JSON format (a float, or an older run's text
+    "0.97  (986k / 1.01M IOPS)")."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    m = re.match(r"\s*([\d.]+)", str(v))
+    return float(m.group(1)) if m else None
+
+
+def compare(a_path: str, b_path: str) -> int:
+    """Each goal's ratio and each case's median, A beside B, with the
+    change. Reads this script's JSON and the older one (text ratios)."""
+    a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
+    print(f"A: {a_path} ({a.get('machine', {}).get('date', '?')})")
+    print(f"B: {b_path} ({b.get('machine', {}).get('date', '?')})")
+
+    def goals_of(doc: dict) -> dict:
+        # evaluated again from the figures, so that a run from before the
+        # goals table (or from another version of it) lines up by name
+        size = doc.get("machine", {}).get("size_bytes", GiB)
+        return {g.name: evaluate(g, doc.get("results", {}))
+                for g in goals(size)}
+
+    def ratios_of(doc: dict, gs: dict) -> dict:
+        out = {k: g.get("ratio") for k, g in gs.items()
+               if g["verdict"] != "n/a" or k in doc.get("ratios", {})}
+        out.update({k: _ratio_value(v) for k, v in
+                    doc.get("ratios", {}).items() if k not in gs})
+        return out
+
+    ga, gb = goals_of(a), goals_of(b)
+    ra, rb = ratios_of(a, ga), ratios_of(b, gb)
+
+    def change(x, y) -> str:
+        return f"{(y - x) / x * 100:+6.1f}%" if x and y else "      -"
+
+    def num(x) -> str:
+        return f"{x:6.2f}" if x is not None else "     -"
+
+    print("\nratios (median / median)")
+    print(f"  {'A':>6}  {'B':>6}  {'change':>7}  {'goal':>6}  "
+          f"{'verdict A/B':<14}  ratio")
+    for n in dict.fromkeys([*ra, *rb]):
+        x, y = ra.get(n), rb.get(n)
+        goal = (gb.get(n) or ga.get(n) or {}).get("threshold")
+        verdicts = "/".join(g.get(n, {}).get("verdict", "-")
+                            for g in (ga, gb))
+        print(f"  {num(x)}  {num(y)}  {change(x, y)}  "
+              f"{'>=' + format(goal, 'g') if goal else '':>6}  "
+              f"{verdicts:<14}  {n}")
+    fa, fb = a.get("results", {}), b.get("results", {})
+    print("\nfigures (median)")
+    print(f"  {'A':>12}  {'B':>12}  {'change':>7}  case")
+    for k in dict.fromkeys([*fa, *fb]):
+        ea, eb = fa.get(k, {}), fb.get(k, {})
+        bs = (eb or ea).get("workload", {}).get("bs", K4)
+        x, y = ea.get("iops_median"), eb.get("iops_median")
+        print(f"  {fmt_figure(bs, x):>12}  {fmt_figure(bs, y):>12}  "
+              f"{change(x, y)}  {k}")
+    return 0
 
 
 # --------------------------------------------------------------------------
@@ -713,7 +1340,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--full", action="store_true",
                    help="every workload and contender (long)")
     p.add_argument("--runtime", type=int, default=None,
-                   help="seconds per run (default: 1 short, 2 full)")
+                   help="seconds per timed run (default: 1 short, 2 full)")
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions per case (default: 3; at least 3 for "
                    "meaningful medians)")
@@ -723,68 +1350,103 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-vhost", action="store_true",
                    help="skip the vhost-user cases")
     p.add_argument("--size", type=int, default=1024,
-                   help="image size in MiB (default: 1024)")
+                   help="image size in MiB, also the size of the one-call "
+                   "reads, writes and copies (default: 1024)")
     p.add_argument("--tmpdir", default=os.environ.get("BENCH_TMPDIR",
                                                       "/var/tmp"),
-                   help="where the image goes (needs O_DIRECT support; "
+                   help="where the images go (needs O_DIRECT support; "
                    "default: /var/tmp, or $BENCH_TMPDIR)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the Python contenders")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="print two runs' ratios and figures side by side")
     args = p.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
     runtime = args.runtime or (2 if args.full else 1)
+    size = args.size << 20
 
-    cases = full_cases() if args.full else short_cases()
+    cases = full_cases(size) if args.full else short_cases(size)
     if args.no_vhost:
-        cases = [c for c in cases if c.wl.backend != "vhost"]
+        cases = [c for c in cases
+                 if c.wl.backend not in ("vhost", "vcopy")]
     if args.only:
         rx = re.compile(args.only)
         cases = [c for c in cases if rx.search(c.key)]
     if args.list:
         for c in cases:
             print(c.key)
+        est = sum(estimate_s(c, runtime) for c in cases) * args.reps
+        log(f"{len(cases)} cases x {args.reps} reps: about {est / 60:.1f} "
+            "min plus setup")
         return 0
     if not cases:
         log("no case selected")
         return 1
 
-    n_runs = len(cases) * args.reps
+    est = sum(estimate_s(c, runtime) for c in cases) * args.reps
     log(f"blkio bench: {'full' if args.full else 'short'} suite, "
-        f"{len(cases)} cases x {args.reps} reps, {runtime} s each "
-        f"(about {n_runs * (runtime + 0.35) / 60:.1f} min)")
+        f"{len(cases)} cases x {args.reps} reps, {runtime} s per timed run "
+        f"(about {est / 60:.1f} min plus setup)")
     if not args.full:
         log("  (this is the short default; `make bench-full` runs every "
             "workload and contender)")
 
     tmpdir = Path(tempfile.mkdtemp(prefix="blkio-bench-", dir=args.tmpdir))
-    image = tmpdir / "disk.img"
-    env = Env(args, tmpdir, image)
+    env = Env(args, tmpdir)
     runs: dict[str, list[dict]] = {}
     t_start = time.perf_counter()
+    backends = {c.wl.backend for c in cases}
     try:
         log("setup:")
-        env.c_bench = compile_c(BUILD / "blkio-bench", BLKIO_BENCH_C)
+        env.c_bench = compile_c(BUILD / "blkio-bench",
+                                EXAMPLES / "blkio-bench.c")
         env.c_ref = compile_c(BUILD / "ref_blocking", HERE / "ref_blocking.c")
-        env.detect_blkio()
-        if env.blkio_error:
-            log(f"  {env.blkio_error}: blkio's own contenders are skipped")
-        make_image(image, args.size << 20)
-        if any(c.wl.backend == "vhost" for c in cases):
-            env.qsd = StorageDaemon(image, tmpdir)
+        try:
+            env.c_copy = compile_c(BUILD / "blkio-copy",
+                                   EXAMPLES / "blkio-copy.c")
+        except (subprocess.CalledProcessError, OSError) as e:
+            log(f"  blkio-copy.c: {e}")
+        env.probe(cases)
+        make_image(env.image, size, cache=True)
+        if backends & {"direct", "cold", "copy", "vcopy"}:
+            make_image(env.cold, size, cache=False)
+        if backends & {"copy", "vcopy"}:
+            make_image(env.copy_out, size, cache=False)
+        if backends & {"vhost", "vcopy"}:
+            env.qsd = StorageDaemon(env.image, env.copy_out, tmpdir)
             try:
                 env.qsd.start()
             except (RuntimeError, OSError) as e:
                 log(f"  vhost-user backend unavailable: {e}")
+                env.qsd.stop()
+                env.qsd = None
         log("running:")
+        groups: list[list[Case]] = []
+        for c in cases:
+            if groups and groups[-1][0].wl == c.wl:
+                groups[-1].append(c)
+            else:
+                groups.append([c])
         for rep in range(args.reps):
-            for i, case in enumerate(cases):
-                r = run_case(env, case, runtime)
-                runs.setdefault(case.key, []).append(r)
-                status = (fmt_iops(r["iops"]) + " IOPS" if r["ok"]
-                          else ("skipped: " if r.get("skipped") else
-                                "FAILED: ") + r["error"])
-                log(f"  [{rep + 1}/{args.reps} {i + 1:3d}/{len(cases)}] "
-                    f"{case.key}: {status}")
+            if rep:
+                warm(env.image)     # in case the bulk rows pushed it out
+            i = 0
+            for group in groups:
+                # rotate the contenders' order from one repetition to the
+                # next, so that none always runs first or after the same one
+                k = rep % len(group)
+                for case in group[k:] + group[:k]:
+                    i += 1
+                    r = run_case(env, case, runtime)
+                    r["rep"] = rep
+                    runs.setdefault(case.key, []).append(r)
+                    status = (fmt_figure(case.wl.bs, r["iops"]) if r["ok"]
+                              else ("not available: " if r.get("skipped")
+                                    else "FAILED: ") + r["error"])
+                    log(f"  [{rep + 1}/{args.reps} {i:3d}/{len(cases)}] "
+                        f"{case.key}: {status}")
     except KeyboardInterrupt:
         log("interrupted: reporting what ran")
     finally:
@@ -793,12 +1455,13 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmpdir, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
 
+    for rs in runs.values():            # reps in order, for per-rep ratios
+        rs.sort(key=lambda r: r["rep"])
     summary = summarize(cases, runs)
     info = machine_info()
-    info["suite"] = "full" if args.full else "short"
-    info["runtime_s"] = runtime
-    info["reps"] = args.reps
-    info["elapsed_s"] = round(elapsed, 1)
+    info.update(suite="full" if args.full else "short", runtime_s=runtime,
+                reps=args.reps, size_bytes=size, elapsed_s=round(elapsed, 1),
+                not_available=env.missing)
     if env.qsd is not None:
         info["qsd_restarts"] = env.qsd.restarts
         info["qsd_crashes"] = sorted(set(c for c in env.qsd.crashes if c))
@@ -808,9 +1471,12 @@ def main(argv: list[str]) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     png = out / f"bench-{stamp}.png"
     have_png = plot(summary, cases, png)
-    ratios = key_ratios(summary)
-    doc = {"machine": info, "results": summary,
-           "ratios": {k: v for k, v in ratios},
+    evaluated = [evaluate(g, summary) for g in goals(size)]
+    run_keys = set(summary)
+    evaluated = [g for g in evaluated
+                 if g["numerator"] in run_keys or args.full or not args.only]
+    doc = {"machine": info, "results": summary, "goals": evaluated,
+           "ratios": {g["name"]: g.get("ratio") for g in evaluated},
            "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "cmd"}
                         for r in rs] for k, rs in runs.items()},
            "commands": {k: " ".join(rs[0]["cmd"]) for k, rs in runs.items()
@@ -822,23 +1488,33 @@ def main(argv: list[str]) -> int:
           f"{info['date']}; {info['nproc']} CPUs ({info['cpu']}), "
           f"Linux {info['kernel']}, Python {info['python']}, "
           f"libblkio {info['libblkio']}; median of {args.reps} runs of "
-          f"{runtime} s each, interleaved; IOPS = requests per second."]
+          f"{runtime} s each (one call of {_size(size, True)} for the "
+          "sequential and copy rows), interleaved."]
     md += table_lines(cases, summary)
     if info.get("qsd_restarts"):
         md += ["", f"Note: qemu-storage-daemon died {info['qsd_restarts']} "
                "time(s) during the run (" +
                "; ".join(info.get("qsd_crashes") or ["no message"]) +
                ") and was restarted. QEMU 7.2 aborts this way when a "
-               "vhost-user client that used 2 queues disconnects."]
-    md += ["", "### Key ratios (median / median)", ""]
-    md += [f"- {k}: **{v}**" for k, v in ratios]
+               "vhost-user client that used several queues disconnects."]
     print("\n".join(md))
     print()
+    unit_of = unit_formatter(summary)
+    print("Goals (median / median; every ratio and figure is in the JSON):")
+    for issue in sorted({g["issue"] for g in evaluated}):
+        print(f" issue {issue}:")
+        for g in evaluated:
+            if g["issue"] == issue:
+                print(verdict_line(g, unit_of))
+    counts = {v: sum(g["verdict"] == v for g in evaluated)
+              for v in ("met", "missed", "n/a", "not run")}
+    print(f"Goals met: {counts['met']}, missed: {counts['missed']}, "
+          f"not available: {counts['n/a']}, not in this suite: "
+          f"{counts['not run']}")
+    print()
     if not args.full:
-        print("This was the short default subset. `make bench-full` runs "
-              "every workload (4 KiB randread/randwrite at iodepth 1, 8, 32, "
-              "128; 1 MiB sequential read; 1 and 2 threads; O_DIRECT and "
-              "vhost-user) and every contender.")
+        print("This was the short suite. `make bench-full` runs every "
+              "workload and contender.")
     print(f"JSON: {js}" + (f"\nPlot: {png}" if have_png else ""))
     print(f"Elapsed: {elapsed:.0f} s")
     return 0

@@ -5,8 +5,11 @@ Same options and same JSON output as the C example program ``blkio-bench``
 
     python -m blkio bench [--num-threads=N] [--iodepth=N]
         [--readwrite=read|write|randread|randwrite] [--blocksize=BYTES]
-        [--runtime=SECONDS] [--poll] [--api=batch|queue|blocking|asyncio]
+        [--runtime=SECONDS] [--poll]
+        [--api=batch|queue|blocking|asyncio|asyncio-batch]
         [--buffers=alloc|numpy] [--poll-queues] [--lat-sample=N]
+        [--loop=asyncio|uvloop] [--requests=N] [--flush]
+        [--chunk=BYTES] [--chunk-depth=N]
         <driver> <property>=<value> ...
 
 Properties are given as libblkio spells them (``path=/tmp/x direct=1
@@ -14,41 +17,53 @@ num-entries=256``) and passed to ``blkio.open`` as keywords (``-`` becomes
 ``_``; integers become ``int``, ``true/false/on/off/yes/no`` become ``bool``).
 
 APIs:
-  batch     Queue.submit_reads/submit_writes + Queue.reap (numpy arrays, no
-            Python object per request). The fast path.
-  queue     Queue.read/write(user_data=...) + Queue.wait/poll -> Completion.
-  blocking  Device.readinto/Device.write, one request at a time per thread
-            (--iodepth must be 1; threads share the device).
-  asyncio   blkio.aio: --iodepth coroutines awaiting readinto/write on one
-            event loop per thread.
+  batch          Queue.submit_reads/submit_writes + Queue.reap (numpy arrays,
+                 no Python object per request). The fast path.
+  queue          Queue.read/write(user_data=...) + Queue.wait/poll -> Completion.
+  blocking       Device.readinto/Device.write, one request at a time per thread
+                 (--iodepth must be 1; threads share the device). With a large
+                 --blocksize (say 1 GiB) each request is one big call that the
+                 library cuts into chunks itself; --chunk/--chunk-depth pass its
+                 knobs, --flush adds a Device.flush() inside the timed run.
+  asyncio        blkio.aio: --iodepth coroutines awaiting readinto/write on one
+                 event loop per thread (--loop=uvloop: on uvloop's loop).
+  asyncio-batch  blkio.aio: one coroutine awaiting read_batch/write_batch of
+                 --iodepth requests at a time (one future per batch).
 
 --poll busy-polls like blkio-bench --poll (reap/poll with min=0 in a loop on
 the ordinary queues); with --poll-queues it uses poll queues instead
 (num_poll_queues=N, Device.poll_queue(i)). --buffers=numpy uses plain numpy
 memory (not mapped into the device: bounced where the driver needs it)
-instead of Device.alloc(). Latency figures are measured on one request (or
-one batch) in --lat-sample (default 64), so timing costs nothing measurable;
-mean_lat_us is iodepth * runtime / count (Little's law, exact for this closed
-loop). A progress line goes to stderr only when stderr is a terminal.
+instead of Device.alloc(); either kind is touched once before the clock
+starts. Latency figures are measured on one request (or one batch) in
+--lat-sample (default 64), so timing costs nothing measurable; mean_lat_us
+is iodepth * runtime / count (Little's law, exact for this closed loop).
+A progress line goes to stderr only when stderr is a terminal.
 
-This module uses only blkio's public API and numpy.
+The statistics, the offset tables and the timed loops here are also what
+bench/contenders.py (the Python peers in the benchmark suite) runs, so every
+Python contender is timed by the same code. This module uses only blkio's
+public API, numpy and (for --loop=uvloop) uvloop.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import sys
 import threading
 import time
 
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
 GiB = 1 << 30
 _TABLE_LEN = 1 << 16          # random offsets precomputed per thread
+_CHECK_BYTES = 4 << 20        # blocking loops look at the clock every 4 MiB
 _BOOL_WORDS = {"true": True, "on": True, "yes": True,
                "false": False, "off": False, "no": False}
 _BOOL_PROPS = {"direct", "read_only"}
@@ -68,6 +83,7 @@ DESCRIPTION = ("Measure performance statistics for a given I/O workload "
 EPILOG = ("Results are printed as JSON: aggregate and per-thread kiops, gips "
           "(GiB/s), min/mean/max latency in microseconds, and completions "
           "per call.")
+APIS = ("batch", "queue", "blocking", "asyncio", "asyncio-batch")
 
 
 def _positive(s: str) -> int:
@@ -80,8 +96,9 @@ def _positive(s: str) -> int:
     return v
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of blkio-bench, plus --api, --buffers, --poll-queues."""
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload options of blkio-bench (shared with bench/contenders.py),
+    plus --lat-sample, --loop and --requests."""
     p.add_argument("--num-threads", type=_positive, default=1,
                    help="threads, one queue each (default: 1)")
     p.add_argument("--iodepth", type=_positive, default=1,
@@ -93,19 +110,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes per request (default: 4096)")
     p.add_argument("--runtime", type=float, default=30.0,
                    help="seconds (fractions allowed; default: 30)")
+    p.add_argument("--requests", type=_positive, default=None,
+                   help="stop each thread after N requests, or at --runtime, "
+                   "whichever comes first (default: no limit)")
+    p.add_argument("--lat-sample", type=_positive, default=64,
+                   help="time one request (or batch) in N (default: 64)")
+    p.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"),
+                   help="event loop for the asyncio contenders "
+                   "(default: asyncio's own)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of blkio-bench, plus blkio's own (--api, --buffers, ...)."""
+    add_workload_arguments(p)
     p.add_argument("--poll", action="store_true",
                    help="busy-poll for completions instead of waiting")
     p.add_argument("--poll-queues", action="store_true",
                    help="poll on poll queues (num_poll_queues); implies --poll")
-    p.add_argument("--api", default="batch",
-                   choices=("batch", "queue", "blocking", "asyncio"),
+    p.add_argument("--api", default="batch", choices=APIS,
                    help="which blkio API issues the requests (default: batch)")
     p.add_argument("--buffers", default="alloc", choices=("alloc", "numpy"),
                    help="alloc: Device.alloc() (mapped, zero copy; default); "
                    "numpy: plain numpy arrays (bounced where the driver "
                    "needs it; the batch API refuses them there)")
-    p.add_argument("--lat-sample", type=_positive, default=64,
-                   help="time one request (or batch) in N (default: 64)")
+    p.add_argument("--flush", action="store_true",
+                   help="--api=blocking: each thread ends with Device.flush(), "
+                   "inside the timed run")
+    p.add_argument("--chunk", type=_positive, default=None,
+                   help="--api=blocking: pass chunk=BYTES to readinto/write "
+                   "(the pipelining knob for big requests)")
+    p.add_argument("--chunk-depth", type=_positive, default=None,
+                   help="--api=blocking: pass depth=N to readinto/write "
+                   "(chunks in flight for big requests)")
     p.add_argument("driver", help="libblkio driver, e.g. io_uring")
     p.add_argument("properties", nargs="*", metavar="property=value",
                    help="driver properties, e.g. path=/tmp/disk.img direct=1")
@@ -117,6 +153,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.api == "blocking" and args.iodepth != 1:
         p.error("--api=blocking runs one request at a time per thread: "
                 "use --iodepth=1 (and --num-threads for parallelism)")
+    if args.api != "blocking" and (args.flush or args.chunk or
+                                   args.chunk_depth):
+        p.error("--flush, --chunk and --chunk-depth go with --api=blocking")
     if args.poll_queues:
         args.poll = True
 
@@ -175,6 +214,9 @@ def parse_properties(items: list[str]) -> dict:
 
 
 class Stats:
+    """One thread's figures; ``progress`` is the count so far (for the
+    progress line)."""
+
     __slots__ = ("count", "runtime", "min_lat_ns", "max_lat_ns", "calls",
                  "min_comp", "max_comp", "iodepth", "progress")
 
@@ -187,7 +229,7 @@ class Stats:
         self.min_comp: Optional[int] = None
         self.max_comp = 0
         self.iodepth = iodepth
-        self.progress = 0          # count so far, for the progress line
+        self.progress = 0
 
     def lat(self, ns: int) -> None:
         if self.min_lat_ns is None or ns < self.min_lat_ns:
@@ -219,7 +261,8 @@ def _stats_dict(count: int, runtime: float, min_ns, mean_us: float,
     }
 
 
-def results_json(stats: list[Stats], blocksize: int) -> dict:
+def results_json(stats: Sequence[Stats], blocksize: int) -> dict:
+    """blkio-bench's JSON: ``aggregate`` and ``threads``."""
     threads = []
     for s in stats:
         mean_us = (s.iodepth * s.runtime / s.count * 1e6) if s.count else 0.0
@@ -242,10 +285,12 @@ def results_json(stats: list[Stats], blocksize: int) -> dict:
 
 
 # --------------------------------------------------------------------------
-# workloads
+# workloads and the timed loops (shared with bench/contenders.py)
 
 
 class Workload:
+    """What to run, from the parsed options and the device's capacity."""
+
     def __init__(self, args: argparse.Namespace, capacity: int):
         self.bs = args.blocksize
         self.depth = args.iodepth
@@ -253,9 +298,13 @@ class Workload:
         self.is_rand = args.readwrite.startswith("rand")
         self.capacity = capacity
         self.nthreads = args.num_threads
-        self.poll = args.poll
+        self.poll = getattr(args, "poll", False)
         self.lat_sample = args.lat_sample
         self.runtime = args.runtime
+        self.requests = args.requests or 0      # 0: no limit
+        # requests between two looks at the clock in the one-at-a-time
+        # loops: --lat-sample for small blocks, fewer for big ones
+        self.check_every = max(1, min(self.lat_sample, _CHECK_BYTES // self.bs))
         if capacity < self.bs:
             raise BenchError(f"device capacity {capacity} is smaller than "
                              f"one block ({self.bs})")
@@ -274,6 +323,184 @@ class Workload:
         return np.ascontiguousarray(blocks * np.uint64(self.bs))
 
 
+def touch(flat: np.ndarray, is_read: bool) -> np.ndarray:
+    """Fill a buffer (0xA5 to write, zeroes to read into) so that its pages
+    are faulted in before the clock starts, for every contender alike."""
+    flat[:] = 0 if is_read else 0xA5
+    return flat
+
+
+def closed_loop(run_n: Callable[[int], Any], st: Stats, wl: Workload,
+                ready: Optional[threading.Barrier],
+                finish: Optional[Callable[[], Any]] = None) -> None:
+    """One request at a time: ``run_n(k)`` issues the next ``k`` requests.
+    Runs until ``wl.runtime`` (or ``wl.requests``), timing one request in
+    each ``wl.check_every``; ``finish()`` (e.g. a flush) is inside the timed
+    run."""
+    step = wl.check_every
+    limit = wl.requests
+    pc = time.perf_counter_ns
+    now = time.perf_counter
+    if ready is not None:
+        ready.wait()
+    start = now()
+    deadline = start + wl.runtime
+    count = 0
+    while True:
+        k = min(step, limit - count) if limit else step
+        if k > 1:
+            run_n(k - 1)
+        t0 = pc()
+        run_n(1)
+        st.lat(pc() - t0)
+        count += k
+        st.progress = count
+        if count == limit or now() >= deadline:
+            break
+    if finish is not None:
+        finish()
+    st.runtime = now() - start
+    st.count = st.calls = count
+    st.min_comp = st.max_comp = 1
+
+
+class InflightClock:
+    """Pacing for loops that keep several requests in flight: ``tick`` once
+    per call (every ``wl.lat_sample`` calls it records progress, starts
+    timing one request -- ``slot`` -- when none is being timed, and says
+    whether ``wl.runtime`` is over); ``done()`` when the timed request
+    comes back."""
+
+    __slots__ = ("st", "every", "slot", "t_sub", "start", "deadline")
+
+    def __init__(self, st: Stats, wl: Workload):
+        self.st = st
+        self.every = wl.lat_sample
+        self.slot = -1                 # the request being timed, or -1
+        self.t_sub = 0
+        self.start = time.perf_counter()
+        self.deadline = self.start + wl.runtime
+
+    def done(self) -> None:
+        self.st.lat(time.perf_counter_ns() - self.t_sub)
+        self.slot = -1
+
+    def tick(self, calls: int, count: int, slot: int) -> bool:
+        if calls % self.every:
+            return False
+        self.st.progress = count
+        if self.slot < 0:
+            self.slot = slot
+            self.t_sub = time.perf_counter_ns()
+        return time.perf_counter() >= self.deadline
+
+    def over(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def finish(self, count: int, calls: int) -> None:
+        self.st.runtime = time.perf_counter() - self.start
+        self.st.count = count
+        self.st.calls = calls
+
+
+def offset_stream(offsets: Sequence[int], start: int = 0):
+    """The offsets from index ``start`` on, cycled forever."""
+    offs = list(offsets)
+    return itertools.cycle(offs[start:] + offs[:start])
+
+
+async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
+                      table: Sequence[int], st: Stats, wl: Workload) -> None:
+    """``len(bufs)`` coroutines (bufs: a sequence or a 2-D array, one row
+    each) on the running loop, each awaiting
+    ``op(offset, its buffer)`` one request after another until
+    ``wl.runtime``; one request in ``wl.lat_sample`` is timed."""
+    import asyncio
+    depth = len(bufs)
+    L = len(table)
+    stop = [False]
+    counts = [0] * depth
+    pc = time.perf_counter_ns
+    K = wl.lat_sample
+
+    async def worker(j: int) -> None:
+        buf = bufs[j]
+        c = 0
+        for off in offset_stream(table, (j * L) // depth):
+            if stop[0]:
+                break
+            if c % K == 0:
+                t0 = pc()
+                await op(off, buf)
+                st.lat(pc() - t0)
+            else:
+                await op(off, buf)
+            c += 1
+            if c & 255 == 0:
+                counts[j] = c
+                st.progress = sum(counts)
+        counts[j] = c
+
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    loop.call_later(wl.runtime, stop.__setitem__, 0, True)
+    await asyncio.gather(*(worker(j) for j in range(depth)))
+    st.runtime = time.perf_counter() - t0
+    st.count = st.calls = sum(counts)
+    st.min_comp = st.max_comp = 1
+
+
+def run_event_loop(main, loop_kind: str):
+    """``asyncio.run(main)``, or on uvloop's loop."""
+    import asyncio
+    if loop_kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError as e:
+            raise BenchError(f"--loop=uvloop: uvloop is not installed ({e})")
+        if hasattr(uvloop, "run"):
+            return uvloop.run(main)
+        loop = uvloop.new_event_loop()
+        try:
+            return loop.run_until_complete(main)
+        finally:
+            loop.close()
+    return asyncio.run(main)
+
+
+def run_threads(targets: Sequence[tuple], ready: Optional[threading.Barrier]
+                ) -> None:
+    """Run each ``(fn, *args)`` in a thread of its own (in this thread when
+    there is one) and re-raise the first real error."""
+    errors: list[BaseException] = []
+
+    def guarded(fn, *a) -> None:
+        try:
+            fn(*a)
+        except BaseException as e:   # re-raised in the main thread
+            errors.append(e)
+            if ready is not None:
+                ready.abort()
+
+    if len(targets) == 1:
+        guarded(*targets[0])
+    else:
+        ths = [threading.Thread(target=guarded, args=tg) for tg in targets]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    for err in errors:
+        if not isinstance(err, threading.BrokenBarrierError):
+            raise err
+    if errors:
+        raise errors[0]
+
+
+# --------------------------------------------------------------------------
+# blkio's APIs
+
+
 def _require(obj, name: str, api: str):
     fn = getattr(obj, name, None)
     if fn is None:
@@ -282,61 +509,32 @@ def _require(obj, name: str, api: str):
     return fn
 
 
-class _Clock:
-    """Deadline checks spaced so that they cost nothing measurable."""
-
-    __slots__ = ("deadline", "start")
-
-    def __init__(self, runtime: float):
-        self.start = time.perf_counter()
-        self.deadline = self.start + runtime
-
-
 def _buffers(dev, wl: Workload, kind: str, nbufs: int) -> np.ndarray:
     nbytes = nbufs * wl.bs
     if kind == "alloc":
-        alloc = _require(dev, "alloc", "alloc")
-        flat = alloc(nbytes)
+        flat = _require(dev, "alloc", "alloc")(nbytes)
     else:
         flat = np.zeros(nbytes, dtype=np.uint8)
-    if not wl.is_read:
-        flat[:] = 0xA5
-    return flat.reshape(nbufs, wl.bs)
+    return touch(flat, wl.is_read).reshape(nbufs, wl.bs)
 
 
-def run_blocking(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
+def run_blocking(dev, wl: Workload, thread: int, st: Stats, args,
                  ready: threading.Barrier | None) -> None:
     op = _require(dev, "readinto" if wl.is_read else "write", "blocking")
-    buf = _buffers(dev, wl, bufkind, 1)[0]
-    offs = wl.offsets(thread).tolist()
-    L = len(offs)
-    i = 0
-    K = wl.lat_sample - 1
-    pc = time.perf_counter_ns
-    if ready is not None:
-        ready.wait()
-    clock = _Clock(wl.runtime)
-    count = 0
-    while True:
-        for _ in range(K):
-            op(offs[i], buf)
-            i += 1
-            if i == L:
-                i = 0
-        t0 = pc()
-        op(offs[i], buf)
-        st.lat(pc() - t0)
-        i += 1
-        if i == L:
-            i = 0
-        count += K + 1
-        st.progress = count
-        if time.perf_counter() >= clock.deadline:
-            break
-    st.runtime = time.perf_counter() - clock.start
-    st.count = count
-    st.calls = count
-    st.min_comp = st.max_comp = 1
+    knobs = {k: v for k, v in (("chunk", args.chunk),
+                               ("depth", args.chunk_depth)) if v}
+    if knobs:       # a library without them raises TypeError on first use
+        op = functools.partial(op, **knobs)
+    buf = _buffers(dev, wl, args.buffers, 1)[0]
+    offs = offset_stream(wl.offsets(thread).tolist())
+    isl = itertools.islice
+
+    def run_n(k: int) -> None:
+        for off in isl(offs, k):
+            op(off, buf)
+
+    closed_loop(run_n, st, wl, ready,
+                _require(dev, "flush", "flush") if args.flush else None)
 
 
 def _get_queue(dev, wl: Workload, thread: int, poll_queues: bool):
@@ -345,44 +543,31 @@ def _get_queue(dev, wl: Workload, thread: int, poll_queues: bool):
     return _require(dev, "queue", "queue")(thread)
 
 
-def run_queue(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
-              poll_queues: bool, ready: threading.Barrier | None) -> None:
-    q = _get_queue(dev, wl, thread, poll_queues)
+def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
+              ready: threading.Barrier | None) -> None:
+    q = _get_queue(dev, wl, thread, args.poll_queues)
     op = _require(q, "read" if wl.is_read else "write", "queue")
     _require(q, "submit", "queue")
     wait = _require(q, "wait", "queue")
     poll = _require(q, "poll", "queue") if wl.poll else None
     D = wl.depth
-    bufs = _buffers(dev, wl, bufkind, D)
+    bufs = _buffers(dev, wl, args.buffers, D)
     rows = [bufs[j] for j in range(D)]
-    offs = wl.offsets(thread).tolist()
-    L = len(offs)
-    i = 0
-    pc = time.perf_counter_ns
-    sample_every = wl.lat_sample
-    t_sub = [0] * D
-    sampled = -1            # slot whose latency is being timed, or -1
+    offs = offset_stream(wl.offsets(thread).tolist())
+    nxt = offs.__next__
     if ready is not None:
         ready.wait()
-    clock = _Clock(wl.runtime)
-    deadline = clock.deadline
-    now = time.perf_counter
+    clock = InflightClock(st, wl)
     for j in range(D):
-        op(offs[i], rows[j], user_data=j)
-        i += 1
-        if i == L:
-            i = 0
+        op(nxt(), rows[j], user_data=j)
     # no submit() here: wait()/poll() submit what is queued
     count = calls = 0
     while True:
-        if poll is None:
-            comps = wait(1)
-        else:
-            comps = poll()
+        comps = wait(1) if poll is None else poll()
         calls += 1
         n = len(comps)
         if n == 0:
-            if now() >= deadline:
+            if clock.over():
                 break
             continue
         st.comp(n)
@@ -390,30 +575,15 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
             if c.ret:
                 c.check()
             j = c.user_data
-            if j == sampled:
-                st.lat(pc() - t_sub[j])
-                sampled = -1
-            op(offs[i], rows[j], user_data=j)
-            i += 1
-            if i == L:
-                i = 0
+            if j == clock.slot:
+                clock.done()
+            op(nxt(), rows[j], user_data=j)
         count += n
-        if calls % sample_every == 0:
-            st.progress = count
-            if sampled < 0:
-                sampled = j
-                t_sub[j] = pc()
-            if now() >= deadline:
-                break
-    st.runtime = now() - clock.start
+        if clock.tick(calls, count, j):
+            break
+    clock.finish(count, calls)
     # drain what is in flight so close() has nothing to wait for
-    _drain_queue(q, wait, D)
-    st.count = count
-    st.calls = calls
-
-
-def _drain_queue(q, wait, depth: int) -> None:
-    left = depth
+    left = D
     t_end = time.perf_counter() + 10.0
     while left > 0 and time.perf_counter() < t_end:
         left -= len(wait(1, timeout=1.0))
@@ -423,14 +593,14 @@ def _batch_dtype():
     return np.dtype([("user_data", np.int64), ("ret", np.int32)])
 
 
-def run_batch(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
-              poll_queues: bool, ready: threading.Barrier | None) -> None:
-    q = _get_queue(dev, wl, thread, poll_queues)
+def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
+              ready: threading.Barrier | None) -> None:
+    q = _get_queue(dev, wl, thread, args.poll_queues)
     submit = _require(q, "submit_reads" if wl.is_read else "submit_writes",
                       "batch")
     reap = _require(q, "reap", "batch")
     D = wl.depth
-    bufs = _buffers(dev, wl, bufkind, D)
+    bufs = _buffers(dev, wl, args.buffers, D)
     table = wl.offsets(thread)
     L = len(table) - (len(table) % D) if len(table) >= D else len(table)
     if L < D:                      # tiny device: repeat the table
@@ -440,16 +610,10 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
     out = np.zeros(D, dtype=_batch_dtype())
     ud = out["user_data"]
     rets = out["ret"]
-    t_sub = np.zeros(D, dtype=np.int64)
-    pc = time.perf_counter_ns
-    sample_every = wl.lat_sample
-    sampled = -1
     min_reap = 0 if wl.poll else 1
     if ready is not None:
         ready.wait()
-    clock = _Clock(wl.runtime)
-    deadline = clock.deadline
-    now = time.perf_counter
+    clock = InflightClock(st, wl)
     submit(table[0:D], bufs, user_data=tags)
     pos = D
     if pos >= L:
@@ -460,7 +624,7 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
         n = reap(out, min=min_reap)
         calls += 1
         if n == 0:
-            if now() >= deadline:
+            if clock.over():
                 break
             continue
         st.comp(n)
@@ -469,11 +633,8 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
             err = -int(rets[bad])
             raise OSError(err, f"I/O request failed: {os.strerror(err)}")
         count += n
-        if sampled >= 0:
-            hit = np.flatnonzero(ud[:n] == sampled)
-            if hit.size:
-                st.lat(pc() - int(t_sub[sampled]))
-                sampled = -1
+        if clock.slot >= 0 and (ud[:n] == clock.slot).any():
+            clock.done()
         # Resubmit one request per freed slot, each into its own buffer.
         if n == inflight:
             # everything came back (the usual case on a page-cached file)
@@ -485,31 +646,24 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, bufkind: str,
         else:
             done = np.sort(ud[:n])
             breaks = np.flatnonzero(np.diff(done) != 1) + 1
-            start = 0
+            begin = 0
             for end in (*breaks.tolist(), n):
-                a = int(done[start])
-                k = end - start
+                a = int(done[begin])
+                k = end - begin
                 if pos + k > L:
                     pos = 0
                 submit(table[pos:pos + k], bufs[a:a + k],
                        user_data=tags[a:a + k])
                 pos += k
-                start = end
+                begin = end
             first_slot = int(done[0])
-        if calls % sample_every == 0:
-            st.progress = count
-            if sampled < 0:
-                sampled = first_slot
-                t_sub[sampled] = pc()
-            if now() >= deadline:
-                break
-    st.runtime = now() - clock.start
+        if clock.tick(calls, count, first_slot):
+            break
+    clock.finish(count, calls)
     # drain
-    t_end = now() + 10.0
-    while inflight > 0 and now() < t_end:
+    t_end = time.perf_counter() + 10.0
+    while inflight > 0 and time.perf_counter() < t_end:
         inflight -= reap(out, min=1, timeout=1.0)
-    st.count = count
-    st.calls = calls
 
 
 def _aio_capacity(adev) -> int:
@@ -521,6 +675,54 @@ def _aio_capacity(adev) -> int:
                      "(the asyncio device has no capacity)")
 
 
+def _aio_buffers(adev, wl: Workload, kind: str) -> np.ndarray:
+    nbytes = wl.depth * wl.bs
+    if kind == "alloc" and hasattr(adev, "alloc"):
+        flat = adev.alloc(nbytes)
+    else:
+        flat = np.zeros(nbytes, dtype=np.uint8)
+    return touch(flat, wl.is_read).reshape(wl.depth, wl.bs)
+
+
+async def _aio_batches(submit_batch, table: np.ndarray, bufs: np.ndarray,
+                       st: Stats, wl: Workload) -> None:
+    """One coroutine awaiting batches of ``wl.depth`` requests."""
+    D = wl.depth
+    L = len(table) - (len(table) % D)
+    if L < D:
+        table = np.resize(table, D)
+        L = D
+    pc = time.perf_counter_ns
+    now = time.perf_counter
+    K = wl.lat_sample
+    pos = count = calls = 0
+    start = now()
+    deadline = start + wl.runtime
+    while True:
+        if calls % K == 0:
+            t0 = pc()
+            res = await submit_batch(table[pos:pos + D], bufs)
+            st.lat(pc() - t0)
+        else:
+            res = await submit_batch(table[pos:pos + D], bufs)
+        if isinstance(res, np.ndarray) and res.dtype.kind in "iu" and res.any():
+            err = -int(res[np.flatnonzero(res)[0]])
+            if err > 0:
+                raise OSError(err, f"I/O request failed: {os.strerror(err)}")
+        calls += 1
+        count += D
+        pos += D
+        if pos >= L:
+            pos = 0
+        st.progress = count
+        if now() >= deadline:
+            break
+    st.runtime = now() - start
+    st.count = count
+    st.calls = calls
+    st.min_comp = st.max_comp = D
+
+
 async def _aio_thread(args, props, thread: int, st: Stats, ready) -> None:
     import asyncio
     try:
@@ -530,52 +732,20 @@ async def _aio_thread(args, props, thread: int, st: Stats, ready) -> None:
     open_ = _require(baio, "open", "asyncio")
     async with open_(args.driver, **props) as adev:
         wl = Workload(args, _aio_capacity(adev))
-        D = wl.depth
-        op = _require(adev, "readinto" if wl.is_read else "write", "asyncio")
-        if args.buffers == "alloc" and hasattr(adev, "alloc"):
-            flat = adev.alloc(D * wl.bs)
+        if args.api == "asyncio-batch":
+            submit_batch = _require(
+                adev, "read_batch" if wl.is_read else "write_batch",
+                "asyncio-batch")
         else:
-            flat = np.zeros(D * wl.bs, dtype=np.uint8)
-        if not wl.is_read:
-            flat[:] = 0xA5
-        bufs = flat.reshape(D, wl.bs)
-        table = wl.offsets(thread).tolist()
-        L = len(table)
-        stop = [False]
-        counts = [0] * D
-        pc = time.perf_counter_ns
-        K = wl.lat_sample
-
-        async def worker(j: int) -> None:
-            buf = bufs[j]
-            i = (j * L) // D
-            c = 0
-            while not stop[0]:
-                if c % K == 0:
-                    t0 = pc()
-                    await op(table[i], buf)
-                    st.lat(pc() - t0)
-                else:
-                    await op(table[i], buf)
-                c += 1
-                i += 1
-                if i == L:
-                    i = 0
-                if c & 255 == 0:
-                    counts[j] = c
-                    st.progress = sum(counts)
-            counts[j] = c
-
+            op = _require(adev, "readinto" if wl.is_read else "write",
+                          "asyncio")
+        bufs = _aio_buffers(adev, wl, args.buffers)
         if ready is not None:
             await asyncio.get_running_loop().run_in_executor(None, ready.wait)
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        loop.call_later(wl.runtime, stop.__setitem__, 0, True)
-        await asyncio.gather(*(worker(j) for j in range(D)))
-        st.runtime = time.perf_counter() - t0
-        st.count = sum(counts)
-        st.calls = st.count
-        st.min_comp = st.max_comp = 1
+        if args.api == "asyncio-batch":
+            await _aio_batches(submit_batch, wl.offsets(thread), bufs, st, wl)
+        else:
+            await aio_workers(op, bufs, wl.offsets(thread).tolist(), st, wl)
 
 
 # --------------------------------------------------------------------------
@@ -617,31 +787,19 @@ def run(args: argparse.Namespace) -> dict:
             open_kw["num_queues"] = args.num_threads
 
     stats = [Stats(args.iodepth) for _ in range(args.num_threads)]
-    errors: list[BaseException] = []
     ready = (threading.Barrier(args.num_threads)
              if args.num_threads > 1 else None)
-    tty = sys.stderr.isatty()
     stop_progress = threading.Event()
-
-    def guarded(fn, *a) -> None:
-        try:
-            fn(*a)
-        except BaseException as e:   # re-raised in the main thread
-            errors.append(e)
-            if ready is not None:
-                ready.abort()
-
     prog = threading.Thread(target=_progress, daemon=True,
                             args=(stats, time.perf_counter(), stop_progress,
-                                  tty))
-    if args.api == "asyncio":
-        import asyncio
-
+                                  sys.stderr.isatty()))
+    dev = None
+    if args.api in ("asyncio", "asyncio-batch"):
         def aio_main(t: int) -> None:
-            asyncio.run(_aio_thread(args, open_kw, t, stats[t], ready))
+            run_event_loop(_aio_thread(args, open_kw, t, stats[t], ready),
+                           args.loop)
 
         targets: List[tuple] = [(aio_main, t) for t in range(args.num_threads)]
-        dev = None
     else:
         open_ = _require(blkio, "open", "open")
         try:
@@ -649,41 +807,22 @@ def run(args: argparse.Namespace) -> dict:
         except (ValueError, TypeError) as e:
             raise BenchError(str(e))
         wl = Workload(args, int(dev.capacity))
-        if args.api == "blocking":
-            if args.poll:
-                # Busy-poll each wait until the completion arrives, as C
-                # blkio-bench --poll does (bounded to 1 ms per wait).
-                dev.poll_us = 1000
-            targets = [(run_blocking, dev, wl, t, stats[t], args.buffers,
-                        ready) for t in range(args.num_threads)]
-        elif args.api == "queue":
-            targets = [(run_queue, dev, wl, t, stats[t], args.buffers,
-                        args.poll_queues, ready)
-                       for t in range(args.num_threads)]
-        else:
-            targets = [(run_batch, dev, wl, t, stats[t], args.buffers,
-                        args.poll_queues, ready)
-                       for t in range(args.num_threads)]
+        if args.api == "blocking" and args.poll:
+            # Busy-poll each wait until the completion arrives, as C
+            # blkio-bench --poll does (bounded to 1 ms per wait).
+            dev.poll_us = 1000
+        fn = {"blocking": run_blocking, "queue": run_queue,
+              "batch": run_batch}[args.api]
+        targets = [(fn, dev, wl, t, stats[t], args, ready)
+                   for t in range(args.num_threads)]
     try:
         prog.start()
-        if len(targets) == 1:
-            guarded(*targets[0])
-        else:
-            ths = [threading.Thread(target=guarded, args=tg) for tg in targets]
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
+        run_threads(targets, ready)
     finally:
         stop_progress.set()
         prog.join()
         if dev is not None:
             dev.close()
-    for err in errors:
-        if not isinstance(err, threading.BrokenBarrierError):
-            raise err
-    if errors:
-        raise errors[0]
     return results_json(stats, args.blocksize)
 
 

@@ -1,0 +1,217 @@
+"""The benchmark suite's own machinery: ``python -m blkio bench``'s options
+for one-call I/O, the Python peers in ``bench/contenders.py`` (timed by the
+same code as blkio), and ``bench/run.py``'s goals, verdicts and --compare.
+No timings are asserted: only that each piece measures what it says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import STAT_KEYS, _blkio, _bench_json
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run_py():
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = mod          # dataclasses look the module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run = _run_py()
+
+
+def _contender(cwd, *args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(BENCH / "contenders.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+# --------------------------------------------------------------------------
+# python -m blkio bench
+
+
+def test_bench_one_call_over_the_device_is_one_request(tmp_path, image):
+    proc = _blkio(tmp_path, "bench", "--api=blocking", "--readwrite=read",
+                  f"--blocksize={image.size}", "--requests=1", "--runtime=30",
+                  "io_uring", f"path={image.path}", "direct=on")
+    agg = _bench_json(proc)["aggregate"]
+    assert agg["calls"] == 1
+    assert agg["min_lat_us"] == agg["max_lat_us"] > 0
+
+
+def test_bench_flush_writes_and_counts_the_requests(tmp_path, make_image):
+    img = make_image(4 << 20)
+    proc = _blkio(tmp_path, "bench", "--api=blocking", "--readwrite=write",
+                  "--blocksize=1048576", "--requests=4", "--flush", "--runtime=30",
+                  "io_uring", f"path={img.path}")
+    assert _bench_json(proc)["aggregate"]["calls"] == 4
+    assert img.pread(0, 4 << 20) == b"\xa5" * (4 << 20)
+
+
+def test_bench_flush_with_the_batch_api_is_a_usage_error(tmp_path, image):
+    proc = _blkio(tmp_path, "bench", "--api=batch", "--flush", "--readwrite=write",
+                  "io_uring", f"path={image.path}")
+    assert proc.returncode == 2
+    assert "--flush" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_asyncio_batch_runs_or_says_it_is_not_available(tmp_path, image):
+    import blkio.aio
+    proc = _blkio(tmp_path, "bench", "--api=asyncio-batch", "--iodepth=8", "--runtime=0.5",
+                  "--readwrite=randread", "io_uring", f"path={image.path}")
+    if hasattr(blkio.aio.AsyncDevice, "read_batch"):
+        agg = _bench_json(proc)["aggregate"]
+        assert agg["mean_completions"] == 8
+    else:
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "not available" in proc.stderr and "read_batch" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# bench/contenders.py
+
+
+@pytest.mark.parametrize("kind, opts", [
+    ("preadv", ["--readwrite=randread", "--num-threads=2"]),
+    ("ping", ["--iodepth=8"]),
+    ("ping", ["--iodepth=8", "--resolve=each"]),
+    ("readinto", ["--readwrite=read", "--blocksize=1048576", "--requests=3"]),
+    ("fromfile", ["--readwrite=read", "--blocksize=1048576", "--requests=3"]),
+])
+def test_contender_prints_blkio_bench_json(tmp_path, image, kind, opts):
+    args = [kind, "--runtime=0.3", *opts] + ([] if kind == "ping" else [image.path])
+    proc = _contender(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert list(res["aggregate"]) == STAT_KEYS
+    assert res["aggregate"]["calls"] > 0
+    if "--requests=3" in opts:
+        assert res["aggregate"]["calls"] == 3
+
+
+@pytest.mark.parametrize("kind", ["write", "tofile"])
+def test_file_object_writers_write_and_fsync(tmp_path, make_image, kind):
+    img = make_image(2 << 20, random=False)
+    proc = _contender(tmp_path, kind, "--readwrite=write", "--blocksize=1048576",
+                      "--requests=2", "--flush", img.path)
+    assert proc.returncode == 0, proc.stderr
+    assert img.pread(0, 2 << 20) == b"\xa5" * (2 << 20)
+
+
+def test_contender_refuses_a_reader_asked_to_write(tmp_path, image):
+    proc = _contender(tmp_path, "readinto", "--readwrite=write", image.path)
+    assert proc.returncode == 1
+    assert "readinto goes with --readwrite=read" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# bench/run.py: goals and verdicts
+
+
+def _summary(figures: dict) -> dict:
+    """A run's summary with the given medians (requests/s), 3 reps each."""
+    out = {}
+    for key, v in figures.items():
+        if v is None:
+            out[key] = {"contender": key.rsplit("/", 1)[1], "errors": ["boom"],
+                        "skipped": False, "workload": {"bs": 4096}}
+        else:
+            out[key] = {"contender": key.rsplit("/", 1)[1], "iops_median": v,
+                        "iops_by_rep": [v, v * 1.1, v * 0.9], "workload": {"bs": 4096}}
+    return out
+
+
+def test_goal_met_missed_and_short_by():
+    g = run.Goal("g", 13, "w/a", "w/c", 0.9)
+    met = run.evaluate(g, _summary({"w/a": 95.0, "w/c": 100.0}))
+    assert (met["verdict"], met["ratio"]) == ("met", 0.95)
+    assert met["ratio_by_rep"] == [0.95, 0.95, 0.95]
+    missed = run.evaluate(g, _summary({"w/a": 45.0, "w/c": 100.0}))
+    assert missed["verdict"] == "missed"
+    assert "short by 50.0%" in missed["missed_by"]
+
+
+def test_goal_against_the_best_of_several_needs_all_of_them():
+    g = run.Goal("g", 12, "w/a", ("w/f1", "w/f8"), 0.95)
+    res = run.evaluate(g, _summary({"w/a": 100.0, "w/f1": 50.0, "w/f8": 200.0}))
+    assert res["ratio"] == 0.5 and res["denominator_best"] == "w/f8"
+    res = run.evaluate(g, _summary({"w/a": 100.0, "w/f1": 50.0, "w/f8": None}))
+    assert res["verdict"] == "n/a" and "boom" in res["why"]
+
+
+def test_goal_floor_catches_threads_slower_than_one_thread():
+    g = run.Goal("g", 15, "w/t4", "w/c4", 0.9, floor="w/t1")
+    res = run.evaluate(g, _summary({"w/t4": 95.0, "w/c4": 100.0, "w/t1": 120.0}))
+    assert res["verdict"] == "missed"
+    assert "below the 1-thread figure" in res["missed_by"]
+
+
+def test_goal_not_run_says_so():
+    g = run.Goal("g", 13, "w/a", "w/c", 0.9)
+    res = run.evaluate(g, _summary({"w/c": 1.0}))
+    assert res["verdict"] == "not run" and "not run" in res["why"]
+
+
+def test_goal_against_the_best_of_the_cases_this_suite_ran():
+    g = run.Goal("g", 12, "w/a", ("w/slow", "w/fast"), 1.5)
+    res = run.evaluate(g, _summary({"w/a": 300.0, "w/fast": 100.0}))
+    assert res["ratio"] == 3.0 and res["denominator_best"] == "w/fast"
+
+
+def _goal_cases(g):
+    dens = g.den if isinstance(g.den, tuple) else (g.den,)
+    return [g.num, *([g.floor] if g.floor else [])], dens
+
+
+def test_full_suite_runs_every_case_every_goal_needs():
+    size = 1 << 30
+    keys = {c.key for c in run.full_cases(size)}
+    for g in run.goals(size):
+        needed, dens = _goal_cases(g)
+        missing = [k for k in [*needed, *dens] if k not in keys]
+        assert not missing, f"{g.name}: {missing}"
+
+
+def test_short_suite_covers_every_goal_but_the_o_direct_thread_writes():
+    size = 1 << 30
+    keys = {c.key for c in run.short_cases(size)}
+    for g in run.goals(size):
+        if g.issue == 15 and "O_DIRECT" in g.name and "randwrite" in g.name:
+            continue
+        needed, dens = _goal_cases(g)
+        assert all(k in keys for k in needed), g.name
+        assert any(k in keys for k in dens), g.name
+
+
+def test_full_suite_includes_the_short_one():
+    size = 1 << 30
+    full = {c.key for c in run.full_cases(size)}
+    assert {c.key for c in run.short_cases(size)} <= full
+
+
+def test_compare_prints_ratios_and_figures_side_by_side(tmp_path, capsys):
+    size = 1 << 30
+    g = run.goals(size)[0]
+    docs = []
+    for num in (90.0, 99.0):
+        summary = _summary({g.num: num, g.den: 100.0})
+        doc = {"machine": {"date": "d", "size_bytes": size}, "results": summary,
+               "ratios": {g.name: num / 100}}
+        path = tmp_path / f"{num}.json"
+        path.write_text(json.dumps(doc))
+        docs.append(str(path))
+    assert run.main(["--compare", *docs]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.endswith(g.name))
+    assert "0.90" in line and "0.99" in line and "+10.0%" in line
+    assert any(ln.endswith(g.num) and "+10.0%" in ln for ln in out.splitlines())
