@@ -1,4 +1,5 @@
-"""Command line: ``python -m blkio info|bench <driver> prop=value ...``."""
+"""Command line: ``blkio info|bench <driver> prop=value ...`` (the console
+script) or, the same, ``python -m blkio info|bench ...``."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             info = {"driver": dev.driver, "capacity": dev.capacity,
                     "limits": dev.limits.__dict__, "properties": dev.properties()}
     except (_bench.BenchError, ValueError, OSError) as e:
-        print(f"python -m blkio info: {e}", file=sys.stderr)
+        print(f"{args.prog} info: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blkio")
+def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns
+    the exit status.  ``prog`` is the name that help and errors show."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="open a device and print its limits and properties as JSON")
     p.add_argument("driver")
