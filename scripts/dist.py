@@ -122,8 +122,9 @@ def candidate_pythons() -> Iterator[Path]:
     dirs += sorted(pyenv_root.glob("versions/*/bin"))
     seen = set()
     for d in dirs:
-        # pyenv's shims run whichever version is selected, whatever their name.
-        if d.name == "shims" or not d.is_dir():
+        # pyenv's shims run whichever version is selected, whatever their name;
+        # a venv's python is its base interpreter, found where that lives.
+        if d.name == "shims" or not d.is_dir() or (d.parent / "pyvenv.cfg").exists():
             continue
         for exe in sorted(d.glob("python3.*")):
             if not re.fullmatch(r"python3\.\d+", exe.name) or not os.access(exe, os.X_OK):
