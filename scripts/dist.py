@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import re
@@ -333,7 +334,6 @@ def check_wheel(wheel: Path) -> None:
 
 def elf_dynamic(zf: zipfile.ZipFile, member: str):
     """(DT_NEEDED list, RUNPATH/RPATH entries) of an ELF file inside a zip."""
-    import io
     elf = ELFFile(io.BytesIO(zf.read(member)))
     needed: List[str] = []
     runpath: List[str] = []

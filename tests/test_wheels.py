@@ -210,7 +210,7 @@ def _copy_suite(dest: Path) -> Path:
     return dest
 
 
-def test_host_suite_passes_against_the_wheel(wheel_venv, hidden, tmp_path):
+def test_host_suite_passes_against_the_wheel(wheel_venv, hidden, tmp_path, capsys):
     suite = _copy_suite(tmp_path / "suite")
     assert not (suite / "blkio").exists() and not (suite / "src").exists()
     proc = hidden.run(
@@ -224,7 +224,8 @@ def test_host_suite_passes_against_the_wheel(wheel_venv, hidden, tmp_path):
     _ok(proc, "the host suite against the wheel")
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) > 0, summary
-    sys.stderr.write(f"\n[wheel {THIS_TAG}, system libblkio hidden] {summary}\n")
+    with capsys.disabled():
+        print(f"\n[host suite against the {THIS_TAG} wheel, system libblkio hidden] {summary}")
 
 
 # ---------------------------------------------------------------------------
