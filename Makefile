@@ -1,18 +1,23 @@
 # Two commands do everything on a fresh Debian 12/13 machine (as root):
 #   make bench   install what is missing, then run the benchmark suite
-#   make test    install what is missing, then run the tests
+#   make test    install what is missing, build dist/, then run the tests
+# Also: make dist (sdist + manylinux wheels), make test-wheels (only the
+# tests of what dist/ holds, tests/test_wheels.py).
 # A second run finds everything in place and only runs the command.
 
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
-SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
+TOOLS  := build/dist/tools
+SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
-.PHONY: test test-asan bench bench-full system install clean
+.PHONY: test test-asan test-wheels dist bench bench-full system install clean
 
-test: install
+# With PYTEST_ARGS (a selection, while developing) dist/ is not rebuilt and
+# the sanitizer run is left out; the plain command runs everything.
+test: install $(if $(PYTEST_ARGS),,dist)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-	$(MAKE) test-asan
+	$(if $(PYTEST_ARGS),,$(MAKE) test-asan)
 
 # The extension built with AddressSanitizer and UBSan (its own venv and build
 # folder), running the host suite, the lifetime torture suite included, with
@@ -26,13 +31,28 @@ ASAN_ENV  := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 test-asan: system $(ASAN_VENV)/.installed
 	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -p no:cacheprovider --ignore=tests/test_guest.py \
-	  --ignore=tests/test_typing.py $(ASAN_PYTEST_ARGS)
+	  --ignore=tests/test_typing.py --ignore=tests/test_wheels.py \
+	  --ignore=tests/test_packaging.py $(ASAN_PYTEST_ARGS)
 
-$(ASAN_VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
+$(ASAN_VENV)/.installed: requirements/build.txt $(SOURCES)
 	$(PYTHON) -m venv $(ASAN_VENV)
-	$(ASAN_VENV)/bin/python -m pip install -q 'meson-python>=0.15' 'meson>=1.1' 'Cython>=3.0' ninja
+	$(ASAN_VENV)/bin/python -m pip install -q -r requirements/build.txt
 	$(ASAN_VENV)/bin/python -m pip install -q --no-build-isolation -Cbuild-dir=build/asan \
 	  -Csetup-args=-Db_sanitize=address,undefined -Csetup-args=-Db_lundef=false '.[test,cli]'
+	touch $@
+
+test-wheels: install dist
+	$(VENV)/bin/pytest tests/test_wheels.py $(PYTEST_ARGS)
+
+# sdist + one repaired manylinux wheel per CPython here, with exact tools;
+# scripts/dist.py reuses what it built for the same inputs.
+dist: system $(TOOLS)/.pinned
+	$(TOOLS)/bin/python scripts/dist.py
+
+$(TOOLS)/.pinned: requirements/build.txt requirements/dist.txt
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q -r requirements/build.txt -r requirements/dist.txt
 	touch $@
 
 bench: install $(VENV)/.bench-deps
@@ -47,10 +67,10 @@ system:
 
 install: system $(VENV)/.installed
 
-$(VENV)/.build-deps: pyproject.toml
+$(VENV)/.build-deps: requirements/build.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q 'meson-python>=0.15' 'meson>=1.1' 'Cython>=3.0' ninja
+	$(VPY) -m pip install -q -r requirements/build.txt
 	touch $@
 
 # The package itself, built by meson-python, with its test dependencies and
@@ -70,4 +90,4 @@ $(VENV)/.bench-deps: $(VENV)/.build-deps pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(ASAN_VENV) build .mesonpy-* bench/.build
+	rm -rf $(VENV) $(ASAN_VENV) build dist .mesonpy-* bench/.build

@@ -32,7 +32,7 @@ __all__ = [
     "Device", "Error", "Limits", "PropertySpec", "Queue", "ReadOnlyError", "Stats",
     "driver_properties", "open",
 ]
-__version__ = "0.1.0"
+from ._version import version as __version__
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,6 @@
-"""Command line: ``python -m blkio info|bench|copy ...``: the subcommands and
-their dispatch (copy lives in ``_copy``, bench in ``_bench``)."""
+"""Command line: ``blkio info|bench|copy ...`` (the console script) or, the
+same, ``python -m blkio info|bench|copy ...``: the subcommands and their
+dispatch (copy lives in ``_copy``, bench in ``_bench``)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             info = {"driver": dev.driver, "capacity": dev.capacity,
                     "limits": dev.limits.__dict__, "properties": dev.properties()}
     except (_bench.BenchError, ValueError, OSError) as e:
-        print(f"python -m blkio info: {e}", file=sys.stderr)
+        print(f"{args.prog} info: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns
+    the exit status.  ``prog`` is the name that help and errors show."""
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["copy"]:
@@ -33,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # --input-blkio/--output-blkio before it (libblkio's blkio-copy).
         from . import _copy
         return _copy.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m blkio")
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="open a device and print its limits and properties as JSON")
     p.add_argument("driver")
