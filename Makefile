@@ -26,13 +26,19 @@ test: install $(if $(PYTEST_ARGS),,dist)
 # off (CPython's own allocations would drown them); PYTHONMALLOC=malloc makes
 # Python objects visible to ASan.  The guest suite and mypy run only above.
 ASAN_VENV := .venv-asan
+ASAN_LOG  := $(CURDIR)/build/asan-reports
 ASAN_ENV  := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 PYTHONMALLOC=malloc \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(ASAN_LOG)/asan PYTHONMALLOC=malloc \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(ASAN_LOG)/ubsan
+# Reports go to files (pytest would swallow a dying process's stderr, and a
+# child interpreter's report would be lost): any file there fails the run.
 test-asan: system $(ASAN_VENV)/.installed
+	rm -rf $(ASAN_LOG) && mkdir -p $(ASAN_LOG)
 	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -p no:cacheprovider --ignore=tests/test_guest.py \
 	  --ignore=tests/test_typing.py --ignore=tests/test_wheels.py \
-	  --ignore=tests/test_packaging.py $(ASAN_PYTEST_ARGS)
+	  --ignore=tests/test_packaging.py $(ASAN_PYTEST_ARGS); rc=$$?; \
+	if [ -n "$$(ls -A $(ASAN_LOG))" ]; then \
+	  cat $(ASAN_LOG)/*; echo "test-asan: sanitizer reports above"; exit 1; fi; exit $$rc
 
 $(ASAN_VENV)/.installed: requirements/build.txt $(SOURCES)
 	$(PYTHON) -m venv $(ASAN_VENV)

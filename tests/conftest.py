@@ -32,6 +32,15 @@ IMAGE_SIZE = 64 * MiB
 CI = os.environ.get("CI") == "true"
 
 
+def tool_env() -> dict:
+    """The environment for system tools (qemu-storage-daemon, qemu-img,
+    losetup): without the sanitizer runtimes that ``make test-asan`` preloads
+    into Python, which would slow them down or hang them."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
 def require(condition: object, reason: str) -> None:
     """Skip the test unless ``condition`` holds; with CI=true, fail instead."""
     if condition:
@@ -128,7 +137,7 @@ def loopdev(make_image: Callable[..., Image]) -> Iterator[LoopDevice]:
             "no permission on /dev/loop-control (loop devices need root or the disk group)")
     backing = make_image(IMAGE_SIZE, "loop-backing.raw")
     proc = subprocess.run([losetup, "--find", "--show", "--direct-io=on", str(backing.path)],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, env=tool_env())
     require(proc.returncode == 0 and proc.stdout.strip().startswith("/dev/"),
             f"losetup failed (rc={proc.returncode}): {proc.stderr.strip()}")
     dev = proc.stdout.strip()
@@ -136,7 +145,7 @@ def loopdev(make_image: Callable[..., Image]) -> Iterator[LoopDevice]:
         require(os.access(dev, os.R_OK | os.W_OK), f"no read/write permission on {dev}")
         yield LoopDevice(dev, backing)
     finally:
-        subprocess.run([losetup, "-d", dev], capture_output=True, timeout=30)
+        subprocess.run([losetup, "-d", dev], capture_output=True, timeout=30, env=tool_env())
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +239,8 @@ def _qemu_img() -> str:
 def convert_to_qcow2(source: Union[Image, str, Path], dest: Union[str, Path]) -> Path:
     """``qemu-img convert`` a raw file into a (fully allocated) qcow2 image."""
     subprocess.run([_qemu_img(), "convert", "-q", "-f", "raw", "-O", "qcow2",
-                    os.fspath(source), os.fspath(dest)], check=True, capture_output=True, timeout=60)
+                    os.fspath(source), os.fspath(dest)], check=True, capture_output=True, timeout=60,
+                   env=tool_env())
     return Path(dest)
 
 
@@ -238,7 +248,8 @@ def qcow2_host_offset(qcow2: Union[str, Path], guest_offset: int) -> int:
     """Where guest byte ``guest_offset`` lives in the qcow2 file (qemu-img map),
     e.g. for ``Inject(sector=qcow2_host_offset(img, off) // 512)``."""
     out = subprocess.run([_qemu_img(), "map", "-U", "--output=json", "-f", "qcow2", os.fspath(qcow2)],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
+                         check=True, capture_output=True, text=True, timeout=60,
+                         env=tool_env()).stdout
     for ext in json.loads(out):
         if ext["start"] <= guest_offset < ext["start"] + ext["length"]:
             if not ext.get("data") or "offset" not in ext:
@@ -297,7 +308,7 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
                  "--pidfile", str(d / "pid")]
         with open(d / "stderr", "wb") as err:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                    close_fds=True)
+                                    close_fds=True, env=tool_env())
         daemon = StorageDaemon(str(sock), exported, proc.pid, proc, d, num_queues,
                                raw if not faults else None, raw, tuple(faults))
         daemons.append(daemon)
@@ -337,7 +348,7 @@ def slow_socket(tmp_path_factory: pytest.TempPathFactory) -> str:
             "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0",
             "--export", f"type=vhost-user-blk,id=exp0,node-name=thr0,addr.type=unix,"
                         f"addr.path={sock},writable=on"],
-            stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=tool_env())
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():

@@ -1922,8 +1922,9 @@ cdef class Queue:
         cdef Py_ssize_t i, j = self.batch_head
         cdef char *row = self.reap_base
         for i in range(k):
-            (<int64_t *>(row + self.reap_off_ud))[0] = self.batch_tags[j]
-            (<int *>(row + self.reap_off_ret))[0] = self.batch_rets[j]
+            # memcpy: fields of a packed structured dtype may be misaligned
+            memcpy(row + self.reap_off_ud, &self.batch_tags[j], sizeof(int64_t))
+            memcpy(row + self.reap_off_ret, &self.batch_rets[j], sizeof(int))
             if self.batch_rets[j] < 0:
                 self.batch_failed += 1
             row += self.reap_stride
