@@ -36,7 +36,7 @@ test-asan: system $(ASAN_VENV)/.installed
 	rm -rf $(ASAN_LOG) && mkdir -p $(ASAN_LOG)
 	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -p no:cacheprovider --ignore=tests/test_guest.py \
 	  --ignore=tests/test_typing.py --ignore=tests/test_wheels.py \
-	  --ignore=tests/test_packaging.py $(ASAN_PYTEST_ARGS); rc=$$?; \
+	  --ignore=tests/test_packaging.py -m 'not soak' $(ASAN_PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$(ls -A $(ASAN_LOG))" ]; then \
 	  cat $(ASAN_LOG)/*; echo "test-asan: sanitizer reports above"; exit 1; fi; exit $$rc
 

@@ -267,6 +267,16 @@ class AsyncDevice:
 
     # ---- lifecycle -------------------------------------------------------
 
+    def detach(self) -> None:
+        """Stop driving the queue from this event loop, leaving the device
+        open (for blocking use, or another loop).  Requests must not be in
+        flight (ValueError)."""
+        if self.queue.in_flight and not self.device.closed:
+            raise ValueError(f"{self.queue.in_flight} request(s) still in flight; "
+                             f"await them before detaching")
+        self._closed = True
+        self._release_fd()
+
     async def aclose(self) -> None:
         """Wait for requests in flight, then close the device."""
         if self._closed:
