@@ -168,10 +168,7 @@ cdef class Queue:
                          bint writable, str what) except -1
     @staticmethod
     cdef Queue _new(_DeviceCore device, blkioq *q, int index, bint poll)
-    cdef int _enter(self) except -1
-    cdef void _leave(self) noexcept
-    cdef int _use(self) except -1
-    cdef void _unuse(self) noexcept
+    cdef void _left_while_removing(self) noexcept
     cdef int _check_not_closing(self) except -1
     cdef Py_ssize_t _using(self, uintptr_t start, uintptr_t end)
     cdef int _ensure_slots(self, Py_ssize_t need) except -1
@@ -239,8 +236,7 @@ cdef class _DeviceCore:
     cdef uint64_t n_requests, n_bounced, bounced_bytes, n_split
     cdef object backend_fds
     cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil
-    cdef int _enter(self) except -1
-    cdef void _leave(self) noexcept
+    cdef void _left_while_closing(self) noexcept
     cdef object _closed_error(self)
     cdef void _wake_closers(self) noexcept
     cdef bint _wait_users(self, Queue queue, Py_ssize_t own, double timeout)

@@ -13,8 +13,8 @@ queue) while another thread is inside a call on it: it reads freed memory or
 panics.  So every public call that touches the instance or a queue enters a
 guard first and leaves it last:
 
-* ``_DeviceCore._enter()`` refuses a closing device (``ValueError: ... device
-  is closed``) and counts the call in ``users``; ``Queue._enter()`` does the
+* ``_dev_enter()`` refuses a closing device (``ValueError: ... device
+  is closed``) and counts the call in ``users``; ``_q_enter()`` does the
   same for the device and then for the queue (``... was removed``).  The counts
   are plain integers protected by the GIL: entering and leaving happen with it
   held, so the hot path pays two increments, not a lock.
@@ -55,7 +55,7 @@ from libc.errno cimport errno, EINTR, EINVAL, EIO, EBADF, EOPNOTSUPP, ETIME, ENO
 cdef extern from "<errno.h>":
     int ENOTSUP
     int ECANCELED
-from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint64_t, int64_t, uintptr_t, UINT64_MAX
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset, strlen
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
@@ -108,9 +108,12 @@ cdef extern from *:
     /* The lifetime guards this thread is inside, innermost last (see the
        module docstring): close() and remove_queue() must not wait for calls
        of their own thread. */
-    #define BLKIO_PY_MAX_NEST 16
-    static __thread void *blkio_py_entered[BLKIO_PY_MAX_NEST];
-    static __thread int blkio_py_depth;
+    #define BLKIO_PY_MAX_NEST 8
+    /* initial-exec: a plain %fs-relative access on the hot path instead of a
+       __tls_get_addr call (72 bytes of the static TLS surplus). */
+    static __thread __attribute__((tls_model("initial-exec")))
+        void *blkio_py_entered[BLKIO_PY_MAX_NEST];
+    static __thread __attribute__((tls_model("initial-exec"))) int blkio_py_depth;
     static inline void blkio_py_push(void *guard) {
         if (blkio_py_depth < BLKIO_PY_MAX_NEST)
             blkio_py_entered[blkio_py_depth] = guard;
@@ -214,7 +217,7 @@ cdef object _request_error(int ret, object msg, str what, bint read_only):
 # Arguments: offsets and lengths are integers >= 0 (numpy integers too); a
 # float, a bool or a negative value is refused with the argument's name.
 
-cdef uint64_t _u64_slow(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+cdef uint64_t _u64_slow(object value, str name) except? -1:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
     value = value.__index__()
@@ -239,12 +242,12 @@ cdef extern from "Python.h":
     unsigned long long _PyLong_AsU64 "PyLong_AsUnsignedLongLong"(object value)
 
 
-cdef inline uint64_t _u64(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+cdef inline uint64_t _u64(object value, str name) except? -1:
     """``value`` as a uint64 byte count or offset, checked."""
     cdef uint64_t r
     if type(value) is int:
         r = _PyLong_AsU64(value)
-        if r != 0xFFFFFFFFFFFFFFFF or PyErr_Occurred() == NULL:
+        if r != UINT64_MAX or PyErr_Occurred() == NULL:
             return r
         PyErr_Clear()       # negative or too large: say which below
     return _u64_slow(value, name)
@@ -1016,11 +1019,11 @@ cdef class BouncePool:
         self._check_open()
         cdef _DeviceCore d = self.device
         cdef Py_ssize_t start
-        d._enter()          # growing the pool maps memory into the device
+        _dev_enter(d)       # growing the pool maps memory into the device
         try:
             start = self._acquire_blocking(n, t, None)
         finally:
-            d._leave()
+            _dev_leave(d)
         return self._array(start, n)
 
     def release(self, array):
@@ -1099,6 +1102,66 @@ cdef inline void _realtime_after(timespec *ts, double seconds) noexcept nogil:
     ts.tv_nsec = <long>(ns % 1000000000)
 
 
+# ---- the lifetime guard's hot half (see the module docstring) ------------
+# Module-level inline functions, not methods: _DeviceCore is subclassed, so
+# its cdef methods are vtable calls; these compile into the caller.
+
+cdef inline int _dev_enter(_DeviceCore d) except -1:
+    """Enter the device's guard: refuses a closing device, counts the call."""
+    if d.closing or d.b == NULL:
+        raise d._closed_error()
+    d.users += 1
+    blkio_py_push(<void *>d)
+    return 0
+
+
+cdef inline void _dev_leave(_DeviceCore d) noexcept:
+    blkio_py_pop()
+    d.users -= 1
+    if d.closing:
+        d._left_while_closing()
+
+
+cdef inline int _q_use(Queue q) except -1:
+    """A queue's guard alone, for a caller inside its device's."""
+    if q.removing or q.q == NULL:
+        raise ValueError(f"queue {q.index} was removed")
+    q.users += 1
+    blkio_py_push(<void *>q)
+    return 0
+
+
+cdef inline void _q_unuse(Queue q) noexcept:
+    blkio_py_pop()
+    q.users -= 1
+    if q.removing:
+        q._left_while_removing()
+
+
+cdef inline int _q_enter(Queue q) except -1:
+    """The device's guard, then the queue's; refuses a closed device, a
+    removed queue and a broken backend."""
+    cdef _DeviceCore d = q.device
+    if d is None:
+        raise ValueError(f"queue {q.index}: its device is closed")
+    _dev_enter(d)
+    if q.removing or q.q == NULL:
+        _dev_leave(d)
+        raise ValueError(f"queue {q.index} was removed")
+    if d.state == "broken":
+        _dev_leave(d)
+        raise Error(EIO, f"{d.driver}: the backend hung up; close the device")
+    q.users += 1
+    blkio_py_push(<void *>q)
+    return 0
+
+
+cdef inline void _q_leave(Queue q) noexcept:
+    cdef _DeviceCore d = q.device
+    _q_unuse(q)
+    _dev_leave(d)
+
+
 @cython.final
 cdef class Queue:
     """One libblkio queue.  Enqueue requests, then ``submit``/``wait``/``poll``.
@@ -1136,50 +1199,18 @@ cdef class Queue:
         self.queued = 0
         return self
 
-    # ---- lifetime guard (see the module docstring) ----------------------
+    # ---- lifetime guard (see the module docstring; the hot half is the
+    # inline functions _q_enter/_q_leave/_q_use/_q_unuse) ----------------
 
-    cdef int _enter(self) except -1:
-        """Enter the device's guard, then this queue's; refuses a closed
-        device, a removed queue and a broken backend."""
-        cdef _DeviceCore d = self.device
-        if d is None:
-            raise ValueError(f"queue {self.index}: its device is closed")
-        d._enter()
-        if self.removing or self.q == NULL:
-            d._leave()
-            raise ValueError(f"queue {self.index} was removed")
-        if d.state == "broken":
-            d._leave()
-            raise Error(EIO, f"{d.driver}: the backend hung up; close the device")
-        self.users += 1
-        blkio_py_push(<void *>self)
-        return 0
-
-    cdef void _leave(self) noexcept:
-        cdef _DeviceCore d = self.device
-        self._unuse()
-        d._leave()
-
-    cdef int _use(self) except -1:
-        """This queue's guard alone, for a caller inside the device's."""
-        if self.removing or self.q == NULL:
-            raise ValueError(f"queue {self.index} was removed")
-        self.users += 1
-        blkio_py_push(<void *>self)
-        return 0
-
-    cdef void _unuse(self) noexcept:
-        blkio_py_pop()
-        self.users -= 1
-        if self.removing:
-            self.device._wake_closers()
-            if self.users == 0 and self.remove_pending:
-                # remove_queue() ran inside a call of this thread: finish it now
-                self.remove_pending = False
-                try:
-                    self.device._finish_remove(self)
-                except BaseException:
-                    _unraisable(self)
+    cdef void _left_while_removing(self) noexcept:
+        self.device._wake_closers()
+        if self.users == 0 and self.remove_pending:
+            # remove_queue() ran inside a call of this thread: finish it now
+            self.remove_pending = False
+            try:
+                self.device._finish_remove(self)
+            except BaseException:
+                _unraisable(self)
 
     cdef int _check_not_closing(self) except -1:
         """Between wait slices: give up when the device or queue is going away
@@ -1482,12 +1513,12 @@ cdef class Queue:
         none free right now (nothing is enqueued then; asyncio waits for the
         space with ``acquire_async`` and passes it back as ``bounce``)."""
         cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
-        self._enter()
+        _q_enter(self)
         try:
             return self._submit_one_c(op, off, buf, vectored, flags, user_data, n,
                                       bounce, nowait)
         finally:
-            self._leave()
+            _q_leave(self)
 
     cdef object _submit_one_c(self, int op, uint64_t offset, object buf, bint vectored,
                               unsigned int flags, object user_data, uint64_t length,
@@ -1519,7 +1550,7 @@ cdef class Queue:
         """``_submit_one`` for one buffer, without waiting for bounce space
         (asyncio's per-request call, kept short)."""
         cdef uint64_t offset = _u64(offset_arg, "offset")
-        self._enter()
+        _q_enter(self)
         cdef _DeviceCore d = self.device
         cdef _Views views
         cdef uint64_t length
@@ -1540,7 +1571,7 @@ cdef class Queue:
             self._enqueue(c, False)
             return length
         finally:
-            self._leave()
+            _q_leave(self)
 
     def _zero_flags(self, bint fua, bint may_unmap, bint no_fallback):
         return _zero_flags(fua, may_unmap, no_fallback)
@@ -1583,11 +1614,11 @@ cdef class Queue:
         """Submit enqueued requests without waiting.  Completions that are
         already there (cached reads complete during submission) are kept for
         the next ``wait()`` or ``poll()``."""
-        self._enter()
+        _q_enter(self)
         try:
             self._drive(0, 0.0, None)
         finally:
-            self._leave()
+            _q_leave(self)
 
     def wait(self, min=1, max=None, timeout=None):
         """Submit, then wait for at least ``min`` completions; return up to
@@ -1602,7 +1633,7 @@ cdef class Queue:
         if max is not None and max < nmin:
             raise ValueError(f"max ({max}) must be >= min ({nmin})")
         cdef double t = -1.0 if timeout is None else float(timeout)
-        self._enter()
+        _q_enter(self)
         try:
             have = len(self.ready)
             if nmin > have + self.inflight:
@@ -1614,16 +1645,16 @@ cdef class Queue:
                 self._drive(0, 0.0, None)
             return self._take(max)
         finally:
-            self._leave()
+            _q_leave(self)
 
     def poll(self, max=None):
         """Submit and return the completions available now, without waiting."""
-        self._enter()
+        _q_enter(self)
         try:
             self._drive(0, 0.0, None)
             return self._take(max)
         finally:
-            self._leave()
+            _q_leave(self)
 
     cdef list _take(self, object max):
         if max is None or max >= len(self.ready):
@@ -1686,11 +1717,11 @@ cdef class Queue:
 
     def _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags,
                       region, uint64_t blocksize):
-        self._enter()
+        _q_enter(self)
         try:
             return self._submit_batch_c(op, offsets, buffers, user_data, flags, region, blocksize)
         finally:
-            self._leave()
+            _q_leave(self)
 
     cdef object _submit_batch_c(self, int op, offsets, buffers, user_data, unsigned int flags,
                                 region, uint64_t blocksize):
@@ -1897,11 +1928,11 @@ cdef class Queue:
         cdef Py_ssize_t nmin = _index(min, "min")
         if nmin < 0:
             raise ValueError("min must be >= 0")
-        self._enter()
+        _q_enter(self)
         try:
             return self._reap_c(out, nmin, timeout)
         finally:
-            self._leave()
+            _q_leave(self)
 
     cdef object _reap_c(self, out, int min, timeout):
         if out is not self.reap_out:
@@ -1951,11 +1982,11 @@ cdef class Queue:
         reset it, then call ``poll()``."""
         if self.is_poll_queue:
             return -1
-        self._enter()
+        _q_enter(self)
         try:
             return lb.blkioq_get_completion_fd(self.q)
         finally:
-            self._leave()
+            _q_leave(self)
 
     @property
     def completion_fd_enabled(self) -> bool:
@@ -1969,7 +2000,7 @@ cdef class Queue:
     def completion_fd_enabled(self, bint value):
         if self.is_poll_queue:
             raise ValueError("poll queues have no completion fd")
-        self._enter()
+        _q_enter(self)
         try:
             if pthread_mutex_trylock(&self.lock) != 0:
                 with nogil:
@@ -1978,7 +2009,7 @@ cdef class Queue:
             pthread_mutex_unlock(&self.lock)
             self.fd_enabled = value
         finally:
-            self._leave()
+            _q_leave(self)
 
     @property
     def in_flight(self) -> int:
@@ -2053,26 +2084,16 @@ cdef class _DeviceCore:
     cdef object _closed_error(self):
         return ValueError(f"{self.driver or 'blkio'} device is closed")
 
-    cdef int _enter(self) except -1:
-        if self.closing or self.b == NULL:
-            raise self._closed_error()
-        self.users += 1
-        blkio_py_push(<void *>self)
-        return 0
-
-    cdef void _leave(self) noexcept:
-        blkio_py_pop()
-        self.users -= 1
-        if self.closing:
-            self._wake_closers()
-            if self.users == 0 and self.destroy_pending:
-                # close() ran inside a call (or gave up waiting for one):
-                # the last call out destroys the instance.
-                self.destroy_pending = False
-                try:
-                    self._destroy()
-                except BaseException:
-                    _unraisable(self)
+    cdef void _left_while_closing(self) noexcept:
+        self._wake_closers()
+        if self.users == 0 and self.destroy_pending:
+            # close() ran inside a call (or gave up waiting for one): the
+            # last call out destroys the instance.
+            self.destroy_pending = False
+            try:
+                self._destroy()
+            except BaseException:
+                _unraisable(self)
 
     cdef void _wake_closers(self) noexcept:
         pthread_mutex_lock(&self.guard_mutex)
@@ -2129,13 +2150,13 @@ cdef class _DeviceCore:
 
     def _get(self, str name, str kind):
         """Read property ``name`` with the getter for C type ``kind``."""
-        self._enter()
+        _dev_enter(self)
         self._ctl_lock()
         try:
             return self._get_locked(name, kind)
         finally:
             self._ctl_unlock()
-            self._leave()
+            _dev_leave(self)
 
     cdef object _get_locked(self, str name, str kind):
         cdef bytes bname = name.encode()
@@ -2167,13 +2188,13 @@ cdef class _DeviceCore:
 
     def _set(self, str name, str kind, object value):
         """Write property ``name`` with the setter for C type ``kind``."""
-        self._enter()
+        _dev_enter(self)
         self._ctl_lock()
         try:
             self._set_locked(name, kind, value)
         finally:
             self._ctl_unlock()
-            self._leave()
+            _dev_leave(self)
 
     cdef object _set_locked(self, str name, str kind, object value):
         cdef bytes bname = name.encode()
@@ -2388,12 +2409,12 @@ cdef class _DeviceCore:
         cdef uint64_t n = _u64(nbytes, "nbytes")
         if n == 0:
             raise ValueError("alloc size must be positive")
-        self._enter()
+        _dev_enter(self)
         try:
             self._ensure_started()
             return self.arena.alloc(n)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def register(self, array):
         """Register caller memory with the device so I/O on it goes direct.
@@ -2406,12 +2427,12 @@ cdef class _DeviceCore:
         to the memory until ``unregister`` or close.  Returns True when the
         memory is registered (usable by the batch API and never bounced).
         """
-        self._enter()
+        _dev_enter(self)
         try:
             self._ensure_started()
             return self._register(array)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     cdef object _register(self, object array):
         cdef Py_buffer view
@@ -2448,7 +2469,7 @@ cdef class _DeviceCore:
         cdef uintptr_t addr = <uintptr_t>view.buf
         PyBuffer_Release(&view)
         cdef Py_ssize_t users = 0
-        self._enter()
+        _dev_enter(self)
         try:
             entry = self.regions.get(addr)
             if entry is None or not isinstance(entry[3], list):
@@ -2465,7 +2486,7 @@ cdef class _DeviceCore:
             self._unmap(addr)
             return True
         finally:
-            self._leave()
+            _dev_leave(self)
 
     @property
     def poll_us(self) -> int:
@@ -2581,11 +2602,11 @@ cdef class _DeviceCore:
         if q is None:
             raise ValueError(f"{self.driver} device has no queue 0 (num_queues=0, "
                              f"or queue 0 was removed)")
-        q._use()
+        _q_use(q)
         try:
             return self._run_on(q, op, offset, length, views, flags)
         finally:
-            q._unuse()
+            _q_unuse(q)
 
     cdef object _run_on(self, Queue q, int op, uint64_t offset, uint64_t length, _Views views,
                         unsigned int flags):
@@ -2643,7 +2664,7 @@ cdef class _DeviceCore:
         """Read ``nbytes`` at ``offset`` into a new numpy uint8 array (mapped
         memory from ``alloc``, so no copy on any driver)."""
         cdef uint64_t off = _u64(offset, "offset"), n = _u64(nbytes, "nbytes")
-        self._enter()
+        _dev_enter(self)
         try:
             self._check_range(off, n, "read")
             if n == 0:
@@ -2652,7 +2673,7 @@ cdef class _DeviceCore:
             self._run(OP_READ, off, n, _acquire_views(out, True, True), 0)
             return out
         finally:
-            self._leave()
+            _dev_leave(self)
 
     cdef object _single(self, int op, uint64_t offset, object buf, unsigned int flags):
         """One buffer (inside the device's guard): the hot path."""
@@ -2661,11 +2682,11 @@ cdef class _DeviceCore:
         if q is None:
             v = _acquire_views(buf, op == OP_READ, True)
             return self._run(op, offset, v.total, v, flags)
-        q._use()
+        _q_use(q)
         try:
             return self._single_on(q, op, offset, buf, flags)
         finally:
-            q._unuse()
+            _q_unuse(q)
 
     cdef object _single_on(self, Queue q, int op, uint64_t offset, object buf, unsigned int flags):
         """When the request needs no split and no bounce, submit it straight
@@ -2747,44 +2768,44 @@ cdef class _DeviceCore:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read."""
         cdef uint64_t off = _u64(offset, "offset")
-        self._enter()
+        _dev_enter(self)
         try:
             return self._single(OP_READ, off, buf, 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def write(self, offset, buf, *, bint fua=False):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written."""
         cdef uint64_t off = _u64(offset, "offset")
-        self._enter()
+        _dev_enter(self)
         try:
             return self._single(OP_WRITE, off, buf, REQ_FUA if fua else 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def readv(self, offset, bufs):
         """Read consecutive bytes at ``offset`` into each buffer of ``bufs`` in
         turn; returns the total."""
         cdef uint64_t off = _u64(offset, "offset")
         cdef _Views v
-        self._enter()
+        _dev_enter(self)
         try:
             v = _acquire_views(bufs, True, False)
             return self._run(OP_READ, off, v.total, v, 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def writev(self, offset, bufs, *, bint fua=False):
         """Write the buffers of ``bufs`` back to back at ``offset``."""
         cdef uint64_t off = _u64(offset, "offset")
         cdef _Views v
-        self._enter()
+        _dev_enter(self)
         try:
             v = _acquire_views(bufs, False, False)
             return self._run(OP_WRITE, off, v.total, v, REQ_FUA if fua else 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def write_zeroes(self, offset, length, *, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
@@ -2793,29 +2814,29 @@ cdef class _DeviceCore:
         writing zeroes the slow way."""
         cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
         cdef unsigned int flags = _zero_flags(fua, may_unmap, no_fallback)
-        self._enter()
+        _dev_enter(self)
         try:
             self._run(OP_WRITE_ZEROES, off, n, None, flags)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def discard(self, offset, length):
         """Discard ``length`` bytes at ``offset`` (advisory: a device that
         cannot discard answers success)."""
         cdef uint64_t off = _u64(offset, "offset"), n = _u64(length, "length")
-        self._enter()
+        _dev_enter(self)
         try:
             self._run(OP_DISCARD, off, n, None, 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def flush(self):
         """Make completed writes durable."""
-        self._enter()
+        _dev_enter(self)
         try:
             self._run(OP_FLUSH, 0, 0, None, 0)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     # ---- queues ----------------------------------------------------------
 
@@ -2851,7 +2872,7 @@ cdef class _DeviceCore:
     def _add_queue(self, bint poll):
         cdef int idx
         cdef lb.blkioq *q
-        self._enter()
+        _dev_enter(self)
         try:
             self._ensure_started()
             self._ctl_lock()
@@ -2870,13 +2891,13 @@ cdef class _DeviceCore:
             lst[idx] = qq
             return qq
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def _remove_queue(self, Queue queue, double timeout):
         """Remove ``queue``: refuse new calls on it, wait for the calls in
         progress to leave (their waits give up within a slice), drain its
         requests (``timeout`` seconds), then remove it from libblkio."""
-        self._enter()
+        _dev_enter(self)
         try:
             self._ensure_started()
             if queue.device is not self or queue.removing:
@@ -2891,7 +2912,7 @@ cdef class _DeviceCore:
                 return
             self._finish_remove(queue)
         finally:
-            self._leave()
+            _dev_leave(self)
 
     def _finish_remove(self, Queue queue):
         """Drain and remove a queue nobody is inside any more."""
