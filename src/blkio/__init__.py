@@ -326,21 +326,25 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
             dev._set("path", "str", path)
 
         sockets_before = _socket_fds() if driver == "virtio-blk-vhost-user" else set()
-        ret, msg = dev._connect()
-        if ret == -_errno.EINVAL and our_fd >= 0:
-            # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
-            _close_if_ours(our_fd, our_fd_id)
-            our_fd = -1
-            dev._set("fd", "int", -1)
-            dev._set("path", "str", path)
-            ret, msg = dev._connect()
-        if ret < 0:
-            code = -ret
+        try:
+            try:
+                dev._connect()
+            except Error as e:
+                if e.errno != _errno.EINVAL or our_fd < 0:
+                    raise
+                # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
+                _close_if_ours(our_fd, our_fd_id)
+                our_fd = -1
+                dev._set("fd", "int", -1)
+                dev._set("path", "str", path)
+                dev._connect()
+        except Error as e:
             where = f"path={path!r}" if path is not None else f"fd={fd}"
-            text = f"cannot connect {driver} device ({where}): {msg}"
+            text = f"{e.strerror} ({where})"
+            code = e.errno
             if code == _errno.ENOENT or (driver == "io_uring" and path and not _os.path.exists(path)):
-                raise _error_for(_errno.ENOENT, text, path)
-            raise _error_for(code, text, path)
+                code = _errno.ENOENT
+            raise _error_for(code, text, path) from None
         our_fd = -1     # libblkio owns it now
         backend_fds = (_socket_fds() - sockets_before) if driver == "virtio-blk-vhost-user" else ()
 

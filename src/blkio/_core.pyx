@@ -2217,9 +2217,8 @@ cdef class _DeviceCore:
         with nogil:
             ret = lb.blkio_connect(self.b)
         if ret < 0:
-            return ret, lb.blkio_get_error_msg().decode("utf-8", "replace")
+            raise _libblkio_error(ret, f"cannot connect {self.driver} device")
         self.state = "connected"
-        return 0, ""
 
     def _start(self):
         cdef int ret
