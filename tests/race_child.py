@@ -151,7 +151,7 @@ def _poll(dev, qi, wi):
     def step():
         q.read(0, buf)
         while q.in_flight:
-            q.poll()
+            q.completions()
     return step
 
 

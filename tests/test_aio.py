@@ -1,5 +1,5 @@
 """asyncio front (blkio.aio): opening and closing, many awaits in flight on one
-queue, every request kind, cancellation, bounce-pool fairness, poll_us, loop
+queue, every request kind, cancellation, bounce-pool fairness, spin_us, loop
 responsiveness and O_DIRECT with misaligned memory (issue 4)."""
 
 from __future__ import annotations
@@ -402,15 +402,15 @@ def test_large_bounce_request_queued_behind_small_ones_is_not_starved(qsd):
 
 
 # ---------------------------------------------------------------------------
-# poll_us, loop responsiveness, O_DIRECT
+# spin_us, loop responsiveness, O_DIRECT
 
 
-def test_poll_us_50_completes_reads_correctly(image):
+def test_spin_us_50_completes_reads_correctly(image):
     offs = [i * 3 * BS for i in range(64)]
 
     async def main():
-        async with blkio.aio.open("io_uring", path=str(image.path), poll_us=50) as adev:
-            assert adev.poll_us == 50
+        async with blkio.aio.open("io_uring", path=str(image.path), spin_us=50) as adev:
+            assert adev.spin_us == 50
             outs = await asyncio.gather(*(adev.read(o, BS) for o in offs))
             await adev.write(0, _pattern(2))
             await adev.flush()

@@ -298,17 +298,37 @@ def test_ctrl_c_interrupts_io_uring_wait(loopdev):
         assert all(c.ret == 0 for c in done)
 
 
-def test_poll_us_busy_polls_waits_and_keeps_data_right(qsd):
+def test_spin_us_busy_polls_waits_and_keeps_data_right(qsd):
     daemon = qsd()
-    with blkio.open("virtio-blk-vhost-user", path=daemon.socket, poll_us=50) as dev:
-        assert dev.poll_us == 50
+    with blkio.open("virtio-blk-vhost-user", path=daemon.socket, spin_us=50) as dev:
+        assert dev.spin_us == 50
         buf = dev.alloc(4096)
         for i in range(200):
             dev.readinto(i * 4096, buf)
             assert buf.tobytes() == daemon.raw.data[i * 4096:(i + 1) * 4096]
-        dev.poll_us = 0
+        dev.spin_us = 0
         dev.readinto(0, buf)
-        with pytest.raises(ValueError, match="poll_us"):
-            dev.poll_us = -1
-    with pytest.raises(ValueError, match="poll_us"):
-        blkio.open("virtio-blk-vhost-user", path=daemon.socket, poll_us=-5)
+        with pytest.raises(ValueError, match="spin_us"):
+            dev.spin_us = -1
+        with pytest.raises(TypeError, match="spin_us"):
+            dev.spin_us = 1.5
+    with pytest.raises(ValueError, match="spin_us"):
+        blkio.open("virtio-blk-vhost-user", path=daemon.socket, spin_us=-5)
+
+
+def test_poll_us_is_a_deprecated_alias_of_spin_us(image):
+    with pytest.warns(DeprecationWarning, match="spin_us"):
+        dev = blkio.open("io_uring", path=image.path, poll_us=20)
+    with dev:
+        assert dev.spin_us == 20
+        with pytest.warns(DeprecationWarning, match="spin_us"):
+            assert dev.poll_us == 20
+        with pytest.warns(DeprecationWarning, match="spin_us"):
+            dev.poll_us = 5
+        assert dev.spin_us == 5
+        q = dev.queue(0)
+        q.read(0, bytearray(4096))
+        with pytest.warns(DeprecationWarning, match="completions"):
+            done = q.poll()
+        done += q.wait(min=1 - len(done)) if not done else []
+        assert len(done) == 1

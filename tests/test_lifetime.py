@@ -145,7 +145,7 @@ def _every_call(dev, q, buf, adev_loop):
         ("add_queue", dev.add_queue), ("remove_queue", lambda: dev.remove_queue(q)),
         ("q.read", lambda: q.read(0, buf)), ("q.write", lambda: q.write(0, buf)),
         ("q.flush", q.flush), ("q.submit", q.submit), ("q.wait", lambda: q.wait(min=0)),
-        ("q.poll", q.poll), ("q.submit_reads", lambda: q.submit_reads(offs, bufs)),
+        ("q.completions", q.completions), ("q.submit_reads", lambda: q.submit_reads(offs, bufs)),
         ("q.submit_writes", lambda: q.submit_writes(offs, bufs)), ("q.reap", lambda: q.reap(out)),
         ("q.completion_fd", lambda: q.completion_fd),
         ("q.completion_fd_enabled", lambda: setattr(q, "completion_fd_enabled", True)),

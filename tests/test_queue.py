@@ -116,13 +116,13 @@ def test_wait_with_min_above_in_flight_raises_valueerror(image):
 def test_poll_returns_without_waiting(image):
     with blkio.open("io_uring", path=image.path) as dev:
         q = dev.queue(0)
-        assert q.poll() == []
+        assert q.completions() == []
         for i in range(8):
             q.read(i * 4096, bytearray(4096), user_data=i)
         got = []
         deadline = time.monotonic() + 5
         while len(got) < 8 and time.monotonic() < deadline:
-            got += q.poll()
+            got += q.completions()
         assert sorted(c.user_data for c in got) == list(range(8))
 
 
@@ -227,7 +227,7 @@ def test_completion_fd_must_be_enabled_and_becomes_readable(image):
                     os.read(fd, 8)        # reset before reaping
                 except BlockingIOError:
                     pass                  # spurious wake-up: tolerated
-                got += q.poll()
+                got += q.completions()
         assert sorted(c.user_data for c in got) == [0, 1, 2, 3]
 
 
@@ -241,7 +241,7 @@ def test_completion_fd_drain_pattern(qsd):
         for i in range(64):
             q.read(i * 4096, dev.alloc(4096), user_data=i)
         q.submit()
-        got = q.poll()
+        got = q.completions()
         deadline = time.monotonic() + 10
         while len(got) < 64 and time.monotonic() < deadline:
             if not select.select([fd], [], [], 1.0)[0]:
@@ -252,12 +252,12 @@ def test_completion_fd_drain_pattern(qsd):
                 pass
             q.completion_fd_enabled = False
             while True:
-                batch = q.poll()
+                batch = q.completions()
                 if not batch:
                     break
                 got += batch
             q.completion_fd_enabled = True
-            got += q.poll()
+            got += q.completions()
         assert sorted(c.user_data for c in got) == list(range(64))
 
 
@@ -269,7 +269,7 @@ def test_spurious_completion_fd_wakeups_are_harmless(image):
         os.write(fd, (1).to_bytes(8, "little"))       # a wake-up with nothing done
         assert select.select([fd], [], [], 0)[0]
         os.read(fd, 8)
-        assert q.poll() == []
+        assert q.completions() == []
 
 
 # ---- poll queues ------------------------------------------------------------
@@ -394,11 +394,11 @@ def test_four_threads_on_one_queue_with_the_queue_api(image):
             for r in range(100):
                 q.read((t * 100 + r) * 4096, bytearray(4096), user_data=(t, r))
                 # Completions of other threads may come back here: collect all.
-                for c in q.wait(min=0) if q.in_flight == 0 else q.poll():
+                for c in q.wait(min=0) if q.in_flight == 0 else q.completions():
                     mine[c.user_data[0]].append(c.user_data[1])
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and sum(map(len, mine.values())) < 400:
-                for c in q.poll():
+                for c in q.completions():
                     mine[c.user_data[0]].append(c.user_data[1])
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

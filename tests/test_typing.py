@@ -104,7 +104,7 @@ def blocking(path: str) -> None:
             assert_type(c.check(), int)
             assert_type(c.error_msg, str | None)
             assert_type(c.op, str)
-        assert_type(q.poll(), list[Completion])
+        assert_type(q.completions(), list[Completion])
         assert_type(q.poll(max=4), list[Completion])
         q.completion_fd_enabled = True
         assert_type(q.completion_fd_enabled, bool)
@@ -144,7 +144,7 @@ def blocking(path: str) -> None:
 
 
 async def asynchronous(path: str) -> None:
-    async with blkio.aio.open("io_uring", path=path, poll_us=10) as adev:
+    async with blkio.aio.open("io_uring", path=path, spin_us=10) as adev:
         assert_type(adev, blkio.aio.AsyncDevice)
         data = await adev.read(0, 4096)
         n: int = await adev.readinto(0, bytearray(4096))

@@ -21,16 +21,19 @@ import os as _os
 import warnings as _warnings
 from typing import Any, Dict, NamedTuple, Optional, Union
 
-from . import _core
-from ._core import Buffer, BouncePool, Completion, Queue, LIBBLKIO_VERSION
+from ._device import _DeviceCore
+from ._handle import LIBBLKIO_VERSION, State
+from ._memory import Buffer
+from ._pool import BouncePool
+from ._requests import REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, Completion, Op, Queue
 from ._drivers import DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
 from ._errors import Error, ReadOnlyError, error_for as _error_for
 from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
 
 __all__ = [
     "DRIVERS", "STATES", "LIBBLKIO_VERSION", "Buffer", "BouncePool", "Completion",
-    "Device", "Error", "Limits", "PropertySpec", "Queue", "ReadOnlyError", "Stats",
-    "driver_properties", "open",
+    "Device", "Error", "Limits", "Op", "PropertySpec", "Queue", "ReadOnlyError", "REQ_FUA",
+    "REQ_NO_FALLBACK", "REQ_NO_UNMAP", "State", "Stats", "driver_properties", "open",
 ]
 from ._version import version as __version__
 
@@ -97,7 +100,10 @@ def _socket_fds() -> set:
     return fds
 
 
-class Device(_core._DeviceCore):
+_OPENER = object()     # the token open() passes to Device()
+
+
+class Device(_DeviceCore):
     """An open libblkio device (created → connected → started → closed).
 
     Made by :func:`open`.  Blocking I/O (``read``, ``readinto``, ``write``,
@@ -111,9 +117,12 @@ class Device(_core._DeviceCore):
     path: Optional[str]
     _limits: Optional[Limits]
 
-    def __init__(self, driver: str, path: Optional[str] = None) -> None:
-        # Only open() makes devices; it calls the lifecycle primitives.
-        self.path = path
+    def __init__(self, *args: Any, _opener: object = None, **kwargs: Any) -> None:
+        # Only open() makes devices (it runs the lifecycle primitives): a
+        # Device built directly would be a half-made object.
+        if _opener is not _OPENER:
+            raise TypeError("blkio.Device cannot be built directly; use blkio.open()")
+        self.path = kwargs.get("path")
         self._limits = None
 
     # ---- properties ------------------------------------------------------
@@ -238,7 +247,8 @@ class Device(_core._DeviceCore):
 
 def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
          fd: Optional[int] = None, read_only: bool = False, direct: Optional[bool] = None,
-         num_queues: int = 1, num_poll_queues: int = 0, poll_us: int = 0,
+         num_queues: int = 1, num_poll_queues: int = 0, spin_us: int = 0,
+         poll_us: Optional[int] = None,
          **properties: Any) -> Device:
     """Create, connect and start a libblkio device; returns a :class:`Device`.
 
@@ -249,7 +259,8 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     arguments with ``_`` for ``-`` (``num_entries=256``, ``queue_size=512``);
     each is set in the stage where libblkio accepts it.  Bad names, types,
     stages and per-driver rules raise ValueError before libblkio runs.
-    ``poll_us`` sets :attr:`Device.poll_us` (busy-polling before waits sleep).
+    ``spin_us`` sets :attr:`Device.spin_us` (busy-polling before waits sleep;
+    ``poll_us`` is its deprecated name).
     """
     if driver not in DRIVERS:
         raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
@@ -279,8 +290,11 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     for name, value in (("num-queues", num_queues), ("num-poll-queues", num_poll_queues)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
-    if isinstance(poll_us, bool) or not isinstance(poll_us, int) or poll_us < 0:
-        raise ValueError(f"poll_us takes an int >= 0 (microseconds), got {poll_us!r}")
+    if poll_us is not None:
+        _warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
+        spin_us = poll_us
+    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
+        raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
     if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
         raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
 
@@ -295,7 +309,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
             raise ValueError(f"property {spec.name!r} of driver {driver!r} cannot be set at open")
         staged[stage].append((spec, _check_value(driver, spec, value)))
 
-    dev = Device(driver, path)
+    dev = Device(_opener=_OPENER, path=path)
     our_fd = -1
     our_fd_id = None
     try:
@@ -364,7 +378,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
         depth = "num-entries" if "num-entries" in catalogue else "queue-size"
         dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
                        backend_fds, dev._get(depth, "int"))
-        dev.poll_us = poll_us
+        dev.spin_us = spin_us
         return dev
     except BaseException:
         if our_fd >= 0:

@@ -810,7 +810,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.api == "blocking" and args.poll:
             # Busy-poll each wait until the completion arrives, as C
             # blkio-bench --poll does (bounded to 1 ms per wait).
-            dev.poll_us = 1000
+            dev.spin_us = 1000
         fn = {"blocking": run_blocking, "queue": run_queue,
               "batch": run_batch}[args.api]
         targets = [(fn, dev, wl, t, stats[t], args, ready)

@@ -690,7 +690,7 @@ class Pipeline:
             self._complete(wait_q, wait_q.wait(1), active, free, on_error)
             for q in self.queues:
                 if q is not wait_q and q.in_flight:  # the other device: what is done
-                    self._complete(q, q.poll(), active, free, on_error)
+                    self._complete(q, q.completions(), active, free, on_error)
         if self.error is not None:
             raise self.error
 

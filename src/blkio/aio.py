@@ -25,33 +25,37 @@ import asyncio
 import errno
 import os
 import time
+import warnings
 import weakref
 from typing import Any, Awaitable, List, Optional, Sequence
 
 import numpy as np
 
-from . import open as _open_device
-from ._core import Queue
-from . import Device
+from . import Device, Op, Queue, REQ_FUA, open as _open_device
+from ._requests import write_zeroes_flags
 
 __all__ = ["AsyncDevice", "open"]
 
-# Request kinds, as the core numbers them.
-_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = range(5)
+_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = Op.READ, Op.WRITE, Op.WRITE_ZEROES, Op.DISCARD, Op.FLUSH
 
 
 class AsyncDevice:
     """Coroutine I/O on one queue of a :class:`blkio.Device`.
 
-    ``poll_us`` > 0 busy-polls the queue for that many microseconds after
+    ``spin_us`` > 0 busy-polls the queue for that many microseconds after
     submitting, before the loop sleeps on the completion fd (lower latency,
-    more CPU; QEMU's poll handler does the same).
+    more CPU; QEMU's poll handler does the same).  ``poll_us`` is its
+    deprecated name.
     """
 
-    def __init__(self, device: Device, queue: int = 0, *, poll_us: int = 0) -> None:
+    def __init__(self, device: Device, queue: int = 0, *, spin_us: int = 0,
+                 poll_us: Optional[int] = None) -> None:
+        if poll_us is not None:
+            warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
+            spin_us = poll_us
         self.device = device
         self.queue: Queue = device.queue(queue)
-        self.poll_us = poll_us
+        self.spin_us = spin_us
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._closed = False
@@ -113,14 +117,14 @@ class AsyncDevice:
         if self._fd_on:
             q.completion_fd_enabled = False
             self._fd_on = False
-        done = q.poll()
+        done = q.completions()
         while done:
             self._resolve(done)
-            done = q.poll()
+            done = q.completions()
         if q.in_flight:
             q.completion_fd_enabled = True
             self._fd_on = True
-            self._resolve(q.poll())
+            self._resolve(q.completions())
 
     @staticmethod
     def _resolve(completions: List[Any]) -> None:
@@ -149,11 +153,11 @@ class AsyncDevice:
             return
         q = self.queue
         try:
-            if self.poll_us > 0 and q.in_flight:
-                self._resolve(q.poll())
-                deadline = time.perf_counter() + self.poll_us / 1e6
+            if self.spin_us > 0 and q.in_flight:
+                self._resolve(q.completions())
+                deadline = time.perf_counter() + self.spin_us / 1e6
                 while q.in_flight and time.perf_counter() < deadline:
-                    done = q.poll()
+                    done = q.completions()
                     if done:
                         self._resolve(done)
                         break
@@ -173,10 +177,7 @@ class AsyncDevice:
             raise ValueError(f"{self.device.driver} device is closed")
         q = self.queue
         fut = self._loop.create_future()
-        if vectored or buf is None:
-            n = q._submit_one(op, offset, buf, vectored, flags, fut, length, None, True)
-        else:
-            n = q._submit_buffer(op, offset, buf, flags, fut)
+        n = q.enqueue(op, offset, buf, length, flags, fut, vectored, None, True)
         if n < 0:
             return self._request_bounced(op, offset, buf, vectored, flags, length, fut, -n)
         if not self._flush_scheduled:
@@ -192,7 +193,7 @@ class AsyncDevice:
         pool = self.device.bounce_pool
         bounce = await pool.acquire_async(need)
         try:
-            self.queue._submit_one(op, offset, buf, vectored, flags, fut, length, bounce)
+            self.queue.enqueue(op, offset, buf, length, flags, fut, vectored, bounce)
         except BaseException:
             pool.release(bounce)
             raise
@@ -229,7 +230,7 @@ class AsyncDevice:
 
     def write(self, offset: int, buf: Any, *, fua: bool = False) -> Awaitable[int]:
         """Write ``buf`` at ``offset``; awaits the count."""
-        flags = 1 if fua else 0
+        flags = REQ_FUA if fua else 0
         if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
             return self._split(_WRITE, offset, buf, flags)
         return self._request(_WRITE, offset, buf, False, flags)
@@ -240,12 +241,12 @@ class AsyncDevice:
 
     def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> Awaitable[int]:
         """Vectored write (one request; at most max-transfer bytes); awaits the count."""
-        return self._request(_WRITE, offset, list(bufs), True, 1 if fua else 0)
+        return self._request(_WRITE, offset, list(bufs), True, REQ_FUA if fua else 0)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
         """Write ``length`` zero bytes at ``offset``."""
-        flags = self.queue._zero_flags(fua, may_unmap, no_fallback)
+        flags = write_zeroes_flags(fua, may_unmap, no_fallback)
         await self._request(_WRITE_ZEROES, offset, None, False, flags, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -308,13 +309,14 @@ class _Opener:
         self._adev: Optional[AsyncDevice] = None
 
     async def _open(self) -> AsyncDevice:
-        poll_us = self._kwargs.pop("poll_us", 0)
+        spin_us = self._kwargs.pop("spin_us", 0)
+        poll_us = self._kwargs.pop("poll_us", None)
         queue = self._kwargs.pop("queue", 0)
         loop = asyncio.get_running_loop()
         # Connecting can block (a vhost-user handshake): do it off the loop.
         dev = await loop.run_in_executor(None, lambda: _open_device(*self._args, **self._kwargs))
         try:
-            return AsyncDevice(dev, queue, poll_us=poll_us)
+            return AsyncDevice(dev, queue, spin_us=spin_us, poll_us=poll_us)
         except BaseException:
             dev.close()
             raise
@@ -331,9 +333,10 @@ class _Opener:
         await self._adev.aclose()
 
 
-def open(driver: str, path: Optional[str] = None, *, poll_us: int = 0, queue: int = 0,
-         **kwargs: Any) -> _Opener:
+def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
+         poll_us: Optional[int] = None, queue: int = 0, **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
-    Arguments are those of :func:`blkio.open`, plus ``poll_us`` and ``queue``."""
-    return _Opener((driver, path), dict(kwargs, poll_us=poll_us, queue=queue))
+    Arguments are those of :func:`blkio.open`, plus ``spin_us`` (``poll_us``,
+    deprecated) and ``queue``."""
+    return _Opener((driver, path), dict(kwargs, spin_us=spin_us, poll_us=poll_us, queue=queue))

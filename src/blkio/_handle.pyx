@@ -1,0 +1,551 @@
+"""The device handle: the one owner of a libblkio instance (``blkio *``).
+
+It holds the instance's state, its limits as a C struct for the request path,
+typed property access, memory-region map/unmap with the table of memory the
+device holds, libblkio's error conversion, and the lifetime guard.  It never
+parses user options (the facade turns keywords into typed property calls) and
+knows nothing of requests (``_requests`` owns queues and what is in flight).
+
+Lifetime under threads (one mechanism for every entry point)
+-------------------------------------------------------------
+libblkio gives no protection against destroying an instance (or removing a
+queue) while another thread is inside a call on it: it reads freed memory or
+panics.  So every public call that touches the instance or a queue enters a
+guard first and leaves it last:
+
+* ``handle_enter()`` (``_handle.pxd``) refuses a closing device (``ValueError:
+  ... device is closed``) and counts the call in ``guard.users``;
+  ``queue_enter()`` (``_requests.pxd``) does the same for the device, then for
+  the queue (``... was removed``).  The counts are protected by the GIL:
+  entering and leaving happen with it held, so the hot path pays a few
+  increments, not a lock.
+* Waits are cut into slices of ``WAIT_SLICE`` seconds (``_requests``); between
+  slices a wait notices ``closing``/``removing`` and returns with that
+  ValueError.  Its request stays in flight, holding its memory, for close to
+  drain.
+* ``close()`` (``_device``) sets ``closing`` (new calls fail at once), waits
+  -- GIL released, on ``guard_cond``, which leaving calls signal -- until no
+  call is inside (calls of its own thread excepted, see below), drains the
+  requests in flight (bounded), unmaps memory and destroys the instance.
+  ``remove_queue()`` does the same for one queue.  A use count plus a
+  condition rather than a reader-writer lock: glibc's rwlock prefers readers,
+  so a thread looping on I/O would starve the closer, and the count costs
+  nothing while the GIL is held.
+* Each guard counts calls per thread too (``Guard.tid/count``), so a close
+  from inside a call on the same device (a signal handler, a destructor) does
+  not wait for itself: it marks the device closing and the last call to leave
+  destroys it (``destroy_pending``, ``on_last_leave``).
+* Requests that do not complete within the drain bound keep their memory
+  forever (``_requests.kept_for_the_kernel``) rather than have it freed under
+  the kernel.
+* Instance-level calls (properties, memory map/unmap, adding and removing
+  queues) are serialised by ``ctl_lock``: libblkio's vhost-user connection is
+  corrupted by two threads reading properties at once.  Queues have their own
+  locks for the data path.
+"""
+
+import enum
+import time
+
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.errno cimport EIO, EBADF
+from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memset
+from posix.time cimport timespec
+
+from . cimport _libblkio as lb
+from ._memory cimport PAGE
+
+from ._errors import Error, ReadOnlyError, error_for
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+
+cdef extern from "<time.h>" nogil:
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_REALTIME
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int c_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLHUP
+    short POLLERR
+
+cdef extern from *:
+    """
+    #ifndef BLKIO_PY_LIBBLKIO_VERSION
+    #define BLKIO_PY_LIBBLKIO_VERSION "unknown"
+    #endif
+    """
+    const char *BLKIO_PY_LIBBLKIO_VERSION
+
+#: libblkio version this extension was built against (from pkg-config).
+LIBBLKIO_VERSION = BLKIO_PY_LIBBLKIO_VERSION.decode()
+
+# Bounced requests are cut into pieces of at most this many bytes.
+cdef uint64_t BOUNCE_CHUNK = 4 << 20
+
+
+class State(str, enum.Enum):
+    """A device's state: libblkio's created -> connected -> started, then
+    closed; broken when its backend hung up.  Compares equal to its name."""
+
+    CREATED = "created"
+    CONNECTED = "connected"
+    STARTED = "started"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_STATES = (State.CREATED, State.CONNECTED, State.STARTED, State.BROKEN, State.CLOSED)
+
+
+# --------------------------------------------------------------------------
+# Errors: one converter, reading libblkio's per-thread message at once.
+
+cdef object libblkio_error(int ret, str what, object filename=None):
+    cdef const char *msg = lb.blkio_get_error_msg()
+    text = what
+    if msg != NULL and msg[0] != 0:
+        text = f"{what}: {msg.decode('utf-8', 'replace')}"
+    return error_for(-ret, text, filename)
+
+
+cdef object request_error(int ret, object msg, str what, bint read_only):
+    """The OSError for a failed request (ret is a negative errno)."""
+    code = -ret
+    if code == EBADF and read_only:
+        return ReadOnlyError(EBADF, f"{what} failed: device is read-only")
+    text = f"{what} failed" + (f": {msg}" if msg else "")
+    return error_for(code, text)
+
+
+cdef void unraisable(object where) noexcept:
+    """Report an exception that cannot propagate (as Python does for __del__)."""
+    try:
+        import sys
+        import traceback
+        print(f"Exception ignored in {where!r}:", file=sys.stderr)
+        traceback.print_exc()
+    except BaseException:
+        pass
+
+
+cdef inline void _realtime_after(timespec *ts, double seconds) noexcept nogil:
+    """The CLOCK_REALTIME instant ``seconds`` from now (pthread_cond_timedwait)."""
+    clock_gettime(CLOCK_REALTIME, ts)
+    cdef int64_t ns = ts.tv_nsec + <int64_t>(seconds * 1e9)
+    ts.tv_sec += <long>(ns // 1000000000)
+    ts.tv_nsec = <long>(ns % 1000000000)
+
+
+cdef class DeviceHandle:
+    """The libblkio instance of one device (internal: ``blkio.open`` makes it)."""
+
+    def __cinit__(self):
+        self.b = NULL
+        self.state = ST_CLOSED
+        self.reg_start = NULL
+        self.reg_end = NULL
+        self.regions = {}
+        self.backend_fds = ()
+        pthread_mutex_init(&self.guard_mutex, NULL)
+        pthread_cond_init(&self.guard_cond, NULL)
+        pthread_mutex_init(&self.ctl_lock, NULL)
+        self.locks_ready = True
+
+    def __dealloc__(self):
+        # Unreachable, so no call is inside (a call holds a reference).
+        if self.b != NULL:
+            lb.blkio_destroy(&self.b)
+        free(self.reg_start)
+        free(self.reg_end)
+        if self.locks_ready:
+            pthread_mutex_destroy(&self.guard_mutex)
+            pthread_cond_destroy(&self.guard_cond)
+            pthread_mutex_destroy(&self.ctl_lock)
+
+    # ---- the lifetime guard (hot half: handle_enter/handle_leave) -------
+
+    cdef object closed_error(self):
+        return ValueError(f"{self.driver or 'blkio'} device is closed")
+
+    cdef object broken_error(self):
+        return Error(EIO, f"{self.driver}: the backend hung up; close the device")
+
+    cdef void left_while_closing(self) noexcept:
+        self.wake_waiters()
+        if self.guard.users == 0 and self.destroy_pending:
+            # close() ran inside a call (or gave up waiting for one): the
+            # last call out destroys the instance.
+            self.destroy_pending = False
+            try:
+                self.on_last_leave()
+            except BaseException:
+                unraisable(self)
+
+    cdef void wake_waiters(self) noexcept:
+        pthread_mutex_lock(&self.guard_mutex)
+        pthread_cond_broadcast(&self.guard_cond)
+        pthread_mutex_unlock(&self.guard_mutex)
+
+    cdef bint wait_guard(self, Guard *g, Py_ssize_t own, double timeout):
+        """Wait, GIL released, until the calls inside guard ``g`` (the
+        device's or a queue's) are only the ``own`` ones of this thread;
+        False on timeout.  A leaving call signals the condition while holding
+        the mutex this check holds, so no wake-up is lost."""
+        cdef timespec ts
+        cdef double left
+        deadline = time.monotonic() + timeout
+        while g.users > own:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _realtime_after(&ts, left if left < 0.05 else 0.05)
+            pthread_mutex_lock(&self.guard_mutex)
+            if g.users > own:
+                with nogil:
+                    pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                    pthread_mutex_unlock(&self.guard_mutex)
+            else:
+                pthread_mutex_unlock(&self.guard_mutex)
+        return True
+
+    def wait_destroyed(self, double timeout):
+        """Wait (GIL released) until another thread finished destroying."""
+        cdef timespec ts
+        deadline = time.monotonic() + timeout
+        while self.b != NULL and time.monotonic() < deadline:
+            _realtime_after(&ts, 0.05)
+            pthread_mutex_lock(&self.guard_mutex)
+            if self.b != NULL:
+                with nogil:
+                    pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                    pthread_mutex_unlock(&self.guard_mutex)
+            else:
+                pthread_mutex_unlock(&self.guard_mutex)
+
+    cdef void ctl_acquire(self) noexcept:
+        # Without the GIL only when contended, so that a holder that needs
+        # the GIL back can always get it.
+        if pthread_mutex_trylock(&self.ctl_lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.ctl_lock)
+
+    cdef void ctl_release(self) noexcept:
+        pthread_mutex_unlock(&self.ctl_lock)
+
+    # ---- lifecycle primitives -------------------------------------------
+
+    def create(self, str driver):
+        cdef bytes bdriver = driver.encode()
+        cdef int ret = lb.blkio_create(bdriver, &self.b)
+        if ret < 0:
+            raise libblkio_error(ret, f"blkio_create({driver!r})")
+        self.driver = driver
+        self.state = ST_CREATED
+
+    def connect(self):
+        cdef int ret
+        with nogil:
+            ret = lb.blkio_connect(self.b)
+        if ret < 0:
+            raise libblkio_error(ret, f"cannot connect {self.driver} device")
+        self.state = ST_CONNECTED
+
+    def start(self):
+        cdef int ret
+        with nogil:
+            ret = lb.blkio_start(self.b)
+        if ret < 0:
+            raise libblkio_error(ret, "blkio_start")
+        self.state = ST_STARTED
+
+    def configure(self, limits, uint64_t capacity, bint read_only, backend_fds=()):
+        """Copy the validated limits to C for the request path."""
+        self.lim.capacity = capacity
+        self.lim.read_only = read_only
+        self.lim.request_alignment = limits.request_alignment
+        self.lim.buf_alignment = limits.buf_alignment
+        self.lim.mem_region_alignment = limits.mem_region_alignment
+        self.lim.max_transfer = limits.max_transfer
+        self.lim.max_segments = limits.max_segments
+        self.lim.max_segment_len = limits.max_segment_len
+        self.lim.max_write_zeroes_len = limits.max_write_zeroes_len
+        self.lim.max_discard_len = limits.max_discard_len
+        self.lim.needs_mem_regions = limits.needs_mem_regions
+        self.lim.needs_mem_region_fd = limits.needs_mem_region_fd
+        # Map memory where the driver needs it or pins it (IOMMU mappings are
+        # set up once instead of per request); elsewhere mapping buys nothing.
+        self.lim.maps_memory = limits.needs_mem_regions or limits.may_pin_mem_regions
+        self.lim.bounce_chunk = BOUNCE_CHUNK
+        if self.lim.max_transfer and self.lim.max_transfer < BOUNCE_CHUNK:
+            self.lim.bounce_chunk = self.lim.max_transfer
+        self.backend_fds = tuple(backend_fds)
+
+    def set_capacity(self, uint64_t capacity):
+        self.lim.capacity = capacity
+
+    @property
+    def granule(self) -> int:
+        """Allocation unit of mapped memory: a page, or mem-region-alignment."""
+        return max(PAGE, self.lim.mem_region_alignment)
+
+    @property
+    def state_name(self):
+        return _STATES[<int>self.state]
+
+    cdef int ensure_started(self) except -1:
+        if self.closing or self.b == NULL:
+            raise self.closed_error()
+        if self.state == ST_BROKEN:
+            raise self.broken_error()
+        if self.state != ST_STARTED:
+            raise ValueError(f"{self.driver} device is {_STATES[<int>self.state].value}, "
+                             f"not started")
+        return 0
+
+    def mark_broken(self):
+        self.state = ST_BROKEN
+
+    cdef void destroy(self) noexcept:
+        with nogil:
+            lb.blkio_destroy(&self.b)
+        self.b = NULL
+        self.state = ST_CLOSED
+
+    # ---- properties ------------------------------------------------------
+
+    def get(self, str name, str kind):
+        """Read property ``name`` with the getter for C type ``kind``."""
+        cdef Py_ssize_t slot = handle_enter(self)
+        self.ctl_acquire()
+        try:
+            return self._get_locked(name, kind)
+        finally:
+            self.ctl_release()
+            handle_leave(self, slot)
+
+    def _get_locked(self, str name, str kind):
+        cdef bytes bname = name.encode()
+        cdef const char *cname = bname
+        cdef lb.cbool bv
+        cdef int iv
+        cdef uint64_t uv
+        cdef char *sv = NULL
+        cdef int ret
+        if kind == "bool":
+            ret = lb.blkio_get_bool(self.b, cname, &bv)
+            if ret < 0:
+                raise libblkio_error(ret, f"get {name!r}")
+            return bool(bv)
+        if kind == "int":
+            ret = lb.blkio_get_int(self.b, cname, &iv)
+            if ret < 0:
+                raise libblkio_error(ret, f"get {name!r}")
+            return iv
+        if kind == "uint64":
+            with nogil:   # "capacity" is a round trip to a vhost-user daemon
+                ret = lb.blkio_get_uint64(self.b, cname, &uv)
+            if ret < 0:
+                raise libblkio_error(ret, f"get {name!r}")
+            return uv
+        ret = lb.blkio_get_str(self.b, cname, &sv)
+        if ret < 0:
+            raise libblkio_error(ret, f"get {name!r}")
+        try:
+            return sv.decode("utf-8", "replace")
+        finally:
+            free(sv)
+
+    def set(self, str name, str kind, object value):
+        """Write property ``name`` with the setter for C type ``kind``."""
+        cdef Py_ssize_t slot = handle_enter(self)
+        self.ctl_acquire()
+        try:
+            self._set_locked(name, kind, value)
+        finally:
+            self.ctl_release()
+            handle_leave(self, slot)
+
+    def _set_locked(self, str name, str kind, object value):
+        cdef bytes bname = name.encode()
+        cdef bytes bvalue
+        cdef int ret
+        if kind == "bool":
+            ret = lb.blkio_set_bool(self.b, bname, <lb.cbool>bool(value))
+        elif kind == "int":
+            ret = lb.blkio_set_int(self.b, bname, <int>value)
+        elif kind == "uint64":
+            ret = lb.blkio_set_uint64(self.b, bname, <uint64_t>value)
+        else:
+            bvalue = str(value).encode()
+            ret = lb.blkio_set_str(self.b, bname, bvalue)
+        if ret < 0:
+            raise libblkio_error(ret, f"set {name!r} = {value!r}")
+
+    # ---- memory held by the device ---------------------------------------
+
+    cdef int map(self, uintptr_t addr, size_t length, int fd, int64_t fd_offset,
+                 object owner, bint user) except -1:
+        """Hold ``owner``'s memory for the device's lifetime (or until
+        unregister), mapping it with libblkio where the driver needs or pins
+        memory regions.  The table of held memory is also what the batch API
+        and the direct path check buffers against."""
+        cdef lb.blkio_mem_region r
+        memset(&r, 0, sizeof(r))
+        r.addr = <void *>addr
+        r.len = length
+        r.fd = fd
+        r.fd_offset = fd_offset
+        cdef int ret = 0
+        cdef bint mapped = self.lim.maps_memory
+        if addr in self.regions:
+            raise ValueError(f"memory at {addr:#x} is already registered with this device")
+        if mapped:
+            self.ctl_acquire()
+            with nogil:
+                ret = lb.blkio_map_mem_region(self.b, &r)
+            self.ctl_release()
+            if ret < 0:
+                raise libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
+        # The owner reference keeps the memory and its fd alive while mapped:
+        # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).
+        self.regions[addr] = (length, fd, fd_offset, owner, mapped, user)
+        self._table_insert(addr, addr + length)
+        return 0
+
+    cdef int unmap(self, uintptr_t addr) except -1:
+        length, fd, fd_offset, owner, mapped, user = self.regions.pop(addr)
+        cdef lb.blkio_mem_region r
+        memset(&r, 0, sizeof(r))
+        r.addr = <void *>addr       # exactly the values given to map
+        r.len = <size_t>length
+        r.fd = <int>fd
+        r.fd_offset = <int64_t>fd_offset
+        # Out of the lookup table first: no request can be validated against
+        # the region while it is being unmapped (``owner`` keeps it alive).
+        self._table_remove(addr)
+        if mapped and self.b != NULL:
+            self.ctl_acquire()
+            with nogil:
+                lb.blkio_unmap_mem_region(self.b, &r)
+            self.ctl_release()
+        return 0
+
+    def unmap_all(self):
+        for addr in sorted(self.regions):
+            self.unmap(addr)
+
+    def user_region(self, uintptr_t addr):
+        """(start, length) of the memory ``register``ed at ``addr``, or None."""
+        entry = self.regions.get(addr)
+        if entry is None or not entry[5]:
+            return None
+        return addr, entry[0]
+
+    def region_owners(self):
+        return [entry[3] for entry in self.regions.values()]
+
+    def _table_insert(self, uintptr_t start, uintptr_t end):
+        cdef Py_ssize_t i, j, newcap
+        cdef uintptr_t *s
+        cdef uintptr_t *e
+        if self.nreg == self.capreg:
+            newcap = max(16, 2 * self.capreg)
+            s = <uintptr_t *>realloc(self.reg_start, newcap * sizeof(uintptr_t))
+            if s == NULL:
+                raise MemoryError()
+            self.reg_start = s
+            e = <uintptr_t *>realloc(self.reg_end, newcap * sizeof(uintptr_t))
+            if e == NULL:
+                raise MemoryError()
+            self.reg_end = e
+            self.capreg = newcap
+        i = 0
+        while i < self.nreg and self.reg_start[i] < start:
+            i += 1
+        j = self.nreg
+        while j > i:
+            self.reg_start[j] = self.reg_start[j - 1]
+            self.reg_end[j] = self.reg_end[j - 1]
+            j -= 1
+        self.reg_start[i] = start
+        self.reg_end[i] = end
+        self.nreg += 1
+
+    def _table_remove(self, uintptr_t start):
+        cdef Py_ssize_t i = 0
+        while i < self.nreg and self.reg_start[i] != start:
+            i += 1
+        if i == self.nreg:
+            return
+        while i + 1 < self.nreg:
+            self.reg_start[i] = self.reg_start[i + 1]
+            self.reg_end[i] = self.reg_end[i + 1]
+            i += 1
+        self.nreg -= 1
+
+    cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil:
+        """Does [start, start+length) lie inside one region the device holds?"""
+        cdef Py_ssize_t lo = 0, hi = self.nreg, mid
+        while lo < hi:       # last region starting at or before `start`
+            mid = (lo + hi) // 2
+            if self.reg_start[mid] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return False
+        return start + length <= self.reg_end[lo - 1]
+
+    # ---- queues ------------------------------------------------------------
+
+    cdef lb.blkioq *get_queue(self, int index, bint poll) noexcept:
+        return lb.blkio_get_poll_queue(self.b, index) if poll else lb.blkio_get_queue(self.b, index)
+
+    cdef int add_queue(self, bint poll) except -1:
+        self.ctl_acquire()
+        cdef int idx = lb.blkio_add_poll_queue(self.b) if poll else lb.blkio_add_queue(self.b)
+        self.ctl_release()
+        if idx < 0:
+            raise libblkio_error(idx, "blkio_add_poll_queue" if poll else "blkio_add_queue")
+        return idx
+
+    cdef int remove_queue(self, int index, bint poll) except -1:
+        self.ctl_acquire()
+        cdef int ret = (lb.blkio_remove_poll_queue(self.b, index) if poll
+                        else lb.blkio_remove_queue(self.b, index))
+        self.ctl_release()
+        if ret < 0:
+            raise libblkio_error(ret, "blkio_remove_queue")
+        return 0
+
+    # ---- backend liveness (vhost-user) ------------------------------------
+
+    cdef bint backend_dead(self):
+        """Has the peer of a backend socket hung up?  (vhost-user never
+        reports a dead daemon: requests just never complete.)"""
+        cdef pollfd p
+        for fd in self.backend_fds:
+            p.fd = fd
+            p.events = 0
+            p.revents = 0
+            if c_poll(&p, 1, 0) > 0 and (p.revents & (POLLHUP | POLLERR)):
+                return True
+        return False

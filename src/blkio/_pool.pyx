@@ -1,0 +1,422 @@
+"""Memory mapped into a device: the bounce pool and the alloc arena.
+
+``BouncePool`` holds memory for data the driver cannot use where it is
+(unregistered memory where regions are needed, misaligned buffers): first-fit
+in O(log n), one FIFO of waiters for threads and asyncio, grown only when idle,
+bounded by ``max_size``.  ``Arena`` carves ``Device.alloc`` arrays out of a few
+large mapped chunks (vhost-user maps at most 32 regions).  Both map memory
+through the device handle; neither calls libblkio itself, and neither knows
+requests: a blocking caller that must wait for pool space passes a ``drive``
+callable that reaps its own queue meanwhile (``_requests``).
+"""
+
+cimport cython
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, Py_buffer
+from cpython.pythread cimport (PyThread_get_thread_ident, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_acquire_lock,
+                               PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK)
+from libc.stdint cimport uintptr_t
+
+from ._args cimport as_u64
+from ._handle cimport handle_enter, handle_leave
+from ._memory cimport ArenaSlice
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+# Waits for pool space are cut into slices (as every wait of the core is), so
+# that a closing device is noticed.
+cdef double WAIT_SLICE = 0.1
+
+
+class _ThreadWaiter:
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def wake(self):
+        self.event.set()
+
+    def reset(self):
+        self.event.clear()
+
+
+class _AsyncWaiter:
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.future = loop.create_future()
+
+    def reset(self):
+        if self.future.done():
+            self.future = self.loop.create_future()
+
+    def wake(self):
+        def _set(fut=self.future):
+            if not fut.done():
+                fut.set_result(None)
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # loop closed
+            pass
+
+
+@cython.final
+cdef class BouncePool:
+    """Mapped memory for data the driver cannot use where it is.
+
+    ``acquire(nbytes)`` returns a numpy uint8 array of pool memory (sizes are
+    rounded up to the pool's granule, a multiple of mem-region-alignment);
+    ``release(array)`` gives it back.  Allocation is first-fit over the holes
+    between live buffers (O(log n)).  When nothing is in use and a request does
+    not fit, the pool is replaced by a larger one, up to ``max_size``; a
+    request larger than ``max_size`` fails at once.  Waiters are served first
+    come, first served; a woken waiter that still does not fit keeps its place
+    at the front.  Thread-safe; ``acquire_async`` waits on the same queue.
+    """
+
+    def __cinit__(self, DeviceHandle handle, size_t granule, size_t initial, size_t max_size):
+        self.handle = handle
+        self.granule = granule
+        self._max_size = max_size
+        self.plock = PyThread_allocate_lock()
+        if self.plock == NULL:
+            raise MemoryError()
+        self.waiters = deque()
+        self.buffer = None
+        self.allocator = None
+        self._replace(initial)
+
+    cdef size_t _round(self, size_t nbytes):
+        if nbytes == 0:
+            nbytes = 1
+        return (nbytes + self.granule - 1) // self.granule * self.granule
+
+    def _replace(self, size_t size):
+        # Only when nothing is allocated: no live buffer is moved.
+        size = self._round(size)
+        new = Buffer(size, name="blkio-bounce")
+        if self.handle is not None:
+            self.handle.map(<uintptr_t>(<Buffer>new).addr, (<Buffer>new).size,
+                            (<Buffer>new).fd, 0, new, False)
+        old = self.buffer
+        self.buffer = new
+        self.allocator = RangeAllocator(size // self.granule)
+        if old is not None and self.handle is not None:
+            self.handle.unmap(<uintptr_t>(<Buffer>old).addr)
+
+    cdef Py_ssize_t _try_locked(self, size_t size) except -2:
+        cdef size_t count = size // self.granule
+        if self.buffer.size > self._max_size and self.allocator.used == 0:
+            self._replace(self._max_size)       # max_size was lowered: shrink when idle
+        if (self.allocator.used + count) * self.granule > self._max_size:
+            return -1                           # over the bound until buffers come back
+        cdef Py_ssize_t start = self.allocator.alloc(count)
+        if start < 0 and self.allocator.used == 0:
+            cur = self.buffer.size
+            grow = max(size + (1 << 20), 2 * cur)
+            self._replace(min(grow, self._max_size))
+            start = self.allocator.alloc(count)
+        return start
+
+    cdef Py_ssize_t try_acquire(self, size_t nbytes) except -2:
+        """Granule index of a new allocation, -1 if it must wait."""
+        cdef size_t size = self.checked_size(nbytes)
+        self._lock()
+        try:
+            if self.waiters:
+                return -1
+            return self._try_locked(size)
+        finally:
+            self._unlock()
+
+    cdef size_t checked_size(self, size_t nbytes) except? 0:
+        cdef size_t size = self._round(nbytes)
+        if size > self._max_size:
+            raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
+                             f"max_size of {self._max_size} bytes")
+        return size
+
+    # One FIFO of waiters serves threads and coroutines alike: fifo_enter
+    # either allocates at once or queues the waiter; fifo_turn tries for the
+    # waiter at the head (keeping its place if it still does not fit);
+    # fifo_leave drops it.
+
+    cdef Py_ssize_t fifo_enter(self, size_t size, object waiter) except -2:
+        self._lock()
+        try:
+            if not self.waiters:
+                start = self._try_locked(size)
+                if start >= 0:
+                    return start
+            self.waiters.append(waiter)
+            return -1
+        finally:
+            self._unlock()
+
+    cdef Py_ssize_t fifo_turn(self, size_t size, object waiter) except -2:
+        self._lock()
+        try:
+            if self.waiters[0] is waiter:
+                start = self._try_locked(size)
+                if start >= 0:
+                    self.waiters.popleft()
+                    self.wake_head()
+                    return start
+            waiter.reset()
+            return -1
+        finally:
+            self._unlock()
+
+    def fifo_leave(self, waiter):
+        self._lock()
+        try:
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:
+                pass
+            self.wake_head()
+        finally:
+            self._unlock()
+
+    cdef Py_ssize_t acquire_blocking(self, size_t nbytes, double timeout,
+                                     object drive) except -2:
+        """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
+        ``drive(seconds)`` -- reaping the caller's queue, so that its own
+        completed requests give their bounce space back -- is called when
+        given; it returns False when it has nothing to reap."""
+        cdef size_t size = self.checked_size(nbytes)
+        cdef Py_ssize_t start = self.try_acquire(size)
+        if start >= 0:
+            return start                # the common case: no waiter object at all
+        waiter = _ThreadWaiter()
+        start = self.fifo_enter(size, waiter)
+        if start >= 0:
+            return start
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        try:
+            while True:
+                self.check_open()
+                start = self.fifo_turn(size, waiter)
+                if start >= 0:
+                    return start
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no bounce buffer space for {nbytes} bytes "
+                                       f"within {timeout} s")
+                if drive is None or not drive(WAIT_SLICE):
+                    left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+                    waiter.event.wait(max(left, 0))
+        except BaseException:
+            self.fifo_leave(waiter)
+            raise
+
+    cdef int check_open(self) except -1:
+        if self.handle is None or self.handle.closing:
+            raise ValueError("the bounce pool's device is closed")
+        return 0
+
+    def device_closed(self):
+        """The device is gone: waiters wake up and fail (their next turn
+        sees no device)."""
+        self.handle = None
+        self.wake_all()
+
+    def wake_all(self):
+        self._lock()
+        try:
+            for waiter in self.waiters:
+                waiter.wake()
+        finally:
+            self._unlock()
+
+    async def acquire_async(self, nbytes):
+        """Coroutine form of ``acquire``: waits in the same FIFO without
+        blocking the event loop.  Returns the array."""
+        import asyncio
+        self.check_open()
+        cdef size_t n = as_u64(nbytes, "nbytes")
+        cdef size_t size = self.checked_size(n)
+        cdef Py_ssize_t start = self.try_acquire(size)
+        if start >= 0:
+            return self.array(start, n)
+        waiter = _AsyncWaiter(asyncio.get_running_loop())
+        start = self.fifo_enter(size, waiter)
+        if start >= 0:
+            return self.array(start, n)
+        try:
+            while True:
+                self.check_open()
+                start = self.fifo_turn(size, waiter)
+                if start >= 0:
+                    return self.array(start, n)
+                await waiter.future
+        except BaseException:
+            self.fifo_leave(waiter)
+            raise
+
+    cdef void _lock(self):
+        # The GIL is released only when the lock is contended, so that a
+        # holder that needs the GIL can always get it.
+        if not PyThread_acquire_lock(self.plock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.plock, WAIT_LOCK)
+        self.owner = PyThread_get_thread_ident()
+
+    cdef void _unlock(self):
+        self.owner = 0
+        PyThread_release_lock(self.plock)
+
+    def __dealloc__(self):
+        if self.plock != NULL:
+            PyThread_free_lock(self.plock)
+
+    def wake_head(self):
+        if self.waiters:
+            self.waiters[0].wake()
+
+    cdef void release_range(self, Py_ssize_t start, Buffer buffer):
+        if self.owner == PyThread_get_thread_ident():
+            # Re-entered from a destructor (the garbage collector ran inside
+            # a locked section of this thread): the allocator is consistent
+            # between its C calls, so free directly; waiters are woken at the
+            # next release.
+            if buffer is self.buffer:
+                self.allocator.free(<size_t>start)
+            return
+        self._lock()
+        try:
+            if buffer is self.buffer:
+                self.allocator.free(<size_t>start)
+            self.wake_head()
+        finally:
+            self._unlock()
+
+    cdef Py_ssize_t start_of(self, object array, size_t nbytes) except -1:
+        """Granule index of a live allocation from acquire(), checked."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(array, &view, PyBUF_SIMPLE)
+        cdef uintptr_t addr = <uintptr_t>view.buf
+        cdef size_t n = <size_t>view.len
+        PyBuffer_Release(&view)
+        cdef uintptr_t base = <uintptr_t>self.buffer.addr
+        if addr < base or addr - base >= self.buffer.size or (addr - base) % self.granule or n < nbytes:
+            raise ValueError("array was not acquired from this bounce pool (or is too small)")
+        cdef Py_ssize_t start = <Py_ssize_t>((addr - base) // self.granule)
+        if self.allocator.sizes[start] == 0:
+            raise ValueError("array was already released to the bounce pool")
+        return start
+
+    cdef object array(self, Py_ssize_t start, size_t nbytes):
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
+                             offset=<Py_ssize_t>(<size_t>start * self.granule))
+
+    def acquire(self, nbytes, timeout=None):
+        """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
+
+        Waits, first come first served, until space is free; ``timeout``
+        seconds (None: forever) bound the wait (``TimeoutError``).  A request
+        larger than ``max_size`` raises ``ValueError``.
+        """
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        cdef size_t n = as_u64(nbytes, "nbytes")
+        self.check_open()
+        cdef DeviceHandle h = self.handle
+        cdef Py_ssize_t start
+        cdef Py_ssize_t slot = handle_enter(h)   # growing the pool maps memory
+        try:
+            start = self.acquire_blocking(n, t, None)
+        finally:
+            handle_leave(h, slot)
+        return self.array(start, n)
+
+    def release(self, array):
+        """Give back an array from ``acquire``."""
+        self._lock()
+        try:
+            self.allocator.free(<size_t>self.start_of(array, 0))
+            self.wake_head()
+        finally:
+            self._unlock()
+
+    @property
+    def size(self) -> int:
+        """Current pool size in bytes."""
+        return self.buffer.size
+
+    @property
+    def in_use(self) -> int:
+        """Bytes currently handed out."""
+        return self.allocator.used * self.granule
+
+    @property
+    def granule(self) -> int:
+        """Allocation unit in bytes (a multiple of mem-region-alignment)."""
+        return self.granule
+
+    @property
+    def max_size(self) -> int:
+        """Upper bound of the pool size in bytes (settable)."""
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, value_arg):
+        cdef size_t value = as_u64(value_arg, "max_size")
+        if value < self.granule:
+            raise ValueError(f"max_size must be at least {self.granule} bytes")
+        self._max_size = self._round(value)
+
+    @property
+    def waiting(self) -> int:
+        """Number of callers waiting for space."""
+        return len(self.waiters)
+
+    def __repr__(self):
+        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
+                f"max_size={self._max_size} waiting={len(self.waiters)}>")
+
+
+@cython.final
+cdef class Arena:
+    """Memory for ``Device.alloc``: large mapped chunks carved into arrays.
+
+    Drivers limit the number of mapped regions (32 on vhost-user), so arrays
+    are cut out of a few big regions instead of mapping one region each.
+    """
+
+    def __cinit__(self, DeviceHandle handle, size_t granule, size_t chunk_size):
+        self.handle = handle
+        self.chunks = []
+        self.granule = granule
+        self.chunk_size = chunk_size
+
+    cpdef object alloc(self, size_t nbytes):
+        cdef size_t g = self.granule
+        cdef size_t count = (nbytes + g - 1) // g
+        cdef Py_ssize_t start
+        cdef Buffer buf
+        cdef RangeAllocator ra
+        for buf, ra in self.chunks:
+            start = ra.alloc(count)
+            if start >= 0:
+                return self._slice(buf, ra, start, nbytes)
+        size = max(self.chunk_size, count * g)
+        buf = Buffer(size, name="blkio-arena")
+        ra = RangeAllocator(size // g)
+        self.handle.map(<uintptr_t>buf.addr, buf.size, buf.fd, 0, buf, False)
+        self.chunks.append((buf, ra))
+        start = ra.alloc(count)
+        return self._slice(buf, ra, start, nbytes)
+
+    cdef object _slice(self, Buffer buf, RangeAllocator ra, Py_ssize_t start, size_t nbytes):
+        cdef ArenaSlice s = ArenaSlice.__new__(ArenaSlice)
+        s.buffer = buf
+        s.offset = <size_t>start * self.granule
+        s.nbytes = nbytes
+        s.allocator = ra
+        s.granule = self.granule
+        return np.frombuffer(s, dtype=np.uint8)

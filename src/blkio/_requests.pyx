@@ -1,0 +1,1440 @@
+"""Requests and queues: everything between a caller's buffer and libblkio.
+
+It owns the op codes (``Op``) and request flags, ``Completion``, the caller
+memory held while a request is in flight (``HeldBuffers``), ``Queue``
+(enqueue, submit, wait, the batch path, the completion fd), and the request
+path used by every API: the one request check (``check_request``), the
+direct-or-bounce decision (``prepare``), the splitter and the blocking calls
+(``blocking_io``, and ``blocking_one``, the single-buffer hot path).  Every
+``blkioq_*`` call of the package is in this module.  It does not create,
+configure or destroy an instance (``_handle``, ``_device``) and never parses
+user options.
+
+The hot per-request chains -- blocking_one -> Queue.enqueue_one ->
+Queue.dispatch, and the batch path -- stay inside this module: a call into
+another Cython module is a pointer call, made once per call at most.
+"""
+
+cimport cython
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
+                             PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT,
+                             PyBUF_C_CONTIGUOUS)
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.ref cimport PyObject
+from libc.errno cimport EINTR, EIO, EBADF, EOPNOTSUPP, ETIME
+from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy
+from posix.time cimport timespec
+from posix.uio cimport iovec
+
+from . cimport _libblkio as lb
+from ._args cimport as_u64, as_index
+from ._handle cimport (HotLimits, libblkio_error, request_error, unraisable, ST_STARTED)
+
+import time
+import warnings
+
+import numpy as np
+
+from ._errors import Error, ReadOnlyError
+from ._handle import LIBBLKIO_VERSION
+
+cdef extern from "<errno.h>":
+    int ENOTSUP
+    int ECANCELED
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef extern from "<time.h>" nogil:
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_MONOTONIC
+
+#: Request names, by op code.
+OP_NAMES = ("read", "write", "write_zeroes", "discard", "flush")
+
+#: Request flags (libblkio's BLKIO_REQ_*).
+REQ_FUA = lb.BLKIO_REQ_FUA
+REQ_NO_UNMAP = lb.BLKIO_REQ_NO_UNMAP
+REQ_NO_FALLBACK = lb.BLKIO_REQ_NO_FALLBACK
+
+# Waits are cut into slices so that Python signal handlers run, timeouts are
+# honoured, a closing device and a dead backend are noticed, whatever the
+# driver does with signals.
+cdef double WAIT_SLICE = 0.1
+# Completions fetched per blkioq_do_io call (into an array on the caller's stack).
+cdef enum:
+    NCOMPS = 64
+# Batch requests travel in user_data as their slot index with the low bit
+# set; Completion pointers have it clear.
+cdef uintptr_t TAG_BIT = 1
+
+#: What requests that never completed were holding (close or remove_queue
+#: gave up waiting for them): the device may still write that memory, so it
+#: is never given back.
+kept_for_the_kernel = []
+
+
+def write_zeroes_flags(bint fua=False, bint may_unmap=True, bint no_fallback=False):
+    """The request flags of a write-zeroes request (``Queue.enqueue``)."""
+    return zero_flags(fua, may_unmap, no_fallback)
+
+
+cdef unsigned int zero_flags(bint fua, bint may_unmap, bint no_fallback) except? 0xFFFFFFFF:
+    cdef unsigned int flags = 0
+    if fua:
+        if LIBBLKIO_VERSION != "unknown" and tuple(int(x) for x in LIBBLKIO_VERSION.split(".")[:2]) < (1, 4):
+            raise ValueError("fua=True on write_zeroes needs libblkio >= 1.4.0 "
+                             f"(built against {LIBBLKIO_VERSION})")
+        flags |= REQ_FUA
+    if not may_unmap:
+        flags |= REQ_NO_UNMAP
+    if no_fallback:
+        flags |= REQ_NO_FALLBACK
+    return flags
+
+# --------------------------------------------------------------------------
+# Caller memory held for requests
+
+@cython.final
+@cython.freelist(64)
+cdef class HeldBuffers:
+
+    def __cinit__(self):
+        self.bufs = NULL
+        self.iov = NULL
+        self.n = 0
+        self.total = 0
+
+    def __dealloc__(self):
+        self.release()
+
+    cdef void release(self) noexcept:
+        cdef int i
+        if self.bufs != NULL:
+            for i in range(self.n):
+                PyBuffer_Release(&self.bufs[i])
+            if self.bufs != &self.buf1:
+                free(self.bufs)
+                free(self.iov)
+        self.bufs = NULL
+        self.iov = NULL
+        self.n = 0
+
+
+cdef int _VIEW_FLAGS[2]
+_VIEW_FLAGS[0] = PyBUF_ANY_CONTIGUOUS
+_VIEW_FLAGS[1] = PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE
+
+
+cdef HeldBuffers _hold_one(object obj, bint writable):
+    """The Py_buffer of one object, in inline storage (the hot path)."""
+    cdef HeldBuffers v = HeldBuffers.__new__(HeldBuffers)
+    try:
+        PyObject_GetBuffer(obj, &v.buf1, _VIEW_FLAGS[writable])
+    except (BufferError, TypeError, ValueError):
+        return hold_buffers((obj,), writable, False)   # for its error message
+    v.bufs = &v.buf1
+    v.iov = &v.iov1
+    v.n = 1
+    v.iov1.iov_base = v.buf1.buf
+    v.iov1.iov_len = <size_t>v.buf1.len
+    v.total = <size_t>v.buf1.len
+    return v
+
+
+cdef HeldBuffers hold_buffers(object objs, bint writable, bint single):
+    """Py_buffers for one object (``single``) or a sequence of them."""
+    if single:
+        return _hold_one(objs, writable)
+    if not isinstance(objs, (list, tuple)):
+        objs = tuple(objs)
+    cdef Py_ssize_t n = len(objs)
+    if n == 0:
+        raise ValueError("no buffers given")
+    if n > 1 << 20:
+        raise ValueError(f"too many buffers ({n})")
+    cdef HeldBuffers v = HeldBuffers.__new__(HeldBuffers)
+    v.bufs = <Py_buffer *>calloc(n, sizeof(Py_buffer))
+    v.iov = <iovec *>calloc(n, sizeof(iovec))
+    if v.bufs == NULL or v.iov == NULL:
+        raise MemoryError()
+    cdef int flags = PyBUF_ANY_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
+    cdef Py_ssize_t i
+    for i in range(n):
+        try:
+            PyObject_GetBuffer(objs[i], &v.bufs[i], flags)
+        except (BufferError, ValueError) as e:
+            kind = "a writable" if writable else "a"
+            raise TypeError(f"buffer {i} must be {kind} contiguous buffer "
+                            f"(numpy array, bytearray, memoryview, mmap): {e}") from None
+        except TypeError:
+            raise TypeError(f"buffer {i} ({type(objs[i]).__name__}) does not support "
+                            f"the buffer protocol") from None
+        v.n = <int>(i + 1)
+        v.iov[i].iov_base = v.bufs[i].buf
+        v.iov[i].iov_len = <size_t>v.bufs[i].len
+        v.total += <size_t>v.bufs[i].len
+    return v
+
+
+cdef int _slice_iov(iovec *src, int n, size_t pos, size_t length, iovec **out) except -1:
+    """Point *out at a new array covering bytes [pos, pos+length) of src."""
+    cdef int i = 0, first, count = 0
+    cdef size_t skip = pos, left = length, take
+    while i < n and skip >= src[i].iov_len:
+        skip -= src[i].iov_len
+        i += 1
+    first = i
+    cdef size_t s = skip
+    cdef int j = i
+    while j < n and left > 0:
+        take = src[j].iov_len - s
+        if take > left:
+            take = left
+        left -= take
+        s = 0
+        j += 1
+        count += 1
+    out[0] = <iovec *>malloc(count * sizeof(iovec) if count else sizeof(iovec))
+    if out[0] == NULL:
+        raise MemoryError()
+    left = length
+    s = skip
+    for j in range(count):
+        take = src[first + j].iov_len - s
+        if take > left:
+            take = left
+        out[0][j].iov_base = <char *>src[first + j].iov_base + s
+        out[0][j].iov_len = take
+        left -= take
+        s = 0
+    return count
+
+
+cdef void _gather(iovec *iov, int n, char *dst) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        memcpy(dst, iov[i].iov_base, iov[i].iov_len)
+        dst += iov[i].iov_len
+
+
+cdef void _scatter(char *src, iovec *iov, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        memcpy(iov[i].iov_base, src, iov[i].iov_len)
+        src += iov[i].iov_len
+
+# --------------------------------------------------------------------------
+# Requests and completions
+
+@cython.final
+@cython.freelist(256)      # one per request in flight: recycle, don't malloc
+cdef class Completion:
+    """A finished request: ``user_data``, ``ret`` (0 or a negative errno),
+    ``error_msg`` and ``check()``, which raises the matching ``OSError``."""
+
+    def __cinit__(self):
+        self.user_iov = NULL
+        self.iov = NULL
+        self.bounce_start = -1
+
+    def __dealloc__(self):
+        self.release_memory()
+
+    cdef void release_memory(self):
+        # Called once the request is reaped (or its device destroyed): only
+        # then may its caller memory and bounce space be reused.
+        if (self.views is None and self.pool is None and self.user_iov == NULL
+                and (self.iov == NULL or self.iov == &self.iov1)):
+            self.iov = NULL             # the hot path's request: nothing held
+            return
+        if self.iov != NULL and self.iov != &self.iov1:
+            if self.iov != self.user_iov:
+                free(self.iov)
+        if self.user_iov != NULL and (self.views is None or self.user_iov != self.views.iov):
+            if self.user_iov != &self.iov1:
+                free(self.user_iov)
+        self.iov = NULL
+        self.user_iov = NULL
+        if self.bounce_start >= 0 and self.pool is not None:
+            self.pool.release_range(self.bounce_start, self.bounce_buffer)
+        self.bounce_start = -1
+        self.bounce_buffer = None
+        self.pool = None
+        self.views = None
+
+    @property
+    def error_msg(self):
+        """libblkio's message for a failed request, or None."""
+        return self._error_msg
+
+    @property
+    def op(self) -> str:
+        """The request kind: read, write, write_zeroes, discard or flush."""
+        return OP_NAMES[self.op]
+
+    @property
+    def offset(self) -> int:
+        """Device offset of the request (bytes)."""
+        return self.offset
+
+    @property
+    def length(self) -> int:
+        """Bytes the request covers (0 for flush)."""
+        return self.length
+
+    def check(self):
+        """Raise the ``OSError`` for a failed request; return ``ret`` otherwise."""
+        if self.ret < 0:
+            raise request_error(self.ret, self._error_msg, OP_NAMES[self.op], False)
+        return self.ret
+
+    def __repr__(self):
+        state = "done" if self.done else "in flight"
+        return (f"<blkio.Completion {OP_NAMES[self.op]} offset={self.offset} "
+                f"length={self.length} ret={self.ret} user_data={self.user_data!r} {state}>")
+
+# --------------------------------------------------------------------------
+# Queues
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef inline void _set_timeout(timespec *ts, double seconds) noexcept nogil:
+    if seconds < 0:
+        seconds = 0
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - <double>ts.tv_sec) * 1e9)
+
+
+@cython.final
+cdef class Queue:
+    """One libblkio queue.  Enqueue requests, then ``submit``/``wait``/``completions``.
+
+    Each queue serialises its own use with a lock taken without the GIL, so
+    several threads may share one; one queue per thread is the fast way.
+    """
+
+    def __cinit__(self):
+        self.q = NULL
+        self.lock_ready = False
+        self.batch_tags = NULL
+        self.batch_rets = NULL
+        self.slots_table = NULL
+        self.slots_free = -1
+
+    def __dealloc__(self):
+        if self.lock_ready:
+            pthread_mutex_destroy(&self.lock)
+        free(self.batch_tags)
+        free(self.batch_rets)
+        free(self.slots_table)
+
+    @staticmethod
+    cdef Queue new(DeviceHandle handle, BouncePool pool, object device, lb.blkioq *q,
+                   int index, bint poll, Py_ssize_t slots):
+        cdef Queue self = Queue.__new__(Queue)
+        self.q = q
+        self.handle = handle
+        self.pool = pool
+        self._device = device
+        self.index = index
+        self.is_poll_queue = poll
+        self.slots = slots
+        pthread_mutex_init(&self.lock, NULL)
+        self.lock_ready = True
+        self.ready = []
+        return self
+
+    # ---- lifetime guard (see _handle; the hot half is queue_enter and
+    # friends in _requests.pxd) ------------------------------------------
+
+    cdef void left_while_removing(self) noexcept:
+        self.handle.wake_waiters()
+        if self.guard.users == 0 and self.remove_pending:
+            # remove_queue() ran inside a call of this thread: finish it now
+            self.remove_pending = False
+            try:
+                self._device._finish_remove(self)
+            except BaseException:
+                unraisable(self)
+
+    cdef int check_not_closing(self) except -1:
+        """Between wait slices: give up when the device or queue is going away
+        (close/remove_queue itself drains, so it passes)."""
+        cdef DeviceHandle h = self.handle
+        if h.draining or self.draining:
+            return 0
+        if h.closing:
+            raise h.closed_error()
+        if self.removing:
+            raise ValueError(f"queue {self.index} was removed")
+        return 0
+
+    def _drive_slice(self, double seconds):
+        """Reap this queue for up to ``seconds`` (a bounce-pool wait calls it,
+        so that our own completed requests give their space back); False when
+        nothing is in flight."""
+        if self.unreaped == 0:
+            return False
+        try:
+            self.drive(1, seconds, None)
+        except TimeoutError:
+            pass
+        return True
+
+    cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end):
+        """Requests in flight whose device-visible memory overlaps [start, end)."""
+        cdef Py_ssize_t n = 0, i
+        cdef Completion c = self.head
+        cdef int k
+        cdef uintptr_t a
+        while c is not None:
+            for k in range(c.iovcnt if c.iov != NULL else 0):
+                a = <uintptr_t>c.iov[k].iov_base
+                if a < end and a + c.iov[k].iov_len > start:
+                    n += 1
+                    break
+            c = c.next
+        for i in range(self.slots_cap):
+            if (self.slots_table[i].length and self.slots_table[i].addr < end
+                    and self.slots_table[i].addr + self.slots_table[i].length > start):
+                n += 1
+        return n
+
+    # ---- enqueue: the one place that hands requests to libblkio ----------
+
+    cdef int enqueue_one(self, Completion c, bint reap) except -1:
+        # Link first: the list holds the reference libblkio's user_data borrows.
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        self.unreaped += 1
+        self.handle.n_requests += 1
+        cdef void *ud = <void *>c
+        cdef int n = 0
+        cdef lb.blkio_completion comps[NCOMPS]
+        if self.handle.threaded or pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                n = self._enqueue_locked(c, ud, reap, comps)
+                pthread_mutex_unlock(&self.lock)
+        else:
+            # One thread only, lock free: this call never sleeps (min_completions
+            # is 0), and releasing the GIL would cost more than the call itself.
+            n = self._enqueue_locked(c, ud, reap, comps)
+            pthread_mutex_unlock(&self.lock)
+        if reap:
+            if n < 0:
+                raise libblkio_error(n, "blkioq_do_io")
+            self.dispatch(comps, n)
+        return 0
+
+    cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
+                             lb.blkio_completion *comps) noexcept nogil:
+        """Hand one request to libblkio (queue lock held); with ``reap``,
+        submit and collect completions that are already there."""
+        cdef lb.blkioq *q = self.q
+        cdef int n = 0
+        if c.op == READ:
+            if c.iovcnt == 1:
+                lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif c.op == WRITE:
+            if c.iovcnt == 1:
+                lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif c.op == WRITE_ZEROES:
+            lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
+        elif c.op == DISCARD:
+            lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
+        else:
+            lb.blkioq_flush(q, ud, c.flags)
+        self.in_libblkio += 1
+        if reap:
+            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if n > 0:
+                self.in_libblkio -= n
+        return n
+
+    cdef int fail_all(self, int err) except -1:
+        """Complete every request in flight with -err, without libblkio (its
+        backend is gone, so nothing can touch their memory any more)."""
+        cdef Completion c
+        while self.head is not None:
+            c = self.head
+            self.unlink(c)
+            c.ret = -err
+            c._error_msg = "the backend hung up"
+            c.done = True
+            c.release_memory()
+            if not c.internal:
+                self.ready.append(c)
+        # Batch requests in flight complete with the same error.
+        cdef Py_ssize_t i, ring
+        self._ensure_batch(self.batch_unreaped)
+        for i in range(self.slots_cap):
+            if self.slots_table[i].length:
+                ring = (self.batch_head + self.batch_ready) % self.batch_cap
+                self.batch_tags[ring] = self.slots_table[i].tag
+                self.batch_rets[ring] = -err
+                self.batch_ready += 1
+                self._free_slot(i)
+        self.batch_unreaped = 0
+        self.unreaped = 0
+        self.in_libblkio = 0
+        return 0
+
+    cdef int _ensure_slots(self, Py_ssize_t need) except -1:
+        """At least ``need`` free batch slots (GIL held).  Slots are found by
+        index, so growing the table never moves a request in flight."""
+        if self.slots_nfree >= need:
+            return 0
+        cdef Py_ssize_t old = self.slots_cap, i
+        cdef Py_ssize_t newcap = max(2 * old, old + need - self.slots_nfree, 256)
+        cdef BatchSlot *t = <BatchSlot *>realloc(self.slots_table, newcap * sizeof(BatchSlot))
+        if t == NULL:
+            raise MemoryError()
+        self.slots_table = t
+        i = newcap - 1
+        while i >= old:
+            t[i].length = 0
+            t[i].next = self.slots_free
+            self.slots_free = i
+            i -= 1
+        self.slots_nfree += newcap - old
+        self.slots_cap = newcap
+        return 0
+
+    cdef void _free_slot(self, Py_ssize_t i) noexcept:
+        self.slots_table[i].length = 0
+        self.slots_table[i].next = self.slots_free
+        self.slots_free = i
+        self.slots_nfree += 1
+
+    cdef void unlink(self, Completion c):
+        if c.prev is not None:
+            c.prev.next = c.next
+        else:
+            self.head = c.next
+        if c.next is not None:
+            c.next.prev = c.prev
+        c.prev = None
+        c.next = None
+
+    # ---- reaping -------------------------------------------------------
+
+    cdef int dispatch(self, lb.blkio_completion *comps, int n) except -1:
+        """Hand out n completions (GIL held).  Each caller reaps into its own
+        array: a shared one would be overwritten by another thread's do_io
+        between the unlock and this dispatch."""
+        cdef int i
+        cdef uintptr_t ud
+        cdef Completion c
+        cdef Py_ssize_t ring, slot
+        for i in range(n):
+            ud = <uintptr_t>comps[i].user_data
+            self.unreaped -= 1
+            if ud & TAG_BIT:
+                slot = <Py_ssize_t>(ud >> 1)
+                ring = (self.batch_head + self.batch_ready) % self.batch_cap
+                self.batch_tags[ring] = self.slots_table[slot].tag
+                self.batch_rets[ring] = comps[i].ret
+                self.batch_ready += 1
+                self.batch_unreaped -= 1
+                self._free_slot(slot)
+                continue
+            c = <Completion><PyObject *>comps[i].user_data
+            self.unlink(c)
+            c.ret = comps[i].ret
+            if c.ret < 0 and comps[i].error_msg != NULL:
+                c._error_msg = comps[i].error_msg.decode("utf-8", "replace")
+            if c.ret == 0 and c.op == READ and c.bounce_start >= 0:
+                _scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
+            if c.bounce_start >= 0:
+                self.handle.bounced_bytes += c.length
+                self.handle.n_bounced += 1
+            c.done = True
+            c.release_memory()
+            if not c.internal:
+                self.ready.append(c)
+        return 0
+
+    cdef int drive(self, int min_completions, double timeout, Completion until) except -1:
+        """Submit what is queued and reap.  Returns when ``until`` is done (if
+        given), else once ``min_completions`` were reaped; ``timeout`` seconds
+        (< 0: none) bound the wait, then TimeoutError."""
+        cdef int n, want, got = 0
+        cdef timespec ts
+        cdef lb.blkio_completion comps[NCOMPS]
+        cdef double slice_
+        cdef lb.blkioq *q = self.q
+        cdef bint interruptible = not self.is_poll_queue
+        cdef int64_t spin_ns = self.handle.spin_ns, spin_end
+        if until is None and min_completions <= 0:
+            # Non-blocking: submit, and reap what is already there.
+            while True:
+                if pthread_mutex_trylock(&self.lock) != 0:
+                    with nogil:
+                        pthread_mutex_lock(&self.lock)
+                n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.in_libblkio -= n
+                pthread_mutex_unlock(&self.lock)
+                if n < 0:
+                    raise libblkio_error(n, "blkioq_do_io")
+                got += n
+                self.dispatch(comps, n)
+                if n < NCOMPS:
+                    return got
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        while True:
+            if until is not None:
+                if until.done:
+                    return 0
+                self.check_not_closing()
+                want = 1 if self.unreaped > 0 else 0
+            else:
+                self.check_not_closing()
+                want = min_completions - got
+                if want <= 0:
+                    want = 0
+                if want > self.unreaped:
+                    want = <int>self.unreaped
+            if deadline is None:
+                slice_ = WAIT_SLICE
+            else:
+                slice_ = min(WAIT_SLICE, deadline - time.monotonic())
+            _set_timeout(&ts, slice_)
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                # Other threads may have reaped meanwhile: never ask libblkio
+                # for more than is outstanding (it answers EINVAL).
+                if want > self.in_libblkio:
+                    want = <int>self.in_libblkio
+                if want > 0:
+                    # Collect what is done without sleeping first (cheap), then
+                    # busy-poll up to spin_ns (like QEMU's poll handler: a
+                    # sleeping backend wake-up costs tens of µs), then wait.
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                    if n == 0 and spin_ns > 0:
+                        spin_end = _now_ns() + spin_ns
+                        while n == 0 and _now_ns() < spin_end:
+                            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                    if n == 0:
+                        if interruptible:
+                            n = lb.blkioq_do_io_interruptible(q, comps, want, NCOMPS, &ts, NULL)
+                        else:
+                            n = lb.blkioq_do_io(q, comps, want, NCOMPS, &ts)
+                else:
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.in_libblkio -= n
+                pthread_mutex_unlock(&self.lock)
+            if n >= 0:
+                got += n
+                self.dispatch(comps, n)
+                if until is None and (got >= min_completions or want == 0):
+                    return got
+                if until is not None and want == 0 and not until.done:
+                    # Another thread holds our completion's turn; let it run.
+                    time.sleep(0)
+                continue
+            if n == -EINTR:
+                PyErr_CheckSignals()
+            elif n == -ETIME:
+                if self.handle.backend_dead():
+                    inflight = self.unreaped
+                    self._device._fail_backend()
+                    raise Error(EIO, f"{self.handle.driver}: the backend hung up "
+                                     f"with {inflight} request(s) in flight")
+                PyErr_CheckSignals()
+            else:
+                raise libblkio_error(n, "blkioq_do_io")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no completion within {timeout} s "
+                                   f"({self.unreaped} request(s) still in flight)")
+
+    # ---- public API ------------------------------------------------------
+
+    def enqueue(self, op, offset=0, buf=None, length=0, unsigned int flags=0,
+                user_data=None, bint vectored=False, bounce=None, bint nowait=False):
+        """Enqueue one request of any kind without waiting for it: ``op``
+        (an ``Op``), ``offset`` and ``buf`` (a buffer, or a sequence of them
+        with ``vectored=True``) for reads and writes, ``length`` for
+        write-zeroes and discard; ``flags`` (``REQ_FUA`` ...).  The request is
+        sent with the next ``submit()``/``wait()``/``completions()``.
+
+        Returns the request's length in bytes.  Memory the driver cannot use
+        where it is goes through the bounce pool; with ``nowait=True``, when
+        the pool has no room right now nothing is enqueued and the return
+        value is minus the bytes needed: acquire them with
+        ``bounce_pool.acquire_async()`` and call again with ``bounce=`` that
+        array (the request then owns it).  This is what ``blkio.aio`` does."""
+        cdef int code = as_index(op, "op")
+        if not READ <= code <= FLUSH:
+            raise ValueError(f"unknown op {op!r}")
+        cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(length, "length")
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            return self.enqueue_request(code, off, buf, vectored, flags, user_data, n,
+                                        bounce, nowait)
+        finally:
+            queue_leave(self, slots)
+
+    cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
+                                unsigned int flags, object user_data, uint64_t length,
+                                object bounce, bint nowait):
+        """Check and enqueue one request (inside the queue's guard)."""
+        cdef DeviceHandle h = self.handle
+        cdef HeldBuffers views = None
+        if op == READ or op == WRITE:
+            views = hold_buffers(buf, op == READ, not vectored)
+            length = views.total
+        check_request(h, op, offset, length)
+        if (op == READ or op == WRITE) and h.lim.max_transfer and length > h.lim.max_transfer:
+            raise ValueError(f"{OP_NAMES[op]} of {length} bytes exceeds max-transfer "
+                             f"({h.lim.max_transfer}); split it, or use the Device's blocking "
+                             f"methods, which split")
+        cdef Completion c = prepare(self, op, offset, length, views,
+                                    views.iov if views is not None else NULL,
+                                    views.n if views is not None else 0,
+                                    flags, user_data, False, bounce, nowait)
+        if c is None:
+            return -<int64_t>length
+        self.enqueue_one(c, False)
+        return length
+
+    def read(self, offset, buf, *, user_data=None):
+        """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
+        return self.enqueue(READ, offset, buf, user_data=user_data)
+
+    def write(self, offset, buf, *, user_data=None, bint fua=False):
+        """Enqueue a write of ``buf``."""
+        return self.enqueue(WRITE, offset, buf, flags=REQ_FUA if fua else 0, user_data=user_data)
+
+    def readv(self, offset, bufs, *, user_data=None):
+        """Enqueue a vectored read into the buffers of ``bufs``."""
+        return self.enqueue(READ, offset, bufs, user_data=user_data, vectored=True)
+
+    def writev(self, offset, bufs, *, user_data=None, bint fua=False):
+        """Enqueue a vectored write of the buffers of ``bufs``."""
+        return self.enqueue(WRITE, offset, bufs, flags=REQ_FUA if fua else 0,
+                            user_data=user_data, vectored=True)
+
+    def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
+                     bint may_unmap=True, bint no_fallback=False):
+        """Enqueue a write-zeroes request of ``length`` bytes at ``offset``."""
+        return self.enqueue(WRITE_ZEROES, offset, None, length,
+                            flags=zero_flags(fua, may_unmap, no_fallback), user_data=user_data)
+
+    def discard(self, offset, length, *, user_data=None):
+        """Enqueue a discard request of ``length`` bytes at ``offset``."""
+        return self.enqueue(DISCARD, offset, None, length, user_data=user_data)
+
+    def flush(self, *, user_data=None):
+        """Enqueue a flush request."""
+        return self.enqueue(FLUSH, user_data=user_data)
+
+    def submit(self):
+        """Submit enqueued requests without waiting.  Completions that are
+        already there (cached reads complete during submission) are kept for
+        the next ``wait()`` or ``completions()``."""
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            self.drive(0, 0.0, None)
+        finally:
+            queue_leave(self, slots)
+
+    def wait(self, min=1, max=None, timeout=None):
+        """Submit, then wait for at least ``min`` completions; return up to
+        ``max`` of them as ``Completion`` objects.  The GIL is released while
+        waiting; Ctrl-C interrupts.  ``timeout`` (seconds) raises TimeoutError,
+        leaving requests in flight and tracked."""
+        cdef Py_ssize_t nmin = as_index(min, "min")
+        if max is not None:
+            max = as_index(max, "max")
+        if nmin < 0:
+            raise ValueError("min must be >= 0")
+        if max is not None and max < nmin:
+            raise ValueError(f"max ({max}) must be >= min ({nmin})")
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            have = len(self.ready)
+            if nmin > have + self.unreaped:
+                raise ValueError(f"min={nmin} but only {have + self.unreaped} request(s) "
+                                 f"are in flight or completed")
+            if nmin > have:
+                self.drive(nmin - have, t, None)
+            else:
+                self.drive(0, 0.0, None)
+            return self.take(max)
+        finally:
+            queue_leave(self, slots)
+
+    def completions(self, max=None):
+        """Submit what is enqueued and return the completions available now
+        (up to ``max``), without waiting."""
+        if max is not None:
+            max = as_index(max, "max")
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            self.drive(0, 0.0, None)
+            return self.take(max)
+        finally:
+            queue_leave(self, slots)
+
+    def poll(self, max=None):
+        """Deprecated alias of ``completions()`` (``poll`` also names
+        libblkio's poll queues and busy-polling)."""
+        warnings.warn("Queue.poll() is deprecated; use Queue.completions()",
+                      DeprecationWarning, stacklevel=2)
+        return self.completions(max)
+
+    cdef list take(self, object max):
+        if max is None or max >= len(self.ready):
+            out = self.ready
+            self.ready = []
+        else:
+            out = self.ready[:max]
+            del self.ready[:max]
+        return out
+
+    # ---- batch API: no Python object per request -------------------------
+
+    cdef int _ensure_batch(self, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap = self.batch_cap, i, j
+        if self.batch_ready + need <= cap:
+            return 0
+        cdef Py_ssize_t newcap = max(2 * cap, self.batch_ready + need, 256)
+        cdef int64_t *tags = <int64_t *>malloc(newcap * sizeof(int64_t))
+        cdef int *rets = <int *>malloc(newcap * sizeof(int))
+        if tags == NULL or rets == NULL:
+            free(tags)
+            free(rets)
+            raise MemoryError()
+        for i in range(self.batch_ready):
+            j = (self.batch_head + i) % cap
+            tags[i] = self.batch_tags[j]
+            rets[i] = self.batch_rets[j]
+        free(self.batch_tags)
+        free(self.batch_rets)
+        self.batch_tags = tags
+        self.batch_rets = rets
+        self.batch_cap = newcap
+        self.batch_head = 0
+        return 0
+
+    cdef int _batch_view(self, object obj, Py_buffer *view, int ndim, const char *kinds,
+                         bint writable, str what) except -1:
+        """A C-contiguous buffer of ``ndim`` dimensions and format in ``kinds``."""
+        cdef int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
+        try:
+            PyObject_GetBuffer(obj, view, flags)
+        except (BufferError, ValueError, TypeError) as e:
+            raise TypeError(f"{what}: {e}") from None
+        cdef const char *f = view.format
+        if f == NULL:
+            f = "B"
+        while f[0] == b'@' or f[0] == b'=' or f[0] == b'<':
+            f += 1
+        cdef bint ok = view.ndim == ndim and f[0] != 0 and f[1] == 0
+        if ok:
+            ok = False
+            while kinds[0] != 0:
+                if kinds[0] == f[0]:
+                    ok = True
+                kinds += 1
+        if not ok:
+            PyBuffer_Release(view)
+            raise TypeError(f"{what} has the wrong dtype or shape")
+        return 0
+
+    cdef object _submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags,
+                              region, uint64_t blocksize):
+        cdef DeviceHandle h = self.handle
+        check_request(h, op, 0, 0)      # started, and writable for writes
+        cdef Py_buffer ob, bb, tb, xb
+        cdef bint has_tags = user_data is not None
+        cdef bint indexed = region is not None      # buffers = offsets into region
+        cdef Py_ssize_t n, nbufs, i, bad = -1
+        cdef uint64_t bs, cap = h.lim.capacity, ra = h.lim.request_alignment
+        cdef uint64_t ba = h.lim.buf_alignment, rlen
+        cdef uint64_t *offs
+        cdef uint64_t *boffs = NULL
+        cdef int64_t *tags = NULL
+        cdef int problem = 0
+        self._batch_view(offsets, &ob, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
+        try:
+            if indexed:
+                self._batch_view(region, &bb, 1, b"B", op == READ,
+                                 "region (a C-contiguous 1-D uint8 array"
+                                 + (", writable for reads)" if op == READ else ")"))
+            else:
+                self._batch_view(buffers, &bb, 2, b"B", op == READ,
+                                 "buffers (a C-contiguous uint8 array of shape (n, blocksize)"
+                                 + (", writable for reads)" if op == READ else ")"))
+            try:
+                if has_tags:
+                    self._batch_view(user_data, &tb, 1, b"lq", False, "user_data (a 1-D int64 array)")
+                try:
+                    if indexed:
+                        self._batch_view(buffers, &xb, 1, b"LQ", False,
+                                         "buffers (with region: a 1-D uint64 array of offsets into it)")
+                    try:
+                        n = ob.shape[0]
+                        if indexed:
+                            nbufs = xb.shape[0]
+                            bs = blocksize
+                            boffs = <uint64_t *>xb.buf
+                        else:
+                            nbufs = bb.shape[0]
+                            bs = <uint64_t>bb.shape[1]
+                            if blocksize and blocksize != bs:
+                                raise ValueError(f"blocksize={blocksize} but buffers have {bs} columns")
+                        if nbufs != n:
+                            raise ValueError(f"{n} offsets but {nbufs} buffers")
+                        if has_tags and tb.shape[0] != n:
+                            raise ValueError(f"{n} offsets but {tb.shape[0]} user_data tags")
+                        if n == 0:
+                            return 0
+                        if self.slots and self.in_libblkio + n > self.slots:
+                            raise ValueError(
+                                f"batch of {n} requests does not fit: {self.in_libblkio} in flight, "
+                                f"queue holds {self.slots} (raise num_entries / queue_size at open)")
+                        offs = <uint64_t *>ob.buf
+                        if has_tags:
+                            tags = <int64_t *>tb.buf
+                        rlen = <uint64_t>bb.len
+                        # Whole-batch validation before anything is enqueued.
+                        if bs == 0 or bs % ra:
+                            raise ValueError(f"blocksize {bs} must be a positive multiple of "
+                                             f"request-alignment ({ra})")
+                        if h.lim.max_transfer and bs > h.lim.max_transfer:
+                            raise ValueError(f"blocksize {bs} exceeds max-transfer ({h.lim.max_transfer})")
+                        if <uintptr_t>bb.buf % ba or bs % ba:
+                            raise ValueError(f"buffers must be aligned to buf-alignment ({ba})")
+                        if not h.in_range(<uintptr_t>bb.buf, <size_t>bb.len):
+                            raise ValueError("buffers must lie in memory from Device.alloc() or "
+                                             "Device.register() (the batch API never copies)")
+                        with nogil:
+                            for i in range(n):
+                                problem = range_problem(&h.lim, offs[i], bs)
+                                if problem:
+                                    pass
+                                elif boffs != NULL and (boffs[i] > rlen or bs > rlen - boffs[i]):
+                                    problem = 4        # past the region's end
+                                elif boffs != NULL and boffs[i] % ba:
+                                    problem = 5
+                                if problem:
+                                    bad = i
+                                    break
+                        if problem == MISALIGNED:
+                            raise ValueError(f"offsets[{bad}] = {offs[bad]} is not a multiple of "
+                                             f"request-alignment ({ra})")
+                        if problem == PAST_END:
+                            raise ValueError(f"offsets[{bad}] = {offs[bad]} + {bs} passes the device "
+                                             f"capacity ({cap})")
+                        if problem == 4:
+                            raise ValueError(f"buffers[{bad}] = {boffs[bad]} + {bs} passes the end "
+                                             f"of region ({rlen} bytes)")
+                        if problem == 5:
+                            raise ValueError(f"buffers[{bad}] = {boffs[bad]} is not aligned to "
+                                             f"buf-alignment ({ba})")
+                        self._ensure_batch(n + self.unreaped)
+                        self._ensure_slots(n)
+                        self._enqueue_batch(op, offs, tags, <char *>bb.buf, boffs, bs, n, flags)
+                        return n
+                    finally:
+                        if indexed:
+                            PyBuffer_Release(&xb)
+                finally:
+                    if has_tags:
+                        PyBuffer_Release(&tb)
+            finally:
+                # The memory is the device's (alloc/register) and stays alive
+                # until close, which drains requests first.
+                PyBuffer_Release(&bb)
+        finally:
+            PyBuffer_Release(&ob)
+
+    cdef int _enqueue_batch(self, int op, uint64_t *offs, int64_t *tags, char *base,
+                            uint64_t *boffs, uint64_t bs, Py_ssize_t n, unsigned int flags) except -1:
+        """Enqueue n requests and submit them in one GIL-free section.  Each
+        takes a batch slot (its tag and memory, for reap and unregister);
+        libblkio's user_data is the slot index with TAG_BIT set."""
+        cdef Py_ssize_t i, s
+        cdef lb.blkioq *q = self.q
+        cdef int got
+        cdef Py_ssize_t stack_idx[64]
+        cdef Py_ssize_t *idx = &stack_idx[0]
+        cdef BatchSlot *slot
+        cdef lb.blkio_completion comps[NCOMPS]
+        if n > 64:
+            idx = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+            if idx == NULL:
+                raise MemoryError()
+        # Slots are taken with the GIL held (dispatch frees them with it held);
+        # the GIL-free section below only reads this call's own index list.
+        for i in range(n):
+            s = self.slots_free
+            slot = &self.slots_table[s]
+            self.slots_free = slot.next
+            slot.tag = tags[i] if tags != NULL else i
+            slot.addr = <uintptr_t>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs))
+            slot.length = bs
+            idx[i] = s
+        self.slots_nfree -= n
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            for i in range(n):
+                if op == READ:
+                    lb.blkioq_read(q, offs[i], <void *>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)),
+                                   bs, <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+                else:
+                    lb.blkioq_write(q, offs[i], <void *>(base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)),
+                                    bs, <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+            self.in_libblkio += n
+            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if got > 0:
+                self.in_libblkio -= got
+            pthread_mutex_unlock(&self.lock)
+        if idx != &stack_idx[0]:
+            free(idx)
+        self.unreaped += n
+        self.batch_unreaped += n
+        self.handle.n_requests += n
+        if got < 0:
+            raise libblkio_error(got, "blkioq_do_io")
+        self.dispatch(comps, got)
+        return 0
+
+    def submit_reads(self, offsets, buffers, *, user_data=None, region=None,
+                     uint64_t blocksize=0):
+        """Enqueue and submit n reads in one GIL-free call.
+
+        ``offsets``: uint64[n] device offsets; ``buffers``: a C-contiguous
+        uint8[n, blocksize] view of memory from ``Device.alloc`` or
+        ``Device.register`` -- or, with ``region`` (such memory, 1-D uint8)
+        and ``blocksize``, a uint64[n] of byte offsets into ``region``;
+        ``user_data``: optional int64[n] tags (default 0..n-1).  The whole
+        batch is validated before anything is enqueued; no Python object is
+        made per request.  Returns n."""
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            return self._submit_batch(READ, offsets, buffers, user_data, 0, region, blocksize)
+        finally:
+            queue_leave(self, slots)
+
+    def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None, region=None,
+                      uint64_t blocksize=0):
+        """Like ``submit_reads``, for writes."""
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            return self._submit_batch(WRITE, offsets, buffers, user_data,
+                                      REQ_FUA if fua else 0, region, blocksize)
+        finally:
+            queue_leave(self, slots)
+
+    cdef int _reap_layout(self, object out) except -1:
+        """Check ``out`` once and remember where its fields live."""
+        if not isinstance(out, np.ndarray) or out.ndim != 1:
+            raise TypeError("out must be a 1-D numpy structured array")
+        fields = out.dtype.fields
+        if (fields is None or "user_data" not in fields or "ret" not in fields
+                or fields["user_data"][0] != np.int64 or fields["ret"][0] != np.int32):
+            raise TypeError("out needs fields user_data (int64) and ret (int32)")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        self.reap_out = out        # our reference keeps its memory in place
+        self.reap_base = <char *><uintptr_t>out.ctypes.data
+        self.reap_stride = out.strides[0]
+        self.reap_len = out.shape[0]
+        self.reap_off_ud = fields["user_data"][1]
+        self.reap_off_ret = fields["ret"][1]
+        return 0
+
+    def reap(self, out, min=0, timeout=None):
+        """Fill ``out`` (a structured array with int64 ``user_data`` and int32
+        ``ret`` fields) with completions of batch requests, waiting for at
+        least ``min`` (``timeout`` seconds: TimeoutError).  Returns the count."""
+        cdef Py_ssize_t nmin = as_index(min, "min")
+        if nmin < 0:
+            raise ValueError("min must be >= 0")
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            return self._reap(out, nmin, timeout)
+        finally:
+            queue_leave(self, slots)
+
+    cdef object _reap(self, out, Py_ssize_t min, timeout):
+        if out is not self.reap_out:
+            self._reap_layout(out)
+        cdef Py_ssize_t cap = self.reap_len
+        if min > cap:
+            raise ValueError(f"min={min} exceeds the size of out ({cap})")
+        if min > self.batch_ready + self.batch_unreaped:
+            raise ValueError(f"min={min} but only {self.batch_ready + self.batch_unreaped} "
+                             f"batch request(s) are in flight or completed")
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        if self.batch_ready < min:
+            while self.batch_ready < min:
+                self.drive(min - <int>self.batch_ready, t, None)
+        elif self.batch_ready == 0:
+            self.drive(0, 0.0, None)
+        cdef Py_ssize_t k = self.batch_ready if self.batch_ready < cap else cap
+        cdef Py_ssize_t i, j = self.batch_head
+        cdef char *row = self.reap_base
+        for i in range(k):
+            # memcpy: fields of a packed structured dtype may be misaligned
+            memcpy(row + self.reap_off_ud, &self.batch_tags[j], sizeof(int64_t))
+            memcpy(row + self.reap_off_ret, &self.batch_rets[j], sizeof(int))
+            if self.batch_rets[j] < 0:
+                self.batch_failed += 1
+            row += self.reap_stride
+            j += 1
+            if j == self.batch_cap:
+                j = 0
+        self.batch_head = j
+        self.batch_ready -= k
+        return k
+
+    @property
+    def failed(self) -> int:
+        """Batch completions reaped with ret < 0 so far (check ``ret`` in
+        ``out`` for which)."""
+        return self.batch_failed
+
+
+    # ---- event-driven mode -----------------------------------------------
+
+    @property
+    def completion_fd(self) -> int:
+        """The queue's completion fd (-1 on poll queues).  Enable it with
+        ``completion_fd_enabled = True`` before waiting on it; read 8 bytes to
+        reset it, then call ``completions()``."""
+        if self.is_poll_queue:
+            return -1
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            return lb.blkioq_get_completion_fd(self.q)
+        finally:
+            queue_leave(self, slots)
+
+    @property
+    def completion_fd_enabled(self) -> bool:
+        """Whether the driver signals completions on ``completion_fd``.
+        libblkio (after 1.3) leaves it disabled by default."""
+        if self.is_poll_queue:
+            raise ValueError("poll queues have no completion fd")
+        return self.fd_enabled
+
+    @completion_fd_enabled.setter
+    def completion_fd_enabled(self, bint value):
+        if self.is_poll_queue:
+            raise ValueError("poll queues have no completion fd")
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            if pthread_mutex_trylock(&self.lock) != 0:
+                with nogil:
+                    pthread_mutex_lock(&self.lock)
+            lb.blkioq_set_completion_fd_enabled(self.q, value)
+            pthread_mutex_unlock(&self.lock)
+            self.fd_enabled = value
+        finally:
+            queue_leave(self, slots)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted or enqueued and not yet reaped."""
+        return self.unreaped
+
+    @property
+    def removed(self) -> bool:
+        """True once the queue is being removed, or its device closed."""
+        return self.removed or self.removing or self.q == NULL or self.handle.closing
+
+    @property
+    def device(self):
+        """The Device this queue belongs to."""
+        return self._device
+
+    def __repr__(self):
+        kind = "poll queue" if self.is_poll_queue else "queue"
+        return f"<blkio.Queue {kind} {self.index} in_flight={self.unreaped}>"
+
+
+# --------------------------------------------------------------------------
+# The request path, shared by the blocking, queue, batch and asyncio APIs
+
+cdef enum:
+    MISALIGNED = 1
+    PAST_END = 2
+
+
+cdef inline int range_problem(HotLimits *lim, uint64_t offset, uint64_t length) noexcept nogil:
+    """0, MISALIGNED or PAST_END: the check every request passes (the batch
+    path runs it on each request of a batch, without the GIL)."""
+    if offset % lim.request_alignment or length % lim.request_alignment:
+        return MISALIGNED
+    if offset > lim.capacity or length > lim.capacity - offset:
+        return PAST_END
+    return 0
+
+
+cdef int check_request(DeviceHandle h, int op, uint64_t offset, uint64_t length) except -1:
+    """The one request check: the device is started, writable for anything
+    but reads and flushes, and [offset, offset+length) is aligned and inside
+    the device.  A ValueError (or ReadOnlyError) names what is wrong."""
+    if h.state != ST_STARTED:
+        h.ensure_started()
+    if op != READ and op != FLUSH and h.lim.read_only:
+        raise ReadOnlyError(EBADF, f"{OP_NAMES[op]} refused: device is read-only ({h.driver})")
+    if op == FLUSH:
+        return 0
+    cdef int problem = range_problem(&h.lim, offset, length)
+    if problem == MISALIGNED:
+        raise ValueError(f"{OP_NAMES[op]}: offset {offset} and length {length} must be multiples "
+                         f"of request-alignment ({h.lim.request_alignment}) on {h.driver}")
+    if problem == PAST_END:
+        raise ValueError(f"{OP_NAMES[op]}: {length} bytes at offset {offset} pass the end of the "
+                         f"device (capacity {h.lim.capacity})")
+    return 0
+
+
+cdef bint direct_ok(DeviceHandle h, iovec *iov, int iovcnt) noexcept nogil:
+    """Can libblkio use the caller's segments as they are (else: bounce)?"""
+    if iovcnt > h.lim.max_segments:
+        return False
+    cdef int i
+    cdef uintptr_t a
+    for i in range(iovcnt):
+        a = <uintptr_t>iov[i].iov_base
+        if a % h.lim.buf_alignment or iov[i].iov_len % h.lim.buf_alignment:
+            return False
+        if h.lim.max_segment_len and iov[i].iov_len > h.lim.max_segment_len:
+            return False
+        if h.lim.needs_mem_regions and not h.in_range(a, iov[i].iov_len):
+            return False
+    return True
+
+
+cdef Completion prepare(Queue q, int op, uint64_t offset, uint64_t length, HeldBuffers views,
+                        iovec *iov, int iovcnt, unsigned int flags, object user_data,
+                        bint internal, object bounce, bint nowait):
+    """One request: the caller's memory where the driver can use it, else a
+    bounce buffer from the pool (acquired here, FIFO, reaping ``q`` while
+    waiting; with ``nowait``, None when the pool cannot serve it at once;
+    ``bounce``: space the caller already acquired)."""
+    cdef Completion c = Completion.__new__(Completion)
+    c.op = op
+    c.offset = offset
+    c.length = length
+    c.flags = flags
+    c.internal = internal
+    c.user_data = user_data
+    if op != READ and op != WRITE:
+        return c
+    c.views = views
+    c.user_iov = iov
+    c.user_iovcnt = iovcnt
+    cdef Py_ssize_t start
+    cdef BouncePool pool
+    if direct_ok(q.handle, iov, iovcnt):
+        c.iov = iov
+        c.iovcnt = iovcnt
+        return c
+    pool = q.pool
+    if bounce is not None:
+        start = pool.start_of(bounce, length)   # acquired by the caller (asyncio)
+    elif nowait:
+        start = pool.try_acquire(length)
+        if start < 0:
+            return None
+    else:
+        start = pool.acquire_blocking(length, -1.0, q._drive_slice)
+    c.pool = pool
+    c.bounce_buffer = pool.buffer
+    c.bounce_start = start
+    c.iov1.iov_base = pool.buffer.addr + <size_t>start * pool.granule
+    c.iov1.iov_len = length
+    c.iov = &c.iov1
+    c.iovcnt = 1
+    if op == WRITE:
+        _gather(iov, iovcnt, <char *>c.iov1.iov_base)
+    return c
+
+
+cdef uint64_t split_limit(DeviceHandle h, int op) noexcept:
+    """Longest piece of one request of kind ``op`` (0: no limit), aligned."""
+    cdef uint64_t limit = 0
+    if op == READ or op == WRITE:
+        limit = h.lim.max_transfer
+    elif op == WRITE_ZEROES:
+        limit = h.lim.max_write_zeroes_len
+    elif op == DISCARD:
+        limit = h.lim.max_discard_len
+    if limit:
+        limit -= limit % h.lim.request_alignment
+    return limit
+
+
+cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
+                        HeldBuffers views, unsigned int flags):
+    """The blocking path (inside the device's guard): check, split into
+    pieces, bounce where needed, submit each on ``q`` and wait for it (GIL
+    released, Ctrl-C honoured).  Returns the byte count."""
+    check_request(h, op, offset, length)
+    if q is None:
+        raise ValueError(f"{h.driver} device has no queue 0 (num_queues=0, "
+                         f"or queue 0 was removed)")
+    cdef Py_ssize_t slot = queue_use(q)
+    try:
+        return _blocking_pieces(h, q, op, offset, length, views, flags)
+    finally:
+        queue_unuse(q, slot)
+
+
+cdef object _blocking_pieces(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
+                             HeldBuffers views, unsigned int flags):
+    cdef uint64_t limit = split_limit(h, op), pos = 0, piece
+    cdef iovec *sub
+    cdef int subcnt
+    cdef Completion c
+    if length == 0 and op != FLUSH:
+        return 0
+    while True:
+        piece = length - pos
+        if limit and piece > limit:
+            piece = limit
+        if op == READ or op == WRITE:
+            if pos == 0 and piece == length:
+                sub = views.iov
+                subcnt = views.n
+            else:
+                subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+            if not direct_ok(h, sub, subcnt) and piece > h.lim.bounce_chunk:
+                # Bounced pieces are cut to the chunk size: re-slice.
+                if sub != views.iov:
+                    free(sub)
+                piece = h.lim.bounce_chunk - h.lim.bounce_chunk % h.lim.request_alignment
+                subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+            c = prepare(q, op, offset + pos, piece, views, sub, subcnt, flags, None, True,
+                        None, False)
+        else:
+            c = prepare(q, op, offset + pos, piece, None, NULL, 0, flags, None, True, None, False)
+        if piece != length:
+            h.n_split += 1
+        q.enqueue_one(c, True)
+        if not c.done:
+            q.drive(0, -1.0, c)
+        if c.ret < 0:
+            if op == DISCARD and (c.ret == -ENOTSUP or c.ret == -EOPNOTSUPP):
+                return 0    # discard is advisory
+            raise request_error(c.ret, c._error_msg,
+                                f"{OP_NAMES[op]} of {piece} bytes at offset {offset + pos}",
+                                h.lim.read_only)
+        pos += piece
+        if pos >= length:
+            return length
+
+
+cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
+                         unsigned int flags):
+    """One buffer, blocking (inside the device's guard): the hot path.  When
+    the request needs no split and no bounce, it goes straight from the
+    caller's buffer with a recycled Completion; anything else takes the
+    general path (``blocking_io``)."""
+    cdef HeldBuffers v
+    if q is None:
+        v = hold_buffers(buf, op == READ, True)
+        return blocking_io(h, q, op, offset, v.total, v, flags)
+    cdef Py_ssize_t slot = queue_use(q)
+    try:
+        return _blocking_one_on(h, q, op, offset, buf, flags)
+    finally:
+        queue_unuse(q, slot)
+
+
+cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
+                             unsigned int flags):
+    cdef Py_buffer view
+    cdef uint64_t length
+    cdef HeldBuffers v
+    try:
+        PyObject_GetBuffer(buf, &view, _VIEW_FLAGS[op == READ])
+    except Exception:
+        v = hold_buffers(buf, op == READ, True)     # raises the clear error
+        check_request(h, op, offset, v.total)
+        return _blocking_pieces(h, q, op, offset, v.total, v, flags)
+    length = <uint64_t>view.len
+    cdef iovec one
+    one.iov_base = view.buf
+    one.iov_len = <size_t>length
+    if (h.state != ST_STARTED or length == 0 or range_problem(&h.lim, offset, length)
+            or (h.lim.max_transfer and length > h.lim.max_transfer)
+            or (op != READ and h.lim.read_only) or not direct_ok(h, &one, 1)):
+        PyBuffer_Release(&view)
+        v = hold_buffers(buf, op == READ, True)
+        check_request(h, op, offset, v.total)
+        return _blocking_pieces(h, q, op, offset, v.total, v, flags)
+    cdef unsigned long tid = PyThread_get_thread_ident()
+    if tid != h.owner_thread:
+        if h.owner_thread == 0:
+            h.owner_thread = tid
+        else:
+            h.threaded = True    # from now on every submission releases the GIL
+    cdef Completion c = q.spare
+    if c is None:
+        c = Completion.__new__(Completion)
+        c.internal = True
+    else:
+        q.spare = None
+    c.op = op
+    c.offset = offset
+    c.length = length
+    c.flags = flags
+    c.done = False
+    c.ret = 0
+    c.iov1 = one
+    c.iov = &c.iov1
+    c.iovcnt = 1
+    try:
+        q.enqueue_one(c, True)
+        if not c.done:
+            q.drive(0, -1.0, c)
+    except BaseException:
+        if not c.done:
+            # Still in flight: the request keeps the caller's buffer.
+            v = HeldBuffers.__new__(HeldBuffers)
+            v.buf1 = view
+            v.bufs = &v.buf1
+            v.iov = &v.iov1
+            v.iov1 = one
+            v.n = 1
+            c.views = v
+            raise
+        PyBuffer_Release(&view)
+        raise
+    PyBuffer_Release(&view)
+    if c.ret < 0:
+        raise request_error(c.ret, c._error_msg,
+                            f"{OP_NAMES[op]} of {length} bytes at offset {offset}",
+                            h.lim.read_only)
+    c._error_msg = None
+    q.spare = c
+    return length
