@@ -4,12 +4,15 @@ property catalogue and that failing opens leak no file descriptors."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 
 import pytest
 
 import blkio
+from blkio import _connect
+from blkio._drivers import DRIVER_FACTS
 
 DRIVERS = blkio.DRIVERS
 NON_IO_URING = [d for d in DRIVERS if d != "io_uring"]
@@ -306,3 +309,70 @@ def test_nvme_zoned_properties_use_libblkio_names():
     for d in DRIVERS:
         if d != "nvme-io_uring":
             assert not set(expected) & set(blkio.driver_properties(d)), d
+
+
+# ---------------------------------------------------------------------------
+# Driver facts and connect functions: the rules are data, one connect per family
+
+
+def _with_facts(monkeypatch, driver: str, **changes) -> None:
+    """Change one driver's facts for this test (the table, not the code)."""
+    facts = blkio._drivers.DRIVER_FACTS[driver]
+    monkeypatch.setitem(blkio._drivers.DRIVER_FACTS, driver, dataclasses.replace(facts, **changes))
+
+
+def test_every_driver_has_facts_and_a_connect_function():
+    assert set(DRIVER_FACTS) == set(DRIVERS)
+    assert set(_connect.CONNECT) == set(DRIVERS)
+    # One connect function per family, as QEMU's blkio_file_open table has them.
+    families = {d: DRIVER_FACTS[d].family for d in DRIVERS}
+    assert set(families.values()) == {"io_uring", "nvme-io_uring", "virtio-blk"}
+    for driver in DRIVERS:
+        same_family = [d for d in DRIVERS if families[d] == families[driver]]
+        assert {_connect.CONNECT[d] for d in same_family} == {_connect.CONNECT[driver]}
+    assert len(set(_connect.CONNECT.values())) == 3
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_queue_depth_property_is_a_connected_stage_int_of_the_driver(driver):
+    spec = blkio.driver_properties(driver)[DRIVER_FACTS[driver].queue_depth_property]
+    assert spec.type == "int" and spec.writable == frozenset({"connected"})
+
+
+def test_queue_slots_are_the_queue_depth_property(image):
+    with blkio.open("io_uring", image.path, num_entries=64) as dev:
+        assert dev.queue(0).slots == dev.get("num-entries") == 64
+
+
+def test_fd_passing_drivers_take_a_path_and_no_fd():
+    for driver in DRIVERS:
+        facts = DRIVER_FACTS[driver]
+        # blkio opens the path and passes the fd; a caller's fd has no place.
+        assert not (facts.passes_fd and facts.fd_instead_of_path), driver
+
+
+def test_refuses_buffered_fact_drives_the_direct_rule(monkeypatch, image):
+    _with_facts(monkeypatch, "io_uring", refuses_buffered=True)
+    err = _open_error("io_uring", image.path, direct=False)
+    assert isinstance(err, ValueError) and "direct=False" in str(err)
+    _with_facts(monkeypatch, "virtio-blk-vhost-vdpa", refuses_buffered=False)
+    err = _open_error("virtio-blk-vhost-vdpa", MISSING, direct=False)
+    assert isinstance(err, blkio.Error) and MISSING in str(err)     # libblkio's answer
+
+
+def test_fd_instead_of_path_fact_drives_the_path_and_fd_rules(monkeypatch, image):
+    fd = os.open(image.path, os.O_RDWR)
+    try:
+        with blkio.open("io_uring", fd=fd) as dev:
+            assert bytes(dev.read(0, 4096)) == image.data[:4096]
+        fd = -1                         # libblkio owned it and closed it
+        _with_facts(monkeypatch, "io_uring", fd_instead_of_path=False)
+        err = _open_error("io_uring", fd=0)
+        assert isinstance(err, ValueError) and str(err) == "driver 'io_uring' needs 'path'"
+        err = _open_error("io_uring", image.path, fd=0)
+        assert isinstance(err, ValueError) and "pass 'path'" in str(err)
+        with blkio.open("io_uring", image.path) as dev:
+            assert bytes(dev.read(0, 4096)) == image.data[:4096]
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -11,23 +11,25 @@
 catalogue in ``blkio._drivers`` knows each one), connects and starts the
 device.  ``Device`` has blocking I/O on queue 0, ``queue(i)`` for many requests
 in flight, ``alloc``/``register`` for zero-copy memory and a bounce pool for
-memory the driver cannot use directly.  The C boundary is ``blkio._core``.
+memory the driver cannot use directly.  Per-driver steps of ``open`` are in
+``blkio._connect``; the C boundary is the Cython core (``_handle`` and
+``_requests`` call libblkio; see docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import errno as _errno
 import os as _os
 import warnings as _warnings
 from typing import Any, Dict, NamedTuple, Optional, Union
 
+from . import _connect
 from ._device import _DeviceCore
+from ._drivers import DRIVER_FACTS, DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
+from ._errors import Error, ReadOnlyError
 from ._handle import LIBBLKIO_VERSION, State
 from ._memory import Buffer
 from ._pool import BouncePool
 from ._requests import REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, Completion, Op, Queue
-from ._drivers import DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
-from ._errors import Error, ReadOnlyError, error_for as _error_for
 from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
 
 __all__ = [
@@ -48,10 +50,6 @@ def __getattr__(name: str) -> Any:
 
 _INT32 = (-(2**31), 2**31 - 1)
 _UINT64 = (0, 2**64 - 1)
-# Drivers whose path QEMU opens itself and hands over as an fd (when libblkio
-# accepts one); io_uring gets the path so that libblkio applies direct/read-only.
-_FD_PASSING = ("nvme-io_uring", "virtio-blk-vfio-pci", "virtio-blk-vhost-user",
-               "virtio-blk-vhost-vdpa")
 
 
 class Stats(NamedTuple):
@@ -84,20 +82,6 @@ def _writable_spec(driver: str, name: str) -> PropertySpec:
     if not spec.writable:
         raise ValueError(f"property {spec.name!r} of driver {driver!r} is read-only")
     return spec
-
-
-def _socket_fds() -> set:
-    fds = set()
-    try:
-        for name in _os.listdir("/proc/self/fd"):
-            try:
-                if _os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                    fds.add(int(name))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return fds
 
 
 _OPENER = object()     # the token open() passes to Device()
@@ -262,43 +246,66 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     ``spin_us`` sets :attr:`Device.spin_us` (busy-polling before waits sleep;
     ``poll_us`` is its deprecated name).
     """
+    if poll_us is not None:
+        _warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
+        spin_us = poll_us
+    path = _check_arguments(driver, path, fd, direct, num_queues, num_poll_queues, spin_us)
+    staged = _stage_properties(driver, properties)
+    dev = Device(_opener=_OPENER, path=path)
+    try:
+        dev._create(driver)
+        if read_only:
+            dev._set("read-only", "bool", True)   # must precede connect
+        for spec, value in staged["created"]:
+            dev._set(spec.name, spec.type, value)
+        backend_fds = _connect.CONNECT[driver](dev, driver, path, fd, direct)
+        if num_poll_queues and not dev._get("supports-poll-queues", "bool"):
+            raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
+                             f"(supports-poll-queues is false); use num_poll_queues=0")
+        dev._set("num-queues", "int", num_queues)
+        dev._set("num-poll-queues", "int", num_poll_queues)
+        for spec, value in staged["connected"]:
+            dev._set(spec.name, spec.type, value)
+        dev._start()
+        # Capacity is read once here: on vhost-user it is a daemon round trip.
+        limits = _read_limits(dev._get_named, _connect.max_transfer_cap(driver, path))
+        dev._limits = limits
+        depth = DRIVER_FACTS[driver].queue_depth_property
+        dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
+                       backend_fds, dev._get(depth, "int"))
+        dev.spin_us = spin_us
+        return dev
+    except BaseException:
+        dev._close()
+        raise
+
+
+def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]],
+                     fd: Optional[int], direct: Optional[bool], num_queues: int,
+                     num_poll_queues: int, spin_us: int) -> Optional[str]:
+    """Check open()'s own arguments (ValueError); returns ``path`` as a str."""
     if driver not in DRIVERS:
         raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
     if path is not None:
         path = _os.fspath(path)
         if not isinstance(path, str):
             raise ValueError(f"property 'path' of driver {driver!r} takes a str")
-    catalogue = driver_properties(driver)
-
-    # Per-driver rules (QEMU's *_connect functions).
-    if driver == "io_uring":
-        if path is None and fd is None:
-            raise ValueError("driver 'io_uring' needs 'path' (or 'fd')")
-        if path is not None and fd is not None:
-            raise ValueError("driver 'io_uring' takes 'path' or 'fd', not both")
-    else:
-        if path is None:
-            raise ValueError(f"driver {driver!r} needs 'path'")
-        if direct is False:
-            raise ValueError(f"driver {driver!r} cannot run with direct=False "
-                             f"(it always bypasses the page cache)")
-        if fd is not None:
-            raise ValueError(f"driver {driver!r}: pass 'path'; blkio opens it and passes an fd "
-                             f"itself where libblkio accepts one")
+    _connect.check_arguments(driver, path, fd, direct)
     if direct is not None and not isinstance(direct, bool):
         raise ValueError(f"property 'direct' of driver {driver!r} takes a bool")
     for name, value in (("num-queues", num_queues), ("num-poll-queues", num_poll_queues)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
-    if poll_us is not None:
-        _warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
-        spin_us = poll_us
     if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
         raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
     if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
         raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
+    return path
 
-    # Keyword properties, sorted into the stage they are written in.
+
+def _stage_properties(driver: str, properties: Dict[str, Any]) -> Dict[str, list]:
+    """open()'s keyword properties, checked and sorted into the stage
+    (created, connected) in which libblkio accepts them."""
     staged: Dict[str, list] = {"created": [], "connected": []}
     for key, value in properties.items():
         spec = _writable_spec(driver, key)
@@ -308,105 +315,4 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
         if stage not in staged:
             raise ValueError(f"property {spec.name!r} of driver {driver!r} cannot be set at open")
         staged[stage].append((spec, _check_value(driver, spec, value)))
-
-    dev = Device(_opener=_OPENER, path=path)
-    our_fd = -1
-    our_fd_id = None
-    try:
-        dev._create(driver)
-        if read_only:
-            dev._set("read-only", "bool", True)   # must precede connect
-        if direct and driver == "io_uring":
-            dev._set("direct", "bool", True)
-        for spec, value in staged["created"]:
-            dev._set(spec.name, spec.type, value)
-
-        # Where libblkio takes an fd, open the path ourselves (QEMU does, for
-        # fd passing); read-only is enforced by the read-only property.
-        if driver == "io_uring" and fd is not None:
-            dev._set("fd", "int", fd)
-        elif driver in _FD_PASSING and "fd" in catalogue and _fd_supported(dev):
-            assert path is not None     # checked by the driver rules above
-            try:
-                our_fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise _error_for(_errno.ENOENT, f"{driver}: no such path", path) from None
-            except OSError:
-                our_fd = -1     # not openable as a file (a socket...): let libblkio try
-            if our_fd >= 0:
-                our_fd_id = _fd_identity(our_fd)
-                dev._set("fd", "int", our_fd)
-        if path is not None and our_fd < 0 and not (driver == "io_uring" and fd is not None):
-            dev._set("path", "str", path)
-
-        sockets_before = _socket_fds() if driver == "virtio-blk-vhost-user" else set()
-        try:
-            try:
-                dev._connect()
-            except Error as e:
-                if e.errno != _errno.EINVAL or our_fd < 0:
-                    raise
-                # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
-                _close_if_ours(our_fd, our_fd_id)
-                our_fd = -1
-                dev._set("fd", "int", -1)
-                dev._set("path", "str", path)
-                dev._connect()
-        except Error as e:
-            where = f"path={path!r}" if path is not None else f"fd={fd}"
-            text = f"{e.strerror} ({where})"
-            code = e.errno
-            if code == _errno.ENOENT or (driver == "io_uring" and path and not _os.path.exists(path)):
-                code = _errno.ENOENT
-            raise _error_for(code, text, path) from None
-        our_fd = -1     # libblkio owns it now
-        backend_fds = (_socket_fds() - sockets_before) if driver == "virtio-blk-vhost-user" else ()
-
-        if num_poll_queues and not dev._get("supports-poll-queues", "bool"):
-            raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
-                             f"(supports-poll-queues is false); use num_poll_queues=0")
-        dev._set("num-queues", "int", num_queues)
-        dev._set("num-poll-queues", "int", num_poll_queues)
-        for spec, value in staged["connected"]:
-            dev._set(spec.name, spec.type, value)
-        dev._start()
-
-        # Capacity is read once here: on vhost-user it is a daemon round trip.
-        cap = _nvme_max_transfer(path) if driver == "nvme-io_uring" and path else 0
-        limits = _read_limits(dev._get_named, cap)
-        dev._limits = limits
-        depth = "num-entries" if "num-entries" in catalogue else "queue-size"
-        dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
-                       backend_fds, dev._get(depth, "int"))
-        dev.spin_us = spin_us
-        return dev
-    except BaseException:
-        if our_fd >= 0:
-            _close_if_ours(our_fd, our_fd_id)
-        dev._close()
-        raise
-
-
-def _fd_identity(fd: int) -> tuple:
-    st = _os.fstat(fd)
-    return (st.st_dev, st.st_ino, st.st_rdev)
-
-
-def _close_if_ours(fd: int, identity: Optional[tuple]) -> None:
-    """Close an fd we opened, unless libblkio already closed it on a failed
-    connect (the number may have been reused since: compare identities)."""
-    try:
-        if identity is not None and _fd_identity(fd) != identity:
-            return
-        _os.close(fd)
-    except OSError:
-        pass
-
-
-def _fd_supported(dev: Device) -> bool:
-    """Probe as QEMU does: a driver that accepts ``fd = -1`` takes fds."""
-    try:
-        dev._set("fd", "int", -1)
-    except OSError:
-        return False
-    return True
+    return staged

@@ -4,7 +4,10 @@ libblkio has no introspection API, so this table is ours: each property's
 libblkio name, its C type (which selects ``blkio_get_bool/int/uint64/str``),
 and the instance states in which it can be read and written.  ``open()`` uses it
 to apply each keyword argument in the stage it belongs to, and to reject bad
-names, types and stages before libblkio runs.  It is data, not logic.
+names, types and stages before libblkio runs.  Next to it, ``DRIVER_FACTS``:
+what ``open()`` must know of each driver beyond its properties (the rules of
+QEMU's per-driver connect functions), read by ``blkio._connect``.  It is data,
+not logic.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import builtins
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping, Tuple
 
-__all__ = ["DRIVERS", "STATES", "PropertySpec", "driver_properties", "lookup"]
+__all__ = ["DRIVERS", "DRIVER_FACTS", "STATES", "DriverFacts", "PropertySpec",
+           "driver_properties", "lookup"]
 
 DRIVERS: Tuple[str, ...] = (
     "io_uring",
@@ -134,6 +138,54 @@ _PER_DRIVER: Dict[str, Tuple[PropertySpec, ...]] = {
     "virtio-blk-vhost-user": _VIRTIO,
     # Only vhost-vdpa accepts an fd among the virtio-blk drivers (libblkio 1.5.0).
     "virtio-blk-vhost-vdpa": _VIRTIO + (_FD,),
+}
+
+
+
+@dataclass(frozen=True)
+class DriverFacts:
+    """What ``open()`` must know of a driver beyond its property catalogue."""
+
+    #: Selects the connect function (QEMU's three): ``"io_uring"``,
+    #: ``"nvme-io_uring"`` or ``"virtio-blk"``.
+    family: str
+    #: ``open(fd=...)`` may stand in for ``path``; without it, ``path`` is
+    #: required and ``fd`` refused (blkio opens the path itself).
+    fd_instead_of_path: bool
+    #: The driver always bypasses the page cache: ``direct=False`` is refused.
+    refuses_buffered: bool
+    #: blkio opens ``path`` (O_RDWR) and hands libblkio the fd, as QEMU does,
+    #: where the driver has an ``fd`` property and accepts the ``fd = -1`` probe.
+    passes_fd: bool
+    #: The property giving the per-queue depth (request slots of a queue).
+    queue_depth_property: str
+    #: The sockets libblkio opens at connect lead to the backend daemon
+    #: (vhost-user); the device keeps their numbers to tell a dead backend.
+    watches_backend_sockets: bool
+    #: max-transfer is capped by the kernel's limit for the NVMe namespace
+    #: (``_limits.nvme_max_transfer``): libblkio 1.5.0 reports 32 MiB regardless.
+    nvme_max_transfer_cap: bool
+
+
+def _virtio_blk(watches_backend_sockets: bool = False) -> DriverFacts:
+    return DriverFacts("virtio-blk", fd_instead_of_path=False, refuses_buffered=True,
+                       passes_fd=True, queue_depth_property="queue-size",
+                       watches_backend_sockets=watches_backend_sockets,
+                       nvme_max_transfer_cap=False)
+
+
+DRIVER_FACTS: Mapping[str, DriverFacts] = {
+    # The path goes to libblkio so that it applies direct and read-only itself.
+    "io_uring": DriverFacts("io_uring", fd_instead_of_path=True, refuses_buffered=False,
+                            passes_fd=False, queue_depth_property="num-entries",
+                            watches_backend_sockets=False, nvme_max_transfer_cap=False),
+    "nvme-io_uring": DriverFacts("nvme-io_uring", fd_instead_of_path=False,
+                                 refuses_buffered=True, passes_fd=True,
+                                 queue_depth_property="num-entries",
+                                 watches_backend_sockets=False, nvme_max_transfer_cap=True),
+    "virtio-blk-vfio-pci": _virtio_blk(),
+    "virtio-blk-vhost-user": _virtio_blk(watches_backend_sockets=True),
+    "virtio-blk-vhost-vdpa": _virtio_blk(),
 }
 
 _CATALOGUE: Dict[str, Dict[str, PropertySpec]] = {

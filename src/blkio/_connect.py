@@ -1,0 +1,199 @@
+"""The per-driver steps of ``open()``, as QEMU's block/blkio.c has them.
+
+Owns: the per-driver argument rules (checked before a Device exists), one
+connect function per driver family (io_uring; nvme-io_uring; the virtio-blk
+family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, on
+vhost-user only, the watch for the backend's sockets), the table that picks
+one by driver, and the driver's max-transfer cap.  What differs between
+drivers is read from ``_drivers.DRIVER_FACTS``, never from a driver name.
+It may not: touch a device other than through its core primitives
+(``_set``, ``_get``, ``_connect``), nor do any step common to all drivers
+(those are ``open()``'s).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
+
+from ._drivers import DRIVER_FACTS, DRIVERS, driver_properties
+from ._errors import Error, error_for
+from ._limits import nvme_max_transfer
+
+if TYPE_CHECKING:
+    from ._device import _DeviceCore
+
+__all__ = ["CONNECT", "check_arguments", "max_transfer_cap"]
+
+#: A connect function: (device, driver, path, user fd, direct) -> the device's
+#: backend fds.  Called when the device is created and its created-stage
+#: properties are set; it leaves the device connected, or raises.
+ConnectFunction = Callable[["_DeviceCore", str, Optional[str], Optional[int], Optional[bool]],
+                           Tuple[int, ...]]
+
+
+def check_arguments(driver: str, path: Optional[str], fd: Optional[int],
+                    direct: Optional[bool]) -> None:
+    """The driver's rules for ``path``, ``fd`` and ``direct`` (ValueError)."""
+    facts = DRIVER_FACTS[driver]
+    if path is None and (fd is None or not facts.fd_instead_of_path):
+        alternative = " (or 'fd')" if facts.fd_instead_of_path else ""
+        raise ValueError(f"driver {driver!r} needs 'path'{alternative}")
+    if path is not None and fd is not None and facts.fd_instead_of_path:
+        raise ValueError(f"driver {driver!r} takes 'path' or 'fd', not both")
+    if direct is False and facts.refuses_buffered:
+        raise ValueError(f"driver {driver!r} cannot run with direct=False "
+                         f"(it always bypasses the page cache)")
+    if fd is not None and not facts.fd_instead_of_path:
+        raise ValueError(f"driver {driver!r}: pass 'path'; blkio opens it and passes an fd "
+                         f"itself where libblkio accepts one")
+
+
+def max_transfer_cap(driver: str, path: Optional[str]) -> int:
+    """What lowers the driver's max-transfer below libblkio's (bytes, 0: none)."""
+    if DRIVER_FACTS[driver].nvme_max_transfer_cap and path:
+        return nvme_max_transfer(path)
+    return 0
+
+
+# ---- connect functions ------------------------------------------------------
+
+def connect_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
+                     fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
+    """Give libblkio the path (it applies direct and read-only) or the caller's fd."""
+    if direct:
+        dev._set("direct", "bool", True)
+    if fd is not None:
+        dev._set("fd", "int", fd)
+    else:
+        dev._set("path", "str", path)
+    try:
+        dev._connect()
+    except Error as e:
+        # libblkio's errno for a missing file varies; name it for what it is.
+        missing = not os.path.exists(path) if path else False
+        raise _connect_error(e, path, fd, errno.ENOENT if missing else None) from None
+    return ()
+
+
+def connect_nvme_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
+                          fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
+    """The char device is opened here and passed as an fd where libblkio takes one."""
+    assert path is not None     # check_arguments
+    _connect_passing_fd(dev, driver, path)
+    return ()
+
+
+def connect_virtio_blk(dev: "_DeviceCore", driver: str, path: Optional[str],
+                       fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
+    """vfio-pci, vhost-user, vhost-vdpa: fd passing where libblkio takes an fd;
+    on vhost-user the sockets that connect opened are the backend's."""
+    assert path is not None     # check_arguments
+    if not DRIVER_FACTS[driver].watches_backend_sockets:
+        _connect_passing_fd(dev, driver, path)
+        return ()
+    before = _socket_fds()
+    _connect_passing_fd(dev, driver, path)
+    return tuple(sorted(_socket_fds() - before))
+
+
+_BY_FAMILY: Dict[str, ConnectFunction] = {
+    "io_uring": connect_io_uring,
+    "nvme-io_uring": connect_nvme_io_uring,
+    "virtio-blk": connect_virtio_blk,
+}
+
+#: The connect function of each driver (QEMU's blkio_file_open table).
+CONNECT: Dict[str, ConnectFunction] = {
+    driver: _BY_FAMILY[DRIVER_FACTS[driver].family] for driver in DRIVERS
+}
+
+
+# ---- helpers ----------------------------------------------------------------
+
+def _connect_error(e: Error, path: Optional[str], fd: Optional[int] = None,
+                   code: Optional[int] = None) -> Error:
+    """libblkio's connect error (its errno unless ``code`` is given), naming
+    what was connected to."""
+    where = f"path={path!r}" if path is not None else f"fd={fd}"
+    code = code if code is not None else e.errno or errno.EIO   # the core always sets errno
+    return error_for(code, f"{e.strerror} ({where})", path)
+
+
+def _connect_passing_fd(dev: "_DeviceCore", driver: str, path: str) -> None:
+    """Connect with an fd we open (QEMU does, for fd passing; read-only is
+    enforced by the read-only property), else with the path.  Our fd is
+    libblkio's once connect succeeds; on failure it is closed."""
+    fd, identity = -1, None
+    if DRIVER_FACTS[driver].passes_fd and "fd" in driver_properties(driver) and _fd_supported(dev):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise error_for(errno.ENOENT, f"{driver}: no such path", path) from None
+        except OSError:
+            fd = -1     # not openable as a file (a socket...): let libblkio try
+    try:
+        if fd >= 0:
+            identity = _fd_identity(fd)
+            dev._set("fd", "int", fd)
+        else:
+            dev._set("path", "str", path)
+        try:
+            try:
+                dev._connect()
+            except Error as e:
+                if e.errno != errno.EINVAL or fd < 0:
+                    raise
+                # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
+                _close_if_ours(fd, identity)
+                fd = -1
+                dev._set("fd", "int", -1)
+                dev._set("path", "str", path)
+                dev._connect()
+        except Error as e:
+            raise _connect_error(e, path) from None
+    except BaseException:
+        if fd >= 0:
+            _close_if_ours(fd, identity)
+        raise
+
+
+def _fd_supported(dev: "_DeviceCore") -> bool:
+    """Probe as QEMU does: a driver that accepts ``fd = -1`` takes fds."""
+    try:
+        dev._set("fd", "int", -1)
+    except OSError:
+        return False
+    return True
+
+
+def _fd_identity(fd: int) -> Tuple[int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_rdev)
+
+
+def _close_if_ours(fd: int, identity: Optional[Tuple[int, int, int]]) -> None:
+    """Close an fd we opened, unless libblkio already closed it on a failed
+    connect (the number may have been reused since: compare identities)."""
+    try:
+        if identity is not None and _fd_identity(fd) != identity:
+            return
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _socket_fds() -> Set[int]:
+    """The numbers of this process's open sockets."""
+    fds = set()
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    fds.add(int(name))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return fds
