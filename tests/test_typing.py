@@ -1,4 +1,5 @@
-"""Static typing: the stubs of ``blkio._core`` and the facade, checked with mypy.
+"""Static typing: the stubs of the core's compiled modules and the facade,
+checked with mypy, and the stubs checked against the modules with stubtest.
 
 mypy runs in a subprocess against the *installed* package (cwd is tmp_path,
 so the source tree does not shadow it).  A typed program using the public API
@@ -187,6 +188,23 @@ def wrong(path: str) -> None:
 '''
 
 
+CORE_MODULES = ("_memory", "_handle", "_pool", "_requests", "_device")
+STUBS = tuple(f"{m}.pyi" for m in CORE_MODULES)
+ALLOWLIST = Path(__file__).resolve().parent / "stubtest-allowlist.txt"
+
+
+def test_stubs_match_the_compiled_modules(tmp_path: Path) -> None:
+    """stubtest fails when a .pyi and its extension module disagree (a
+    method missing from either, different parameters, a class that became
+    final...).  What it may find different, and why, is in the allowlist."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", *(f"blkio.{m}" for m in CORE_MODULES),
+         "--allowlist", str(ALLOWLIST), f"--mypy-config-file={tmp_path / 'none.ini'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _mypy(cwd: Path, *args: str) -> Tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
     proc = subprocess.run(
@@ -214,9 +232,9 @@ def test_installed_package_is_used(tmp_path: Path) -> None:
     pkg = Path(blkio.__file__).parent
     assert pkg != Path(__file__).resolve().parent.parent / "src" / "blkio", \
         "blkio is imported from the source tree; install it (make install)"
-    for name in ("_core.pyi", "py.typed"):
+    for name in STUBS + ("py.typed",):
         assert (pkg / name).is_file(), f"{name} is not installed in {pkg}"
-    assert (pkg / "_core.pyi").stat().st_size > 0
+    assert all((pkg / name).stat().st_size > 0 for name in STUBS)
 
 
 def test_public_api_typechecks(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 
 from ._handle import State
-from ._requests import REQ_FUA, kept_for_the_kernel
+from ._requests import REQ_FUA as _REQ_FUA, kept_for_the_kernel as _kept_for_the_kernel
 
 cdef extern from "<errno.h>":
     int EIO
@@ -310,7 +310,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            return blocking_one(h, self.q0, WRITE, off, buf, REQ_FUA if fua else 0)
+            return blocking_one(h, self.q0, WRITE, off, buf, _REQ_FUA if fua else 0)
         finally:
             handle_leave(h, slot)
 
@@ -335,7 +335,7 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, False, False)
-            return blocking_io(h, self.q0, WRITE, off, v.total, v, REQ_FUA if fua else 0)
+            return blocking_io(h, self.q0, WRITE, off, v.total, v, _REQ_FUA if fua else 0)
         finally:
             handle_leave(h, slot)
 
@@ -497,7 +497,7 @@ cdef class _DeviceCore:
             c = c.next
         if queue.batch_unreaped:
             kept.append(self.handle.region_owners())
-        kept_for_the_kernel.append(kept)
+        _kept_for_the_kernel.append(kept)
         warnings.warn(f"{self.handle.driver}: {queue.unreaped} request(s) did not complete "
                       f"before the queue went away; their memory is kept until the process "
                       f"exits", ResourceWarning, stacklevel=2)

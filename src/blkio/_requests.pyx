@@ -39,7 +39,7 @@ import warnings
 import numpy as np
 
 from ._errors import Error, ReadOnlyError
-from ._handle import LIBBLKIO_VERSION
+from ._handle import LIBBLKIO_VERSION as _LIBBLKIO_VERSION
 
 cdef extern from "<errno.h>":
     int ENOTSUP
@@ -89,9 +89,9 @@ def write_zeroes_flags(bint fua=False, bint may_unmap=True, bint no_fallback=Fal
 cdef unsigned int zero_flags(bint fua, bint may_unmap, bint no_fallback) except? 0xFFFFFFFF:
     cdef unsigned int flags = 0
     if fua:
-        if LIBBLKIO_VERSION != "unknown" and tuple(int(x) for x in LIBBLKIO_VERSION.split(".")[:2]) < (1, 4):
+        if _LIBBLKIO_VERSION != "unknown" and tuple(int(x) for x in _LIBBLKIO_VERSION.split(".")[:2]) < (1, 4):
             raise ValueError("fua=True on write_zeroes needs libblkio >= 1.4.0 "
-                             f"(built against {LIBBLKIO_VERSION})")
+                             f"(built against {_LIBBLKIO_VERSION})")
         flags |= REQ_FUA
     if not may_unmap:
         flags |= REQ_NO_UNMAP
