@@ -5,7 +5,8 @@
         [--reps 5] [--runtime 2] [--cpu 0] [--case NAME ...] [--path FILE]
 
 Both interpreters run the *same* benchmark code (this tree's
-src/blkio/_bench.py, as a script), so only the library under it differs: what
+src/blkio/_bench.py, copied with what it imports into a package of its own),
+so only the library under it differs: what
 a change on the hot path costs or gains, without the noise of comparing runs
 made at different times on this shared machine.  Cases alternate A, B, B, A,
 ... so that a drift in the machine's load hits both alike; the figure is the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCH = HERE.parent / "src" / "blkio" / "_bench.py"
+SRC = HERE.parent / "src" / "blkio"
+BENCH_FILES = ("_bench.py", "_cliprops.py")     # the bench and what it imports
 
 CASES = {
     "blocking-qd1": ["--api=blocking", "--iodepth=1"],
@@ -42,13 +45,24 @@ CASES = {
 }
 
 
-def run_once(python: str, case: str, path: str, runtime: float, cpu: int | None) -> float:
-    cmd = [python, str(BENCH), *CASES[case], "--readwrite=randread", "--blocksize=4096",
+def bench_package(tmp: Path) -> Path:
+    """A copy of this tree's bench code as package ``abbench`` in ``tmp``."""
+    pkg = tmp / "abbench"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in BENCH_FILES:
+        (pkg / name).write_text((SRC / name).read_text())
+    return tmp
+
+
+def run_once(python: str, case: str, path: str, runtime: float, cpu: int | None,
+             pkgdir: Path) -> float:
+    cmd = [python, "-m", "abbench._bench", *CASES[case], "--readwrite=randread", "--blocksize=4096",
            f"--runtime={runtime}", "io_uring", f"path={path}"]
     if cpu is not None and "--num-threads=2" not in CASES[case]:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 10 + 60,
-                         cwd=tempfile.gettempdir())
+                         cwd=pkgdir)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return float(json.loads(out.stdout)["aggregate"]["kiops"]) * 1000
@@ -77,6 +91,7 @@ def main() -> int:
     with open(path, "rb") as f:            # page-cache it
         while f.read(1 << 24):
             pass
+    pkgdir = bench_package(Path(tempfile.mkdtemp(prefix="blkio-ab-")))
     try:
         results = {c: {"a": [], "b": []} for c in cases}
         for rep in range(args.reps):
@@ -84,7 +99,7 @@ def main() -> int:
             for c in cases:
                 for side in order:
                     py = args.a if side == "a" else args.b
-                    v = run_once(py, c, path, args.runtime, args.cpu)
+                    v = run_once(py, c, path, args.runtime, args.cpu, pkgdir)
                     results[c][side].append(v)
                     print(f"  rep {rep + 1} {c:14s} {side}: {v / 1000:8.1f}k", file=sys.stderr)
         print(f"\n| case | A median IOPS | B median IOPS | B / A | A range | B range |")
@@ -98,6 +113,7 @@ def main() -> int:
     finally:
         if tmp is not None:
             os.unlink(tmp.name)
+        shutil.rmtree(pkgdir, ignore_errors=True)
     return 0
 
 

@@ -93,3 +93,14 @@ def test_info_bad_property_prints_clear_error_and_exits_nonzero(tmp_path, image)
     assert "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
 
+
+
+def test_info_does_not_import_the_bench_or_copy(tmp_path, image):
+    code = ("import sys, blkio.cli; rc = blkio.cli.main(['info', 'io_uring', "
+            f"'path={image.path}']); "
+            "print(sorted(m for m in sys.modules if m in ('blkio._bench', 'blkio._copy'))); "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -59,14 +59,13 @@ import time
 
 from typing import Any, Callable, List, Optional, Sequence
 
+from ._cliprops import PropertyError, parse_properties
+
 import numpy as np
 
 GiB = 1 << 30
 _TABLE_LEN = 1 << 16          # random offsets precomputed per thread
 _CHECK_BYTES = 4 << 20        # blocking loops look at the clock every 4 MiB
-_BOOL_WORDS = {"true": True, "on": True, "yes": True,
-               "false": False, "off": False, "no": False}
-_BOOL_PROPS = {"direct", "read_only"}
 
 
 class BenchError(Exception):
@@ -160,53 +159,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.poll = True
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m blkio bench",
-                                description=DESCRIPTION, epilog=EPILOG)
+def _parse_args(argv: list[str], prog: str = "python -m blkio bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
     add_arguments(p)
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``bench`` on the subparsers of ``python -m blkio``; the
-    parsed namespace's ``func(args)`` runs it and returns the exit status."""
-    p = subparsers.add_parser("bench", help="benchmark a device (the options "
-                              "and JSON of libblkio's blkio-bench)",
-                              description=DESCRIPTION, epilog=EPILOG)
-    add_arguments(p)
-    p.set_defaults(func=lambda args: _cmd(p, args))
-    return p
-
-
-def _cmd(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    _check_args(p, args)
-    return _run_and_print(args)
-
-
-def parse_properties(items: list[str]) -> dict:
-    """``["path=/x", "direct=1", "num-entries=256"]`` -> open() keywords."""
-    props: dict = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise BenchError(f"{item}: missing property value "
-                             "(expected property=value)")
-        key = name.replace("-", "_")
-        low = value.lower()
-        conv: object
-        if low in _BOOL_WORDS:
-            conv = _BOOL_WORDS[low]
-        elif key in _BOOL_PROPS and value in ("0", "1"):
-            conv = value == "1"
-        else:
-            try:
-                conv = int(value, 0)
-            except ValueError:
-                conv = value
-        props[key] = conv
-    return props
 
 
 # --------------------------------------------------------------------------
@@ -775,7 +733,10 @@ def run(args: argparse.Namespace) -> dict:
         import blkio
     except ImportError as e:
         raise BenchError(f"cannot import blkio: {e}")
-    props = parse_properties(args.properties)
+    try:
+        props = parse_properties(args.properties)
+    except PropertyError as e:
+        raise BenchError(str(e)) from None
     open_kw = dict(props)
     if args.readwrite in ("read", "randread"):
         open_kw.setdefault("read_only", True)
@@ -846,11 +807,11 @@ def _run_and_print(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m blkio bench") -> int:
     """``python -m blkio bench ARGS``: returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
-    return _run_and_print(_parse_args(argv))
+    return _run_and_print(_parse_args(argv, prog))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 
 import blkio
 
-from ._bench import BenchError, parse_properties
+from ._cliprops import PropertyError, parse_properties
 
 PROG = "python -m blkio copy"
 MiB = 1 << 20
@@ -87,7 +87,7 @@ class EndSpec:
         """The properties as ``blkio.open`` keywords (``path`` kept a str)."""
         try:
             kwargs = parse_properties(self.props)
-        except BenchError as e:
+        except PropertyError as e:
             raise SpecError(f"{self.option}: {e}") from None
         for item in self.props:
             name, _, value = item.partition("=")

@@ -1,6 +1,7 @@
 """Command line: ``blkio info|bench|copy ...`` (the console script) or, the
 same, ``python -m blkio info|bench|copy ...``: the subcommands and their
-dispatch (copy lives in ``_copy``, bench in ``_bench``)."""
+dispatch.  ``info`` is here; ``bench`` (``_bench``) and ``copy`` (``_copy``)
+parse their own arguments and are imported only when they run."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import json
 import sys
 from typing import List, Optional
 
-from . import _bench
+from ._cliprops import parse_properties
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import blkio
     try:
-        props = _bench.parse_properties(args.props)
+        props = parse_properties(args.props)
         with blkio.open(args.driver, **props) as dev:
             info = {"driver": dev.driver, "capacity": dev.capacity,
                     "limits": dev.limits.__dict__, "properties": dev.properties()}
-    except (_bench.BenchError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"{args.prog} info: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2, sort_keys=True))
@@ -36,6 +37,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
         # --input-blkio/--output-blkio before it (libblkio's blkio-copy).
         from . import _copy
         return _copy.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from . import _bench
+        return _bench.main(argv[1:], prog=f"{prog} bench")
     parser = argparse.ArgumentParser(prog=prog)
     parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,7 +47,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
     p.add_argument("driver")
     p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
     p.set_defaults(func=cmd_info)
-    _bench.add_parser(sub)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark a device (the options and JSON of libblkio's blkio-bench; "
+                        "bench --help)")
     sub.add_parser("copy", add_help=False,
                    help="copy a device or file to another, pipelined (libblkio's blkio-copy; "
                         "python -m blkio copy --help)")
