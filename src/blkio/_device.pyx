@@ -13,6 +13,8 @@ from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS, Py_buffer
 
 from ._args cimport as_u64, as_index
+from ._posix cimport ECANCELED
+from libc.errno cimport EIO
 from ._libblkio cimport blkioq
 from ._handle cimport (DeviceHandle, ST_BROKEN, guard_own, handle_enter, handle_leave,
                        unraisable)
@@ -29,13 +31,18 @@ import numpy as np
 from ._handle import State
 from ._requests import REQ_FUA as _REQ_FUA, kept_for_the_kernel as _kept_for_the_kernel
 
-cdef extern from "<errno.h>":
-    int EIO
-    int ECANCELED
-
 # close() and remove_queue() wait for calls to leave a little longer than a
 # wait slice of _requests (0.1 s), so that a wait in progress can notice.
 cdef double LEAVE_SLACK = 0.25
+
+
+cdef void _warn_kept(DeviceHandle h, int kept):
+    # Said once the queue or device is gone: warnings may be errors, and a
+    # close must not stop halfway.
+    if kept:
+        warnings.warn(f"{h.driver}: {kept} request(s) did not complete before the device "
+                      f"(or queue) went away; their memory is kept until the process exits",
+                      ResourceWarning, stacklevel=3)
 
 
 cdef int _check_queues_open(DeviceHandle h) except -1:
@@ -465,6 +472,7 @@ cdef class _DeviceCore:
             self.call_close_callbacks(queue, orphans)
         if interrupted is not None:
             raise interrupted
+        _warn_kept(self.handle, kept)
 
     def _drain(self, Queue queue, double timeout):
         """Wait (bounded) for the queue's requests in flight.  Only close()
@@ -498,9 +506,6 @@ cdef class _DeviceCore:
         if queue.batch_unreaped:
             kept.append(self.handle.region_owners())
         _kept_for_the_kernel.append(kept)
-        warnings.warn(f"{self.handle.driver}: {queue.unreaped} request(s) did not complete "
-                      f"before the queue went away; their memory is kept until the process "
-                      f"exits", ResourceWarning, stacklevel=2)
         return <int>queue.unreaped
 
     cdef list orphans(self, Queue queue, int kept):
@@ -580,26 +585,32 @@ cdef class _DeviceCore:
                     interrupted = e
                     break
         kept = [self.keep_undrained(q) for q in queues]
-        h.unmap_all()
-        h.destroy()
-        orphans = [self.orphans(q, k) for q, k in zip(queues, kept)]
-        for q in queues:
-            (<Queue>q).q = NULL
-            (<Queue>q).removed = True
-        self._queues = []
-        self._poll_queues = []
-        self.q0 = None
-        # Break the reference cycles through the device so that memory (and
-        # its memfd) nobody views is freed now, not by the cyclic collector.
-        if self.arena is not None:
-            self.arena.handle = None
-            self.arena.chunks = []
-        if self._bounce_pool is not None:
-            self._bounce_pool.device_closed()
-        h.on_last_leave = None
-        for q, o in zip(queues, orphans):
-            self.call_close_callbacks(q, o)
-        self.close_callbacks = []
-        h.wake_waiters()
+        try:
+            h.unmap_all()
+        finally:
+            # Whatever happened above, the instance goes and every waiter is
+            # told: a half-closed device would be destroyed by the garbage
+            # collector with requests and mappings still in it.
+            h.destroy()
+            orphans = [self.orphans(q, k) for q, k in zip(queues, kept)]
+            for q in queues:
+                (<Queue>q).q = NULL
+                (<Queue>q).removed = True
+            self._queues = []
+            self._poll_queues = []
+            self.q0 = None
+            # Break the reference cycles through the device so that memory (and
+            # its memfd) nobody views is freed now, not by the cyclic collector.
+            if self.arena is not None:
+                self.arena.handle = None
+                self.arena.chunks = []
+            if self._bounce_pool is not None:
+                self._bounce_pool.device_closed()
+            h.on_last_leave = None
+            for q, o in zip(queues, orphans):
+                self.call_close_callbacks(q, o)
+            self.close_callbacks = []
+            h.wake_waiters()
         if interrupted is not None:
             raise interrupted
+        _warn_kept(h, sum(kept))

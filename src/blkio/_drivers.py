@@ -16,6 +16,8 @@ import builtins
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping, Tuple
 
+from ._handle import State
+
 __all__ = ["DRIVERS", "DRIVER_FACTS", "STATES", "DriverFacts", "PropertySpec",
            "driver_properties", "lookup"]
 
@@ -27,10 +29,12 @@ DRIVERS: Tuple[str, ...] = (
     "virtio-blk-vhost-vdpa",
 )
 
-#: Instance states, in order: after blkio_create, blkio_connect, blkio_start.
-STATES: Tuple[str, ...] = ("created", "connected", "started")
+#: The states in which libblkio reads and writes properties, in order: after
+#: blkio_create, blkio_connect, blkio_start (the values of the core's State,
+#: which adds broken and closed: no property is used there).
+STATES: Tuple[str, ...] = (State.CREATED.value, State.CONNECTED.value, State.STARTED.value)
 
-_C, _N, _S = "created", "connected", "started"
+_C, _N, _S = STATES
 _ALL = frozenset(STATES)
 _AFTER_CONNECT = frozenset((_N, _S))
 _NONE: FrozenSet[str] = frozenset()

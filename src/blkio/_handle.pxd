@@ -8,11 +8,7 @@ from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from cpython.pythread cimport PyThread_get_thread_ident
 from ._libblkio cimport blkio, blkioq
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
+from ._posix cimport pthread_mutex_t, pthread_cond_t
 
 
 # ---- the lifetime guard ---------------------------------------------------

@@ -56,32 +56,12 @@ from posix.time cimport timespec
 
 from . cimport _libblkio as lb
 from ._memory cimport PAGE
+from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                      pthread_mutex_trylock, pthread_mutex_unlock, pthread_cond_init,
+                      pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_timedwait,
+                      clock_gettime, CLOCK_REALTIME, pollfd, poll as c_poll, POLLHUP, POLLERR)
 
 from ._errors import Error, ReadOnlyError, error_for
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_trylock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-    int pthread_cond_init(pthread_cond_t *c, void *attr)
-    int pthread_cond_destroy(pthread_cond_t *c)
-    int pthread_cond_broadcast(pthread_cond_t *c)
-    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
-
-cdef extern from "<time.h>" nogil:
-    int clock_gettime(int clk, timespec *ts)
-    int CLOCK_REALTIME
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int c_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
-    short POLLHUP
-    short POLLERR
 
 cdef extern from *:
     """

@@ -17,17 +17,9 @@ from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAI
 from posix.unistd cimport close as c_close
 
 from ._args cimport as_u64
+from ._posix cimport memfd_create, MFD_CLOEXEC, ftruncate, sysconf, _SC_PAGESIZE
 
 import os
-
-cdef extern from "<sys/mman.h>" nogil:
-    int memfd_create(const char *name, unsigned int flags)
-    unsigned int MFD_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    int ftruncate(int fd, long length)
-    long sysconf(int name)
-    int _SC_PAGESIZE
 
 PAGE = <size_t>sysconf(_SC_PAGESIZE)
 

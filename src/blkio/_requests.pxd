@@ -13,9 +13,7 @@ from ._handle cimport (DeviceHandle, Guard, GUARD_THREADS, ST_BROKEN, guard_ente
 from ._memory cimport Buffer
 from ._pool cimport BouncePool
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
+from ._posix cimport pthread_mutex_t
 
 
 cpdef enum Op:

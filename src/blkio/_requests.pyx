@@ -31,6 +31,9 @@ from posix.uio cimport iovec
 
 from . cimport _libblkio as lb
 from ._args cimport as_u64, as_index
+from ._posix cimport (ENOTSUP, ECANCELED, pthread_mutex_init, pthread_mutex_destroy,
+                      pthread_mutex_lock, pthread_mutex_trylock, pthread_mutex_unlock,
+                      clock_gettime, CLOCK_MONOTONIC)
 from ._handle cimport (HotLimits, libblkio_error, request_error, unraisable, ST_STARTED)
 
 import time
@@ -40,21 +43,6 @@ import numpy as np
 
 from ._errors import Error, ReadOnlyError
 from ._handle import LIBBLKIO_VERSION as _LIBBLKIO_VERSION
-
-cdef extern from "<errno.h>":
-    int ENOTSUP
-    int ECANCELED
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_trylock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-
-cdef extern from "<time.h>" nogil:
-    int clock_gettime(int clk, timespec *ts)
-    int CLOCK_MONOTONIC
 
 #: Request names, by op code.
 OP_NAMES = ("read", "write", "write_zeroes", "discard", "flush")

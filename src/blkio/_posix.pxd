@@ -1,0 +1,47 @@
+# POSIX declarations the core needs that Cython's own libc/posix packages
+# lack: pthread mutexes and condition variables, clocks, poll(2), memfd and
+# the errnos libblkio returns.  Declarations only; no module of its own.
+
+from posix.time cimport timespec
+
+cdef extern from "<errno.h>":
+    int ENOTSUP
+    int ECANCELED
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
+
+cdef extern from "<time.h>" nogil:
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_MONOTONIC
+    int CLOCK_REALTIME
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLHUP
+    short POLLERR
+
+cdef extern from "<sys/mman.h>" nogil:
+    int memfd_create(const char *name, unsigned int flags)
+    unsigned int MFD_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, long length)
+    long sysconf(int name)
+    int _SC_PAGESIZE
