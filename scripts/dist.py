@@ -59,6 +59,8 @@ WHEEL_INPUTS = ["meson.build", "meson.options", "meson_options.txt", "pyproject.
 # The newest glibc a wheel may require: manylinux_2_34 is what libblkio and
 # the extension need (pthread_*@GLIBC_2.34); an older floor is better still.
 GLIBC_FLOOR = (2, 34)
+# The core modules that call libblkio (src/blkio/meson.build links only these).
+LIBBLKIO_MODULES = ("_handle", "_requests")
 
 PROBE = r"""
 import json, os, sys, sysconfig, importlib.util
@@ -313,15 +315,22 @@ def check_wheel(wheel: Path) -> None:
         libs = [n for n in names if re.fullmatch(r"blkio\.libs/libblkio-[0-9a-f]+\.so[.0-9]*", n)]
         if len(libs) != 1:
             raise DistError(f"{wheel.name}: expected one blkio.libs/libblkio-*.so, found {libs}")
-        cores = [n for n in names if re.fullmatch(r"blkio/_core\..*\.so", n)]
-        if len(cores) != 1:
-            raise DistError(f"{wheel.name}: expected one blkio/_core*.so, found {cores}")
-        needed, runpath = elf_dynamic(zf, cores[0])
+        # The core is one extension module per concern; those that call
+        # libblkio (meson.build's core_modules) must link the bundled copy.
+        modules = [n for n in names if re.fullmatch(r"blkio/_[a-z]+\..*\.so", n)]
+        linking = {m: elf_dynamic(zf, m) for m in modules}
+        linking = {m: nr for m, nr in linking.items()
+                   if any(n.startswith("libblkio") for n in nr[0])}
+        wanted = {f"blkio/{name}" for name in LIBBLKIO_MODULES}
+        if {m.split(".")[0] for m in linking} != wanted:
+            raise DistError(f"{wheel.name}: modules linking libblkio are {sorted(linking)}, "
+                            f"expected {sorted(wanted)}")
         bundled = libs[0].split("/")[-1]
-        if bundled not in needed or any(n.startswith("libblkio.so") for n in needed):
-            raise DistError(f"{wheel.name}: {cores[0]} needs {needed}, not the bundled {bundled}")
-        if "$ORIGIN/../blkio.libs" not in runpath:
-            raise DistError(f"{wheel.name}: {cores[0]} RUNPATH {runpath} misses $ORIGIN/../blkio.libs")
+        for module, (needed, runpath) in linking.items():
+            if bundled not in needed or any(n.startswith("libblkio.so") for n in needed):
+                raise DistError(f"{wheel.name}: {module} needs {needed}, not the bundled {bundled}")
+            if "$ORIGIN/../blkio.libs" not in runpath:
+                raise DistError(f"{wheel.name}: {module} RUNPATH {runpath} misses $ORIGIN/../blkio.libs")
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         for lic in ("LICENSE-MIT", "LICENSE-APACHE",
                     "LICENSES/libblkio/copyright", "LICENSES/libblkio/Apache-2.0"):

@@ -213,12 +213,13 @@ def one_race(cfg) -> dict:
     op, action = cfg["op"], cfg["action"]
     nthreads = cfg.get("threads", 3)
     kwargs = dict(cfg["props"])
-    if action == "remove_queue" or op in QUEUE_OPS:
+    if op in QUEUE_OPS:
         kwargs.setdefault("num_queues", 2)
     dev = blkio.open(cfg["driver"], **kwargs)
     try:
         # Queue ops use queue 1 (so removing it is the race); blocking ops
-        # use queue 0, which remove_queue then takes away from them.
+        # share the device's one queue (more threads than queues), which
+        # remove_queue then takes away from them.
         qi = 1 if op in QUEUE_OPS else 0
         started = threading.Semaphore(0)
         workers = [Worker(dev, op, qi, i, started) for i in range(nthreads)]

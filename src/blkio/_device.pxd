@@ -13,7 +13,7 @@ cdef class _DeviceCore:
     cdef DeviceHandle handle
     cdef list _queues
     cdef list _poll_queues
-    cdef Queue q0                  # blocking I/O goes here
+    cdef list blocking             # the queues blocking calls use, one per thread's slot
     cdef Arena arena
     cdef BouncePool _bounce_pool
     cdef list close_callbacks

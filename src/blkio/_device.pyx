@@ -16,8 +16,9 @@ from ._args cimport as_u64, as_index
 from ._posix cimport ECANCELED
 from libc.errno cimport EIO
 from ._libblkio cimport blkioq
-from ._handle cimport (DeviceHandle, ST_BROKEN, guard_own, handle_enter, handle_leave,
-                       unraisable)
+from cpython.pythread cimport PyThread_get_thread_ident
+from ._handle cimport (DeviceHandle, GUARD_THREADS, ST_BROKEN, guard_own, handle_enter,
+                       handle_leave, unraisable)
 from ._memory cimport Buffer, ArenaSlice, owner_of
 from ._requests cimport (Completion, HeldBuffers, Queue, READ, WRITE, WRITE_ZEROES, DISCARD,
                          FLUSH, blocking_io, blocking_one, check_request, hold_buffers,
@@ -34,6 +35,22 @@ from ._requests import REQ_FUA as _REQ_FUA, kept_for_the_kernel as _kept_for_the
 # close() and remove_queue() wait for calls to leave a little longer than a
 # wait slice of _requests (0.1 s), so that a wait in progress can notice.
 cdef double LEAVE_SLACK = 0.25
+
+
+cdef inline Queue _blocking_queue(_DeviceCore d, Py_ssize_t slot):
+    """The queue of a thread's blocking calls: each thread (by its slot in
+    the device's guard) gets a queue of its own while the device has enough,
+    and threads beyond that share (``Queue.wait_shared``).  None when no
+    queue is left."""
+    cdef list qs = d.blocking
+    cdef Py_ssize_t n = len(qs)
+    if n == 1:
+        return <Queue>qs[0]
+    if n == 0:
+        return None
+    if slot >= GUARD_THREADS:        # a thread the guard does not track
+        slot = <Py_ssize_t>(PyThread_get_thread_ident() % <unsigned long>n)
+    return <Queue>qs[slot % n]
 
 
 cdef void _warn_kept(DeviceHandle h, int kept):
@@ -100,7 +117,7 @@ cdef class _DeviceCore:
                     break
                 lst.append(Queue.new(h, self._bounce_pool, self, q, i, poll, slots))
                 i += 1
-        self.q0 = self._queues[0] if self._queues else None
+        self.blocking = list(self._queues)
 
     def _refresh(self, limits, uint64_t capacity):
         self.handle.set_capacity(capacity)
@@ -294,7 +311,7 @@ cdef class _DeviceCore:
             if n == 0:
                 return np.empty(0, dtype=np.uint8)
             out = self.arena.alloc(n)
-            blocking_io(h, self.q0, READ, off, n, hold_buffers(out, True, True), 0)
+            blocking_io(h, _blocking_queue(self, slot), READ, off, n, hold_buffers(out, True, True), 0)
             return out
         finally:
             handle_leave(h, slot)
@@ -306,7 +323,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            return blocking_one(h, self.q0, READ, off, buf, 0)
+            return blocking_one(h, _blocking_queue(self, slot), READ, off, buf, 0)
         finally:
             handle_leave(h, slot)
 
@@ -317,7 +334,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            return blocking_one(h, self.q0, WRITE, off, buf, _REQ_FUA if fua else 0)
+            return blocking_one(h, _blocking_queue(self, slot), WRITE, off, buf, _REQ_FUA if fua else 0)
         finally:
             handle_leave(h, slot)
 
@@ -330,7 +347,7 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, True, False)
-            return blocking_io(h, self.q0, READ, off, v.total, v, 0)
+            return blocking_io(h, _blocking_queue(self, slot), READ, off, v.total, v, 0)
         finally:
             handle_leave(h, slot)
 
@@ -342,7 +359,7 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, False, False)
-            return blocking_io(h, self.q0, WRITE, off, v.total, v, _REQ_FUA if fua else 0)
+            return blocking_io(h, _blocking_queue(self, slot), WRITE, off, v.total, v, _REQ_FUA if fua else 0)
         finally:
             handle_leave(h, slot)
 
@@ -356,7 +373,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            blocking_io(h, self.q0, WRITE_ZEROES, off, n, None, flags)
+            blocking_io(h, _blocking_queue(self, slot), WRITE_ZEROES, off, n, None, flags)
         finally:
             handle_leave(h, slot)
 
@@ -367,7 +384,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            blocking_io(h, self.q0, DISCARD, off, n, None, 0)
+            blocking_io(h, _blocking_queue(self, slot), DISCARD, off, n, None, 0)
         finally:
             handle_leave(h, slot)
 
@@ -376,7 +393,7 @@ cdef class _DeviceCore:
         cdef DeviceHandle h = self.handle
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            blocking_io(h, self.q0, FLUSH, 0, 0, None, 0)
+            blocking_io(h, _blocking_queue(self, slot), FLUSH, 0, 0, None, 0)
         finally:
             handle_leave(h, slot)
 
@@ -422,6 +439,8 @@ cdef class _DeviceCore:
             while len(lst) <= idx:
                 lst.append(None)
             lst[idx] = qq
+            if not poll:
+                self.blocking.append(qq)
             return qq
         finally:
             handle_leave(h, slot)
@@ -465,8 +484,8 @@ cdef class _DeviceCore:
             queue.q = NULL
             lst = self._poll_queues if queue.is_poll_queue else self._queues
             lst[queue.index] = None
-            if queue is self.q0:
-                self.q0 = None
+            if queue in self.blocking:
+                self.blocking.remove(queue)
             while lst and lst[len(lst) - 1] is None:
                 lst.pop()
             self.call_close_callbacks(queue, orphans)
@@ -598,7 +617,7 @@ cdef class _DeviceCore:
                 (<Queue>q).removed = True
             self._queues = []
             self._poll_queues = []
-            self.q0 = None
+            self.blocking = []
             # Break the reference cycles through the device so that memory (and
             # its memfd) nobody views is freed now, not by the cyclic collector.
             if self.arena is not None:

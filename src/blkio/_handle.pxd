@@ -27,13 +27,21 @@ cdef struct Guard:
 
 
 cdef inline Py_ssize_t guard_enter(Guard *g) noexcept:
-    """Count a call of this thread; returns the slot to give to guard_leave."""
+    """Count a call of this thread; returns the slot to give to guard_leave.
+    A thread keeps its slot while it has one (a slot never used goes to a new
+    thread before one that is merely idle), so the device's slot is also the
+    thread's index for its blocking queue (``_device``)."""
     cdef unsigned long me = PyThread_get_thread_ident()
     cdef Py_ssize_t i
     g.users += 1
     for i in range(GUARD_THREADS):
         if g.tid[i] == me:
             g.count[i] += 1
+            return i
+    for i in range(GUARD_THREADS):
+        if g.tid[i] == 0:
+            g.tid[i] = me
+            g.count[i] = 1
             return i
     for i in range(GUARD_THREADS):
         if g.count[i] == 0:

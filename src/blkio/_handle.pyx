@@ -59,7 +59,7 @@ from ._memory cimport PAGE
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock, pthread_cond_init,
                       pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_timedwait,
-                      clock_gettime, CLOCK_REALTIME, pollfd, poll as c_poll, POLLHUP, POLLERR)
+                      realtime_after, pollfd, poll as c_poll, POLLHUP, POLLERR)
 
 from ._errors import Error, ReadOnlyError, error_for
 
@@ -126,14 +126,6 @@ cdef void unraisable(object where) noexcept:
         pass
 
 
-cdef inline void _realtime_after(timespec *ts, double seconds) noexcept nogil:
-    """The CLOCK_REALTIME instant ``seconds`` from now (pthread_cond_timedwait)."""
-    clock_gettime(CLOCK_REALTIME, ts)
-    cdef int64_t ns = ts.tv_nsec + <int64_t>(seconds * 1e9)
-    ts.tv_sec += <long>(ns // 1000000000)
-    ts.tv_nsec = <long>(ns % 1000000000)
-
-
 cdef class DeviceHandle:
     """The libblkio instance of one device (internal: ``blkio.open`` makes it)."""
 
@@ -196,7 +188,7 @@ cdef class DeviceHandle:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            _realtime_after(&ts, left if left < 0.05 else 0.05)
+            realtime_after(&ts, left if left < 0.05 else 0.05)
             pthread_mutex_lock(&self.guard_mutex)
             if g.users > own:
                 with nogil:
@@ -211,7 +203,7 @@ cdef class DeviceHandle:
         cdef timespec ts
         deadline = time.monotonic() + timeout
         while self.b != NULL and time.monotonic() < deadline:
-            _realtime_after(&ts, 0.05)
+            realtime_after(&ts, 0.05)
             pthread_mutex_lock(&self.guard_mutex)
             if self.b != NULL:
                 with nogil:

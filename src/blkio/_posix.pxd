@@ -2,6 +2,7 @@
 # lack: pthread mutexes and condition variables, clocks, poll(2), memfd and
 # the errnos libblkio returns.  Declarations only; no module of its own.
 
+from libc.stdint cimport int64_t
 from posix.time cimport timespec
 
 cdef extern from "<errno.h>":
@@ -34,6 +35,7 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
     short POLLHUP
     short POLLERR
 
@@ -45,3 +47,11 @@ cdef extern from "<unistd.h>" nogil:
     int ftruncate(int fd, long length)
     long sysconf(int name)
     int _SC_PAGESIZE
+
+
+cdef inline void realtime_after(timespec *ts, double seconds) noexcept nogil:
+    """The CLOCK_REALTIME instant ``seconds`` from now (pthread_cond_timedwait)."""
+    clock_gettime(CLOCK_REALTIME, ts)
+    cdef int64_t ns = ts.tv_nsec + <int64_t>(seconds * 1e9)
+    ts.tv_sec += <long>(ns // 1000000000)
+    ts.tv_nsec = <long>(ns % 1000000000)

@@ -13,7 +13,7 @@ from ._handle cimport (DeviceHandle, Guard, GUARD_THREADS, ST_BROKEN, guard_ente
 from ._memory cimport Buffer
 from ._pool cimport BouncePool
 
-from ._posix cimport pthread_mutex_t
+from ._posix cimport pthread_mutex_t, pthread_cond_t
 
 
 cpdef enum Op:
@@ -80,6 +80,11 @@ cdef class Queue:
     cdef readonly Py_ssize_t slots # driver queue depth (num-entries / queue-size), 0: unknown
     cdef pthread_mutex_t lock      # libblkio queues are not thread-safe
     cdef bint lock_ready
+    # Blocking calls of several threads on one queue: one of them (the
+    # leader) sleeps on the completion fd, the others on this condition.
+    cdef bint leader
+    cdef pthread_mutex_t wait_mutex
+    cdef pthread_cond_t wait_cond
     # What is in flight, counted four ways:
     cdef Py_ssize_t unreaped       # enqueued and not yet reaped (Queue.in_flight)
     cdef Py_ssize_t in_libblkio    # enqueued and not yet returned by do_io (as libblkio counts;
@@ -96,6 +101,7 @@ cdef class Queue:
     cdef Py_ssize_t slots_cap, slots_free, slots_nfree
     cdef bint fd_enabled
     cdef Py_ssize_t batch_failed
+    cdef uint64_t n_requests       # requests handed to libblkio through this queue
     cdef object reap_out           # layout of the last `out` given to reap()
     cdef char *reap_base
     cdef Py_ssize_t reap_stride, reap_len, reap_off_ud, reap_off_ret
@@ -133,6 +139,8 @@ cdef class Queue:
     cdef object _reap(self, out, Py_ssize_t min, timeout)
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1
+    cdef int wait_shared(self, Completion until) except -1
+    cdef void wake_followers(self) noexcept
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
                                 unsigned int flags, object user_data, uint64_t length,
                                 object bounce, bint nowait)

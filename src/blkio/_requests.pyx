@@ -33,9 +33,14 @@ from . cimport _libblkio as lb
 from ._args cimport as_u64, as_index
 from ._posix cimport (ENOTSUP, ECANCELED, pthread_mutex_init, pthread_mutex_destroy,
                       pthread_mutex_lock, pthread_mutex_trylock, pthread_mutex_unlock,
-                      clock_gettime, CLOCK_MONOTONIC)
+                      pthread_cond_init, pthread_cond_destroy, pthread_cond_broadcast,
+                      pthread_cond_timedwait, clock_gettime, CLOCK_MONOTONIC, realtime_after,
+                      pollfd, poll, POLLIN)
+from libc.errno cimport errno
+from posix.unistd cimport read
 from ._handle cimport (HotLimits, libblkio_error, request_error, unraisable, ST_STARTED)
 
+import os
 import time
 import warnings
 
@@ -56,6 +61,9 @@ REQ_NO_FALLBACK = lb.BLKIO_REQ_NO_FALLBACK
 # honoured, a closing device and a dead backend are noticed, whatever the
 # driver does with signals.
 cdef double WAIT_SLICE = 0.1
+# How often a blocking wait that holds its queue's lock looks whether another
+# thread came to the queue (only once the device has seen a second thread).
+cdef double SHARE_CHECK = 0.01
 # Completions fetched per blkioq_do_io call (into an array on the caller's stack).
 cdef enum:
     NCOMPS = 64
@@ -324,6 +332,8 @@ cdef class Queue:
     def __dealloc__(self):
         if self.lock_ready:
             pthread_mutex_destroy(&self.lock)
+            pthread_mutex_destroy(&self.wait_mutex)
+            pthread_cond_destroy(&self.wait_cond)
         free(self.batch_tags)
         free(self.batch_rets)
         free(self.slots_table)
@@ -340,6 +350,8 @@ cdef class Queue:
         self.is_poll_queue = poll
         self.slots = slots
         pthread_mutex_init(&self.lock, NULL)
+        pthread_mutex_init(&self.wait_mutex, NULL)
+        pthread_cond_init(&self.wait_cond, NULL)
         self.lock_ready = True
         self.ready = []
         return self
@@ -410,6 +422,7 @@ cdef class Queue:
         self.head = c
         self.unreaped += 1
         self.handle.n_requests += 1
+        self.n_requests += 1
         cdef void *ud = <void *>c
         cdef int n = 0
         cdef lb.blkio_completion comps[NCOMPS]
@@ -589,10 +602,18 @@ cdef class Queue:
                 if n < NCOMPS:
                     return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
+        cdef double max_slice = WAIT_SLICE
+        if self.handle.threaded:
+            # Another thread may come to this queue while we sleep holding its
+            # lock: look again soon (wait_shared then takes over).
+            max_slice = SHARE_CHECK
         while True:
             if until is not None:
                 if until.done:
                     return 0
+                if self.guard.users > 1 and not self.is_poll_queue:
+                    # Other calls use this queue too: wait without holding it.
+                    return self.wait_shared(until)
                 self.check_not_closing()
                 want = 1 if self.unreaped > 0 else 0
             else:
@@ -603,9 +624,9 @@ cdef class Queue:
                 if want > self.unreaped:
                     want = <int>self.unreaped
             if deadline is None:
-                slice_ = WAIT_SLICE
+                slice_ = max_slice
             else:
-                slice_ = min(WAIT_SLICE, deadline - time.monotonic())
+                slice_ = min(max_slice, deadline - time.monotonic())
             _set_timeout(&ts, slice_)
             with nogil:
                 pthread_mutex_lock(&self.lock)
@@ -655,6 +676,72 @@ cdef class Queue:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no completion within {timeout} s "
                                    f"({self.unreaped} request(s) still in flight)")
+
+    cdef int wait_shared(self, Completion until) except -1:
+        """Wait for ``until`` while other calls use this queue too.  Waiting
+        inside blkioq_do_io would hold the queue's lock, and every other thread
+        would stop submitting until this request completed.  Instead one
+        waiter (the leader) sleeps on the completion fd with neither the GIL
+        nor the queue lock, reaps for everyone and wakes the others, who wait
+        for that on ``wait_cond``; so N threads keep N requests in flight."""
+        cdef int fd, r, err
+        cdef pollfd pfd
+        cdef uint64_t counter
+        cdef timespec ts
+        cdef int slice_ms = <int>(WAIT_SLICE * 1000)
+        if not self.fd_enabled:
+            self._set_fd_enabled(True)
+        fd = lb.blkioq_get_completion_fd(self.q)
+        while True:
+            self.drive(0, 0.0, None)            # submit, reap what is there
+            if until.done:
+                return 0
+            self.check_not_closing()
+            if not self.leader:
+                self.leader = True
+                pfd.fd = fd
+                pfd.events = POLLIN
+                pfd.revents = 0
+                with nogil:
+                    r = poll(&pfd, 1, slice_ms)
+                    err = errno
+                    if r > 0:
+                        read(fd, &counter, 8)   # reset the eventfd, then reap
+                self.leader = False
+                self.drive(0, 0.0, None)
+                self.wake_followers()
+                if r < 0 and err != EINTR:
+                    raise OSError(err, f"poll on the completion fd: {os.strerror(err)}")
+                if r == 0 and self.handle.backend_dead():
+                    inflight = self.unreaped
+                    self._device._fail_backend()
+                    raise Error(EIO, f"{self.handle.driver}: the backend hung up "
+                                     f"with {inflight} request(s) in flight")
+                PyErr_CheckSignals()
+            else:
+                # A follower: the leader reaps; wait for its call (or a slice).
+                realtime_after(&ts, WAIT_SLICE)
+                pthread_mutex_lock(&self.wait_mutex)
+                if not until.done and self.leader:
+                    with nogil:
+                        pthread_cond_timedwait(&self.wait_cond, &self.wait_mutex, &ts)
+                        pthread_mutex_unlock(&self.wait_mutex)
+                else:
+                    pthread_mutex_unlock(&self.wait_mutex)
+                PyErr_CheckSignals()
+
+    cdef void wake_followers(self) noexcept:
+        pthread_mutex_lock(&self.wait_mutex)
+        pthread_cond_broadcast(&self.wait_cond)
+        pthread_mutex_unlock(&self.wait_mutex)
+
+    def _set_fd_enabled(self, bint value):
+        if pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+        lb.blkioq_set_completion_fd_enabled(self.q, value)
+        pthread_mutex_unlock(&self.lock)
+        self.fd_enabled = value
 
     # ---- public API ------------------------------------------------------
 
@@ -1006,6 +1093,7 @@ cdef class Queue:
         self.unreaped += n
         self.batch_unreaped += n
         self.handle.n_requests += n
+        self.n_requests += n
         if got < 0:
             raise libblkio_error(got, "blkioq_do_io")
         self.dispatch(comps, got)
@@ -1137,12 +1225,7 @@ cdef class Queue:
             raise ValueError("poll queues have no completion fd")
         cdef Py_ssize_t slots = queue_enter(self)
         try:
-            if pthread_mutex_trylock(&self.lock) != 0:
-                with nogil:
-                    pthread_mutex_lock(&self.lock)
-            lb.blkioq_set_completion_fd_enabled(self.q, value)
-            pthread_mutex_unlock(&self.lock)
-            self.fd_enabled = value
+            self._set_fd_enabled(value)
         finally:
             queue_leave(self, slots)
 
@@ -1150,6 +1233,11 @@ cdef class Queue:
     def in_flight(self) -> int:
         """Requests submitted or enqueued and not yet reaped."""
         return self.unreaped
+
+    @property
+    def requests(self) -> int:
+        """Requests handed to libblkio through this queue so far."""
+        return self.n_requests
 
     @property
     def removed(self) -> bool:
@@ -1288,8 +1376,8 @@ cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64
     released, Ctrl-C honoured).  Returns the byte count."""
     check_request(h, op, offset, length)
     if q is None:
-        raise ValueError(f"{h.driver} device has no queue 0 (num_queues=0, "
-                         f"or queue 0 was removed)")
+        raise ValueError(f"{h.driver} device has no queue left for blocking I/O "
+                         f"(num_queues=0, or its queues were removed)")
     cdef Py_ssize_t slot = queue_use(q)
     try:
         return _blocking_pieces(h, q, op, offset, length, views, flags)
