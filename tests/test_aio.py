@@ -231,7 +231,7 @@ def test_cancelled_read_releases_bounce_space_once_completion_arrives(slow_socke
             pool = adev.device.bounce_pool
             await _warm_up_throttle(adev, 8 * MiB)
             assert pool.in_use == 0
-            task = asyncio.ensure_future(adev.readinto(0, np.zeros(2 * MiB, np.uint8)))
+            task = asyncio.ensure_future(adev.readinto(0, np.zeros(2 * MiB, np.uint8), chunk=2 * MiB))
             await asyncio.sleep(0.1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -253,7 +253,7 @@ def test_cancelled_read_bounce_range_not_reused_while_in_flight(slow_socket):
             pool = adev.device.bounce_pool
             await _warm_up_throttle(adev, 8 * MiB)     # the next read waits ~2 s
             nbytes = 2 * MiB
-            task = asyncio.ensure_future(adev.readinto(0, np.zeros(nbytes, np.uint8)))
+            task = asyncio.ensure_future(adev.readinto(0, np.zeros(nbytes, np.uint8), chunk=nbytes))
             await asyncio.sleep(0.1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

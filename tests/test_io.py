@@ -268,8 +268,10 @@ def test_ctrl_c_interrupts_a_blocking_wait_promptly(slow_socket):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
         assert time.monotonic() - t0 < 2.0
-        # The interrupted request is still tracked; close waits for it.
-        assert dev.queue(0).in_flight == 1
+        # The read is pipelined (8 MiB in 1 MiB chunks); after a bounded wait
+        # for its chunks, the ones the slow backend still holds stay tracked
+        # (with the buffer they use); close waits for them.
+        assert 1 <= dev.queue(0).in_flight <= 8
     assert dev.closed
     assert buf.size == 8 * MiB           # memory stays valid after close
 

@@ -18,7 +18,7 @@ from libc.errno cimport EIO
 from ._libblkio cimport blkioq
 from cpython.pythread cimport PyThread_get_thread_ident
 from ._handle cimport (DeviceHandle, GUARD_THREADS, ST_BROKEN, guard_own, handle_enter,
-                       handle_leave, unraisable)
+                       handle_leave, unraisable, check_io_depth)
 from ._memory cimport Buffer, ArenaSlice, owner_of
 from ._requests cimport (Completion, HeldBuffers, Queue, READ, WRITE, WRITE_ZEROES, DISCARD,
                          FLUSH, blocking_io, blocking_one, check_request, hold_buffers,
@@ -298,68 +298,127 @@ cdef class _DeviceCore:
         finally:
             handle_leave(h, slot)
 
-    # ---- blocking I/O on queue 0 ------------------------------------------
+    # ---- blocking I/O ------------------------------------------------------
 
-    def read(self, offset, nbytes):
+    @property
+    def large_io_chunk(self) -> int:
+        """Reads and writes longer than this (bytes) are cut into chunks of
+        this size with ``large_io_depth`` in flight.  Default: 1 MiB (or the
+        device's optimal-io-size), within max-transfer; settable."""
+        return self.handle.large_io[0]
+
+    @large_io_chunk.setter
+    def large_io_chunk(self, value):
+        self.handle.set_large_io(value, None)
+
+    @property
+    def large_io_depth(self) -> int:
+        """Chunks of a large read or write in flight at once (default 8)."""
+        return self.handle.large_io[1]
+
+    @large_io_depth.setter
+    def large_io_depth(self, value):
+        self.handle.set_large_io(None, value)
+
+    def large_io_plan(self, nbytes, chunk=None, depth=None):
+        """How a read or write of ``nbytes`` is cut: ``(chunk bytes, chunks in
+        flight)``, or ``(nbytes, 1)`` when it goes as one request.  ``chunk``
+        and ``depth`` override the device's defaults (checked here: a chunk
+        must be a multiple of request-alignment within max-transfer)."""
+        cdef uint64_t n = as_u64(nbytes, "nbytes")
+        cdef DeviceHandle h = self.handle
+        cdef uint64_t ck = h.lim.io_chunk if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = h.lim.io_depth if depth is None else check_io_depth(depth)
+        if n <= ck:
+            return n, 1
+        return ck, dp
+
+    def read(self, offset, nbytes, *, chunk=None, depth=None):
         """Read ``nbytes`` at ``offset`` into a new numpy uint8 array (mapped
-        memory from ``alloc``, so no copy on any driver)."""
+        memory from ``alloc``, so no copy on any driver).  Reads longer than
+        ``chunk`` bytes are pipelined, ``depth`` chunks in flight (default:
+        ``large_io_chunk`` and ``large_io_depth``)."""
         cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(nbytes, "nbytes")
         cdef DeviceHandle h = self.handle
+        cdef uint64_t ck = 0 if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             check_request(h, READ, off, n)
             if n == 0:
                 return np.empty(0, dtype=np.uint8)
             out = self.arena.alloc(n)
-            blocking_io(h, _blocking_queue(self, slot), READ, off, n, hold_buffers(out, True, True), 0)
+            blocking_io(h, _blocking_queue(self, slot), READ, off, n, hold_buffers(out, True, True), 0,
+                        ck, dp)
             return out
         finally:
             handle_leave(h, slot)
 
-    def readinto(self, offset, buf):
+    def readinto(self, offset, buf, *, chunk=None, depth=None):
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
-        contiguous buffer); returns the number of bytes read."""
+        contiguous buffer); returns the number of bytes read.  ``chunk`` and
+        ``depth``: the pipeline for large reads, as in ``read``."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
+        cdef uint64_t ck = 0
+        cdef int dp = 0
+        if chunk is not None:
+            ck = h.check_io_chunk(chunk)
+        if depth is not None:
+            dp = check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            return blocking_one(h, _blocking_queue(self, slot), READ, off, buf, 0)
+            return blocking_one(h, _blocking_queue(self, slot), READ, off, buf, 0, ck, dp)
         finally:
             handle_leave(h, slot)
 
-    def write(self, offset, buf, *, bint fua=False):
+    def write(self, offset, buf, *, bint fua=False, chunk=None, depth=None):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
-        ``fua=True`` makes it durable before returning.  Returns bytes written."""
+        ``fua=True`` makes it durable before returning.  Returns bytes written.
+        ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
+        cdef uint64_t ck = 0
+        cdef int dp = 0
+        if chunk is not None:
+            ck = h.check_io_chunk(chunk)
+        if depth is not None:
+            dp = check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            return blocking_one(h, _blocking_queue(self, slot), WRITE, off, buf, _REQ_FUA if fua else 0)
+            return blocking_one(h, _blocking_queue(self, slot), WRITE, off, buf,
+                                _REQ_FUA if fua else 0, ck, dp)
         finally:
             handle_leave(h, slot)
 
-    def readv(self, offset, bufs):
+    def readv(self, offset, bufs, *, chunk=None, depth=None):
         """Read consecutive bytes at ``offset`` into each buffer of ``bufs`` in
-        turn; returns the total."""
+        turn; returns the total.  Pipelined like ``read``."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
         cdef HeldBuffers v
+        cdef uint64_t ck = 0 if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, True, False)
-            return blocking_io(h, _blocking_queue(self, slot), READ, off, v.total, v, 0)
+            return blocking_io(h, _blocking_queue(self, slot), READ, off, v.total, v, 0, ck, dp)
         finally:
             handle_leave(h, slot)
 
-    def writev(self, offset, bufs, *, bint fua=False):
-        """Write the buffers of ``bufs`` back to back at ``offset``."""
+    def writev(self, offset, bufs, *, bint fua=False, chunk=None, depth=None):
+        """Write the buffers of ``bufs`` back to back at ``offset``.
+        Pipelined like ``write``."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
         cdef HeldBuffers v
+        cdef uint64_t ck = 0 if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, False, False)
-            return blocking_io(h, _blocking_queue(self, slot), WRITE, off, v.total, v, _REQ_FUA if fua else 0)
+            return blocking_io(h, _blocking_queue(self, slot), WRITE, off, v.total, v,
+                               _REQ_FUA if fua else 0, ck, dp)
         finally:
             handle_leave(h, slot)
 

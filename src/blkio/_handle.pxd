@@ -88,6 +88,8 @@ cdef struct HotLimits:
     uint64_t max_write_zeroes_len
     uint64_t max_discard_len
     uint64_t bounce_chunk          # bounced requests are cut into pieces of at most this
+    uint64_t io_chunk              # large reads/writes: pieces of this size ...
+    int io_depth                   # ... this many in flight (Device.large_io_*)
     int max_segments
     bint read_only
     bint needs_mem_regions
@@ -137,6 +139,9 @@ cdef class DeviceHandle:
     cdef int unmap(self, uintptr_t addr) except -1
     cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil
     cdef int ensure_started(self) except -1
+    cdef uint64_t default_io_chunk(self, uint64_t optimal) noexcept
+    cdef uint64_t io_chunk_cap(self) noexcept
+    cdef uint64_t check_io_chunk(self, object chunk) except 0
     cdef blkioq *get_queue(self, int index, bint poll) noexcept
     cdef int add_queue(self, bint poll) except -1
     cdef int remove_queue(self, int index, bint poll) except -1
@@ -161,3 +166,5 @@ cdef inline void handle_leave(DeviceHandle h, Py_ssize_t slot) noexcept:
     guard_leave(&h.guard, slot)
     if h.closing:
         h.left_while_closing()
+
+cdef int check_io_depth(object depth) except 0

@@ -186,7 +186,7 @@ cdef inline void queue_leave(Queue q, Py_ssize_t slots) noexcept:
 cdef HeldBuffers hold_buffers(object objs, bint writable, bint single)
 cdef int check_request(DeviceHandle h, int op, uint64_t offset, uint64_t length) except -1
 cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
-                        HeldBuffers views, unsigned int flags)
+                        HeldBuffers views, unsigned int flags, uint64_t chunk=*, int depth=*)
 cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
-                         unsigned int flags)
+                         unsigned int flags, uint64_t chunk=*, int depth=*)
 cdef unsigned int zero_flags(bint fua, bint may_unmap, bint no_fallback) except? 0xFFFFFFFF

@@ -1370,67 +1370,128 @@ cdef uint64_t split_limit(DeviceHandle h, int op) noexcept:
 
 
 cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
-                        HeldBuffers views, unsigned int flags):
-    """The blocking path (inside the device's guard): check, split into
-    pieces, bounce where needed, submit each on ``q`` and wait for it (GIL
-    released, Ctrl-C honoured).  Returns the byte count."""
+                        HeldBuffers views, unsigned int flags, uint64_t chunk=0, int depth=0):
+    """The blocking path (inside the device's guard): check, cut into
+    pieces, bounce where needed, submit on ``q`` and wait (GIL released,
+    Ctrl-C honoured).  Returns the byte count.  ``chunk``/``depth``: the
+    caller's large-I/O pipeline (0: the device's defaults)."""
     check_request(h, op, offset, length)
     if q is None:
         raise ValueError(f"{h.driver} device has no queue left for blocking I/O "
                          f"(num_queues=0, or its queues were removed)")
     cdef Py_ssize_t slot = queue_use(q)
     try:
-        return _blocking_pieces(h, q, op, offset, length, views, flags)
+        return _blocking_pieces(h, q, op, offset, length, views, flags, chunk, depth)
     finally:
         queue_unuse(q, slot)
 
 
+# Once a blocking call is interrupted (Ctrl-C, a closing device), how long it
+# waits for its other pieces in flight before leaving them to the queue (their
+# Completions hold the caller's buffers, so no memory is freed under them).
+cdef double SETTLE_TIMEOUT = 0.25
+
+
 cdef object _blocking_pieces(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
-                             HeldBuffers views, unsigned int flags):
+                             HeldBuffers views, unsigned int flags, uint64_t chunk, int depth):
+    """Submit ``length`` bytes as pieces and wait for all of them.  Pieces
+    are at most max-transfer (or the op's limit) and, for bounced memory, the
+    bounce chunk; a read or write longer than ``chunk`` is pipelined: pieces
+    of ``chunk`` bytes, ``depth`` of them in flight, refilled as the oldest
+    completes.  The first failed piece (in offset order) is raised once every
+    piece in flight has finished; an interruption waits for them, bounded."""
     cdef uint64_t limit = split_limit(h, op), pos = 0, piece
     cdef iovec *sub
     cdef int subcnt
-    cdef Completion c
+    cdef Completion c, failed = None
+    cdef bint data = op == READ or op == WRITE
     if length == 0 and op != FLUSH:
         return 0
-    while True:
-        piece = length - pos
-        if limit and piece > limit:
-            piece = limit
-        if op == READ or op == WRITE:
-            if pos == 0 and piece == length:
-                sub = views.iov
-                subcnt = views.n
-            else:
-                subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
-            if not direct_ok(h, sub, subcnt) and piece > h.lim.bounce_chunk:
-                # Bounced pieces are cut to the chunk size: re-slice.
-                if sub != views.iov:
-                    free(sub)
-                piece = h.lim.bounce_chunk - h.lim.bounce_chunk % h.lim.request_alignment
-                subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
-            c = prepare(q, op, offset + pos, piece, views, sub, subcnt, flags, None, True,
-                        None, False)
-        else:
-            c = prepare(q, op, offset + pos, piece, None, NULL, 0, flags, None, True, None, False)
-        if piece != length:
-            h.n_split += 1
-        q.enqueue_one(c, True)
-        if not c.done:
-            q.drive(0, -1.0, c)
-        if c.ret < 0:
-            if op == DISCARD and (c.ret == -ENOTSUP or c.ret == -EOPNOTSUPP):
-                return 0    # discard is advisory
-            raise request_error(c.ret, c._error_msg,
-                                f"{OP_NAMES[op]} of {piece} bytes at offset {offset + pos}",
-                                h.lim.read_only)
-        pos += piece
-        if pos >= length:
-            return length
+    if data and length > (chunk or h.lim.io_chunk):
+        if chunk == 0:
+            chunk = h.lim.io_chunk
+        if limit == 0 or chunk < limit:
+            limit = chunk
+        if depth == 0:
+            depth = h.lim.io_depth
+        if q.slots and depth > q.slots:
+            depth = <int>q.slots
+    else:
+        depth = 1
+    cdef list inflight = []
+    cdef Py_ssize_t head = 0          # inflight[head:] are not yet settled
+    try:
+        while True:
+            while (failed is None and len(inflight) - head < depth
+                   and (pos < length or (length == 0 and not inflight))):
+                piece = length - pos
+                if limit and piece > limit:
+                    piece = limit
+                if data:
+                    if pos == 0 and piece == length:
+                        sub = views.iov
+                        subcnt = views.n
+                    else:
+                        subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+                    if not direct_ok(h, sub, subcnt) and piece > h.lim.bounce_chunk:
+                        # Bounced pieces are cut to the chunk size: re-slice.
+                        if sub != views.iov:
+                            free(sub)
+                        piece = h.lim.bounce_chunk - h.lim.bounce_chunk % h.lim.request_alignment
+                        subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
+                    c = prepare(q, op, offset + pos, piece, views, sub, subcnt, flags, None, True,
+                                None, False)
+                else:
+                    c = prepare(q, op, offset + pos, piece, None, NULL, 0, flags, None, True,
+                                None, False)
+                if piece != length:
+                    h.n_split += 1
+                inflight.append(c)
+                pos += piece
+                q.enqueue_one(c, True)
+            if head == len(inflight):
+                break
+            c = <Completion>inflight[head]
+            if not c.done:
+                q.drive(0, -1.0, c)
+            while head < len(inflight) and (<Completion>inflight[head]).done:
+                c = <Completion>inflight[head]
+                head += 1
+                if c.ret < 0 and failed is None:
+                    failed = c
+    except BaseException:
+        _settle(q, inflight, head)
+        raise
+    if failed is not None:
+        if op == DISCARD and (failed.ret == -ENOTSUP or failed.ret == -EOPNOTSUPP):
+            return 0    # discard is advisory
+        raise request_error(failed.ret, failed._error_msg,
+                            f"{OP_NAMES[op]} of {failed.length} bytes at offset {failed.offset}",
+                            h.lim.read_only)
+    return length
+
+
+cdef void _settle(Queue q, list inflight, Py_ssize_t head):
+    """After an interruption: wait (bounded) for this call's pieces still in
+    flight, so that normally none outlives the call; the rest keep their
+    buffers through their Completions until the queue reaps them."""
+    cdef Completion c
+    cdef double deadline = time.monotonic() + SETTLE_TIMEOUT, left
+    for i in range(head, len(inflight)):
+        c = <Completion>inflight[i]
+        left = deadline - time.monotonic()
+        if c.done:
+            continue
+        if left <= 0:
+            return
+        try:
+            q.drive(0, left, c)
+        except BaseException:
+            return      # a second Ctrl-C, a closing device: leave them held
 
 
 cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
-                         unsigned int flags):
+                         unsigned int flags, uint64_t chunk=0, int depth=0):
     """One buffer, blocking (inside the device's guard): the hot path.  When
     the request needs no split and no bounce, it goes straight from the
     caller's buffer with a recycled Completion; anything else takes the
@@ -1438,16 +1499,16 @@ cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, objec
     cdef HeldBuffers v
     if q is None:
         v = hold_buffers(buf, op == READ, True)
-        return blocking_io(h, q, op, offset, v.total, v, flags)
+        return blocking_io(h, q, op, offset, v.total, v, flags, chunk, depth)
     cdef Py_ssize_t slot = queue_use(q)
     try:
-        return _blocking_one_on(h, q, op, offset, buf, flags)
+        return _blocking_one_on(h, q, op, offset, buf, flags, chunk, depth)
     finally:
         queue_unuse(q, slot)
 
 
 cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
-                             unsigned int flags):
+                             unsigned int flags, uint64_t chunk, int depth):
     cdef Py_buffer view
     cdef uint64_t length
     cdef HeldBuffers v
@@ -1456,18 +1517,19 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     except Exception:
         v = hold_buffers(buf, op == READ, True)     # raises the clear error
         check_request(h, op, offset, v.total)
-        return _blocking_pieces(h, q, op, offset, v.total, v, flags)
+        return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
     length = <uint64_t>view.len
     cdef iovec one
     one.iov_base = view.buf
     one.iov_len = <size_t>length
     if (h.state != ST_STARTED or length == 0 or range_problem(&h.lim, offset, length)
             or (h.lim.max_transfer and length > h.lim.max_transfer)
+            or length > (chunk or h.lim.io_chunk)
             or (op != READ and h.lim.read_only) or not direct_ok(h, &one, 1)):
         PyBuffer_Release(&view)
         v = hold_buffers(buf, op == READ, True)
         check_request(h, op, offset, v.total)
-        return _blocking_pieces(h, q, op, offset, v.total, v, flags)
+        return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
     cdef unsigned long tid = PyThread_get_thread_ident()
     if tid != h.owner_thread:
         if h.owner_thread == 0:

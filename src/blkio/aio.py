@@ -59,7 +59,6 @@ class AsyncDevice:
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._closed = False
-        self._max_transfer = device.limits.max_transfer
         # libblkio (after 1.3) leaves the completion fd disabled: we enable it
         # whenever requests are in flight and we are about to sleep.
         self.queue.completion_fd_enabled = True
@@ -202,38 +201,72 @@ class AsyncDevice:
             self._loop.call_soon(self._flush)
         return await fut
 
-    async def _split(self, op: int, offset: int, buf: Any, flags: int) -> int:
+    def _large(self, op: int, offset: int, buf: Any, flags: int, chunk: Optional[int],
+               depth: Optional[int]) -> "Optional[Awaitable[int]]":
+        """The pipelined form of a read or write longer than a chunk (None
+        when the request goes as one): the device's plan, as for blocking I/O."""
+        n = buf.nbytes if type(buf) is np.ndarray else memoryview(buf).nbytes
+        if chunk is None and depth is None and n <= self.device.large_io_chunk:
+            return None
+        size, inflight = self.device.large_io_plan(n, chunk, depth)
+        if size >= n:
+            return None
+        return self._pipelined(op, offset, buf, flags, size, inflight)
+
+    async def _pipelined(self, op: int, offset: int, buf: Any, flags: int, chunk: int,
+                         depth: int) -> int:
+        # ``depth`` chunks in flight, refilled as they finish; the first
+        # failed chunk (lowest offset) is raised once all sent have finished.
+        # A cancelled await leaves its chunks in flight, their memory held
+        # by the core until they are reaped (as for one request).
         view = memoryview(buf).cast("B")
         n = view.nbytes
-        limit = self.device.limits.max_transfer
-        await asyncio.gather(*(self._request(op, offset + pos, view[pos:pos + limit], False, flags)
-                               for pos in range(0, n, limit)))
+        pending: "dict[asyncio.Future[int], int]" = {}
+        failed: "Optional[tuple[int, BaseException]]" = None
+        pos = 0
+        while pending or (failed is None and pos < n):
+            while failed is None and pos < n and len(pending) < depth:
+                piece = view[pos:pos + chunk]
+                pending[asyncio.ensure_future(
+                    self._request(op, offset + pos, piece, False, flags))] = offset + pos
+                pos += chunk
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                at = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None and (failed is None or at < failed[0]):
+                    failed = (at, exc)
+        if failed is not None:
+            raise failed[1]
         return n
 
     # ---- public coroutines -------------------------------------------------
 
-    def readinto(self, offset: int, buf: Any) -> Awaitable[int]:
+    def readinto(self, offset: int, buf: Any, *, chunk: Optional[int] = None,
+                 depth: Optional[int] = None) -> Awaitable[int]:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``; awaits the count.
 
         The request is enqueued when this is called (bad arguments raise
         here); the returned awaitable is a future, not a coroutine, which
-        saves a coroutine per request on the hot path."""
-        if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
-            return self._split(_READ, offset, buf, 0)
-        return self._request(_READ, offset, buf, False, 0)
+        saves a coroutine per request on the hot path.  A read longer than
+        a chunk is pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
+        return (self._large(_READ, offset, buf, 0, chunk, depth)
+                or self._request(_READ, offset, buf, False, 0))
 
-    async def read(self, offset: int, nbytes: int) -> np.ndarray:
+    async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
+                   depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
         out = self.device.alloc(nbytes)
-        await self.readinto(offset, out)
+        await self.readinto(offset, out, chunk=chunk, depth=depth)
         return out
 
-    def write(self, offset: int, buf: Any, *, fua: bool = False) -> Awaitable[int]:
-        """Write ``buf`` at ``offset``; awaits the count."""
+    def write(self, offset: int, buf: Any, *, fua: bool = False, chunk: Optional[int] = None,
+              depth: Optional[int] = None) -> Awaitable[int]:
+        """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
+        ``readinto`` when longer than a chunk."""
         flags = REQ_FUA if fua else 0
-        if self._max_transfer and memoryview(buf).nbytes > self._max_transfer:
-            return self._split(_WRITE, offset, buf, flags)
-        return self._request(_WRITE, offset, buf, False, flags)
+        return (self._large(_WRITE, offset, buf, flags, chunk, depth)
+                or self._request(_WRITE, offset, buf, False, flags))
 
     def readv(self, offset: int, bufs: Sequence[Any]) -> Awaitable[int]:
         """Vectored read (one request; at most max-transfer bytes); awaits the count."""
