@@ -1412,7 +1412,8 @@ def main(argv: list[str]) -> int:
         make_image(env.image, size, cache=True)
         if backends & {"direct", "cold", "copy", "vcopy"}:
             make_image(env.cold, size, cache=False)
-        if backends & {"copy", "vcopy"}:
+        if backends & {"copy", "vcopy", "vhost"}:
+            # the daemon exports it (for vcopy) whenever it runs
             make_image(env.copy_out, size, cache=False)
         if backends & {"vhost", "vcopy"}:
             env.qsd = StorageDaemon(env.image, env.copy_out, tmpdir)
