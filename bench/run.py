@@ -155,7 +155,7 @@ B_BLOCK_NP = "blkio blocking numpy-mem"
 B_BLOCK_POLL = "blkio blocking --poll"
 B_BIG = "blkio one call"                       # alloc'd memory, defaults
 B_BIG_NP = "blkio one call numpy-mem"          # plain numpy memory
-B_BIG_KNOBS = f"blkio one call depth={SEQ_DEPTH} chunk=1M"
+B_BIG_KNOBS = f"blkio 8 MiB calls depth={SEQ_DEPTH} chunk=1M"
 B_COPY = "blkio copy"
 B_COPY_BLKIO = "blkio copy --input-blkio/--output-blkio"
 
@@ -381,7 +381,7 @@ def goals(size: int) -> list[Goal]:
         Goal(f"{_size(size, True)} write from numpy + flush, O_DIRECT / best "
              "of ndarray.tofile, file.write (+ fsync)", 12,
              _k(cw, B_BIG), (_k(cw, NP_TOFILE), _k(cw, FILE_WRITE)), 1.5),
-        Goal(f"vhost-user 1 MiB sequential read, one call depth={SEQ_DEPTH} / "
+        Goal(f"vhost-user 1 MiB sequential read, 8 MiB calls depth={SEQ_DEPTH} / "
              f"C blkio-bench --blocksize=1M --iodepth={SEQ_DEPTH}", 12,
              _k(vseq, B_BIG_KNOBS), _k(vseq, C_BENCH), 0.95),
         Goal("copy raw -> raw, O_DIRECT / best of qemu-img convert, dd", 12,
@@ -799,7 +799,16 @@ class Env:
                 return self.missing["blkio"]
             api, mem, extra = BLKIO_BENCH[c]
             unit = bs
-            if c in (B_BIG, B_BIG_NP, B_BIG_KNOBS) and wl.backend != "cold":
+            if c == B_BIG_KNOBS:
+                # one call of depth x chunk bytes (8 MiB) after another: the
+                # memory the daemon copies into is C blkio-bench's size
+                # (depth x blocksize).  With a call over the whole 1 GiB the
+                # destination is out of cache and both this and the batch API
+                # fall to ~0.5 of C (2026-11-30), memory, not the pipeline.
+                unit = SEQ_DEPTH * MiB
+                common = [f"--readwrite={rw}", f"--blocksize={unit}",
+                          f"--runtime={runtime}"]
+            elif c in (B_BIG, B_BIG_NP) and wl.backend != "cold":
                 # sequential: each request one call over the whole device
                 unit = self.size
                 common = [f"--readwrite={rw}", f"--blocksize={unit}",
