@@ -222,3 +222,47 @@ def test_one_thread_uses_queue_0(image):
         for k in range(10):
             dev.readinto(k * BS, buf)
         assert [q.requests for q in dev.queues] == [10, 0, 0, 0]
+
+
+def test_a_thread_that_ends_with_requests_in_flight_leaves_them_to_the_queue(backend):
+    """A thread submits reads on the queue the others block on and ends
+    without waiting: the blocking callers keep working (reaping its
+    completions on the way), and its completions are still there, right, for
+    whoever waits on the queue next; close is clean."""
+    driver, props, backing = backend
+    with blkio.open(driver, **props, num_queues=1) as dev:
+        q = dev.queue(0)
+        bufs = [dev.alloc(64 * 1024) for _ in range(8)]
+
+        def submit_and_end():
+            for i, b in enumerate(bufs):
+                q.read(i * 64 * 1024, b, user_data=i)
+            q.submit()
+
+        t = threading.Thread(target=submit_and_end)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+        errors = []
+
+        def reader(t):
+            buf = dev.alloc(BS)
+            for k in range(50):
+                off = ((t * 50 + k) % 1024) * BS
+                dev.readinto(off, buf)
+                if bytes(buf) != backing.pread(off, BS):
+                    errors.append((t, off))
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(reader, range(3)))
+        assert errors == []
+        done = q.wait(min=q.in_flight, timeout=30) if q.in_flight else []
+        done += q.completions()
+        seen = set()
+        for c in done:
+            c.check()
+            seen.add(c.user_data)
+        # reaped by the blocking calls or here, every one is handed out once
+        assert seen == set(range(8)) and q.in_flight == 0
+        for i, b in enumerate(bufs):
+            assert bytes(b) == backing.pread(i * 64 * 1024, 64 * 1024), i
