@@ -31,11 +31,14 @@ from ._memory import Buffer
 from ._pool import BouncePool
 from ._requests import REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, Completion, Op, Queue
 from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
+from ._zones import (NOT_ZONED as _NOT_ZONED, ZONE_DTYPE, ZoneInfo, ZoneState, ZoneType, ZoneWriter, ZonedMixin as _ZonedMixin,
+                     read_zone_info as _read_zone_info)
 
 __all__ = [
     "DRIVERS", "STATES", "LIBBLKIO_VERSION", "Buffer", "BouncePool", "Completion",
     "Device", "Error", "Limits", "Op", "PropertySpec", "Queue", "ReadOnlyError", "REQ_FUA",
-    "REQ_NO_FALLBACK", "REQ_NO_UNMAP", "State", "Stats", "driver_properties", "open",
+    "REQ_NO_FALLBACK", "REQ_NO_UNMAP", "State", "Stats", "ZONE_DTYPE", "ZoneInfo", "ZoneState",
+    "ZoneType", "ZoneWriter", "driver_properties", "open",
 ]
 from ._version import version as __version__
 
@@ -87,7 +90,7 @@ def _writable_spec(driver: str, name: str) -> PropertySpec:
 _OPENER = object()     # the token open() passes to Device()
 
 
-class Device(_DeviceCore):
+class Device(_DeviceCore, _ZonedMixin):
     """An open libblkio device (created → connected → started → closed).
 
     Made by :func:`open`.  Blocking I/O (``read``, ``readinto``, ``write``,
@@ -96,6 +99,9 @@ class Device(_DeviceCore):
     ``limits.request_alignment`` and stay within ``capacity`` (ValueError
     otherwise).  Any buffer works; memory the driver cannot use directly is
     bounced through ``bounce_pool``, and ``alloc``/``register`` avoid that.
+    Zoned devices: ``zoned``, ``zone_info``, ``report_zones``,
+    ``open_zone``/``close_zone``/``finish_zone``/``reset_zone`` and their
+    ``*_all_zones`` forms, ``zone_writer`` (see :class:`ZonedMixin`).
     """
 
     path: Optional[str]
@@ -108,6 +114,7 @@ class Device(_DeviceCore):
             raise TypeError("blkio.Device cannot be built directly; use blkio.open()")
         self.path = kwargs.get("path")
         self._limits = None
+        self._zone_info = _NOT_ZONED
 
     # ---- properties ------------------------------------------------------
 
@@ -273,6 +280,11 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
         depth = DRIVER_FACTS[driver].queue_depth_property
         dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
                        backend_fds, dev._get(depth, "int"))
+        zone_info = _read_zone_info(dev._get_named, "zoned" in driver_properties(driver),
+                                     dev.capacity, limits.request_alignment)
+        dev._zone_info = zone_info
+        dev._configure_zones(("none", "host-aware", "host-managed").index(zone_info.model),
+                             zone_info.zone_size, zone_info.nr_zones)
         dev.spin_us = spin_us
         return dev
     except BaseException:

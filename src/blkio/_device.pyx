@@ -21,8 +21,8 @@ from ._handle cimport (DeviceHandle, GUARD_THREADS, ST_BROKEN, guard_own, handle
                        handle_leave, unraisable, check_io_depth)
 from ._memory cimport Buffer, ArenaSlice, owner_of
 from ._requests cimport (Completion, HeldBuffers, Queue, READ, WRITE, WRITE_ZEROES, DISCARD,
-                         FLUSH, blocking_io, blocking_one, check_request, hold_buffers,
-                         zero_flags)
+                         FLUSH, blocking_io, blocking_one, blocking_zone, check_request,
+                         hold_buffers, zero_flags)
 
 import time
 import warnings
@@ -453,6 +453,23 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             blocking_io(h, _blocking_queue(self, slot), FLUSH, 0, 0, None, 0)
+        finally:
+            handle_leave(h, slot)
+
+    # ---- zoned devices (the public methods are blkio._zones.ZonedMixin's) ---
+
+    def _configure_zones(self, int model, uint64_t zone_size, uint64_t nr_zones):
+        """Copy the validated zone geometry to C for the request checks."""
+        self.handle.configure_zones(model, zone_size, nr_zones)
+
+    def _zone_request(self, int op, offset=0, zones=None):
+        """One zone request on this thread's blocking queue, waited for (GIL
+        released); returns its ``ret`` (the zones filled in, for a report)."""
+        cdef uint64_t off = as_u64(offset, "offset")
+        cdef DeviceHandle h = self.handle
+        cdef Py_ssize_t slot = handle_enter(h)
+        try:
+            return blocking_zone(h, _blocking_queue(self, slot), op, off, zones)
         finally:
             handle_leave(h, slot)
 

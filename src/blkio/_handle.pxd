@@ -95,6 +95,10 @@ cdef struct HotLimits:
     bint needs_mem_regions
     bint needs_mem_region_fd
     bint maps_memory               # map memory with libblkio (needed or pinned regions)
+    # Zoned devices (0 everywhere else): what zone requests and writes are checked against.
+    int zoned                      # 0 none, 1 host-aware, 2 host-managed
+    uint64_t zone_size             # bytes
+    uint64_t nr_zones
 
 
 cdef class DeviceHandle:

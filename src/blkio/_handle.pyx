@@ -322,6 +322,13 @@ cdef class DeviceHandle:
     def set_capacity(self, uint64_t capacity):
         self.lim.capacity = capacity
 
+    def configure_zones(self, int model, uint64_t zone_size, uint64_t nr_zones):
+        """The zone geometry of a validated ``blkio.ZoneInfo`` (model 0: not
+        zoned), for the checks of zone requests and of writes."""
+        self.lim.zoned = model
+        self.lim.zone_size = zone_size if model else 0
+        self.lim.nr_zones = nr_zones if model else 0
+
     @property
     def granule(self) -> int:
         """Allocation unit of mapped memory: a page, or mem-region-alignment."""

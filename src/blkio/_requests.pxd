@@ -22,6 +22,16 @@ cpdef enum Op:
     WRITE_ZEROES = 2
     DISCARD = 3
     FLUSH = 4
+    # Zoned devices (blkioq_report_zones, blkioq_*_zone, blkioq_*_all_zones)
+    REPORT_ZONES = 5
+    OPEN_ZONE = 6
+    CLOSE_ZONE = 7
+    FINISH_ZONE = 8
+    RESET_ZONE = 9
+    OPEN_ALL_ZONES = 10
+    CLOSE_ALL_ZONES = 11
+    FINISH_ALL_ZONES = 12
+    RESET_ALL_ZONES = 13
 
 
 # One in-flight batch request: its tag and the memory it reads into or
@@ -144,6 +154,9 @@ cdef class Queue:
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
                                 unsigned int flags, object user_data, uint64_t length,
                                 object bounce, bint nowait)
+    cdef Completion zone_completion(self, int op, uint64_t offset, object zones,
+                                    object user_data, bint internal, object bounce,
+                                    bint nowait)
 
 
 # ---- a queue's guard (the device's first; see _handle) --------------------
@@ -190,3 +203,7 @@ cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64
 cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
                          unsigned int flags, uint64_t chunk=*, int depth=*)
 cdef unsigned int zero_flags(bint fua, bint may_unmap, bint no_fallback) except? 0xFFFFFFFF
+cdef int check_zone_request(DeviceHandle h, int op, uint64_t offset) except -1
+cdef object blocking_zone(DeviceHandle h, Queue q, int op, uint64_t offset, object zones)
+cdef int check_zone_write(DeviceHandle h, int op, uint64_t offset, uint64_t length) except -1
+cdef void _enqueue_zone(blkioq *q, Completion c, void *ud) noexcept nogil

@@ -23,7 +23,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, EIO, EBADF, EOPNOTSUPP, ETIME
-from libc.stdint cimport uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy
 from posix.time cimport timespec
@@ -40,6 +40,7 @@ from libc.errno cimport errno
 from posix.unistd cimport read
 from ._handle cimport (HotLimits, libblkio_error, request_error, unraisable, ST_STARTED)
 
+import enum
 import os
 import time
 import warnings
@@ -50,7 +51,9 @@ from ._errors import Error, ReadOnlyError
 from ._handle import LIBBLKIO_VERSION as _LIBBLKIO_VERSION
 
 #: Request names, by op code.
-OP_NAMES = ("read", "write", "write_zeroes", "discard", "flush")
+OP_NAMES = ("read", "write", "write_zeroes", "discard", "flush", "report_zones", "open_zone",
+            "close_zone", "finish_zone", "reset_zone", "open_all_zones", "close_all_zones",
+            "finish_all_zones", "reset_all_zones")
 
 #: Request flags (libblkio's BLKIO_REQ_*).
 REQ_FUA = lb.BLKIO_REQ_FUA
@@ -462,6 +465,8 @@ cdef class Queue:
             lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
         elif c.op == DISCARD:
             lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
+        elif c.op >= REPORT_ZONES:
+            _enqueue_zone(q, c, ud)
         else:
             lb.blkioq_flush(q, ud, c.flags)
         self.in_libblkio += 1
@@ -563,7 +568,8 @@ cdef class Queue:
             c.ret = comps[i].ret
             if c.ret < 0 and comps[i].error_msg != NULL:
                 c._error_msg = comps[i].error_msg.decode("utf-8", "replace")
-            if c.ret == 0 and c.op == READ and c.bounce_start >= 0:
+            if c.bounce_start >= 0 and (c.ret == 0 and c.op == READ
+                                        or c.ret > 0 and c.op == REPORT_ZONES):
                 _scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
             if c.bounce_start >= 0:
                 self.handle.bounced_bytes += c.length
@@ -1030,6 +1036,9 @@ cdef class Queue:
                         if problem == 5:
                             raise ValueError(f"buffers[{bad}] = {boffs[bad]} is not aligned to "
                                              f"buf-alignment ({ba})")
+                        if op == WRITE and h.lim.zone_size:
+                            for i in range(n):
+                                check_zone_write(h, op, offs[i], bs)
                         self._ensure_batch(n + self.unreaped)
                         self._ensure_slots(n)
                         self._enqueue_batch(op, offs, tags, <char *>bb.buf, boffs, bs, n, flags)
@@ -1253,6 +1262,116 @@ cdef class Queue:
         kind = "poll queue" if self.is_poll_queue else "queue"
         return f"<blkio.Queue {kind} {self.index} in_flight={self.unreaped}>"
 
+    # ---- zoned devices (the request path is the one above: enqueue_one,
+    # dispatch; _enqueue_zone hands the request to libblkio) --------------
+
+    cdef Completion zone_completion(self, int op, uint64_t offset, object zones,
+                                    object user_data, bint internal, object bounce,
+                                    bint nowait):
+        """Check one zone request and make its Completion (inside the queue's
+        guard).  A report's zone array goes where the driver can use it, or
+        through the bounce pool like a read (copied back on completion);
+        with ``nowait``, None when the pool has no room right now."""
+        check_zone_request(self.handle, op, offset)
+        cdef Completion c
+        cdef HeldBuffers views
+        cdef uint64_t nbytes, nzones
+        if op != REPORT_ZONES:
+            c = Completion.__new__(Completion)
+            c.op = op
+            c.offset = offset
+            c.internal = internal
+            c.user_data = user_data
+            return c
+        if zones is None:
+            raise TypeError("report_zones needs a writable buffer for the zones "
+                            "(numpy.empty(n, blkio.ZONE_DTYPE))")
+        views = hold_buffers(zones, True, True)
+        nbytes = views.total
+        nzones = nbytes // sizeof(lb.blkio_zone)
+        if nzones == 0 or nbytes % sizeof(lb.blkio_zone):
+            raise ValueError(f"report_zones: the zones buffer holds {nbytes} bytes; it must hold "
+                             f"whole records of {sizeof(lb.blkio_zone)} bytes "
+                             f"(blkio.ZONE_DTYPE), at least one")
+        if nzones > 0xFFFFFFFF:
+            raise ValueError(f"report_zones: {nzones} zones asked, at most 2**32-1 per request")
+        # Memory-wise a report is a read of nbytes into the caller's buffer.
+        c = prepare(self, READ, offset, nbytes, views, views.iov, views.n, 0, user_data,
+                    internal, bounce, nowait)
+        if c is not None:
+            c.op = REPORT_ZONES
+        return c
+
+    def enqueue_zone(self, op, offset=0, zones=None, *, user_data=None, bounce=None,
+                     bint nowait=False):
+        """Enqueue one zone request without waiting for it: ``op`` is one of
+        ``Op.REPORT_ZONES`` .. ``Op.RESET_ALL_ZONES``; ``offset`` (bytes) a
+        zone start (a report rounds it down to its zone's start); ``zones``
+        the report's buffer.  Checked before anything is enqueued: a device
+        that is not zoned, an offset that is not a zone start or past the
+        end, a read-only device (ValueError / ReadOnlyError).
+
+        Returns the number of zones a report asks for (0 for the others);
+        with ``nowait=True`` (reports only) and no room in the bounce pool,
+        nothing is enqueued and the return value is minus the bytes needed,
+        as for ``enqueue``."""
+        cdef int code = as_index(op, "op")
+        if not REPORT_ZONES <= code <= RESET_ALL_ZONES:
+            raise ValueError(f"{op!r} is not a zone request (Op.REPORT_ZONES .. Op.RESET_ALL_ZONES)")
+        cdef uint64_t off = as_u64(offset, "offset")
+        cdef Completion c
+        cdef Py_ssize_t slots = queue_enter(self)
+        try:
+            c = self.zone_completion(code, off, zones, user_data, False, bounce, nowait)
+            if c is None:
+                return -<int64_t>(memoryview(zones).nbytes)
+            self.enqueue_one(c, False)
+            return c.length // sizeof(lb.blkio_zone)
+        finally:
+            queue_leave(self, slots)
+
+    def report_zones(self, offset, zones, *, user_data=None):
+        """Enqueue a report of the zones from the one holding ``offset``
+        (bytes; libblkio rounds it down to that zone's start) into ``zones``,
+        a writable buffer of ``blkio.ZONE_DTYPE`` records (64 bytes, one per
+        zone wanted).  The buffer is held until the completion is reaped; its
+        ``ret`` is the number of zones filled in (fewer near the end of the
+        device).  Returns the number of zones asked for."""
+        return self.enqueue_zone(REPORT_ZONES, offset, zones, user_data=user_data)
+
+    def open_zone(self, offset, *, user_data=None):
+        """Enqueue an explicit open of the zone starting at ``offset`` (bytes)."""
+        return self.enqueue_zone(OPEN_ZONE, offset, user_data=user_data)
+
+    def close_zone(self, offset, *, user_data=None):
+        """Enqueue a close of the open zone starting at ``offset`` (bytes)."""
+        return self.enqueue_zone(CLOSE_ZONE, offset, user_data=user_data)
+
+    def finish_zone(self, offset, *, user_data=None):
+        """Enqueue a finish (make FULL) of the zone starting at ``offset`` (bytes)."""
+        return self.enqueue_zone(FINISH_ZONE, offset, user_data=user_data)
+
+    def reset_zone(self, offset, *, user_data=None):
+        """Enqueue a reset (make EMPTY, write pointer to its start) of the
+        zone starting at ``offset`` (bytes)."""
+        return self.enqueue_zone(RESET_ZONE, offset, user_data=user_data)
+
+    def open_all_zones(self, *, user_data=None):
+        """Enqueue an open of every CLOSED zone (the device's "select all")."""
+        return self.enqueue_zone(OPEN_ALL_ZONES, user_data=user_data)
+
+    def close_all_zones(self, *, user_data=None):
+        """Enqueue a close of every open zone."""
+        return self.enqueue_zone(CLOSE_ALL_ZONES, user_data=user_data)
+
+    def finish_all_zones(self, *, user_data=None):
+        """Enqueue a finish of every open or closed zone."""
+        return self.enqueue_zone(FINISH_ALL_ZONES, user_data=user_data)
+
+    def reset_all_zones(self, *, user_data=None):
+        """Enqueue a reset of every open, closed or full zone."""
+        return self.enqueue_zone(RESET_ALL_ZONES, user_data=user_data)
+
 
 # --------------------------------------------------------------------------
 # The request path, shared by the blocking, queue, batch and asyncio APIs
@@ -1289,6 +1408,8 @@ cdef int check_request(DeviceHandle h, int op, uint64_t offset, uint64_t length)
     if problem == PAST_END:
         raise ValueError(f"{OP_NAMES[op]}: {length} bytes at offset {offset} pass the end of the "
                          f"device (capacity {h.lim.capacity})")
+    if h.lim.zone_size and (op == WRITE or op == WRITE_ZEROES):
+        check_zone_write(h, op, offset, length)
     return 0
 
 
@@ -1525,7 +1646,8 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     if (h.state != ST_STARTED or length == 0 or range_problem(&h.lim, offset, length)
             or (h.lim.max_transfer and length > h.lim.max_transfer)
             or length > (chunk or h.lim.io_chunk)
-            or (op != READ and h.lim.read_only) or not direct_ok(h, &one, 1)):
+            or (op != READ and h.lim.read_only) or not direct_ok(h, &one, 1)
+            or (op == WRITE and h.lim.zone_size)):
         PyBuffer_Release(&view)
         v = hold_buffers(buf, op == READ, True)
         check_request(h, op, offset, v.total)
@@ -1576,3 +1698,147 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     c._error_msg = None
     q.spare = c
     return length
+
+
+# --------------------------------------------------------------------------
+# Zoned devices: zone types and states, the report's record layout, the
+# checks made before a zone request or a write is submitted.
+
+class ZoneType(enum.IntEnum):
+    """``type`` of a reported zone (blkio.h's BLKIO_ZONE_TYPE_*)."""
+
+    CONVENTIONAL = lb.BLKIO_ZONE_TYPE_CONVENTIONAL
+    SEQWRITE_REQ = lb.BLKIO_ZONE_TYPE_SEQWRITE_REQ
+    SEQWRITE_PREF = lb.BLKIO_ZONE_TYPE_SEQWRITE_PREF
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class ZoneState(enum.IntEnum):
+    """``state`` of a reported zone (blkio.h's BLKIO_ZONE_STATE_*)."""
+
+    EMPTY = lb.BLKIO_ZONE_STATE_EMPTY
+    IMP_OPEN = lb.BLKIO_ZONE_STATE_IMP_OPEN
+    EXP_OPEN = lb.BLKIO_ZONE_STATE_EXP_OPEN
+    CLOSED = lb.BLKIO_ZONE_STATE_CLOSED
+    READONLY = lb.BLKIO_ZONE_STATE_READONLY
+    FULL = lb.BLKIO_ZONE_STATE_FULL
+    OFFLINE = lb.BLKIO_ZONE_STATE_OFFLINE
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+#: Zoned models by the value of libblkio's ``zoned`` property.
+ZONED_MODELS = ("none", "host-aware", "host-managed")
+
+cdef lb.blkio_zone _zone_layout
+
+#: One reported zone: libblkio's struct blkio_zone as a numpy record.
+#: start, len, capacity and write_pointer are bytes; type is a ZoneType,
+#: state a ZoneState; reset says a reset is recommended.
+ZONE_DTYPE = np.dtype({
+    "names": ["start", "len", "capacity", "write_pointer", "type", "state", "reset"],
+    "formats": [np.uint64, np.uint64, np.uint64, np.uint64, np.uint8, np.uint8, np.bool_],
+    "offsets": [<char *>&_zone_layout.start - <char *>&_zone_layout,
+                <char *>&_zone_layout.len - <char *>&_zone_layout,
+                <char *>&_zone_layout.capacity - <char *>&_zone_layout,
+                <char *>&_zone_layout.write_pointer - <char *>&_zone_layout,
+                <char *>&_zone_layout.zone_type - <char *>&_zone_layout,
+                <char *>&_zone_layout.zone_state - <char *>&_zone_layout,
+                <char *>&_zone_layout.reset - <char *>&_zone_layout],
+    "itemsize": sizeof(lb.blkio_zone),
+})
+
+
+cdef void _enqueue_zone(lb.blkioq *q, Completion c, void *ud) noexcept nogil:
+    """Hand one zone request to libblkio (the queue's lock held)."""
+    cdef int op = c.op
+    if op == REPORT_ZONES:
+        lb.blkioq_report_zones(q, c.offset, <lb.blkio_zone *>c.iov[0].iov_base,
+                               <uint32_t>(c.length // sizeof(lb.blkio_zone)), ud, 0)
+    elif op == OPEN_ZONE:
+        lb.blkioq_open_zone(q, c.offset, ud, 0)
+    elif op == CLOSE_ZONE:
+        lb.blkioq_close_zone(q, c.offset, ud, 0)
+    elif op == FINISH_ZONE:
+        lb.blkioq_finish_zone(q, c.offset, ud, 0)
+    elif op == RESET_ZONE:
+        lb.blkioq_reset_zone(q, c.offset, ud, 0)
+    elif op == OPEN_ALL_ZONES:
+        lb.blkioq_open_all_zones(q, ud, 0)
+    elif op == CLOSE_ALL_ZONES:
+        lb.blkioq_close_all_zones(q, ud, 0)
+    elif op == FINISH_ALL_ZONES:
+        lb.blkioq_finish_all_zones(q, ud, 0)
+    else:
+        lb.blkioq_reset_all_zones(q, ud, 0)
+
+
+cdef int check_zone_request(DeviceHandle h, int op, uint64_t offset) except -1:
+    """What blkio can check before a zone request (the device answers only
+    EIO, or ENOTSUP for a zone start it does not like): a zoned, started
+    device, writable unless reporting; a zone start inside the device."""
+    if h.state != ST_STARTED:
+        h.ensure_started()
+    name = OP_NAMES[op]
+    if not h.lim.zoned:
+        raise ValueError(f"{name}: the {h.driver} device is not zoned (zoned model 'none'); "
+                         f"zone requests need a zoned device, such as an NVMe ZNS namespace "
+                         f"on nvme-io_uring")
+    if op != REPORT_ZONES and h.lim.read_only:
+        raise ReadOnlyError(EBADF, f"{name} refused: device is read-only ({h.driver})")
+    if op >= OPEN_ALL_ZONES:
+        return 0
+    cdef uint64_t zs = h.lim.zone_size
+    if offset >= h.lim.capacity:
+        raise ValueError(f"{name}: offset {offset} is not inside the device (capacity "
+                         f"{h.lim.capacity}: {h.lim.nr_zones} zones of {zs} bytes)")
+    if op != REPORT_ZONES and offset % zs:
+        raise ValueError(f"{name}: offset {offset} is not the start of a zone (zone size {zs} "
+                         f"bytes; the zone holding it starts at {offset - offset % zs})")
+    return 0
+
+
+cdef int check_zone_write(DeviceHandle h, int op, uint64_t offset, uint64_t length) except -1:
+    """A write to a host-managed device must stay inside one zone.  (That it
+    starts at the zone's write pointer and ends within the zone's capacity
+    needs a zone report: the device checks it, and answers EIO.)"""
+    cdef uint64_t zs = h.lim.zone_size, end_of_zone
+    if h.lim.zoned != 2 or length == 0:
+        return 0
+    end_of_zone = offset - offset % zs + zs
+    if length > end_of_zone - offset:
+        raise ValueError(f"{OP_NAMES[op]} of {length} bytes at offset {offset} crosses the zone "
+                         f"boundary at {end_of_zone} (zone size {zs} bytes): writes to a "
+                         f"host-managed zoned device must stay inside one zone (split them "
+                         f"there, or use Device.zone_writer)")
+    return 0
+
+
+cdef object blocking_zone(DeviceHandle h, Queue q, int op, uint64_t offset, object zones):
+    """One zone request, blocking (inside the device's guard): check, submit
+    on ``q``, wait (GIL released, Ctrl-C honoured).  Returns its ``ret``:
+    the zones filled in, for a report."""
+    if q is None:
+        raise ValueError(f"{h.driver} device has no queue left for blocking I/O "
+                         f"(num_queues=0, or its queues were removed)")
+    cdef Py_ssize_t slot = queue_use(q)
+    cdef Completion c
+    try:
+        c = q.zone_completion(op, offset, zones, None, True, None, False)
+        q.enqueue_one(c, True)
+        if not c.done:
+            q.drive(0, -1.0, c)
+        if c.ret < 0:
+            what = OP_NAMES[op] if op >= OPEN_ALL_ZONES else f"{OP_NAMES[op]} at offset {offset}"
+            msg = c._error_msg
+            if c.ret == -EIO and op != REPORT_ZONES:
+                # The device says only EIO ("Nvme Error") for every refusal.
+                msg = (f"{msg or 'I/O error'}; a zoned device refuses an invalid zone "
+                       f"state transition, or opening more zones than it allows open/active")
+            raise request_error(c.ret, msg, what, h.lim.read_only)
+        return c.ret
+    finally:
+        queue_unuse(q, slot)

@@ -1,0 +1,336 @@
+"""Zoned devices (NVMe ZNS through nvme-io_uring), as the facade sees them.
+
+It owns ``ZoneInfo`` (the zone geometry, read once at open and validated),
+the blocking zone methods of ``blkio.Device`` (``ZonedMixin``: report, open,
+close, finish and reset of one zone or all zones, a count of zones by state)
+and ``ZoneWriter``, which appends at the write pointer across zones.  The
+requests themselves, and every check made before one is submitted, are the
+core's (``_requests``: ``Queue.report_zones`` & co., ``check_zone_request``,
+``check_zone_write``); this module never calls libblkio.
+
+What blkio checks before submitting, since a zoned device answers EIO to
+every refusal: the device is zoned; a management offset is a zone start
+inside the device; a write to a host-managed device stays inside one zone.
+What it cannot check without a report (the device does, and says EIO): that
+a write starts at the zone's write pointer, ends within the zone's capacity,
+goes to a zone that is not FULL, or that an open stays within the open and
+active zone limits.  ``ZoneWriter`` tracks the write pointer itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from ._errors import Error
+from ._requests import ZONE_DTYPE, ZONED_MODELS, Op, ZoneState, ZoneType
+
+__all__ = ["ZONE_DTYPE", "ZoneInfo", "ZoneState", "ZoneType", "ZoneWriter", "ZonedMixin",
+           "read_zone_info"]
+
+_ZONED_PROPERTIES = ("zoned", "zone-size", "nr-zones", "max-open-zones", "max-active-zones",
+                     "append-support", "zone-append-max-bytes")
+
+
+@dataclass(frozen=True)
+class ZoneInfo:
+    """A device's zone geometry (libblkio's zoned properties); sizes in bytes.
+
+    ``model`` is "none", "host-aware" or "host-managed".  The limits on open
+    and active zones are 0 when the device sets none (and on a device that
+    is not zoned).  Every zone has ``zone_size`` bytes of address space, of
+    which its reported ``capacity`` is writable.
+    """
+
+    model: str
+    zone_size: int
+    nr_zones: int
+    max_open_zones: int
+    max_active_zones: int
+    append_support: bool
+    zone_append_max_bytes: int
+
+    @property
+    def zoned(self) -> bool:
+        """True unless the model is "none"."""
+        return self.model != "none"
+
+
+NOT_ZONED = ZoneInfo("none", 0, 0, 0, 0, False, 0)
+
+
+def read_zone_info(get: Callable[[str], Any], has_zone_properties: bool, capacity: int,
+                   request_alignment: int) -> ZoneInfo:
+    """Read the zoned properties with ``get(name)`` (drivers whose catalogue
+    has them; the others are not zoned) and validate them: an invalid value
+    is a ``blkio.Error`` naming it."""
+    if not has_zone_properties:
+        return NOT_ZONED
+    v = {name: get(name) for name in _ZONED_PROPERTIES}
+    model = v["zoned"]
+    if not 0 <= model < len(ZONED_MODELS):
+        raise Error(22, f'invalid "zoned" value {model}, must be 0, 1 or 2')
+    if model == 0:
+        return NOT_ZONED
+    zs, nr = v["zone-size"], v["nr-zones"]
+    if zs <= 0 or zs % request_alignment:
+        raise Error(22, f'invalid "zone-size" value {zs}, must be a positive multiple of '
+                        f'request-alignment ({request_alignment})')
+    if nr <= 0 or nr * zs > capacity:
+        raise Error(22, f'invalid "nr-zones" value {nr}: {nr} zones of {zs} bytes must fit '
+                        f'the capacity ({capacity})')
+    for name in ("max-open-zones", "max-active-zones"):
+        if v[name] < 0:
+            raise Error(22, f'invalid "{name}" value {v[name]}, must be >= 0')
+    return ZoneInfo(ZONED_MODELS[model], zs, nr, v["max-open-zones"], v["max-active-zones"],
+                    bool(v["append-support"]), v["zone-append-max-bytes"])
+
+
+class ZonedMixin:
+    """Zone methods of ``blkio.Device`` (blocking, on the calling thread's
+    queue, GIL released while waiting).  Offsets are bytes."""
+
+    _zone_info: ZoneInfo
+
+    # provided by blkio.Device / the core
+    limits: Any
+    capacity: int
+    alloc: Callable[[int], np.ndarray]
+    _zone_request: Callable[..., int]
+
+    @property
+    def zone_info(self) -> ZoneInfo:
+        """The device's :class:`ZoneInfo` (read at open)."""
+        return self._zone_info
+
+    @property
+    def zoned(self) -> str:
+        """The zoned model: "none", "host-aware" or "host-managed"."""
+        return self._zone_info.model
+
+    def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
+        """Report zones from the one holding ``offset`` (bytes; rounded down
+        to that zone's start), at most ``nr_zones`` of them (None: all to
+        the end of the device).  Returns a numpy array of ``ZONE_DTYPE``
+        records: start, len, capacity, write_pointer (bytes, uint64), type
+        (``ZoneType``), state (``ZoneState``), reset (bool).  A FULL zone's
+        write_pointer is start + len, as libblkio reports it.  A report
+        longer than one request allows (max-transfer) takes several."""
+        info = self._zone_info
+        if not info.zoned or not isinstance(offset, int) or offset < 0 or offset >= self.capacity:
+            # The core says what is wrong (not zoned, a bad offset).
+            self._zone_request(Op.REPORT_ZONES, offset, np.empty(1, ZONE_DTYPE))
+        first = offset // info.zone_size
+        left = info.nr_zones - first
+        if nr_zones is not None:
+            if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or nr_zones < 0:
+                raise ValueError(f"nr_zones must be an int >= 0 or None, got {nr_zones!r}")
+            left = min(left, nr_zones)
+        # A zone descriptor is 64 bytes on NVMe too; the report's header takes one.
+        per_request = left
+        if self.limits.max_transfer:
+            per_request = max(1, min(left, self.limits.max_transfer // ZONE_DTYPE.itemsize - 1))
+        parts = []
+        pos = first * info.zone_size
+        while left > 0:
+            n = min(left, per_request)
+            zones = self.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
+            got = self._zone_request(Op.REPORT_ZONES, pos, zones)
+            parts.append(zones[:got])
+            if got < n or got == 0:
+                break
+            left -= got
+            last = zones[got - 1]
+            pos = int(last["start"]) + int(last["len"])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, ZONE_DTYPE)
+
+    def zone_states(self) -> Dict[str, int]:
+        """How many zones are in each state: {"empty": n, "imp_open": n, ...},
+        every ``ZoneState`` listed (one report of all zones)."""
+        states = self.report_zones()["state"]
+        return {str(s): int(np.count_nonzero(states == s)) for s in ZoneState}
+
+    def open_zone(self, offset: int) -> None:
+        """Open the zone starting at ``offset`` explicitly (it then counts
+        against max-open-zones until closed, finished or full)."""
+        self._zone_request(Op.OPEN_ZONE, offset)
+
+    def close_zone(self, offset: int) -> None:
+        """Close the open zone starting at ``offset`` (it stays active)."""
+        self._zone_request(Op.CLOSE_ZONE, offset)
+
+    def finish_zone(self, offset: int) -> None:
+        """Finish the zone starting at ``offset``: it becomes FULL."""
+        self._zone_request(Op.FINISH_ZONE, offset)
+
+    def reset_zone(self, offset: int) -> None:
+        """Reset the zone starting at ``offset``: EMPTY, its data gone (reads
+        give zeroes), the write pointer back at its start."""
+        self._zone_request(Op.RESET_ZONE, offset)
+
+    # The all-zones forms are methods of their own, like libblkio's
+    # blkioq_*_all_zones, not a flag of the one-zone calls: a forgotten
+    # offset must never mean "every zone".
+    def open_all_zones(self) -> None:
+        """Open every CLOSED zone.  Beyond max-open-zones the device refuses
+        with EIO after opening some of them (check with ``report_zones``)."""
+        self._zone_request(Op.OPEN_ALL_ZONES)
+
+    def close_all_zones(self) -> None:
+        """Close every open zone."""
+        self._zone_request(Op.CLOSE_ALL_ZONES)
+
+    def finish_all_zones(self) -> None:
+        """Finish every open or closed zone (they become FULL)."""
+        self._zone_request(Op.FINISH_ALL_ZONES)
+
+    def reset_all_zones(self) -> None:
+        """Reset every zone that is not EMPTY."""
+        self._zone_request(Op.RESET_ALL_ZONES)
+
+    def zone_writer(self, zone_offset: int, nr_zones: int = 1) -> "ZoneWriter":
+        """A :class:`ZoneWriter` appending at the write pointer of the zone
+        starting at ``zone_offset`` and, once it is full, of the next ones
+        (``nr_zones`` zones in all)."""
+        return ZoneWriter(self, zone_offset, nr_zones)
+
+
+class ZoneWriter:
+    """Sequential writes to zones, each at the write pointer.
+
+    Made by ``Device.zone_writer(zone_offset, nr_zones)``.  ``write(data)``
+    appends ``data`` where the last write ended (at first: the write pointer
+    the device reports), filling each zone up to its capacity and going on in
+    the next one (a zone written to its capacity becomes FULL by itself, so
+    at most one zone of the writer is open at a time).  Each request is at
+    most max-transfer bytes and waited for before the next, so the device
+    sees them in order.  ``finish()`` seals the current zone and moves on;
+    ``reset()`` empties the writer's zones.  After a failed write the zone is
+    reported again, so the write pointer stays the device's.
+    """
+
+    def __init__(self, device: Any, zone_offset: int, nr_zones: int = 1) -> None:
+        info = device.zone_info
+        if not info.zoned:
+            device._zone_request(Op.REPORT_ZONES, 0, np.empty(1, ZONE_DTYPE))  # raises: not zoned
+        zs = info.zone_size
+        if isinstance(zone_offset, bool) or not isinstance(zone_offset, int) or zone_offset < 0 \
+                or zone_offset % zs or zone_offset >= info.nr_zones * zs:
+            raise ValueError(f"zone_writer: {zone_offset!r} is not the start of a zone (zone size "
+                             f"{zs} bytes, {info.nr_zones} zones)")
+        first = zone_offset // zs
+        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or \
+                not 1 <= nr_zones <= info.nr_zones - first:
+            raise ValueError(f"zone_writer: nr_zones must be 1 to {info.nr_zones - first} "
+                             f"from zone {first}, got {nr_zones!r}")
+        self.device = device
+        self._align = device.limits.request_alignment
+        self._piece = device.limits.max_transfer or (1 << 20)
+        self._piece -= self._piece % self._align
+        self._first = zone_offset
+        self._nr = nr_zones
+        self.sync()
+
+    def sync(self) -> None:
+        """Read the zones' write pointers and capacities from the device again."""
+        zones = self.device.report_zones(self._first, self._nr).copy()
+        if len(zones) != self._nr:
+            raise Error(5, f"report_zones returned {len(zones)} zones, {self._nr} asked")
+        for z in zones:
+            if z["type"] == ZoneType.CONVENTIONAL:
+                raise ValueError(f"zone at {int(z['start'])} is conventional: it has no write pointer")
+            if z["state"] in (ZoneState.READONLY, ZoneState.OFFLINE):
+                raise ValueError(f"zone at {int(z['start'])} is {ZoneState(z['state'])}")
+        self._zones = zones
+        # The first zone not yet full holds the write pointer.
+        self._index = 0
+        while self._index < self._nr - 1 and self._left_in(self._index) == 0:
+            self._index += 1
+
+    def _end(self, i: int) -> int:
+        z = self._zones[i]
+        return int(z["start"]) + int(z["capacity"])
+
+    def _wp(self, i: int) -> int:
+        z = self._zones[i]
+        if z["state"] == ZoneState.FULL:
+            return self._end(i)     # libblkio reports start + len
+        return int(z["write_pointer"])
+
+    def _left_in(self, i: int) -> int:
+        return self._end(i) - self._wp(i)
+
+    @property
+    def write_pointer(self) -> int:
+        """Where the next write goes (bytes)."""
+        return self._wp(self._index)
+
+    @property
+    def zone(self) -> int:
+        """Start of the zone the next write goes to (bytes)."""
+        return int(self._zones[self._index]["start"])
+
+    @property
+    def remaining(self) -> int:
+        """Bytes that can still be written, over the writer's zones."""
+        return sum(self._left_in(i) for i in range(self._index, self._nr))
+
+    def write(self, data: Any, *, fua: bool = False) -> int:
+        """Append ``data`` (any contiguous buffer; a multiple of the request
+        alignment) at the write pointer; returns the bytes written.  More
+        than ``remaining`` is a ValueError before anything is written."""
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n % self._align:
+            raise ValueError(f"zone write of {n} bytes: must be a multiple of request-alignment "
+                             f"({self._align})")
+        if n > self.remaining:
+            raise ValueError(f"zone write of {n} bytes: only {self.remaining} bytes are left in "
+                             f"the writer's {self._nr} zone(s) from {self._first}")
+        pos = 0
+        while pos < n:
+            room = self._left_in(self._index)
+            if room == 0:
+                self._index += 1
+                continue
+            take = min(room, n - pos, self._piece)
+            wp = self._wp(self._index)
+            try:
+                self.device.write(wp, view[pos:pos + take], fua=fua)
+            except OSError:
+                self.sync()
+                raise
+            z = self._zones[self._index]
+            z["write_pointer"] = wp + take
+            z["state"] = ZoneState.FULL if wp + take == self._end(self._index) else ZoneState.IMP_OPEN
+            pos += take
+        while self._index < self._nr - 1 and self._left_in(self._index) == 0:
+            self._index += 1
+        return n
+
+    def finish(self) -> None:
+        """Seal the current zone if it is partly written (it becomes FULL;
+        it no longer counts as open or active) and go on in the next one."""
+        i = self._index
+        z = self._zones[i]
+        if z["state"] != ZoneState.EMPTY and self._left_in(i) > 0:
+            self.device.finish_zone(int(z["start"]))
+            z["state"] = ZoneState.FULL
+        if self._index < self._nr - 1:
+            self._index += 1
+
+    def reset(self) -> None:
+        """Reset the writer's zones that hold data; the next write goes to
+        the start of the first."""
+        for z in self._zones:
+            if z["state"] != ZoneState.EMPTY:
+                self.device.reset_zone(int(z["start"]))
+        self.sync()
+
+    def __repr__(self) -> str:
+        return (f"<blkio.ZoneWriter zones {self._first}+{self._nr}x{self.device.zone_info.zone_size} "
+                f"write_pointer={self.write_pointer} remaining={self.remaining}>")
