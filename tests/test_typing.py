@@ -159,6 +159,38 @@ async def asynchronous(path: str) -> None:
         adev.device.bounce_pool.release(arr)
 
 
+def zoned(path: str) -> None:
+    with blkio.open("nvme-io_uring", path=path) as dev:
+        model: str = dev.zoned
+        info = dev.zone_info
+        assert_type(info, blkio.ZoneInfo)
+        zone_size: int = info.zone_size
+        zones = dev.report_zones(0, 4)
+        assert_type(zones, np.ndarray)
+        full = zones["state"] == blkio.ZoneState.FULL
+        dev.open_zone(0)
+        dev.close_zone(0)
+        dev.finish_zone(0)
+        dev.reset_zone(0)
+        dev.reset_all_zones()
+        counts: dict[str, int] = dev.zone_states()
+        w = dev.zone_writer(0, nr_zones=2)
+        assert_type(w, blkio.ZoneWriter)
+        written: int = w.write(dev.alloc(4096))
+        wp: int = w.write_pointer
+        q = dev.queue(0)
+        asked: int = q.report_zones(0, np.empty(4, blkio.ZONE_DTYPE), user_data="r")
+        q.reset_zone(zone_size, user_data=1)
+        q.finish_all_zones()
+
+
+async def zoned_async(path: str) -> None:
+    async with blkio.aio.open("nvme-io_uring", path=path) as adev:
+        zones = await adev.report_zones()
+        await adev.open_zone(0)
+        await adev.reset_all_zones()
+
+
 def run(path: str) -> None:
     blocking(path)
     asyncio.run(asynchronous(path))
@@ -185,6 +217,8 @@ def wrong(path: str) -> None:
         dev.bounce_pool.size = 4096  # E
         q.submit_reads([0, 4096], buf)  # E
         dev.limits.request_alignment = 512  # E
+        dev.reset_zone()  # E
+        dev.report_zones(nr_zones="all")  # E
 '''
 
 

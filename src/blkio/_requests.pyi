@@ -15,7 +15,7 @@ _BufferLike = ReadableBuffer | np.ndarray[Any, Any]
 _WritableBufferLike = WriteableBuffer | np.ndarray[Any, Any]
 _U8Array = npt.NDArray[np.uint8]
 
-OP_NAMES: tuple[str, str, str, str, str]
+OP_NAMES: tuple[str, ...]
 REQ_FUA: int
 REQ_NO_UNMAP: int
 REQ_NO_FALLBACK: int
@@ -27,6 +27,33 @@ class Op(enum.IntEnum):
     WRITE_ZEROES = 2
     DISCARD = 3
     FLUSH = 4
+    REPORT_ZONES = 5
+    OPEN_ZONE = 6
+    CLOSE_ZONE = 7
+    FINISH_ZONE = 8
+    RESET_ZONE = 9
+    OPEN_ALL_ZONES = 10
+    CLOSE_ALL_ZONES = 11
+    FINISH_ALL_ZONES = 12
+    RESET_ALL_ZONES = 13
+
+class ZoneType(enum.IntEnum):
+    CONVENTIONAL = 1
+    SEQWRITE_REQ = 2
+    SEQWRITE_PREF = 3
+
+class ZoneState(enum.IntEnum):
+    EMPTY = 1
+    IMP_OPEN = 2
+    EXP_OPEN = 3
+    CLOSED = 4
+    READONLY = 13
+    FULL = 14
+    OFFLINE = 15
+
+ZONED_MODELS: tuple[str, str, str]
+# struct blkio_zone as a numpy record (64 bytes).
+ZONE_DTYPE: np.dtype[np.void]
 
 def write_zeroes_flags(fua: bool = False, may_unmap: bool = True,
                        no_fallback: bool = False) -> int: ...
@@ -72,6 +99,21 @@ class Queue:
     def discard(self, offset: SupportsIndex, length: SupportsIndex, *,
                 user_data: Any = None) -> int: ...
     def flush(self, *, user_data: Any = None) -> int: ...
+    # Zone requests (zoned devices): enqueue only; a report's completion
+    # ret is the number of zones filled in.  Offsets in bytes.
+    def enqueue_zone(self, op: SupportsIndex, offset: SupportsIndex = 0, zones: Any = None, *,
+                     user_data: Any = None, bounce: _U8Array | None = None,
+                     nowait: bool = False) -> int: ...
+    def report_zones(self, offset: SupportsIndex, zones: _WritableBufferLike, *,
+                     user_data: Any = None) -> int: ...
+    def open_zone(self, offset: SupportsIndex, *, user_data: Any = None) -> int: ...
+    def close_zone(self, offset: SupportsIndex, *, user_data: Any = None) -> int: ...
+    def finish_zone(self, offset: SupportsIndex, *, user_data: Any = None) -> int: ...
+    def reset_zone(self, offset: SupportsIndex, *, user_data: Any = None) -> int: ...
+    def open_all_zones(self, *, user_data: Any = None) -> int: ...
+    def close_all_zones(self, *, user_data: Any = None) -> int: ...
+    def finish_all_zones(self, *, user_data: Any = None) -> int: ...
+    def reset_all_zones(self, *, user_data: Any = None) -> int: ...
     def submit(self) -> None: ...
     def wait(self, min: SupportsIndex = 1, max: SupportsIndex | None = None,
              timeout: float | None = None) -> list[Completion]: ...

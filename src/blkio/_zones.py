@@ -20,9 +20,10 @@ active zone limits.  ``ZoneWriter`` tracks the write pointer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, SupportsIndex, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import Error
 from ._requests import ZONE_DTYPE, ZONED_MODELS, Op, ZoneState, ZoneType
@@ -88,17 +89,41 @@ def read_zone_info(get: Callable[[str], Any], has_zone_properties: bool, capacit
                     bool(v["append-support"]), v["zone-append-max-bytes"])
 
 
+def _report_plan(device: Any, offset: int, nr_zones: Optional[int]) -> Tuple[int, int, int]:
+    """Where a report starts (a zone start, bytes), how many zones it
+    covers, and how many one request may ask for (its reply must fit
+    max-transfer: 64 bytes per zone on NVMe, and one more for the header)."""
+    info = device.zone_info
+    if not info.zoned or not isinstance(offset, int) or offset < 0 or offset >= device.capacity:
+        # The core says what is wrong (not zoned, a bad offset).
+        device._zone_request(Op.REPORT_ZONES, offset, np.empty(1, ZONE_DTYPE))
+        raise AssertionError("unreachable: the core accepted a report it should refuse")
+    first = offset // info.zone_size
+    left = info.nr_zones - first
+    if nr_zones is not None:
+        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or nr_zones < 0:
+            raise ValueError(f"nr_zones must be an int >= 0 or None, got {nr_zones!r}")
+        left = min(left, nr_zones)
+    per_request = left
+    max_transfer = device.limits.max_transfer
+    if max_transfer:
+        per_request = max(1, min(left, max_transfer // ZONE_DTYPE.itemsize - 1))
+    return first * info.zone_size, left, per_request
+
+
 class ZonedMixin:
     """Zone methods of ``blkio.Device`` (blocking, on the calling thread's
     queue, GIL released while waiting).  Offsets are bytes."""
 
     _zone_info: ZoneInfo
 
-    # provided by blkio.Device / the core
-    limits: Any
-    capacity: int
-    alloc: Callable[[int], np.ndarray]
-    _zone_request: Callable[..., int]
+    if TYPE_CHECKING:      # provided by blkio.Device and the core
+        @property
+        def capacity(self) -> int: ...
+        @property
+        def limits(self) -> Any: ...
+        def alloc(self, nbytes: SupportsIndex) -> npt.NDArray[np.uint8]: ...
+        def _zone_request(self, op: int, offset: SupportsIndex = 0, zones: Any = None) -> int: ...
 
     @property
     def zone_info(self) -> ZoneInfo:
@@ -118,22 +143,8 @@ class ZonedMixin:
         (``ZoneType``), state (``ZoneState``), reset (bool).  A FULL zone's
         write_pointer is start + len, as libblkio reports it.  A report
         longer than one request allows (max-transfer) takes several."""
-        info = self._zone_info
-        if not info.zoned or not isinstance(offset, int) or offset < 0 or offset >= self.capacity:
-            # The core says what is wrong (not zoned, a bad offset).
-            self._zone_request(Op.REPORT_ZONES, offset, np.empty(1, ZONE_DTYPE))
-        first = offset // info.zone_size
-        left = info.nr_zones - first
-        if nr_zones is not None:
-            if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or nr_zones < 0:
-                raise ValueError(f"nr_zones must be an int >= 0 or None, got {nr_zones!r}")
-            left = min(left, nr_zones)
-        # A zone descriptor is 64 bytes on NVMe too; the report's header takes one.
-        per_request = left
-        if self.limits.max_transfer:
-            per_request = max(1, min(left, self.limits.max_transfer // ZONE_DTYPE.itemsize - 1))
+        pos, left, per_request = _report_plan(self, offset, nr_zones)
         parts = []
-        pos = first * info.zone_size
         while left > 0:
             n = min(left, per_request)
             zones = self.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)

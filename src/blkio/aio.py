@@ -33,6 +33,7 @@ import numpy as np
 
 from . import Device, Op, Queue, REQ_FUA, open as _open_device
 from ._requests import write_zeroes_flags
+from ._zones import ZONE_DTYPE, _report_plan
 
 __all__ = ["AsyncDevice", "open"]
 
@@ -59,6 +60,10 @@ class AsyncDevice:
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._closed = False
+        # A host-managed zone takes writes in order, at its write pointer:
+        # a large write goes one chunk at a time (chunks in flight together
+        # may reach it reordered).
+        self._in_order_writes = device.zoned == "host-managed"
         # libblkio (after 1.3) leaves the completion fd disabled: we enable it
         # whenever requests are in flight and we are about to sleep.
         self.queue.completion_fd_enabled = True
@@ -132,7 +137,8 @@ class AsyncDevice:
             if fut.done():              # cancelled: nothing to tell
                 continue
             if c.ret >= 0:
-                fut.set_result(c.length)
+                # a report's result is the number of zones filled in
+                fut.set_result(c.ret if c.op == "report_zones" else c.length)
             elif c.op == "discard" and c.ret == -errno.EOPNOTSUPP:
                 fut.set_result(0)       # discard is advisory
             elif c.ret == -errno.ECANCELED:
@@ -265,6 +271,8 @@ class AsyncDevice:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
         flags = REQ_FUA if fua else 0
+        if self._in_order_writes:
+            depth = 1
         return (self._large(_WRITE, offset, buf, flags, chunk, depth)
                 or self._request(_WRITE, offset, buf, False, flags))
 
@@ -289,6 +297,86 @@ class AsyncDevice:
     async def flush(self) -> None:
         """Make completed writes durable."""
         await self._request(_FLUSH, 0, None, False, 0, 0)
+
+    # ---- zoned devices (see Device.report_zones & co.; offsets in bytes) ----
+
+    def _zone(self, op: int, offset: int = 0, zones: Any = None) -> "Awaitable[int]":
+        """Enqueue one zone request now; a future of its ret (the zones
+        filled in, for a report)."""
+        if self._closed:
+            raise ValueError(f"{self.device.driver} device is closed")
+        fut = self._loop.create_future()
+        n = self.queue.enqueue_zone(op, offset, zones, user_data=fut, nowait=True)
+        if n < 0:
+            return self._zone_bounced(op, offset, zones, fut, -n)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return fut
+
+    async def _zone_bounced(self, op: int, offset: int, zones: Any, fut: "asyncio.Future[int]",
+                            need: int) -> int:
+        pool = self.device.bounce_pool
+        bounce = await pool.acquire_async(need)
+        try:
+            self.queue.enqueue_zone(op, offset, zones, user_data=fut, bounce=bounce)
+        except BaseException:
+            pool.release(bounce)
+            raise
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return await fut
+
+    async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
+        """Report zones from the one holding ``offset`` (see
+        ``Device.report_zones``): a numpy array of ``blkio.ZONE_DTYPE``."""
+        pos, left, per_request = _report_plan(self.device, offset, nr_zones)
+        parts = []
+        while left > 0:
+            n = min(left, per_request)
+            zones = self.device.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
+            got = await self._zone(Op.REPORT_ZONES, pos, zones)
+            parts.append(zones[:got])
+            if got < n or got == 0:
+                break
+            left -= got
+            pos = int(zones[got - 1]["start"]) + int(zones[got - 1]["len"])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, ZONE_DTYPE)
+
+    async def open_zone(self, offset: int) -> None:
+        """Open the zone starting at ``offset`` explicitly."""
+        await self._zone(Op.OPEN_ZONE, offset)
+
+    async def close_zone(self, offset: int) -> None:
+        """Close the open zone starting at ``offset``."""
+        await self._zone(Op.CLOSE_ZONE, offset)
+
+    async def finish_zone(self, offset: int) -> None:
+        """Finish the zone starting at ``offset`` (it becomes FULL)."""
+        await self._zone(Op.FINISH_ZONE, offset)
+
+    async def reset_zone(self, offset: int) -> None:
+        """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
+        await self._zone(Op.RESET_ZONE, offset)
+
+    async def open_all_zones(self) -> None:
+        """Open every CLOSED zone."""
+        await self._zone(Op.OPEN_ALL_ZONES)
+
+    async def close_all_zones(self) -> None:
+        """Close every open zone."""
+        await self._zone(Op.CLOSE_ALL_ZONES)
+
+    async def finish_all_zones(self) -> None:
+        """Finish every open or closed zone."""
+        await self._zone(Op.FINISH_ALL_ZONES)
+
+    async def reset_all_zones(self) -> None:
+        """Reset every zone that is not EMPTY."""
+        await self._zone(Op.RESET_ALL_ZONES)
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """Memory mapped into the device (see ``Device.alloc``)."""

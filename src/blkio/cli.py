@@ -8,9 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ._cliprops import parse_properties
+
+
+def zone_summary(dev: Any) -> Dict[str, Any]:
+    """The zoned model, the zone geometry and how many zones are in each
+    state (one zone report), for ``info``; only the model when not zoned."""
+    zone_info = dev.zone_info
+    if not zone_info.zoned:
+        return {"model": zone_info.model}
+    out: Dict[str, Any] = dict(zone_info.__dict__)
+    out["states"] = {state: n for state, n in dev.zone_states().items() if n}
+    return out
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -19,7 +30,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         props = parse_properties(args.props)
         with blkio.open(args.driver, **props) as dev:
             info = {"driver": dev.driver, "capacity": dev.capacity,
-                    "limits": dev.limits.__dict__, "properties": dev.properties()}
+                    "limits": dev.limits.__dict__, "properties": dev.properties(),
+                    "zones": zone_summary(dev)}
     except (ValueError, OSError) as e:
         print(f"{args.prog} info: {e}", file=sys.stderr)
         return 2
@@ -43,7 +55,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
     parser = argparse.ArgumentParser(prog=prog)
     parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="open a device and print its limits and properties as JSON")
+    p = sub.add_parser("info", help="open a device and print its limits, properties and zones "
+                                    "(zoned devices: model, geometry, zones by state) as JSON")
     p.add_argument("driver")
     p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
     p.set_defaults(func=cmd_info)
