@@ -29,7 +29,8 @@ from ._errors import Error, ReadOnlyError
 from ._handle import LIBBLKIO_VERSION, State
 from ._memory import Buffer
 from ._pool import BouncePool
-from ._requests import REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, Completion, Op, Queue
+from ._requests import (REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, ZONED_MODELS as _ZONED_MODELS,
+                        Completion, Op, Queue)
 from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
 from ._zones import (NOT_ZONED as _NOT_ZONED, ZONE_DTYPE, ZoneInfo, ZoneState, ZoneType, ZoneWriter, ZonedMixin as _ZonedMixin,
                      read_zone_info as _read_zone_info)
@@ -166,6 +167,11 @@ class Device(_DeviceCore, _ZonedMixin):
         self._refresh(limits, self._get("capacity", "uint64"))
         return limits
 
+    def _set_zone_info(self, info: ZoneInfo) -> None:
+        """The zone geometry (read at open), for the facade and the core's checks."""
+        self._zone_info = info
+        self._configure_zones(_ZONED_MODELS.index(info.model), info.zone_size, info.nr_zones)
+
     def _get_named(self, name: str) -> Any:
         return self._get(name, _lookup(self.driver, name).type)
 
@@ -282,9 +288,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
                        backend_fds, dev._get(depth, "int"))
         zone_info = _read_zone_info(dev._get_named, "zoned" in driver_properties(driver),
                                      dev.capacity, limits.request_alignment)
-        dev._zone_info = zone_info
-        dev._configure_zones(("none", "host-aware", "host-managed").index(zone_info.model),
-                             zone_info.zone_size, zone_info.nr_zones)
+        dev._set_zone_info(zone_info)
         dev.spin_us = spin_us
         return dev
     except BaseException:
