@@ -224,8 +224,9 @@ def zoned(request) -> ZonedTarget:
 
 
 class ZoneProbe:
-    """libblkio's zone calls from C (tests/guest/zone_probe.c, built by the
-    launcher): blkio's Python API does not wrap them yet."""
+    """libblkio from C (tests/guest/zone_probe.c, built by the launcher):
+    what blkio's API cannot show, such as property values before connect
+    (blkio.open connects and starts)."""
 
     def __init__(self, exe: str):
         self.exe = exe
@@ -246,20 +247,6 @@ class ZoneProbe:
         # after start, then runs the ops.
         assert [d.get("state") for d in out[:3]] == ["created", "connected", "started"], out
         return out if props else out[3:]
-
-    def one(self, path: str, op: str) -> dict:
-        (res,) = self.run(path, op)
-        return res
-
-    def report(self, path: str, offset: int = 0, nr: int = 1) -> list:
-        """The zones libblkio reported (ret of them), checking ret >= 0."""
-        res = self.one(path, f"report {offset} {nr}")
-        assert res["ret"] >= 0, res
-        return res["zones"][:res["ret"]]
-
-    def reset_all(self, path: str) -> None:
-        res = self.one(path, "reset-all")
-        assert res["ret"] == 0, res
 
 
 @pytest.fixture(scope="session")
