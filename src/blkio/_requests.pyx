@@ -1300,6 +1300,10 @@ cdef class Queue:
                     internal, bounce, nowait)
         if c is not None:
             c.op = REPORT_ZONES
+            if c.bounce_start >= 0:
+                # The device fills in only ret records and the whole bounce
+                # buffer is copied back: start it as the caller's buffer.
+                _gather(c.user_iov, c.user_iovcnt, <char *>c.iov1.iov_base)
         return c
 
     def enqueue_zone(self, op, offset=0, zones=None, *, user_data=None, bounce=None,

@@ -312,6 +312,7 @@ def test_report_zones_through_a_queue(zdev, zoned, blkio, S):
     zones = np.zeros(z.nr_zones + 2, blkio.ZONE_DTYPE)
     zones["start"] = 0xAAAAAAAAAAAAAAAA
     assert q.report_zones(0, zones, user_data="all") == z.nr_zones + 2
+    print(f"buf-alignment {zdev.limits.buf_alignment}, zones at {zones.ctypes.data:#x}")
     raw = bytearray(3 * 64 + 1)
     odd = np.frombuffer(memoryview(raw)[1:], blkio.ZONE_DTYPE)
     assert q.report_zones(z.size - 2 * z.zone_size, odd, user_data="odd") == 3
