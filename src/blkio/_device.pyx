@@ -375,7 +375,8 @@ cdef class _DeviceCore:
     def write(self, offset, buf, *, bint fua=False, chunk=None, depth=None):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written.
-        ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``."""
+        ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``
+        (on a host-managed zoned device the chunks go one at a time, in order)."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
         cdef uint64_t ck = 0
@@ -386,6 +387,8 @@ cdef class _DeviceCore:
             dp = check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
+            if h.lim.zoned == 2:
+                dp = 1      # a zone takes writes in order: no chunks in flight together
             return blocking_one(h, _blocking_queue(self, slot), WRITE, off, buf,
                                 _REQ_FUA if fua else 0, ck, dp)
         finally:
@@ -417,6 +420,8 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, False, False)
+            if h.lim.zoned == 2:
+                dp = 1      # a zone takes writes in order: no chunks in flight together
             return blocking_io(h, _blocking_queue(self, slot), WRITE, off, v.total, v,
                                _REQ_FUA if fua else 0, ck, dp)
         finally:
