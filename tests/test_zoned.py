@@ -269,3 +269,18 @@ def test_info_of_a_file_says_not_zoned(tmp_path, image):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["zones"] == {"model": "none"}
+
+
+def test_large_writes_to_a_host_managed_device_go_one_chunk_at_a_time(zdev):
+    """Chunks in flight together may reach a zone reordered: the plan (used
+    by the blocking path and asyncio alike) keeps writes at depth 1 there,
+    reads stay pipelined."""
+    chunk = 256 * 1024
+    zdev.large_io_chunk = chunk
+    assert zdev.large_io_plan(ZONE, write=True) == (chunk, 1)
+    assert zdev.large_io_plan(ZONE, depth=8, write=True) == (chunk, 1)
+    assert zdev.large_io_plan(ZONE, depth=8) == (chunk, 8)
+    q = zdev.queue(0)
+    before = q.requests
+    assert zdev.write(0, zdev.alloc(ZONE), depth=8) == ZONE    # inside zone 0
+    assert q.requests - before == ZONE // chunk

@@ -22,7 +22,7 @@ from ._handle cimport (DeviceHandle, GUARD_THREADS, ST_BROKEN, guard_own, handle
 from ._memory cimport Buffer, ArenaSlice, owner_of
 from ._requests cimport (Completion, HeldBuffers, Queue, READ, WRITE, WRITE_ZEROES, DISCARD,
                          FLUSH, blocking_io, blocking_one, blocking_zone, check_request,
-                         hold_buffers, zero_flags)
+                         hold_buffers, pipeline_depth, zero_flags)
 
 import time
 import warnings
@@ -320,18 +320,20 @@ cdef class _DeviceCore:
     def large_io_depth(self, value):
         self.handle.set_large_io(None, value)
 
-    def large_io_plan(self, nbytes, chunk=None, depth=None):
-        """How a read or write of ``nbytes`` is cut: ``(chunk bytes, chunks in
-        flight)``, or ``(nbytes, 1)`` when it goes as one request.  ``chunk``
-        and ``depth`` override the device's defaults (checked here: a chunk
-        must be a multiple of request-alignment within max-transfer)."""
+    def large_io_plan(self, nbytes, chunk=None, depth=None, *, bint write=False):
+        """How a read (or, with ``write=True``, a write) of ``nbytes`` is cut:
+        ``(chunk bytes, chunks in flight)``, or ``(nbytes, 1)`` when it goes
+        as one request.  ``chunk`` and ``depth`` override the device's
+        defaults (checked here: a chunk must be a multiple of
+        request-alignment within max-transfer).  Writes to a host-managed
+        zoned device go one chunk at a time."""
         cdef uint64_t n = as_u64(nbytes, "nbytes")
         cdef DeviceHandle h = self.handle
         cdef uint64_t ck = h.lim.io_chunk if chunk is None else h.check_io_chunk(chunk)
         cdef int dp = h.lim.io_depth if depth is None else check_io_depth(depth)
         if n <= ck:
             return n, 1
-        return ck, dp
+        return ck, pipeline_depth(h, WRITE if write else READ, dp)
 
     def read(self, offset, nbytes, *, chunk=None, depth=None):
         """Read ``nbytes`` at ``offset`` into a new numpy uint8 array (mapped
@@ -360,12 +362,8 @@ cdef class _DeviceCore:
         ``depth``: the pipeline for large reads, as in ``read``."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
-        cdef uint64_t ck = 0
-        cdef int dp = 0
-        if chunk is not None:
-            ck = h.check_io_chunk(chunk)
-        if depth is not None:
-            dp = check_io_depth(depth)
+        cdef uint64_t ck = 0 if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             return blocking_one(h, _blocking_queue(self, slot), READ, off, buf, 0, ck, dp)
@@ -379,16 +377,10 @@ cdef class _DeviceCore:
         (on a host-managed zoned device the chunks go one at a time, in order)."""
         cdef uint64_t off = as_u64(offset, "offset")
         cdef DeviceHandle h = self.handle
-        cdef uint64_t ck = 0
-        cdef int dp = 0
-        if chunk is not None:
-            ck = h.check_io_chunk(chunk)
-        if depth is not None:
-            dp = check_io_depth(depth)
+        cdef uint64_t ck = 0 if chunk is None else h.check_io_chunk(chunk)
+        cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t slot = handle_enter(h)
         try:
-            if h.lim.zoned == 2:
-                dp = 1      # a zone takes writes in order: no chunks in flight together
             return blocking_one(h, _blocking_queue(self, slot), WRITE, off, buf,
                                 _REQ_FUA if fua else 0, ck, dp)
         finally:
@@ -420,8 +412,6 @@ cdef class _DeviceCore:
         cdef Py_ssize_t slot = handle_enter(h)
         try:
             v = hold_buffers(bufs, False, False)
-            if h.lim.zoned == 2:
-                dp = 1      # a zone takes writes in order: no chunks in flight together
             return blocking_io(h, _blocking_queue(self, slot), WRITE, off, v.total, v,
                                _REQ_FUA if fua else 0, ck, dp)
         finally:

@@ -200,6 +200,7 @@ cdef HeldBuffers hold_buffers(object objs, bint writable, bint single)
 cdef int check_request(DeviceHandle h, int op, uint64_t offset, uint64_t length) except -1
 cdef object blocking_io(DeviceHandle h, Queue q, int op, uint64_t offset, uint64_t length,
                         HeldBuffers views, unsigned int flags, uint64_t chunk=*, int depth=*)
+cdef int pipeline_depth(DeviceHandle h, int op, int depth) noexcept
 cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
                          unsigned int flags, uint64_t chunk=*, int depth=*)
 cdef unsigned int zero_flags(bint fua, bint may_unmap, bint no_fallback) except? 0xFFFFFFFF

@@ -1537,8 +1537,7 @@ cdef object _blocking_pieces(DeviceHandle h, Queue q, int op, uint64_t offset, u
             chunk = h.lim.io_chunk
         if limit == 0 or chunk < limit:
             limit = chunk
-        if depth == 0:
-            depth = h.lim.io_depth
+        depth = pipeline_depth(h, op, depth or h.lim.io_depth)
         if q.slots and depth > q.slots:
             depth = <int>q.slots
     else:
@@ -1594,6 +1593,15 @@ cdef object _blocking_pieces(DeviceHandle h, Queue q, int op, uint64_t offset, u
                             f"{OP_NAMES[op]} of {failed.length} bytes at offset {failed.offset}",
                             h.lim.read_only)
     return length
+
+
+cdef int pipeline_depth(DeviceHandle h, int op, int depth) noexcept:
+    """Chunks of a large ``op`` in flight at once: ``depth``, except for
+    writes to a host-managed zoned device, which must reach each zone in
+    order (chunks in flight together may be reordered): one at a time."""
+    if op == WRITE and h.lim.zoned == 2:
+        return 1
+    return depth
 
 
 cdef void _settle(Queue q, list inflight, Py_ssize_t head):

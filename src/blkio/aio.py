@@ -60,10 +60,6 @@ class AsyncDevice:
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._closed = False
-        # A host-managed zone takes writes in order, at its write pointer:
-        # a large write goes one chunk at a time (chunks in flight together
-        # may reach it reordered).
-        self._in_order_writes = device.zoned == "host-managed"
         # libblkio (after 1.3) leaves the completion fd disabled: we enable it
         # whenever requests are in flight and we are about to sleep.
         self.queue.completion_fd_enabled = True
@@ -184,28 +180,31 @@ class AsyncDevice:
         fut = self._loop.create_future()
         n = q.enqueue(op, offset, buf, length, flags, fut, vectored, None, True)
         if n < 0:
-            return self._request_bounced(op, offset, buf, vectored, flags, length, fut, -n)
-        if not self._flush_scheduled:
+            return self._bounced(-n, lambda bounce: self.queue.enqueue(
+                op, offset, buf, length, flags, fut, vectored, bounce), fut)
+        if not self._flush_scheduled:       # _schedule_flush, inlined: the hot path
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return fut
 
-    async def _request_bounced(self, op: int, offset: int, buf: Any, vectored: bool,
-                               flags: int, length: int, fut: "asyncio.Future[int]",
-                               need: int) -> int:
+    async def _bounced(self, need: int, enqueue: Any, fut: "asyncio.Future[int]") -> int:
         # The pool is full (or others wait first): wait in its FIFO without
-        # blocking the loop, then enqueue with the space we got.
+        # blocking the loop, then enqueue with the space we got
+        # (``enqueue(bounce)``); a failed enqueue gives the space back.
         pool = self.device.bounce_pool
         bounce = await pool.acquire_async(need)
         try:
-            self.queue.enqueue(op, offset, buf, length, flags, fut, vectored, bounce)
+            enqueue(bounce)
         except BaseException:
             pool.release(bounce)
             raise
+        self._schedule_flush()
+        return await fut
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        return await fut
 
     def _large(self, op: int, offset: int, buf: Any, flags: int, chunk: Optional[int],
                depth: Optional[int]) -> "Optional[Awaitable[int]]":
@@ -214,7 +213,7 @@ class AsyncDevice:
         n = buf.nbytes if type(buf) is np.ndarray else memoryview(buf).nbytes
         if chunk is None and depth is None and n <= self.device.large_io_chunk:
             return None
-        size, inflight = self.device.large_io_plan(n, chunk, depth)
+        size, inflight = self.device.large_io_plan(n, chunk, depth, write=op == _WRITE)
         if size >= n:
             return None
         return self._pipelined(op, offset, buf, flags, size, inflight)
@@ -271,8 +270,6 @@ class AsyncDevice:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
         flags = REQ_FUA if fua else 0
-        if self._in_order_writes:
-            depth = 1
         return (self._large(_WRITE, offset, buf, flags, chunk, depth)
                 or self._request(_WRITE, offset, buf, False, flags))
 
@@ -308,25 +305,10 @@ class AsyncDevice:
         fut = self._loop.create_future()
         n = self.queue.enqueue_zone(op, offset, zones, user_data=fut, nowait=True)
         if n < 0:
-            return self._zone_bounced(op, offset, zones, fut, -n)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            return self._bounced(-n, lambda bounce: self.queue.enqueue_zone(
+                op, offset, zones, user_data=fut, bounce=bounce), fut)
+        self._schedule_flush()
         return fut
-
-    async def _zone_bounced(self, op: int, offset: int, zones: Any, fut: "asyncio.Future[int]",
-                            need: int) -> int:
-        pool = self.device.bounce_pool
-        bounce = await pool.acquire_async(need)
-        try:
-            self.queue.enqueue_zone(op, offset, zones, user_data=fut, bounce=bounce)
-        except BaseException:
-            pool.release(bounce)
-            raise
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        return await fut
 
     async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
         """Report zones from the one holding ``offset`` (see
