@@ -651,12 +651,17 @@ class AsyncDevice:
         cap = self.device.capacity
         if bs <= 0 or bs % align:
             return                      # the core's check names the problem
-        bad = np.flatnonzero((offs % align != 0) | (offs > cap - bs))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{'read' if op == _READ else 'write'}_batch: offsets[{i}] = "
-                             f"{int(offs[i])} is not a multiple of request-alignment ({align}) "
-                             f"or {int(offs[i])} + {bs} passes the device capacity ({cap})")
+        name = f"{'read' if op == _READ else 'write'}_batch"
+        misaligned = np.flatnonzero(offs % align != 0) if align > 1 else ()
+        if len(misaligned):
+            i = int(misaligned[0])
+            raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} is not a multiple of "
+                             f"request-alignment ({align})")
+        past = np.flatnonzero(offs > cap - bs) if bs <= cap else np.arange(1)
+        if len(past):
+            i = int(past[0])
+            raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} + {bs} passes the device "
+                             f"capacity ({cap})")
 
     async def _wait_room(self) -> None:
         """Until a reap may have freed queue slots (a batch wave waits)."""
