@@ -652,13 +652,13 @@ class AsyncDevice:
         if bs <= 0 or bs % align:
             return                      # the core's check names the problem
         name = f"{'read' if op == _READ else 'write'}_batch"
-        misaligned = np.flatnonzero(offs % align != 0) if align > 1 else ()
-        if len(misaligned):
+        misaligned = np.flatnonzero(offs % align != 0)
+        if misaligned.size:
             i = int(misaligned[0])
             raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} is not a multiple of "
                              f"request-alignment ({align})")
         past = np.flatnonzero(offs > cap - bs) if bs <= cap else np.arange(1)
-        if len(past):
+        if past.size:
             i = int(past[0])
             raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} + {bs} passes the device "
                              f"capacity ({cap})")
