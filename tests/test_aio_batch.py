@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import os
 import threading
 import time
 import traceback
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import blkio.aio
-from conftest import Inject, convert_to_qcow2, qcow2_host_offset
+from conftest import Inject, convert_to_qcow2, qcow2_host_offset, require
 
 KiB = 1024
 MiB = 1 << 20
@@ -197,13 +198,14 @@ def test_batches_and_single_awaits_in_flight_together(request, run, kind):
     _check_rows(backing, written, wrows)
 
 
-def test_loop_keeps_running_during_a_loop_of_cached_batches(image, run):
+@pytest.mark.parametrize("n", [32, 100])
+def test_loop_keeps_running_during_a_loop_of_cached_batches(image, run, n):
     # Cached reads complete during submission: the awaits return at once,
-    # but must still let other tasks run.
+    # but must still let other tasks run (n=100 goes in waves of 64).
     async def main():
-        async with blkio.aio.open("io_uring", path=str(image.path)) as adev:
-            offs = _offsets(image.size, 32, seed=10)
-            rows = adev.alloc(32 * BS).reshape(-1, BS)
+        async with blkio.aio.open("io_uring", path=str(image.path), num_entries=64) as adev:
+            offs = _offsets(image.size, n, seed=10)
+            rows = adev.alloc(n * BS).reshape(-1, BS)
             await adev.read_batch(offs, rows)           # now page-cached
             ticks = 0
 
@@ -270,6 +272,48 @@ def test_failed_request_raises_oserror_naming_its_offset_after_the_batch(
     rows = run(main())
     if op == "read":
         _check_rows(image, offs, rows)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs mount (root only): writes into a sparse file on it
+    fail with ENOSPC during io_uring's inline submission."""
+    import subprocess
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_failures_during_submission_raise_after_the_batch(tiny_fs, run):
+    # The batch completes inside its submission (the cheap path): 64 pages
+    # fit, the rest fail with ENOSPC.
+    path = tiny_fs / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+    offs = np.arange(128, dtype=np.uint64) * BS
+
+    async def main():
+        async with blkio.aio.open("io_uring", path=str(path)) as adev:
+            rows = adev.alloc(128 * BS).reshape(-1, BS)
+            _fill(rows, 15)
+            with pytest.raises(OSError) as ei:
+                await adev.write_batch(offs, rows)
+            assert adev.queue.in_flight == 0 and not adev._batches
+            return ei.value, rows.copy()
+    e, rows = run(main())
+    assert e.errno == errno.ENOSPC
+    assert 0 < e.failed < 128
+    assert e.index == 128 - e.failed            # in order: the first that did not fit
+    assert e.offset == e.index * BS and f"offset {e.offset}" in str(e)
+    with open(path, "rb") as f:
+        for i in range(e.index):
+            assert os.pread(f.fileno(), BS, i * BS) == rows[i].tobytes(), i
 
 
 def test_failure_in_one_batch_leaves_the_others_alone(qsd, image, tmp_path, run):

@@ -117,7 +117,7 @@ class AsyncDevice:
         self._fd_on = True
         # Batches in flight by number, and where their completions are reaped to.
         self._batches: Dict[int, _Batch] = {}
-        self._next_batch = 0
+        self._next_batch = 1            # batch 0: the solo batch (see _batch)
         self._reap_out = np.zeros(256, _REAP_DTYPE)
         self._reap_ud = self._reap_out["user_data"]
         self._reap_ret = self._reap_out["ret"]
@@ -567,19 +567,47 @@ class AsyncDevice:
             return 0
         submit = q.submit_reads if op == _READ else q.submit_writes
         slots = q.slots
-        if slots and n > slots - q.in_flight:
+        fits = not slots or n <= slots - q.in_flight
+        if not fits:
             self._check_offsets(op, offs, bs)    # all of it, before the first wave
-        bid = self._next_batch
-        self._next_batch = (bid + 1) % _BATCH_IDS
-        while bid in self._batches:              # a batch 2**31 numbers old
+        if not self._batches and fits and n <= len(self._reap_out):
+            # The common case, kept cheap: the only batch in flight, in one
+            # wave, tagged with the core's default tags 0..n-1 (batch 0).
+            submit(offs, buffers, **kw)
+            if q.batch_ready == n:          # all done during submission
+                failed = q.failed
+                q.reap(self._reap_out)
+                if q.failed == failed:
+                    # Return at once, but let the loop run at least once a
+                    # slice (a loop of cached reads would starve other tasks).
+                    now = time.monotonic()
+                    if now - self._last_yield >= _SYNC_SLICE:
+                        self._last_yield = now
+                        await _yield_once()
+                    return n * bs
+                rec = _Batch(n, memory, offs)
+                rec.left = n
+                self._batches[0] = rec
+                self._credit(0, n, self._reap_ud[:n], self._reap_ret[:n])
+                del self._batches[0]
+                raise self._batch_error(op, rec, bs)
+            bid, pos = 0, n
+        else:
             bid = self._next_batch
-            self._next_batch = (bid + 1) % _BATCH_IDS
+            while bid in self._batches or bid == 0:   # 0: the solo batch's
+                bid = bid % (_BATCH_IDS - 1) + 1
+            self._next_batch = bid % (_BATCH_IDS - 1) + 1
+            pos = 0
         base = bid << _TAG_SHIFT
         rec = _Batch(n, memory, offs)
+        rec.left = pos
         self._batches[bid] = rec
         error: Optional[BaseException] = None
         try:
-            pos = 0
+            if pos:
+                # The solo batch, submitted above and not done: route what is
+                # done, arm the completion fd for the rest.
+                self._reap()
             while pos < n:
                 k = n - pos
                 if slots:
@@ -606,20 +634,17 @@ class AsyncDevice:
                     self._take_batches()
                 if rec.left:
                     self._reap()
-            if not rec.left:
-                # Done during submission: return at once, but let the loop
-                # run at least once a slice (a loop of cached reads would
-                # starve every other task).
-                now = time.monotonic()
-                if now - self._last_yield >= _SYNC_SLICE:
-                    self._last_yield = now
-                    await _yield_once()
-            else:
+            if rec.left:
                 if self._closed:
                     raise self._closed_during_batch(rec)
                 rec.fut = self._loop.create_future()
                 await rec.fut
                 self._last_yield = time.monotonic()
+            elif error is None:
+                now = time.monotonic()
+                if now - self._last_yield >= _SYNC_SLICE:
+                    self._last_yield = now
+                    await _yield_once()
         finally:
             if rec.left == 0:
                 self._batches.pop(bid, None)
