@@ -1376,6 +1376,16 @@ cdef class Queue:
         """Enqueue a reset of every open, closed or full zone."""
         return self.enqueue_zone(RESET_ALL_ZONES, user_data=user_data)
 
+    # ---- for event-driven batch reaping (blkio.aio) -----------------------
+
+    @property
+    def batch_ready(self) -> int:
+        """Batch completions already collected from libblkio and waiting for
+        ``reap()`` (which then copies them without calling into libblkio).
+        An event loop checks it after ``completions()``: that call collects
+        batch completions too, and no completion-fd event will announce them."""
+        return self.batch_ready
+
 
 # --------------------------------------------------------------------------
 # The request path, shared by the blocking, queue, batch and asyncio APIs

@@ -12,6 +12,13 @@ directly is bounced through the device's pool, waiting for space fairly (FIFO)
 without blocking the loop.  A cancelled coroutine's request stays in flight,
 its buffer held, until its completion arrives.
 
+``read_batch``/``write_batch`` await a whole batch of block requests with
+one future and no Python object per request: they go through the queue's
+batch path (``Queue.submit_reads``/``submit_writes``), tagged with their
+batch's number in the high 32 bits of ``user_data``, and ``Queue.reap``
+collects them on the same completion fd as the single requests, which are
+told apart by their ``Completion`` objects.
+
 Another thread may close the device (or remove the queue) while requests are
 in flight: their awaits then end with the result of the request if close
 drained it, else with ``ValueError`` saying the device is closed.  The loop
@@ -25,19 +32,59 @@ import asyncio
 import errno
 import os
 import time
+import types
 import warnings
 import weakref
-from typing import Any, Awaitable, List, Optional, Sequence
+from typing import Any, Awaitable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import Device, Op, Queue, REQ_FUA, open as _open_device
+from ._errors import error_for
 from ._requests import write_zeroes_flags
 from ._zones import ZONE_DTYPE, _report_plan
 
 __all__ = ["AsyncDevice", "open"]
 
 _READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = Op.READ, Op.WRITE, Op.WRITE_ZEROES, Op.DISCARD, Op.FLUSH
+
+# A batch request's user_data: its batch's number << 32 | its index in the batch.
+_TAG_SHIFT = 32
+_INDEX_MASK = (1 << _TAG_SHIFT) - 1
+_BATCH_IDS = 1 << 31                # numbers wrap (tags stay positive int64)
+_REAP_DTYPE = np.dtype([("user_data", np.int64), ("ret", np.int32)])
+
+
+# A batch that completes during submission does not wait for the loop; such
+# awaits yield to it at least once per this many seconds.
+_SYNC_SLICE = 0.001
+
+
+@types.coroutine
+def _yield_once() -> Any:
+    """Let the loop run one iteration (what ``asyncio.sleep(0)`` does, minus
+    its own coroutine)."""
+    yield
+
+
+class _Batch:
+    """One awaited batch: its requests in flight, its first failure, and the
+    memory they use (held until the last of them is reaped, even when the
+    awaiting task was cancelled: the device may still write it)."""
+
+    __slots__ = ("n", "left", "fut", "memory", "offsets", "abandoned",
+                 "nfail", "fail_index", "fail_ret")
+
+    def __init__(self, n: int, memory: Any, offsets: np.ndarray) -> None:
+        self.n = n
+        self.left = 0                   # submitted, not yet reaped
+        self.fut: "Optional[asyncio.Future[None]]" = None
+        self.memory = memory
+        self.offsets = offsets
+        self.abandoned = False          # its task ended (cancelled) with requests in flight
+        self.nfail = 0
+        self.fail_index = -1
+        self.fail_ret = 0
 
 
 class AsyncDevice:
@@ -64,6 +111,15 @@ class AsyncDevice:
         # whenever requests are in flight and we are about to sleep.
         self.queue.completion_fd_enabled = True
         self._fd_on = True
+        # Batches in flight by number, and where their completions are reaped to.
+        self._batches: Dict[int, _Batch] = {}
+        self._next_batch = 1            # batch 0: the solo batch (see _batch)
+        self._reap_out = np.zeros(256, _REAP_DTYPE)
+        self._reap_ud = self._reap_out["user_data"]
+        self._reap_ret = self._reap_out["ret"]
+        self._room: Optional[asyncio.Event] = None   # queue slots freed (batch waves wait)
+        self._room_waiters = 0
+        self._last_yield = 0.0          # when a batch await last let the loop run
         # A duplicate: libblkio closes its fd when the device goes, possibly
         # from another thread, and the loop must never watch a reused number.
         self._fd = os.dup(self.queue.completion_fd)
@@ -85,6 +141,18 @@ class AsyncDevice:
         self._release_fd()
         self._closed = True
         self._resolve(orphans)
+        # Close drained (or gave up on, keeping their memory) the batch
+        # requests too, but their completions can no longer be reaped.
+        batches, self._batches = self._batches, {}
+        for rec in batches.values():
+            if rec.fut is not None and not rec.fut.done():
+                rec.fut.set_exception(self._closed_during_batch(rec))
+        if self._room is not None:
+            self._room.set()
+
+    def _closed_during_batch(self, rec: _Batch) -> ValueError:
+        return ValueError(f"the {self.device.driver} device was closed (or its queue removed) "
+                          f"while a batch of {rec.n} request(s) was in flight")
 
     def _release_fd(self) -> None:
         if self._fd >= 0:
@@ -113,18 +181,77 @@ class AsyncDevice:
         # Suppress-while-draining: no fd events while we reap in a loop; the
         # fd is re-enabled only while requests remain in flight, and polled
         # once more after that for what completed in between.
+        # completions() collects batch completions too (into the queue's
+        # ring, announced by no fd event): take them after every call.
         q = self.queue
         if self._fd_on:
             q.completion_fd_enabled = False
             self._fd_on = False
-        done = q.completions()
-        while done:
-            self._resolve(done)
+        while True:
             done = q.completions()
+            if done:
+                self._resolve(done)
+            if q.batch_ready:
+                self._take_batches()
+            elif not done:
+                break
         if q.in_flight:
             q.completion_fd_enabled = True
             self._fd_on = True
             self._resolve(q.completions())
+            if q.batch_ready:
+                self._take_batches()
+        if self._room_waiters:
+            self._room.set()            # type: ignore[union-attr]
+
+    def _take_batches(self) -> None:
+        """Route the batch completions waiting in the queue's ring to their
+        batches.  Nothing per request: with one batch in flight (the common
+        case) and ``Queue.failed`` unchanged, not even a numpy call; else
+        numpy over the reaped rows.  Batch requests on this queue are all
+        ours: the AsyncDevice drives it."""
+        q = self.queue
+        cap = len(self._reap_out)
+        while q.batch_ready:
+            failed_before = q.failed
+            k = q.reap(self._reap_out)
+            failed = q.failed != failed_before
+            if len(self._batches) == 1 and not failed:
+                self._credit(next(iter(self._batches)), k, None, None)
+            else:
+                ud = self._reap_ud[:k]
+                rets = self._reap_ret[:k]
+                ids = ud >> _TAG_SHIFT
+                uniq, counts = np.unique(ids, return_counts=True)
+                for bid, cnt in zip(uniq.tolist(), counts.tolist()):
+                    if failed:
+                        mine = ids == bid
+                        self._credit(bid, cnt, ud[mine], rets[mine])
+                    else:
+                        self._credit(bid, cnt, None, None)
+            if k < cap:
+                break
+
+    def _credit(self, bid: int, count: int, ud: Optional[np.ndarray],
+                rets: Optional[np.ndarray]) -> None:
+        rec = self._batches.get(bid)
+        if rec is None:
+            return                      # not submitted through this AsyncDevice
+        if ud is not None and rets is not None:
+            bad = np.flatnonzero(rets)
+            if bad.size:
+                idx = ud[bad] & _INDEX_MASK
+                j = int(np.argmin(idx))
+                if rec.nfail == 0 or int(idx[j]) < rec.fail_index:
+                    rec.fail_index = int(idx[j])
+                    rec.fail_ret = int(rets[bad[j]])
+                rec.nfail += int(bad.size)
+        rec.left -= count
+        if rec.left == 0:
+            if rec.fut is not None and not rec.fut.done():
+                rec.fut.set_result(None)
+            if rec.abandoned:
+                del self._batches[bid]
 
     @staticmethod
     def _resolve(completions: List[Any]) -> None:
@@ -359,6 +486,200 @@ class AsyncDevice:
     async def reset_all_zones(self) -> None:
         """Reset every zone that is not EMPTY."""
         await self._zone(Op.RESET_ALL_ZONES)
+
+    # ---- batches ---------------------------------------------------------
+
+    def read_batch(self, offsets: Any, buffers: Any, *, region: Any = None,
+                   blocksize: int = 0) -> Awaitable[int]:
+        """Read one block per offset, all in flight at once; awaits the bytes read.
+
+        ``offsets``: device offsets in bytes (uint64[n], or anything
+        ``numpy.asarray`` turns into it); ``buffers``: a C-contiguous
+        uint8[n, blocksize] array of memory from ``Device.alloc`` or
+        ``Device.register``, row i receiving the block at ``offsets[i]`` --
+        or, with ``region`` (such memory, 1-D uint8) and ``blocksize``,
+        uint64[n] byte offsets into ``region`` (see ``Queue.submit_reads``).
+        One future for the whole batch, no Python object per request.
+
+        Returns ``n * blocksize`` when every request succeeded.  If any
+        failed, the await raises the ``OSError`` (``blkio.Error``) of the one
+        with the lowest index, once all of the batch's requests have
+        finished; its message names that offset, and the exception carries
+        ``index``, ``offset`` and ``failed`` (how many failed).  Batches
+        larger than the queue's free slots are submitted in waves.  A
+        cancelled await submits no further waves; requests already in flight
+        stay there, and the batch keeps a reference to ``buffers`` (or
+        ``region``) until the last of them completes, so dropping the array
+        cannot give its memory to another ``alloc`` while the device may
+        still write it.  Closing the device while a batch is awaited makes
+        the await raise ``ValueError``."""
+        return self._batch(_READ, offsets, buffers, 0, region, blocksize)
+
+    def write_batch(self, offsets: Any, buffers: Any, *, fua: bool = False, region: Any = None,
+                    blocksize: int = 0) -> Awaitable[int]:
+        """Write row i of ``buffers`` at ``offsets[i]`` for every i; awaits the
+        bytes written.  As ``read_batch`` otherwise (``fua``: each write is
+        durable when it completes)."""
+        return self._batch(_WRITE, offsets, buffers, REQ_FUA if fua else 0, region, blocksize)
+
+    async def _batch(self, op: int, offsets: Any, buffers: Any, flags: int, region: Any,
+                     blocksize: int) -> int:
+        if self._closed:
+            raise ValueError(f"{self.device.driver} device is closed")
+        q = self.queue
+        offs = np.asarray(offsets, dtype=np.uint64)
+        if offs.ndim != 1:
+            raise TypeError(f"offsets must be 1-D, not of shape {offs.shape}")
+        if not isinstance(buffers, np.ndarray):
+            buffers = np.asarray(buffers)
+        n = offs.shape[0]
+        if buffers.ndim < 1 or buffers.shape[0] != n:
+            raise ValueError(f"{n} offsets but {buffers.shape[0] if buffers.ndim else 0} buffers")
+        if region is None:
+            bs = buffers.shape[1] if buffers.ndim == 2 else 0
+            memory = buffers
+            kw: Dict[str, Any] = {}
+        else:
+            bs = blocksize
+            memory = region
+            kw = {"region": region, "blocksize": blocksize}
+        if flags:
+            kw["fua"] = True
+        if n == 0:
+            return 0
+        submit = q.submit_reads if op == _READ else q.submit_writes
+        slots = q.slots
+        fits = not slots or n <= slots - q.in_flight
+        if not fits:
+            self._check_offsets(op, offs, bs)    # all of it, before the first wave
+        if not self._batches and fits and n <= len(self._reap_out):
+            # The common case, kept cheap: the only batch in flight, in one
+            # wave, tagged with the core's default tags 0..n-1 (batch 0).
+            submit(offs, buffers, **kw)
+            if q.batch_ready == n:          # all done during submission
+                failed = q.failed
+                q.reap(self._reap_out)
+                if q.failed == failed:
+                    # Return at once, but let the loop run at least once a
+                    # slice (a loop of cached reads would starve other tasks).
+                    now = time.monotonic()
+                    if now - self._last_yield >= _SYNC_SLICE:
+                        self._last_yield = now
+                        await _yield_once()
+                    return n * bs
+                rec = _Batch(n, memory, offs)
+                rec.left = n
+                self._batches[0] = rec
+                self._credit(0, n, self._reap_ud[:n], self._reap_ret[:n])
+                del self._batches[0]
+                raise self._batch_error(op, rec, bs)
+            bid, pos = 0, n
+        else:
+            bid = self._next_batch
+            while bid in self._batches or bid == 0:   # 0: the solo batch's
+                bid = bid % (_BATCH_IDS - 1) + 1
+            self._next_batch = bid % (_BATCH_IDS - 1) + 1
+            pos = 0
+        base = bid << _TAG_SHIFT
+        rec = _Batch(n, memory, offs)
+        rec.left = pos
+        self._batches[bid] = rec
+        error: Optional[BaseException] = None
+        try:
+            if pos:
+                # The solo batch, submitted above and not done: route what is
+                # done, arm the completion fd for the rest.
+                self._reap()
+            while pos < n:
+                k = n - pos
+                if slots:
+                    room = slots - q.in_flight
+                    while room <= 0:
+                        await self._wait_room()
+                        if self._closed:
+                            raise self._closed_during_batch(rec)
+                        room = slots - q.in_flight
+                    k = min(k, room)
+                tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
+                try:
+                    submit(offs[pos:pos + k], buffers[pos:pos + k], user_data=tags, **kw)
+                except Exception as e:
+                    if rec.left and (self.device.closed or q.removed):
+                        raise self._closed_during_batch(rec) from e
+                    error = e           # nothing of this wave was submitted
+                    break
+                rec.left += k
+                pos += k
+                # Collect what completed during submission (page-cached reads
+                # do); arm the completion fd for the rest.
+                if q.batch_ready:
+                    self._take_batches()
+                if rec.left:
+                    self._reap()
+            if rec.left:
+                if self._closed:
+                    raise self._closed_during_batch(rec)
+                rec.fut = self._loop.create_future()
+                await rec.fut
+                self._last_yield = time.monotonic()
+            elif error is None:
+                now = time.monotonic()
+                if now - self._last_yield >= _SYNC_SLICE:
+                    self._last_yield = now
+                    await _yield_once()
+        finally:
+            if rec.left == 0:
+                self._batches.pop(bid, None)
+            else:
+                rec.abandoned = True    # cancelled: reaping drops it at the end
+        if error is not None:
+            raise error
+        if rec.nfail:
+            raise self._batch_error(op, rec, bs)
+        return n * bs
+
+    def _batch_error(self, op: int, rec: _Batch, bs: int) -> OSError:
+        i = rec.fail_index
+        offset = int(rec.offsets[i])
+        code = -rec.fail_ret
+        others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
+        e = error_for(code, f"{'read' if op == _READ else 'write'} of {bs} bytes at offset "
+                            f"{offset} (request {i} of a batch of {rec.n}) failed{others}")
+        e.index = i                     # type: ignore[attr-defined]
+        e.offset = offset               # type: ignore[attr-defined]
+        e.failed = rec.nfail            # type: ignore[attr-defined]
+        return e
+
+    def _check_offsets(self, op: int, offs: np.ndarray, bs: int) -> None:
+        """The whole batch's offsets, before a first wave is submitted (each
+        wave is checked again by the core)."""
+        lim = self.device.limits
+        align = lim.request_alignment
+        cap = self.device.capacity
+        if bs <= 0 or bs % align:
+            return                      # the core's check names the problem
+        name = f"{'read' if op == _READ else 'write'}_batch"
+        misaligned = np.flatnonzero(offs % align != 0)
+        if misaligned.size:
+            i = int(misaligned[0])
+            raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} is not a multiple of "
+                             f"request-alignment ({align})")
+        past = np.flatnonzero(offs > cap - bs) if bs <= cap else np.arange(1)
+        if past.size:
+            i = int(past[0])
+            raise ValueError(f"{name}: offsets[{i}] = {int(offs[i])} + {bs} passes the device "
+                             f"capacity ({cap})")
+
+    async def _wait_room(self) -> None:
+        """Until a reap may have freed queue slots (a batch wave waits)."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        self._room.clear()
+        self._room_waiters += 1
+        try:
+            await self._room.wait()
+        finally:
+            self._room_waiters -= 1
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """Memory mapped into the device (see ``Device.alloc``)."""
