@@ -15,6 +15,7 @@ they fail, because CI must run every test.  That policy lives in ``require``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -48,6 +49,31 @@ def require(condition: object, reason: str) -> None:
     if CI:
         pytest.fail(f"{reason} (CI=true: backends must be available)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    """``run(coro, timeout=60)``: run it to completion on a fresh event loop
+    of the param's kind (asyncio's own, or uvloop's: a test dependency),
+    bounded so that a hang fails the test."""
+    uvloop = None
+    if request.param == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            require(False, "uvloop is not installed (a test dependency: pip install '.[test]')")
+
+    def runner(coro, timeout=60.0):
+        async def bounded():
+            return await asyncio.wait_for(coro, timeout)
+        if uvloop is not None:
+            loop = uvloop.new_event_loop()
+            try:
+                return loop.run_until_complete(bounded())
+            finally:
+                loop.close()
+        return asyncio.run(bounded())
+    return runner
 
 
 # ---------------------------------------------------------------------------

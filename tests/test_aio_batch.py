@@ -26,27 +26,6 @@ MiB = 1 << 20
 BS = 4096
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request):
-    """``run(coro)``: run it to completion on a fresh loop of the param's
-    kind, bounded so that a hang fails the test."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed "
-                                     "(optional: pip install uvloop)")
-
-    def runner(coro, timeout=60.0):
-        async def bounded():
-            return await asyncio.wait_for(coro, timeout)
-        if request.param == "uvloop":
-            loop = uvloop.new_event_loop()
-            try:
-                return loop.run_until_complete(bounded())
-            finally:
-                loop.close()
-        return asyncio.run(bounded())
-    return runner
-
-
 def _backend(request, kind):
     """(driver, open kwargs, Image whose file holds the device's bytes)."""
     if kind == "io_uring":

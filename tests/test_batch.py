@@ -480,3 +480,26 @@ def test_batch_buffer_offset_past_the_region_is_refused_before_submission(image)
             q.submit_reads(np.zeros(1, np.uint64), np.array([0], np.uint64),
                            region=np.zeros(4096, np.uint8), blocksize=4096)
         assert dev.stats.requests == before and q.in_flight == 0
+
+
+@pytest.mark.parametrize("how", ["reap", "wait"])
+def test_waiting_for_more_completions_than_one_libblkio_call_returns(qsd, how):
+    """min above the 64 completions one blkioq_do_io call fills: the wait
+    loops (libblkio would answer EINVAL to min_completions > max)."""
+    n = 200
+    daemon = qsd()
+    with blkio.open("virtio-blk-vhost-user", daemon.socket, queue_size=256) as dev:
+        q = dev.queue(0)
+        bufs = dev.alloc(n * BS).reshape(n, BS)
+        offs = _offsets(n, dev.capacity)
+        if how == "reap":
+            assert q.submit_reads(offs, bufs) == n
+            out = np.zeros(n, OUT_DTYPE)
+            assert q.reap(out, min=n, timeout=30) == n
+            assert (out["ret"] == 0).all()
+        else:
+            for i in range(n):
+                q.read(int(offs[i]), bufs[i], user_data=i)
+            done = q.wait(min=n, timeout=30)
+            assert sorted(c.user_data for c in done) == list(range(n))
+        assert q.in_flight == 0

@@ -629,6 +629,8 @@ cdef class Queue:
                     want = 0
                 if want > self.unreaped:
                     want = <int>self.unreaped
+                if want > NCOMPS:
+                    want = NCOMPS       # one call fills at most the array; loop for the rest
             if deadline is None:
                 slice_ = max_slice
             else:
