@@ -160,8 +160,8 @@ def wheel_venv(this_wheel, hidden, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("wheel") / "venv"
     py = _fresh_venv(sys.executable, venv, hidden)
     _ok(hidden.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    f"{this_wheel['wheel']}[test]"], timeout=900),
-        f"pip install {Path(this_wheel['wheel']).name}[test]")
+                    f"{this_wheel['wheel']}[test,cli]"], timeout=900),
+        f"pip install {Path(this_wheel['wheel']).name}[test,cli]")
     return venv
 
 

@@ -149,6 +149,7 @@ cdef class Queue:
     cdef object _reap(self, out, Py_ssize_t min, timeout)
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1
+    cdef bint reset_fd(self, int fd) noexcept
     cdef int wait_shared(self, Completion until) except -1
     cdef void wake_followers(self) noexcept
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,

@@ -713,8 +713,8 @@ cdef class Queue:
                 with nogil:
                     r = poll(&pfd, 1, slice_ms)
                     err = errno
-                    if r > 0:
-                        read(fd, &counter, 8)   # reset the eventfd, then reap
+                if r > 0:
+                    self.reset_fd(fd)           # under the queue lock, then reap
                 self.leader = False
                 self.drive(0, 0.0, None)
                 self.wake_followers()
@@ -1212,8 +1212,8 @@ cdef class Queue:
     @property
     def completion_fd(self) -> int:
         """The queue's completion fd (-1 on poll queues).  Enable it with
-        ``completion_fd_enabled = True`` before waiting on it; read 8 bytes to
-        reset it, then call ``completions()``."""
+        ``completion_fd_enabled = True`` before waiting on it; reset it with
+        ``reset_completion_fd()``, then call ``completions()``."""
         if self.is_poll_queue:
             return -1
         cdef Py_ssize_t slots = queue_enter(self)
@@ -1221,6 +1221,27 @@ cdef class Queue:
             return lb.blkioq_get_completion_fd(self.q)
         finally:
             queue_leave(self, slots)
+
+    def reset_completion_fd(self, int fd=-1):
+        """Reset the completion fd (read its 8-byte count) while holding the
+        queue's lock: libblkio's virtio drivers read the same eventfd inside
+        ``blkioq_do_io`` and fail with EAGAIN when another thread drained it
+        first.  ``fd``: a dup of ``completion_fd`` to read instead (one that
+        outlives the device, as asyncio keeps).  Returns True if it was set."""
+        if fd < 0:
+            fd = self.completion_fd
+            if fd < 0:
+                raise ValueError("poll queues have no completion fd")
+        return self.reset_fd(fd)
+
+    cdef bint reset_fd(self, int fd) noexcept:
+        cdef uint64_t counter
+        cdef ssize_t r
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            r = read(fd, &counter, 8)       # non-blocking: libblkio made it so
+            pthread_mutex_unlock(&self.lock)
+        return r == 8
 
     @property
     def completion_fd_enabled(self) -> bool:

@@ -163,10 +163,9 @@ class AsyncDevice:
     # ---- completion handling ---------------------------------------------
 
     def _on_completion_fd(self) -> None:
-        try:
-            os.read(self._fd, 8)        # reset the eventfd before reaping
-        except BlockingIOError:
-            pass                        # spurious wake-up: nothing to reset
+        # Reset the eventfd before reaping, under the queue's lock (a
+        # blocking call of another thread may be inside libblkio on it).
+        self.queue.reset_completion_fd(self._fd)
         self._reap()
 
     def _reap(self) -> None:
