@@ -174,7 +174,14 @@ class Kernel:
 
     @property
     def modules(self) -> Path:
-        return self.root / "usr" / "lib" / "modules" / self.version
+        return _module_tree(self.root) / self.version
+
+
+def _module_tree(root: Path) -> Path:
+    """The package's modules folder: usr/lib/modules in trixie's merged-/usr
+    packages, lib/modules in bookworm's (bookworm-security ships 6.12 too)."""
+    usr = root / "usr" / "lib" / "modules"
+    return usr if usr.is_dir() else root / "lib" / "modules"
 
 
 def _cached_kernel() -> Optional[Kernel]:
@@ -182,7 +189,7 @@ def _cached_kernel() -> Optional[Kernel]:
     found = []
     for ready in kdir.glob("*/.ready"):
         root = ready.parent
-        mods = list((root / "usr" / "lib" / "modules").iterdir())
+        mods = list(_module_tree(root).iterdir())
         if len(mods) == 1 and (root / "boot" / f"vmlinuz-{mods[0].name}").is_file():
             found.append(Kernel(root, mods[0].name))
     if not found:
@@ -234,7 +241,7 @@ def ensure_kernel() -> Kernel:
             shutil.rmtree(root)
         log(f"unpacking {debs[0].name}")
         _run(["dpkg-deb", "-x", str(debs[0]), str(root)])
-    mods = list((root / "usr" / "lib" / "modules").iterdir())
+    mods = list(_module_tree(root).iterdir())
     if len(mods) != 1:
         raise GuestUnavailable(f"unexpected module tree in {root}: {mods}")
     version = mods[0].name
