@@ -165,7 +165,7 @@ def _need_tools(*tools: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    root: Path       # unpacked package (has lib -> usr/lib for modprobe -d)
+    root: Path       # unpacked package; modprobe -d looks in its lib/modules
     version: str     # uname -r of the guest
 
     @property
