@@ -301,3 +301,27 @@ def test_large_read_on_dead_daemon_raises_oserror(vu_pair):
     daemon.kill(signal.SIGKILL)
     finished, result, _ = _bounded(lambda: _read(dev, 0, 9 * MiB), DEAD_BACKEND_BOUND)
     assert finished and isinstance(result, OSError), result
+
+
+def test_asyncio_read_fault_raises_eio_in_the_await_and_next_read_works(open_faulty, image):
+    # blkio.aio's per-request path resolves successes in the core and hands
+    # failures back to the facade, which raises them in the awaiting task.
+    import asyncio
+    import blkio.aio
+
+    dev, _ = open_faulty(Inject("read_aio", errno=errno.EIO, once=True))
+
+    async def main():
+        adev = blkio.aio.AsyncDevice(dev)
+        try:
+            buf = dev.alloc(64 * 1024)
+            with pytest.raises(OSError) as ei:
+                await asyncio.wait_for(adev.readinto(MiB, buf), 30)
+            _assert_eio(ei)
+            assert await asyncio.wait_for(adev.readinto(MiB, buf), 30) == 64 * 1024
+            assert buf.tobytes() == image.data[MiB:MiB + 64 * 1024]
+        finally:
+            adev.detach()
+
+    asyncio.run(main())
+    _idle(dev)

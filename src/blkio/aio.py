@@ -105,6 +105,9 @@ class AsyncDevice:
         self.queue: Queue = device.queue(queue)
         self.spin_us = spin_us
         self._loop = asyncio.get_running_loop()
+        # The per-request hot path's calls, looked up once.
+        self._new_future = self._loop.create_future
+        self._enqueue_future = self.queue.enqueue_future
         self._flush_scheduled = False
         self._closed = False
         # libblkio (after 1.3) leaves the completion fd disabled: we enable it
@@ -186,18 +189,22 @@ class AsyncDevice:
         if self._fd_on:
             q.completion_fd_enabled = False
             self._fd_on = False
+        # resolve_futures() reaps all that is there and resolves the plain
+        # reads and writes in the core; the rest (failures, other kinds) come
+        # back for _resolve.
         while True:
-            done = q.completions()
-            if done:
-                self._resolve(done)
-            if q.batch_ready:
-                self._take_batches()
-            elif not done:
+            rest = q.resolve_futures()
+            if rest:
+                self._resolve(rest)
+            if not q.batch_ready:
                 break
+            self._take_batches()
         if q.in_flight:
             q.completion_fd_enabled = True
             self._fd_on = True
-            self._resolve(q.completions())
+            rest = q.resolve_futures()
+            if rest:
+                self._resolve(rest)
             if q.batch_ready:
                 self._take_batches()
         if self._room_waiters:
@@ -332,6 +339,25 @@ class AsyncDevice:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _one(self, op: int, offset: int, buf: Any, flags: int, chunk: Optional[int],
+             depth: Optional[int]) -> "Awaitable[int]":
+        """A read or write of one buffer: a future of the count, enqueued now
+        (the hot path: one call into the core), or the pipeline when longer
+        than a chunk."""
+        if chunk is None and depth is None and not self._closed:
+            fut = self._new_future()
+            n = self._enqueue_future(op, offset, buf, flags, fut)
+            if n is not None:
+                if n < 0:
+                    return self._bounced(-n, lambda bounce: self.queue.enqueue(
+                        op, offset, buf, 0, flags, fut, False, bounce), fut)
+                if not self._flush_scheduled:       # _schedule_flush, inlined
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
+                return fut
+        return (self._large(op, offset, buf, flags, chunk, depth)
+                or self._request(op, offset, buf, False, flags))
+
     def _large(self, op: int, offset: int, buf: Any, flags: int, chunk: Optional[int],
                depth: Optional[int]) -> "Optional[Awaitable[int]]":
         """The pipelined form of a read or write longer than a chunk (None
@@ -381,8 +407,7 @@ class AsyncDevice:
         here); the returned awaitable is a future, not a coroutine, which
         saves a coroutine per request on the hot path.  A read longer than
         a chunk is pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
-        return (self._large(_READ, offset, buf, 0, chunk, depth)
-                or self._request(_READ, offset, buf, False, 0))
+        return self._one(_READ, offset, buf, 0, chunk, depth)
 
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
@@ -395,9 +420,7 @@ class AsyncDevice:
               depth: Optional[int] = None) -> Awaitable[int]:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
-        flags = REQ_FUA if fua else 0
-        return (self._large(_WRITE, offset, buf, flags, chunk, depth)
-                or self._request(_WRITE, offset, buf, False, flags))
+        return self._one(_WRITE, offset, buf, REQ_FUA if fua else 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any]) -> Awaitable[int]:
         """Vectored read (one request; at most max-transfer bytes); awaits the count."""
