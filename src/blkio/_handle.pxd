@@ -82,6 +82,9 @@ cdef struct HotLimits:
     uint64_t capacity
     uint64_t request_alignment
     uint64_t buf_alignment
+    # Both are powers of two (_limits.validate): the hot checks mask, not divide.
+    uint64_t request_mask          # request_alignment - 1
+    uint64_t buf_mask              # buf_alignment - 1
     uint64_t mem_region_alignment
     uint64_t max_transfer
     uint64_t max_segment_len

@@ -261,6 +261,8 @@ cdef class DeviceHandle:
         self.lim.read_only = read_only
         self.lim.request_alignment = limits.request_alignment
         self.lim.buf_alignment = limits.buf_alignment
+        self.lim.request_mask = self.lim.request_alignment - 1
+        self.lim.buf_mask = self.lim.buf_alignment - 1
         self.lim.mem_region_alignment = limits.mem_region_alignment
         self.lim.max_transfer = limits.max_transfer
         self.lim.max_segments = limits.max_segments

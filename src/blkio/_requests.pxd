@@ -104,6 +104,8 @@ cdef class Queue:
     cdef list ready                # reaped Completions not yet returned by wait()
     cdef Completion head           # in-flight Completions (doubly linked)
     cdef Completion spare          # a finished internal Completion, recycled by the hot path
+    cdef uint64_t spare_len        # the hot path's last length, and it as an int:
+    cdef object spare_len_obj      # most calls return what the one before did
     cdef int64_t *batch_tags       # ring of batch completions: tags and rets
     cdef int *batch_rets
     cdef Py_ssize_t batch_head, batch_cap

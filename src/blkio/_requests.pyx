@@ -1487,7 +1487,7 @@ cdef enum:
 cdef inline int range_problem(HotLimits *lim, uint64_t offset, uint64_t length) noexcept nogil:
     """0, MISALIGNED or PAST_END: the check every request passes (the batch
     path runs it on each request of a batch, without the GIL)."""
-    if offset % lim.request_alignment or length % lim.request_alignment:
+    if (offset | length) & lim.request_mask:
         return MISALIGNED
     if offset > lim.capacity or length > lim.capacity - offset:
         return PAST_END
@@ -1524,7 +1524,7 @@ cdef bint direct_ok(DeviceHandle h, iovec *iov, int iovcnt) noexcept nogil:
     cdef uintptr_t a
     for i in range(iovcnt):
         a = <uintptr_t>iov[i].iov_base
-        if a % h.lim.buf_alignment or iov[i].iov_len % h.lim.buf_alignment:
+        if (a | iov[i].iov_len) & h.lim.buf_mask:
             return False
         if h.lim.max_segment_len and iov[i].iov_len > h.lim.max_segment_len:
             return False
@@ -1808,7 +1808,10 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
                             h.lim.read_only)
     c._error_msg = None
     q.spare = c
-    return length
+    if length != q.spare_len or q.spare_len_obj is None:
+        q.spare_len = length
+        q.spare_len_obj = length
+    return q.spare_len_obj
 
 
 # --------------------------------------------------------------------------
