@@ -4,6 +4,7 @@ Ctrl-C during a wait."""
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import signal
@@ -334,3 +335,58 @@ def test_poll_us_is_a_deprecated_alias_of_spin_us(image):
             done = q.poll()
         done += q.wait(min=1 - len(done)) if not done else []
         assert len(done) == 1
+
+
+# ---- numpy arrays on the hot path (read without a buffer export) -----------
+
+def test_readinto_and_write_take_numpy_arrays_of_every_contiguous_layout(image):
+    with blkio.open("io_uring", path=image.path) as dev:
+        c2d = np.zeros((4, 1024), np.uint8)                    # C-contiguous, 2-D
+        f2d = np.asfortranarray(np.zeros((1024, 4), np.uint8))  # F-contiguous
+        wide = np.zeros(1024, np.uint32)                        # itemsize 4
+        for off, arr in ((0, c2d), (8192, f2d), (16384, wide)):
+            assert dev.readinto(off, arr) == 4096
+            assert arr.tobytes(order="A") == image.data[off:off + 4096]
+        empty = np.zeros(0, np.uint8)
+        assert dev.readinto(0, empty) == 0
+        data = np.arange(4096, dtype=np.uint8)
+        data.flags.writeable = False                # read-only: fine to write from
+        assert dev.write(4096, data) == 4096
+        with pytest.raises(TypeError, match="read-only"):
+            dev.readinto(0, data)
+        strided = np.zeros(8192, np.uint8)[::2]
+        with pytest.raises(TypeError, match="contiguous"):
+            dev.readinto(0, strided)
+        with pytest.raises(ValueError, match="pass the end"):
+            dev.readinto(image.size - 2048, np.zeros(4096, np.uint8))
+    assert image.pread(4096, 4096) == bytes(range(256)) * 16
+
+
+def test_an_interrupted_read_keeps_its_numpy_array_until_the_request_completes(slow_socket):
+    # The hot path holds no buffer export: when Ctrl-C leaves its request in
+    # flight, the request keeps a reference to the array, so dropping it
+    # does not hand its memory (here an alloc'd slice) to the next alloc
+    # while the device may still write there.
+    with blkio.open("virtio-blk-vhost-user", path=slow_socket) as dev:
+        dev.readinto(0, dev.alloc(4 * MiB))        # use up the throttle's burst
+        size = 512 * KiB                            # one request: the hot path
+        buf = dev.alloc(size)
+        addr = buf.ctypes.data
+        old = _interrupt_after(0.05)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                dev.readinto(0, buf)               # about 0.12 s at 4 MiB/s
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        if dev.queue(0).in_flight == 0:
+            pytest.skip("the read completed before Ctrl-C arrived")
+        del buf
+        gc.collect()
+        other = dev.alloc(size)
+        assert other.ctypes.data != addr           # still held by the request
+        deadline = time.monotonic() + 10
+        while dev.queue(0).in_flight and time.monotonic() < deadline:
+            dev.readinto(size, dev.alloc(4096))    # reaps the old request too
+            time.sleep(0.05)
+        assert dev.queue(0).in_flight == 0

@@ -44,7 +44,9 @@ cdef struct BatchSlot:
 
 
 cdef class HeldBuffers:
-    """Py_buffers of caller memory, held while any request uses them."""
+    """Py_buffers of caller memory, held while any request uses them (or,
+    for one numpy array, the array itself: no export, see _array_memory)."""
+    cdef object array
     cdef Py_buffer *bufs
     cdef iovec *iov
     cdef Py_buffer buf1      # inline storage for the common single buffer
@@ -66,6 +68,7 @@ cdef class Completion:
     cdef bint internal       # a blocking call's own request: not returned by wait()
     cdef bint done
     cdef HeldBuffers views   # caller memory this request reads into / writes from
+    cdef object array        # or the numpy array it uses unexported (the hot path)
     cdef iovec *user_iov     # the caller segments this request covers
     cdef int user_iovcnt
     cdef iovec *iov          # what libblkio gets: caller segments or the bounce buffer

@@ -16,10 +16,11 @@ another Cython module is a pointer call, made once per call at most.
 """
 
 cimport cython
+cimport numpy as cnp
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
                              PyBUF_WRITABLE, PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT,
                              PyBUF_C_CONTIGUOUS)
-from cpython.exc cimport PyErr_CheckSignals
+from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, EIO, EBADF, EOPNOTSUPP, ETIME
@@ -125,6 +126,17 @@ cdef class HeldBuffers:
         self.bufs = NULL
         self.iov = NULL
         self.n = 0
+        self.array = None
+
+
+cdef extern from "Python.h":
+    # PyObject_GetBuffer without Cython's exception check: the hot path
+    # clears the error and lets the general path raise the clear message,
+    # and needs no try/except (whose set-up costs on every call).
+    int _get_buffer_or_minus_one "PyObject_GetBuffer" (object obj, Py_buffer *view, int flags)
+
+
+cnp.import_array()
 
 
 cdef int _VIEW_FLAGS[2]
@@ -132,9 +144,35 @@ _VIEW_FLAGS[0] = PyBUF_ANY_CONTIGUOUS
 _VIEW_FLAGS[1] = PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE
 
 
+cdef inline bint _array_memory(object obj, bint writable, iovec *out) noexcept:
+    """For an exact numpy array that is contiguous (and writable, for a
+    read): its memory, read from the array instead of through a buffer
+    export, which numpy makes expensive (it builds and compares a
+    buffer-info record each time; more instructions than the rest of a
+    blocking call).  The caller keeps a reference to the array for as long
+    as a request uses the memory.  False for anything else (the export then
+    takes it, or raises the clear error)."""
+    if type(obj) is not cnp.ndarray:
+        return False
+    cdef int flags = cnp.PyArray_FLAGS(<cnp.ndarray>obj)
+    if not flags & (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_F_CONTIGUOUS):
+        return False
+    if writable and not flags & cnp.NPY_ARRAY_WRITEABLE:
+        return False
+    out.iov_base = cnp.PyArray_DATA(<cnp.ndarray>obj)
+    out.iov_len = <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>obj)
+    return True
+
+
 cdef HeldBuffers _hold_one(object obj, bint writable):
-    """The Py_buffer of one object, in inline storage (the hot path)."""
+    """The memory of one object, in inline storage (the hot path)."""
     cdef HeldBuffers v = HeldBuffers.__new__(HeldBuffers)
+    if _array_memory(obj, writable, &v.iov1):
+        v.array = obj
+        v.iov = &v.iov1
+        v.n = 1
+        v.total = v.iov1.iov_len
+        return v
     try:
         PyObject_GetBuffer(obj, &v.buf1, _VIEW_FLAGS[writable])
     except (BufferError, TypeError, ValueError):
@@ -253,6 +291,8 @@ cdef class Completion:
         if (self.views is None and self.pool is None and self.user_iov == NULL
                 and (self.iov == NULL or self.iov == &self.iov1)):
             self.iov = NULL             # the hot path's request: nothing held
+            if self.array is not None:
+                self.array = None
             return
         if self.iov != NULL and self.iov != &self.iov1:
             if self.iov != self.user_iov:
@@ -1744,22 +1784,30 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     cdef Py_buffer view
     cdef uint64_t length
     cdef HeldBuffers v
-    try:
-        PyObject_GetBuffer(buf, &view, _VIEW_FLAGS[op == READ])
-    except Exception:
-        v = hold_buffers(buf, op == READ, True)     # raises the clear error
-        check_request(h, op, offset, v.total)
-        return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
-    length = <uint64_t>view.len
     cdef iovec one
-    one.iov_base = view.buf
+    cdef bint exported = False
+    if _array_memory(buf, op == READ, &one):
+        # No export: the call's reference keeps the array alive, and a
+        # request left in flight by an exception keeps one of its own
+        # (Completion.array).
+        length = <uint64_t>one.iov_len
+    else:
+        if _get_buffer_or_minus_one(buf, &view, _VIEW_FLAGS[op == READ]) < 0:
+            PyErr_Clear()
+            v = hold_buffers(buf, op == READ, True)     # raises the clear error
+            check_request(h, op, offset, v.total)
+            return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
+        exported = True
+        one.iov_base = view.buf
+        length = <uint64_t>view.len
     one.iov_len = <size_t>length
     if (h.state != ST_STARTED or length == 0 or range_problem(&h.lim, offset, length)
             or (h.lim.max_transfer and length > h.lim.max_transfer)
             or length > (chunk or h.lim.io_chunk)
             or (op != READ and h.lim.read_only) or not direct_ok(h, &one, 1)
             or (op == WRITE and h.lim.zone_size)):
-        PyBuffer_Release(&view)
+        if exported:
+            PyBuffer_Release(&view)
         v = hold_buffers(buf, op == READ, True)
         check_request(h, op, offset, v.total)
         return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
@@ -1788,9 +1836,16 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
         q.enqueue_one(c, True)
         if not c.done:
             q.drive(0, -1.0, c)
-    except BaseException:
-        if not c.done:
-            # Still in flight: the request keeps the caller's buffer.
+    finally:
+        # try/finally, not except: no set-up cost on the hot path.  Raised
+        # (Ctrl-C, a closing device) while still in flight: the request
+        # keeps the caller's buffer until it is reaped.
+        if not exported:
+            if not c.done:
+                c.array = buf
+        elif c.done:
+            PyBuffer_Release(&view)
+        else:
             v = HeldBuffers.__new__(HeldBuffers)
             v.buf1 = view
             v.bufs = &v.buf1
@@ -1798,15 +1853,12 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
             v.iov1 = one
             v.n = 1
             c.views = v
-            raise
-        PyBuffer_Release(&view)
-        raise
-    PyBuffer_Release(&view)
     if c.ret < 0:
         raise request_error(c.ret, c._error_msg,
                             f"{OP_NAMES[op]} of {length} bytes at offset {offset}",
                             h.lim.read_only)
-    c._error_msg = None
+    if c._error_msg is not None:
+        c._error_msg = None
     q.spare = c
     if length != q.spare_len or q.spare_len_obj is None:
         q.spare_len = length
