@@ -325,3 +325,19 @@ def test_asyncio_read_fault_raises_eio_in_the_await_and_next_read_works(open_fau
 
     asyncio.run(main())
     _idle(dev)
+
+
+def test_bench_batch_loop_stops_with_the_failed_requests_error(qsd, image, tmp_path):
+    # The batch bench checks Queue.failed after each reap instead of the
+    # whole ret column: an injected EIO must still stop it with that error.
+    import subprocess
+    import sys
+    daemon = qsd(image=image, faults=[Inject("read_aio", errno=errno.EIO, once=True)])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "blkio", "bench", "--api=batch",
+                           "--iodepth=8", "--readwrite=randread", "--runtime=5",
+                           "virtio-blk-vhost-user", f"path={daemon.socket}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0, proc.stdout
+    assert "I/O request failed" in proc.stderr and os.strerror(errno.EIO) in proc.stderr, \
+        proc.stderr[-2000:]
