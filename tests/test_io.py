@@ -369,18 +369,20 @@ def test_an_interrupted_read_keeps_its_numpy_array_until_the_request_completes(s
     # while the device may still write there.
     with blkio.open("virtio-blk-vhost-user", path=slow_socket) as dev:
         dev.readinto(0, dev.alloc(4 * MiB))        # use up the throttle's burst
-        size = 512 * KiB                            # one request: the hot path
+        # one request (the hot path), long enough at 4 MiB/s (>= 0.12 s) to
+        # be in flight when Ctrl-C lands at 0.05 s
+        size = min(MiB, dev.large_io_chunk, dev.limits.max_transfer or MiB)
+        assert size >= 512 * KiB
         buf = dev.alloc(size)
         addr = buf.ctypes.data
         old = _interrupt_after(0.05)
         try:
             with pytest.raises(KeyboardInterrupt):
-                dev.readinto(0, buf)               # about 0.12 s at 4 MiB/s
+                dev.readinto(0, buf)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
-        if dev.queue(0).in_flight == 0:
-            pytest.skip("the read completed before Ctrl-C arrived")
+        assert dev.queue(0).in_flight == 1          # the read, still at the daemon
         del buf
         gc.collect()
         other = dev.alloc(size)

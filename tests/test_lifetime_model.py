@@ -144,6 +144,15 @@ class LifetimeModel(RuleBasedStateMachine):
     def _unsettled(self, block):
         return any(b == block for kind, b, _, _ in self.pending.values() if kind == "write")
 
+    def _race_pending_reads(self, block):
+        # A read in flight while a write to its block is submitted may see
+        # the old or the new data: the device orders neither (found by
+        # hypothesis: an enqueued read, then a blocking write submitting
+        # both in one blkioq_do_io).
+        for tag, (kind, b, arr, data) in list(self.pending.items()):
+            if kind == "read" and b == block:
+                self.pending[tag] = (kind, b, arr, "raced")
+
     @precondition(lambda self: self.dev is not None and self.mems)
     @rule(i=mems, block=blocks, value=patterns)
     def write(self, i, block, value):
@@ -151,6 +160,7 @@ class LifetimeModel(RuleBasedStateMachine):
         if self._unsettled(block) or self._busy(arr):
             return
         arr[:] = value
+        self._race_pending_reads(block)
         assert self.dev.write(block * BS, arr) == BS
         self.shadow[block * BS:(block + 1) * BS] = bytes(arr)
 
@@ -185,6 +195,7 @@ class LifetimeModel(RuleBasedStateMachine):
         self.tag += 1
         if write:
             arr[:] = value
+            self._race_pending_reads(block)
             self.q.write(block * BS, arr, user_data=self.tag)
             self.pending[self.tag] = ("write", block, arr, bytes(arr))
         else:
@@ -203,7 +214,7 @@ class LifetimeModel(RuleBasedStateMachine):
             kind, block, arr, data = self.pending.pop(c.user_data)
             if kind == "write":
                 self.shadow[block * BS:(block + 1) * BS] = data
-            else:
+            elif data != "raced":
                 reads.append((block, arr))
         for block, arr in reads:
             if not self._unsettled(block):

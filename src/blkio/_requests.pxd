@@ -159,7 +159,7 @@ cdef class Queue:
     cdef void wake_followers(self) noexcept
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
                                 unsigned int flags, object user_data, uint64_t length,
-                                object bounce, bint nowait)
+                                object bounce, bint nowait, uint64_t pipeline_over=*)
     cdef Completion zone_completion(self, int op, uint64_t offset, object zones,
                                     object user_data, bint internal, object bounce,
                                     bint nowait)

@@ -820,13 +820,17 @@ cdef class Queue:
 
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
                                 unsigned int flags, object user_data, uint64_t length,
-                                object bounce, bint nowait):
-        """Check and enqueue one request (inside the queue's guard)."""
+                                object bounce, bint nowait, uint64_t pipeline_over=0):
+        """Check and enqueue one request (inside the queue's guard).  With
+        ``pipeline_over``, a read or write longer than that is not enqueued:
+        None (the caller pipelines it)."""
         cdef DeviceHandle h = self.handle
         cdef HeldBuffers views = None
         if op == READ or op == WRITE:
             views = hold_buffers(buf, op == READ, not vectored)
             length = views.total
+            if pipeline_over and length > pipeline_over:
+                return None
         check_request(h, op, offset, length)
         if (op == READ or op == WRITE) and h.lim.max_transfer and length > h.lim.max_transfer:
             raise ValueError(f"{OP_NAMES[op]} of {length} bytes exceeds max-transfer "
@@ -937,22 +941,9 @@ cdef class Queue:
             raise ValueError(f"enqueue_future takes a read or a write, not op {op!r}")
         cdef uint64_t off = as_u64(offset, "offset")
         cdef Py_ssize_t slots = queue_enter(self)
-        cdef HeldBuffers views
-        cdef Completion c
-        cdef DeviceHandle h = self.handle
         try:
-            views = hold_buffers(buf, op == READ, True)
-            if views.total > h.lim.io_chunk:
-                return None
-            check_request(h, op, off, views.total)
-            if h.lim.max_transfer and views.total > h.lim.max_transfer:
-                return None
-            c = prepare(self, op, off, views.total, views, views.iov, views.n, flags, future,
-                        False, None, True)
-            if c is None:
-                return -<int64_t>views.total
-            self.enqueue_one(c, False)
-            return views.total
+            return self.enqueue_request(op, off, buf, False, flags, future, 0, None, True,
+                                        self.handle.lim.io_chunk)
         finally:
             queue_leave(self, slots)
 
