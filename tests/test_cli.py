@@ -47,6 +47,20 @@ def test_bench_prints_blkio_bench_json(tmp_path, image, api):
     _check_stats(res["threads"][0], "threads[0]")
 
 
+@pytest.mark.parametrize("api", APIS + ["asyncio-batch"])
+def test_bench_requests_stops_each_api_after_n(tmp_path, image, api):
+    # --runtime far beyond the timeout: only --requests can end the run.
+    depth = 1 if api == "blocking" else 8
+    n = 3000
+    proc = _blkio(tmp_path, "bench", "--runtime=600", f"--requests={n}",
+                  f"--iodepth={depth}", "--readwrite=randread", f"--api={api}",
+                  "io_uring", f"path={image.path}", timeout=60)
+    agg = _bench_json(proc)["aggregate"]
+    done = round(agg["calls"] * agg["mean_completions"])
+    # an in-flight loop stops at the reap that reaches n: at most a batch more
+    assert n <= done <= n + depth, f"{done} requests for --requests={n}"
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_bench_num_threads_2_reports_two_threads(tmp_path, image, api):
     proc = _blkio(tmp_path, "bench", "--runtime=1", "--num-threads=2", f"--api={api}",

@@ -111,7 +111,8 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds (fractions allowed; default: 30)")
     p.add_argument("--requests", type=_positive, default=None,
                    help="stop each thread after N requests, or at --runtime, "
-                   "whichever comes first (default: no limit)")
+                   "whichever comes first; with --iodepth > 1, at the reap "
+                   "that reaches N (at most one batch more; default: no limit)")
     p.add_argument("--lat-sample", type=_positive, default=64,
                    help="time one request (or batch) in N (default: 64)")
     p.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"),
@@ -329,11 +330,12 @@ class InflightClock:
     whether ``wl.runtime`` is over); ``done()`` when the timed request
     comes back."""
 
-    __slots__ = ("st", "every", "slot", "t_sub", "start", "deadline")
+    __slots__ = ("st", "every", "limit", "slot", "t_sub", "start", "deadline")
 
     def __init__(self, st: Stats, wl: Workload):
         self.st = st
         self.every = wl.lat_sample
+        self.limit = wl.requests or sys.maxsize    # --requests, else none
         self.slot = -1                 # the request being timed, or -1
         self.t_sub = 0
         self.start = time.perf_counter()
@@ -344,9 +346,11 @@ class InflightClock:
         self.slot = -1
 
     def tick(self, calls: int, count: int, slot: int) -> bool:
-        if calls % self.every:
+        if calls % self.every and count < self.limit:
             return False
         self.st.progress = count
+        if count >= self.limit:
+            return True
         if self.slot < 0:
             self.slot = slot
             self.t_sub = time.perf_counter_ns()
@@ -372,7 +376,8 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
     """``len(bufs)`` coroutines (bufs: a sequence or a 2-D array, one row
     each) on the running loop, each awaiting
     ``op(offset, its buffer)`` one request after another until
-    ``wl.runtime``; one request in ``wl.lat_sample`` is timed."""
+    ``wl.runtime`` (or ``wl.requests`` in all); one request in
+    ``wl.lat_sample`` is timed."""
     import asyncio
     depth = len(bufs)
     L = len(table)
@@ -381,11 +386,17 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
     pc = time.perf_counter_ns
     K = wl.lat_sample
 
+    # --requests: the workers' quotas add up to it
+    limit = wl.requests
+    quotas = [limit // depth + (j < limit % depth) if limit else sys.maxsize
+              for j in range(depth)]
+
     async def worker(j: int) -> None:
         buf = bufs[j]
         c = 0
+        quota = quotas[j]
         for off in offset_stream(table, (j * L) // depth):
-            if stop[0]:
+            if stop[0] or c >= quota:
                 break
             if c % K == 0:
                 t0 = pc()
@@ -580,6 +591,7 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
     whole = False
     every = wl.lat_sample
     clock = InflightClock(st, wl)
+    limit = clock.limit
     submit(table[0:D], bufs, user_data=tags)
     pos = D
     if pos >= L:
@@ -631,7 +643,8 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
                 pos += k
                 begin = end
             first_slot = int(done[0])
-        if calls % every == 0 and clock.tick(calls, count, first_slot):
+        if (calls % every == 0 or count >= limit) and \
+                clock.tick(calls, count, first_slot):
             break
     if whole:
         st.comp(D)      # the whole batches above, counted once
@@ -671,6 +684,7 @@ async def _aio_batches(submit_batch, table: np.ndarray, bufs: np.ndarray,
     pc = time.perf_counter_ns
     now = time.perf_counter
     K = wl.lat_sample
+    limit = wl.requests or sys.maxsize
     pos = count = calls = 0
     start = now()
     deadline = start + wl.runtime
@@ -691,7 +705,7 @@ async def _aio_batches(submit_batch, table: np.ndarray, bufs: np.ndarray,
         if pos >= L:
             pos = 0
         st.progress = count
-        if now() >= deadline:
+        if now() >= deadline or count >= limit:
             break
     st.runtime = now() - start
     st.count = count
