@@ -135,7 +135,8 @@ cdef class RangeAllocator:
         cdef size_t lo = start + self.leaves, hi = start + count - 1 + self.leaves
         cdef size_t i, l, r
         cdef int v = 0 if used else 1
-        cdef int half = 1, a
+        cdef int half = 1, a, p, s
+        cdef bint changed
         for i in range(lo, hi + 1):
             self.best[i] = v
             self.pref[i] = v
@@ -143,15 +144,22 @@ cdef class RangeAllocator:
         lo >>= 1
         hi >>= 1
         while lo >= 1:
+            changed = False
             for i in range(lo, hi + 1):
                 l = 2 * i
                 r = l + 1
-                self.pref[i] = self.pref[l] if self.pref[l] < half else half + self.pref[r]
-                self.suf[i] = self.suf[r] if self.suf[r] < half else half + self.suf[l]
+                p = self.pref[l] if self.pref[l] < half else half + self.pref[r]
+                s = self.suf[r] if self.suf[r] < half else half + self.suf[l]
                 a = self.best[l] if self.best[l] > self.best[r] else self.best[r]
                 if self.suf[l] + self.pref[r] > a:
                     a = self.suf[l] + self.pref[r]
-                self.best[i] = a
+                if p != self.pref[i] or s != self.suf[i] or a != self.best[i]:
+                    self.pref[i] = p
+                    self.suf[i] = s
+                    self.best[i] = a
+                    changed = True
+            if not changed:
+                break       # a node's values depend only on its children's
             lo >>= 1
             hi >>= 1
             half <<= 1

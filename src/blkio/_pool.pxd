@@ -2,7 +2,7 @@
 # where it is) and the alloc arena (for Device.alloc).  Both map their memory
 # through the device handle; neither calls libblkio itself nor knows requests.
 
-from cpython.pythread cimport PyThread_type_lock
+from ._posix cimport pthread_mutex_t
 from ._memory cimport Buffer, RangeAllocator
 from ._handle cimport DeviceHandle
 
@@ -14,11 +14,12 @@ cdef class BouncePool:
     cdef RangeAllocator allocator
     cdef size_t granule
     cdef size_t _max_size
-    cdef PyThread_type_lock plock  # taken without the GIL when contended
+    cdef pthread_mutex_t plock     # taken without the GIL when contended
     cdef unsigned long owner       # thread holding plock, 0 if none
     cdef object waiters            # FIFO of _ThreadWaiter / _AsyncWaiter
     cdef void _lock(self)
     cdef void _unlock(self)
+    cdef void _wake_head(self)
     cdef size_t _round(self, size_t nbytes)
     cdef Py_ssize_t _try_locked(self, size_t size) except -2
     cdef size_t checked_size(self, size_t nbytes) except? 0

@@ -12,14 +12,14 @@ callable that reaps its own queue meanwhile (``_requests``).
 
 cimport cython
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, Py_buffer
-from cpython.pythread cimport (PyThread_get_thread_ident, PyThread_allocate_lock,
-                               PyThread_free_lock, PyThread_acquire_lock,
-                               PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK)
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uintptr_t
 
 from ._args cimport as_u64
 from ._handle cimport handle_enter, handle_leave
 from ._memory cimport ArenaSlice
+from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                      pthread_mutex_trylock, pthread_mutex_unlock)
 
 import threading
 import time
@@ -84,9 +84,7 @@ cdef class BouncePool:
         self.handle = handle
         self.granule = granule
         self._max_size = max_size
-        self.plock = PyThread_allocate_lock()
-        if self.plock == NULL:
-            raise MemoryError()
+        pthread_mutex_init(&self.plock, NULL)
         self.waiters = deque()
         self.buffer = None
         self.allocator = None
@@ -166,7 +164,7 @@ cdef class BouncePool:
                 start = self._try_locked(size)
                 if start >= 0:
                     self.waiters.popleft()
-                    self.wake_head()
+                    self._wake_head()
                     return start
             waiter.reset()
             return -1
@@ -180,7 +178,7 @@ cdef class BouncePool:
                 self.waiters.remove(waiter)
             except ValueError:
                 pass
-            self.wake_head()
+            self._wake_head()
         finally:
             self._unlock()
 
@@ -261,23 +259,27 @@ cdef class BouncePool:
 
     cdef void _lock(self):
         # The GIL is released only when the lock is contended, so that a
-        # holder that needs the GIL can always get it.
-        if not PyThread_acquire_lock(self.plock, NOWAIT_LOCK):
+        # holder that needs the GIL can always get it.  A pthread mutex: its
+        # uncontended trylock is a few instructions (PyThread's reads the
+        # clock), and every bounced request takes it twice.
+        if pthread_mutex_trylock(&self.plock) != 0:
             with nogil:
-                PyThread_acquire_lock(self.plock, WAIT_LOCK)
+                pthread_mutex_lock(&self.plock)
         self.owner = PyThread_get_thread_ident()
 
     cdef void _unlock(self):
         self.owner = 0
-        PyThread_release_lock(self.plock)
+        pthread_mutex_unlock(&self.plock)
 
     def __dealloc__(self):
-        if self.plock != NULL:
-            PyThread_free_lock(self.plock)
+        pthread_mutex_destroy(&self.plock)
 
-    def wake_head(self):
+    cdef void _wake_head(self):
         if self.waiters:
             self.waiters[0].wake()
+
+    def wake_head(self):
+        self._wake_head()
 
     cdef void release_range(self, Py_ssize_t start, Buffer buffer):
         if self.owner == PyThread_get_thread_ident():
@@ -292,7 +294,7 @@ cdef class BouncePool:
         try:
             if buffer is self.buffer:
                 self.allocator.free(<size_t>start)
-            self.wake_head()
+            self._wake_head()
         finally:
             self._unlock()
 
@@ -339,7 +341,7 @@ cdef class BouncePool:
         self._lock()
         try:
             self.allocator.free(<size_t>self.start_of(array, 0))
-            self.wake_head()
+            self._wake_head()
         finally:
             self._unlock()
 
