@@ -157,6 +157,9 @@ cdef class Queue:
     cdef bint reset_fd(self, int fd) noexcept
     cdef int wait_shared(self, Completion until) except -1
     cdef void wake_followers(self) noexcept
+    cdef object _enqueue(self, int op, object offset, object buf, uint64_t length,
+                         unsigned int flags, object user_data, bint vectored,
+                         object bounce, bint nowait)
     cdef object enqueue_request(self, int op, uint64_t offset, object buf, bint vectored,
                                 unsigned int flags, object user_data, uint64_t length,
                                 object bounce, bint nowait, uint64_t pipeline_over=*)

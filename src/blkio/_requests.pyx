@@ -810,10 +810,19 @@ cdef class Queue:
         cdef int code = as_index(op, "op")
         if not READ <= code <= FLUSH:
             raise ValueError(f"unknown op {op!r}")
-        cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(length, "length")
+        return self._enqueue(code, offset, buf, as_u64(length, "length"), flags,
+                             user_data, vectored, bounce, nowait)
+
+    cdef object _enqueue(self, int op, object offset, object buf, uint64_t length,
+                         unsigned int flags, object user_data, bint vectored,
+                         object bounce, bint nowait):
+        # The methods below call this, not enqueue(): a Python-level call
+        # would convert ``op`` to an ``Op`` enum member (~850 instructions,
+        # more than the rest of a request's enqueue) and parse keywords.
+        cdef uint64_t off = as_u64(offset, "offset")
         cdef Py_ssize_t slots = queue_enter(self)
         try:
-            return self.enqueue_request(code, off, buf, vectored, flags, user_data, n,
+            return self.enqueue_request(op, off, buf, vectored, flags, user_data, length,
                                         bounce, nowait)
         finally:
             queue_leave(self, slots)
@@ -847,34 +856,37 @@ cdef class Queue:
 
     def read(self, offset, buf, *, user_data=None):
         """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
-        return self.enqueue(READ, offset, buf, user_data=user_data)
+        return self._enqueue(READ, offset, buf, 0, 0, user_data, False, None, False)
 
     def write(self, offset, buf, *, user_data=None, bint fua=False):
         """Enqueue a write of ``buf``."""
-        return self.enqueue(WRITE, offset, buf, flags=REQ_FUA if fua else 0, user_data=user_data)
+        return self._enqueue(WRITE, offset, buf, 0, REQ_FUA if fua else 0, user_data,
+                             False, None, False)
 
     def readv(self, offset, bufs, *, user_data=None):
         """Enqueue a vectored read into the buffers of ``bufs``."""
-        return self.enqueue(READ, offset, bufs, user_data=user_data, vectored=True)
+        return self._enqueue(READ, offset, bufs, 0, 0, user_data, True, None, False)
 
     def writev(self, offset, bufs, *, user_data=None, bint fua=False):
         """Enqueue a vectored write of the buffers of ``bufs``."""
-        return self.enqueue(WRITE, offset, bufs, flags=REQ_FUA if fua else 0,
-                            user_data=user_data, vectored=True)
+        return self._enqueue(WRITE, offset, bufs, 0, REQ_FUA if fua else 0, user_data,
+                             True, None, False)
 
     def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
         """Enqueue a write-zeroes request of ``length`` bytes at ``offset``."""
-        return self.enqueue(WRITE_ZEROES, offset, None, length,
-                            flags=zero_flags(fua, may_unmap, no_fallback), user_data=user_data)
+        return self._enqueue(WRITE_ZEROES, offset, None, as_u64(length, "length"),
+                             zero_flags(fua, may_unmap, no_fallback), user_data,
+                             False, None, False)
 
     def discard(self, offset, length, *, user_data=None):
         """Enqueue a discard request of ``length`` bytes at ``offset``."""
-        return self.enqueue(DISCARD, offset, None, length, user_data=user_data)
+        return self._enqueue(DISCARD, offset, None, as_u64(length, "length"), 0,
+                             user_data, False, None, False)
 
     def flush(self, *, user_data=None):
         """Enqueue a flush request."""
-        return self.enqueue(FLUSH, user_data=user_data)
+        return self._enqueue(FLUSH, 0, None, 0, 0, user_data, False, None, False)
 
     def submit(self):
         """Submit enqueued requests without waiting.  Completions that are
@@ -1597,7 +1609,10 @@ cdef Completion prepare(Queue q, int op, uint64_t offset, uint64_t length, HeldB
         if start < 0:
             return None
     else:
-        start = pool.acquire_blocking(length, -1.0, q._drive_slice)
+        # try first: the bound method for the wait is made only when waiting
+        start = pool.try_acquire(length)
+        if start < 0:
+            start = pool.acquire_blocking(length, -1.0, q._drive_slice)
     c.pool = pool
     c.bounce_buffer = pool.buffer
     c.bounce_start = start
