@@ -647,6 +647,20 @@ cdef class Queue:
                 self.dispatch(comps, n)
                 if n < NCOMPS:
                     return got
+        if until is None and self.in_libblkio > 0 and pthread_mutex_trylock(&self.lock) == 0:
+            # What is done already, keeping the GIL: when that is enough (a
+            # page-cached batch completes inside its submit), no GIL-free
+            # section -- with threads, each one is a GIL hand-off.
+            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if n > 0:
+                self.in_libblkio -= n
+            pthread_mutex_unlock(&self.lock)
+            if n < 0:
+                raise libblkio_error(n, "blkioq_do_io")
+            got = n
+            self.dispatch(comps, n)
+            if got >= min_completions:
+                return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         cdef double max_slice = WAIT_SLICE
         if self.handle.threaded:
@@ -1123,18 +1137,14 @@ cdef class Queue:
                         if not h.in_range(<uintptr_t>bb.buf, <size_t>bb.len):
                             raise ValueError("buffers must lie in memory from Device.alloc() or "
                                              "Device.register() (the batch API never copies)")
-                        with nogil:
-                            for i in range(n):
-                                problem = range_problem(&h.lim, offs[i], bs)
-                                if problem:
-                                    pass
-                                elif boffs != NULL and (boffs[i] > rlen or bs > rlen - boffs[i]):
-                                    problem = 4        # past the region's end
-                                elif boffs != NULL and boffs[i] % ba:
-                                    problem = 5
-                                if problem:
-                                    bad = i
-                                    break
+                        # Without the GIL only for big batches: for a few dozen
+                        # requests the hand-off would cost more than the loop,
+                        # and with threads it lets another one in mid-call.
+                        if n > 4096:
+                            with nogil:
+                                problem = batch_problem(&h.lim, offs, boffs, n, bs, rlen, &bad)
+                        else:
+                            problem = batch_problem(&h.lim, offs, boffs, n, bs, rlen, &bad)
                         if problem == MISALIGNED:
                             raise ValueError(f"offsets[{bad}] = {offs[bad]} is not a multiple of "
                                              f"request-alignment ({ra})")
@@ -1525,6 +1535,25 @@ cdef class Queue:
 cdef enum:
     MISALIGNED = 1
     PAST_END = 2
+
+
+cdef int batch_problem(HotLimits *lim, uint64_t *offs, uint64_t *boffs, Py_ssize_t n,
+                       uint64_t bs, uint64_t rlen, Py_ssize_t *bad) noexcept nogil:
+    """The first problem of a batch (range_problem's codes; 4: a buffer
+    offset past the region's end, 5: one not aligned), its index in ``bad``."""
+    cdef Py_ssize_t i
+    cdef int problem
+    for i in range(n):
+        problem = range_problem(lim, offs[i], bs)
+        if problem == 0 and boffs != NULL:
+            if boffs[i] > rlen or bs > rlen - boffs[i]:
+                problem = 4
+            elif boffs[i] & lim.buf_mask:
+                problem = 5
+        if problem:
+            bad[0] = i
+            return problem
+    return 0
 
 
 cdef inline int range_problem(HotLimits *lim, uint64_t offset, uint64_t length) noexcept nogil:
