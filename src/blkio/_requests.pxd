@@ -153,6 +153,7 @@ cdef class Queue:
     cdef int _reap_layout(self, object out) except -1
     cdef object _reap(self, out, Py_ssize_t min, timeout)
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
+    cdef int collect_locked(self, blkio_completion *comps) except -1
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1
     cdef bint reset_fd(self, int fd) noexcept
     cdef int wait_shared(self, Completion until) except -1

@@ -620,6 +620,18 @@ cdef class Queue:
                 self.ready.append(c)
         return 0
 
+    cdef int collect_locked(self, lb.blkio_completion *comps) except -1:
+        """With the queue's lock held: submit what is queued and take what is
+        done without waiting; releases the lock, dispatches, returns the count."""
+        cdef int n = lb.blkioq_do_io(self.q, comps, 0, NCOMPS, NULL)
+        if n > 0:
+            self.in_libblkio -= n
+        pthread_mutex_unlock(&self.lock)
+        if n < 0:
+            raise libblkio_error(n, "blkioq_do_io")
+        self.dispatch(comps, n)
+        return n
+
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1:
         """Submit what is queued and reap.  Returns when ``until`` is done (if
         given), else once ``min_completions`` were reaped; ``timeout`` seconds
@@ -637,28 +649,15 @@ cdef class Queue:
                 if pthread_mutex_trylock(&self.lock) != 0:
                     with nogil:
                         pthread_mutex_lock(&self.lock)
-                n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
-                if n > 0:
-                    self.in_libblkio -= n
-                pthread_mutex_unlock(&self.lock)
-                if n < 0:
-                    raise libblkio_error(n, "blkioq_do_io")
+                n = self.collect_locked(comps)
                 got += n
-                self.dispatch(comps, n)
                 if n < NCOMPS:
                     return got
         if until is None and self.in_libblkio > 0 and pthread_mutex_trylock(&self.lock) == 0:
             # What is done already, keeping the GIL: when that is enough (a
             # page-cached batch completes inside its submit), no GIL-free
             # section -- with threads, each one is a GIL hand-off.
-            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
-            if n > 0:
-                self.in_libblkio -= n
-            pthread_mutex_unlock(&self.lock)
-            if n < 0:
-                raise libblkio_error(n, "blkioq_do_io")
-            got = n
-            self.dispatch(comps, n)
+            got = self.collect_locked(comps)
             if got >= min_completions:
                 return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
