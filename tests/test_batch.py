@@ -239,6 +239,49 @@ def test_strided_buffers_view_rejected_with_nothing_submitted(dev_q):
                               "contiguous|buffers")
 
 
+def test_big_endian_offsets_rejected_with_nothing_submitted(dev_q):
+    # An exact ndarray is read without a buffer export when it already has
+    # the right layout; a byte-swapped one must not pass as uint64.
+    dev, q = dev_q
+    bufs = dev.alloc(4 * BS).reshape(4, BS)
+    offs = (np.arange(4, dtype=np.uint64) * BS).astype(">u8")
+    _assert_nothing_submitted(dev, q, lambda: q.submit_reads(offs, bufs), TypeError, "offsets")
+
+
+def test_fortran_order_buffers_rejected_with_nothing_submitted(dev_q):
+    dev, q = dev_q
+    bufs = dev.alloc(4 * BS).reshape(BS, 4).T        # alloc'd memory, F order
+    assert bufs.shape == (4, BS) and not bufs.flags.c_contiguous
+    offs = np.arange(4, dtype=np.uint64) * BS
+    _assert_nothing_submitted(dev, q, lambda: q.submit_reads(offs, bufs), TypeError, "buffers")
+
+
+def test_read_only_buffers_rejected_for_reads_accepted_for_writes(dev_q):
+    dev, q = dev_q
+    bufs = dev.alloc(4 * BS).reshape(4, BS)
+    bufs.flags.writeable = False
+    offs = np.arange(4, dtype=np.uint64) * BS
+    _assert_nothing_submitted(dev, q, lambda: q.submit_reads(offs, bufs), TypeError, "buffers")
+    assert q.submit_writes(offs, bufs) == 4
+    assert (_reap_all(q, 4)["ret"] == 0).all()
+
+
+def test_memoryview_arguments_take_the_buffer_export_path(image):
+    # Not ndarrays: offsets, buffers and tags come through the buffer protocol.
+    n = 8
+    with blkio.open("io_uring", path=str(image.path)) as dev:
+        q = dev.queue(0)
+        arr = dev.alloc(n * BS).reshape(n, BS)
+        offs = _offsets(n, dev.capacity)
+        tags = np.arange(100, 100 + n, dtype=np.int64)
+        q.submit_reads(memoryview(offs), memoryview(arr), user_data=memoryview(tags))
+        res = _reap_all(q, n)
+        assert sorted(res["user_data"].tolist()) == tags.tolist()
+        assert (res["ret"] == 0).all()
+        for off, row in zip(offs.tolist(), arr):
+            assert row.tobytes() == image.pread(off, BS)
+
+
 def test_plain_numpy_buffers_rejected_with_value_error(dev_q):
     dev, q = dev_q
     bufs = np.zeros((4, BS), np.uint8)
