@@ -278,9 +278,6 @@ cdef class BouncePool:
         if self.waiters:
             self.waiters[0].wake()
 
-    def wake_head(self):
-        self._wake_head()
-
     cdef void release_range(self, Py_ssize_t start, Buffer buffer):
         if self.owner == PyThread_get_thread_ident():
             # Re-entered from a destructor (the garbage collector ran inside

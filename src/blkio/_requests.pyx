@@ -1557,7 +1557,7 @@ cdef int batch_problem(HotLimits *lim, uint64_t *offs, uint64_t *boffs, Py_ssize
 
 cdef inline int range_problem(HotLimits *lim, uint64_t offset, uint64_t length) noexcept nogil:
     """0, MISALIGNED or PAST_END: the check every request passes (the batch
-    path runs it on each request of a batch, without the GIL)."""
+    path runs it on each request of a batch, in ``batch_problem``)."""
     if (offset | length) & lim.request_mask:
         return MISALIGNED
     if offset > lim.capacity or length > lim.capacity - offset:
