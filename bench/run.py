@@ -125,12 +125,20 @@ class Case:
 
 
 C_BENCH = "C blkio-bench"
+# The same command as C_BENCH, run again as a contender of its own: the A/A
+# control.  Its ratio to C_BENCH is what this machine's noise alone does to
+# a ratio in the same run, the yardstick for reading the goals beside it.
+C_AA = "C blkio-bench again (A/A)"
 C_POLL = "C blkio-bench --poll"
 C_REF = "C ref_blocking"
 C_COPY = "C blkio-copy"
 FIO = "fio io_uring"
 FIO_QD = {d: f"fio io_uring qd{d}" for d in (1, 8, 32)}
 QEMU_IMG = "qemu-img convert"
+# qemu-img cannot write to vhost-user; the closest real path for "raw file
+# -> the daemon's export" is the same daemon's NBD export of the same file
+QEMU_IMG_NBD = "qemu-img convert -> NBD export"
+NBD_EXPORT = "copy"
 DD = "dd"
 PREADV = "py os.preadv"
 LIBURING = "liburing (PyPI)"
@@ -184,7 +192,8 @@ PEERS = {
 # what a contender needs, checked once at setup (Env.probe)
 NEEDS = {B_AIO_BATCH: "aio_batch", B_AIO_UV: "uvloop", PING_UV: "uvloop",
          LIBURING: "liburing", B_COPY: "copy", B_COPY_BLKIO: "copy",
-         QEMU_IMG: "qemu-img", DD: "dd", C_COPY: "c_copy",
+         QEMU_IMG: "qemu-img", QEMU_IMG_NBD: "qemu-img", DD: "dd",
+         C_COPY: "c_copy",
          **{f: "fio" for f in (FIO, *FIO_QD.values())}}
 
 
@@ -200,7 +209,7 @@ def contenders_for(wl: Workload) -> list[str]:
     if wl.backend == "copy":
         return [QEMU_IMG, DD, C_COPY, B_COPY, B_COPY_BLKIO]
     if wl.backend == "vcopy":
-        return [C_COPY, B_COPY]
+        return [QEMU_IMG_NBD, C_COPY, B_COPY]
     if wl.bs >= MiB:                  # sequential 1 MiB
         out = [C_BENCH]
         if wl.backend != "vhost":
@@ -210,7 +219,7 @@ def contenders_for(wl: Workload) -> list[str]:
             out += [B_BIG, B_BIG_KNOBS]
         return out
     if wl.threads > 1 and qd1:        # thread pool rows
-        return [C_BENCH, B_BLOCK]
+        return [C_BENCH, B_BLOCK] + ([C_AA] if aa_control(wl) else [])
     if wl.backend == "file":
         out = [C_BENCH, C_POLL]
         if qd1:
@@ -230,6 +239,8 @@ def contenders_for(wl: Workload) -> list[str]:
             out += [B_AIO, B_AIO_UV]
         if asyncio_ok and wl.depth > 1:
             out += [B_AIO_BATCH]
+        if aa_control(wl):
+            out += [C_AA]
         return out
     if wl.backend == "direct":
         out = [C_BENCH, FIO]
@@ -252,7 +263,23 @@ def contenders_for(wl: Workload) -> list[str]:
         out += [B_BLOCK, B_BLOCK_NP, B_BLOCK_POLL]
     if asyncio_ok:
         out += [B_AIO]
+    if aa_control(wl):
+        out += [C_AA]
     return out
+
+
+def aa_control(wl: Workload) -> bool:
+    """The workloads that run the A/A control: those of the 4 KiB goals
+    against C blkio-bench (the thread rows: at 2 threads, for each backend
+    and direction)."""
+    if wl.bs != K4:
+        return False
+    if wl.threads > 1 and wl.depth == 1:
+        return wl.threads == 2
+    if wl.backend == "file":
+        return wl.rw == "randread" and wl.depth in (1, 32)
+    return wl.backend == "vhost" and wl.rw == "randread" and wl.depth == 32 \
+        and wl.threads == 1
 
 
 def thread_workloads(backends=("vhost", "direct"),
@@ -271,12 +298,13 @@ def short_cases(size: int) -> list[Case]:
     """The cases every goal needs, and a few references beside them."""
     F, V = "file", "vhost"
     spec: list[tuple[Workload, list[str]]] = [
-        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
+        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK, C_AA]),
         (Workload(F, "randread", K4, 32),
-         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH]),
-        (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH]),
+         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH,
+          C_AA]),
+        (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH, C_AA]),
         (Workload(V, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
-        (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP]),
+        (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP, C_AA]),
         # np.fromfile and ndarray.tofile (3x and 6x slower than file.readinto
         # and file.write here, 30 s a repetition) run in the full suite
         (Workload("cold", "read", size, 0),
@@ -285,14 +313,15 @@ def short_cases(size: int) -> list[Case]:
          [*FIO_QD.values(), FILE_WRITE, B_BIG]),
         (Workload(V, "read", MiB, SEQ_DEPTH), [C_BENCH, B_BIG_KNOBS]),
         (Workload("copy", "copy", size, 0), [QEMU_IMG, DD, B_COPY]),
-        (Workload("vcopy", "copy", size, 0), [B_COPY]),
+        (Workload("vcopy", "copy", size, 0), [QEMU_IMG_NBD, B_COPY]),
     ]
     # the O_DIRECT write rows run in the full suite
     for wl in thread_workloads(rws=("randread",)) + thread_workloads(
             backends=("vhost",), rws=("randwrite",)):
         if wl.backend == V and wl.threads == 1 and wl.rw == "randread":
             continue                   # the same as the vhost qd1 row above
-        spec.append((wl, [C_BENCH, B_BLOCK]))
+        spec.append((wl, [C_BENCH, B_BLOCK]
+                     + ([C_AA] if aa_control(wl) else [])))
     return [Case(wl, c) for wl, cs in spec for c in cs]
 
 
@@ -401,7 +430,16 @@ def goals(size: int) -> list[Goal]:
         Goal("copy raw file -> vhost-user / best of qemu-img convert, dd "
              "(raw -> raw: neither writes to vhost-user)", 12,
              _k(vcp, B_COPY), (_k(cp, QEMU_IMG), _k(cp, DD)), 1.0),
+        Goal("copy raw file -> vhost-user / qemu-img convert of the same "
+             "file into the same daemon's NBD export of the same target", 12,
+             _k(vcp, B_COPY), _k(vcp, QEMU_IMG_NBD), 1.0),
     ]
+    # A/A controls: C blkio-bench against itself, same command, same run.
+    # Tracked, not goals: how far apart two identical contenders land here.
+    for wl, issue in ((f1, 13), (f32, 13), (f32t2, 13), (v32, 13)):
+        out.append(Goal(f"A/A control: C blkio-bench / the same command "
+                        f"again, {_aa_what(wl)}", issue, _k(wl, C_AA),
+                        _k(wl, C_BENCH), None))
     for wl in thread_workloads():
         what = {"vhost": "vhost-user", "direct": "O_DIRECT file"}[wl.backend]
         one = dataclasses.replace(wl, threads=1)
@@ -411,7 +449,19 @@ def goals(size: int) -> list[Goal]:
             f"--iodepth=1, {what}", 15,
             _k(wl, B_BLOCK), _k(wl, C_BENCH), 0.9,
             floor=_k(one, B_BLOCK) if wl.threads > 1 else None))
+        if aa_control(wl):
+            out.append(Goal(f"A/A control: C blkio-bench / the same command "
+                            f"again, {_aa_what(wl)}", 15, _k(wl, C_AA),
+                            _k(wl, C_BENCH), None))
     return out
+
+
+def _aa_what(wl: Workload) -> str:
+    where = {"file": "page-cached file", "vhost": "vhost-user",
+             "direct": "O_DIRECT file"}[wl.backend]
+    rw = "randread" if wl.rw == "randread" else "randwrite"
+    return (f"4K {rw} QD{wl.depth}, {wl.threads} thread"
+            f"{'s' if wl.threads > 1 else ''}, {where}")
 
 
 def _fig(summary: dict, key: str) -> tuple[Optional[float], str]:
@@ -538,6 +588,9 @@ def verdict_line(g: dict, unit_of) -> str:
     if "floor_ratio" in g:
         head += f", {g['floor_ratio']:.2f}x the 1-thread figure"
     line = f"{head}  {g['name']}  {figs}"
+    reps = [r for r in g.get("ratio_by_rep") or [] if r is not None]
+    if len(reps) > 1:
+        line += f"  reps {' '.join(f'{r:.2f}' for r in reps)}"
     if v == "missed":
         line += f"  -- missed: {g['missed_by']}"
     return line
@@ -657,6 +710,7 @@ class StorageDaemon:
     def __init__(self, image: Path, copy_target: Path, tmpdir: Path):
         self.sock = tmpdir / "vhost.sock"
         self.copy_sock = tmpdir / "vhost-copy.sock"
+        self.nbd_sock = tmpdir / "nbd.sock"
         self.log_path = tmpdir / "qsd.log"
         # On a machine with few CPUs the daemon and the client fight for
         # them and vhost-user figures swing by 2x: give the daemon the last
@@ -670,6 +724,11 @@ class StorageDaemon:
                 "--export", f"type=vhost-user-blk,id=exp{i},node-name=file{i},"
                             f"addr.type=unix,addr.path={sock},writable=on,"
                             f"num-queues={nq}"]
+        # the copy target over NBD too, for qemu-img (QEMU_IMG_NBD)
+        self.cmd += ["--nbd-server",
+                     f"addr.type=unix,addr.path={self.nbd_sock}",
+                     "--export", "type=nbd,id=nbd1,node-name=file1,"
+                                 f"name={NBD_EXPORT},writable=on"]
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.crashes: list[str] = []
@@ -685,7 +744,8 @@ class StorageDaemon:
             if self.proc.poll() is not None:
                 raise RuntimeError("qemu-storage-daemon exited: " +
                                    self.log_path.read_text(errors="replace"))
-            if self._listening(self.sock) and self._listening(self.copy_sock):
+            if all(self._listening(s) for s in
+                   (self.sock, self.copy_sock, self.nbd_sock)):
                 log(f"  qemu-storage-daemon pid {self.proc.pid} listening")
                 return
             time.sleep(0.05)
@@ -725,7 +785,7 @@ class StorageDaemon:
         log(f"  qemu-storage-daemon died {why} ({self.log_tail()}); "
             "restarting")
         self.stop()
-        for s in (self.sock, self.copy_sock):
+        for s in (self.sock, self.copy_sock, self.nbd_sock):
             try:
                 s.unlink()
             except FileNotFoundError:
@@ -857,7 +917,7 @@ class Env:
                       f"--readwrite={rw}", f"--blocksize={bs}",
                       f"--runtime={runtime}"]
         driver, props = self.device_args(wl)
-        if c in (C_BENCH, C_POLL):
+        if c in (C_BENCH, C_POLL, C_AA):
             extra = ["--poll"] if c == C_POLL else []
             return Command([str(self.c_bench), *common, *extra, driver,
                             *props], bs, "bench")
@@ -925,6 +985,14 @@ class Env:
         if wl.backend == "vcopy":
             assert self.qsd is not None
             out_blkio = ["virtio-blk-vhost-user", f"path={self.qsd.copy_sock}"]
+            if c == QEMU_IMG_NBD:
+                # the issue's qemu-img command, into the same daemon's
+                # export of the same file, over NBD
+                return Command(["qemu-img", "convert", "-f", "raw", "-O",
+                                "raw", "-t", "none", "-T", "none", "-m", "8",
+                                "-W", "-n", src,
+                                f"nbd+unix:///{NBD_EXPORT}?socket="
+                                f"{self.qsd.nbd_sock}"], wl.bs, "wall")
             if c == B_COPY:
                 return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
                                 f"--input-file={src}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,65 @@ def test_compare_prints_ratios_and_figures_side_by_side(tmp_path, capsys):
     line = next(ln for ln in out.splitlines() if ln.endswith(g.name))
     assert "0.90" in line and "0.99" in line and "+10.0%" in line
     assert any(ln.endswith(g.num) and "+10.0%" in ln for ln in out.splitlines())
+
+
+def _env(tmp_path, size=8 << 20):
+    import argparse
+    args = argparse.Namespace(size=size >> 20, python=sys.executable)
+    env = run.Env(args, tmp_path)
+    env.c_bench = tmp_path / "blkio-bench"
+    return env
+
+
+def test_aa_control_runs_the_very_command_it_is_compared_with(tmp_path):
+    # The A/A control is C blkio-bench again: same argv, its own case, and a
+    # tracked row (no threshold) in every workload of a 4 KiB goal against C.
+    env = _env(tmp_path)
+    size = 1 << 30
+    short = {c.key for c in run.short_cases(size)}
+    aa = [g for g in run.goals(size) if g.name.startswith("A/A control")]
+    full = {c.key for c in run.full_cases(size)}
+    assert len(aa) == 8         # 4 workloads of issue 13, 2 threads x 4 of issue 15
+    for g in aa:
+        assert g.threshold is None and g.num.endswith(run.C_AA) and g.den.endswith(run.C_BENCH)
+        assert g.num in full and g.den in full
+        if not ("O_DIRECT" in g.name and "randwrite" in g.name):   # full suite only
+            assert g.num in short and g.den in short
+        assert g.num[:-len(run.C_AA)] == g.den[:-len(run.C_BENCH)]      # same workload
+    for wl in (run.Workload("file", "randread", run.K4, 32),
+               run.Workload("file", "randread", run.K4, 1)):
+        a = env.command(run.Case(wl, run.C_AA), 1)
+        b = env.command(run.Case(wl, run.C_BENCH), 1)
+        assert a.argv == b.argv and a.parse == b.parse == "bench"
+
+
+def test_verdict_line_shows_each_repetitions_ratio():
+    g = run.Goal("g", 13, "w/a", "w/c", None)
+    res = run.evaluate(g, _summary({"w/a": 95.0, "w/c": 100.0}))
+    line = run.verdict_line(res, lambda k, v: f"{v}")
+    assert res["verdict"] == "info" and line.rstrip().endswith("reps 0.95 0.95 0.95")
+
+
+def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path):
+    # The like-for-like contender of the copy to vhost-user: the suite's
+    # daemon exports the copy target over NBD too, and qemu-img's command
+    # (the issue's options) writes the input there, byte for byte.
+    from conftest import require, write_image
+    require(shutil.which("qemu-storage-daemon"), "qemu-storage-daemon is not installed")
+    require(shutil.which("qemu-img"), "qemu-img is not installed")
+    env = _env(tmp_path)
+    src = write_image(env.cold, 8 << 20)
+    write_image(env.copy_out, 8 << 20, random=False)
+    write_image(env.image, 1 << 20, random=False)
+    env.qsd = run.StorageDaemon(env.image, env.copy_out, tmp_path)
+    env.qsd.start()
+    try:
+        wl = run.Workload("vcopy", "copy", 8 << 20, 0)
+        cmd = env.command(run.Case(wl, run.QEMU_IMG_NBD), 1)
+        assert cmd.parse == "wall" and cmd.argv[:2] == ["qemu-img", "convert"]
+        assert "-m" in cmd.argv and "-W" in cmd.argv and cmd.argv[-1].startswith("nbd+unix://")
+        r = subprocess.run(cmd.argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        env.qsd.stop()
+    assert env.copy_out.read_bytes() == src.data
