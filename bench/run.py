@@ -720,11 +720,13 @@ class StorageDaemon:
                                              (copy_target, self.copy_sock, 1))):
             self.cmd += [
                 "--blockdev", f"driver=file,node-name=file{i},filename={img},"
-                              "cache.direct=off",
+                              "cache.direct=off" + (",locking=off" if i else ""),
                 "--export", f"type=vhost-user-blk,id=exp{i},node-name=file{i},"
                             f"addr.type=unix,addr.path={sock},writable=on,"
                             f"num-queues={nq}"]
-        # the copy target over NBD too, for qemu-img (QEMU_IMG_NBD)
+        # the copy target over NBD too, for qemu-img (QEMU_IMG_NBD).  An NBD
+        # export takes the file's write lock at once, and the raw -> raw
+        # copiers write the same file while the daemon idles: no lock on it
         self.cmd += ["--nbd-server",
                      f"addr.type=unix,addr.path={self.nbd_sock}",
                      "--export", "type=nbd,id=nbd1,node-name=file1,"

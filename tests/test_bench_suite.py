@@ -290,6 +290,12 @@ def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path):
         assert "-m" in cmd.argv and "-W" in cmd.argv and cmd.argv[-1].startswith("nbd+unix://")
         r = subprocess.run(cmd.argv, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+        assert env.copy_out.read_bytes() == src.data
+        # the raw -> raw copiers write the same target while the daemon runs
+        write_image(env.copy_out, 8 << 20, random=False)
+        raw = env.command(run.Case(run.Workload("copy", "copy", 8 << 20, 0), run.QEMU_IMG), 1)
+        r = subprocess.run(raw.argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert env.copy_out.read_bytes() == src.data
     finally:
         env.qsd.stop()
-    assert env.copy_out.read_bytes() == src.data
