@@ -26,7 +26,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, EIO, EBADF, EOPNOTSUPP, ETIME
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.time cimport timespec
 from posix.uio cimport iovec
 
@@ -161,6 +161,44 @@ cdef inline bint _array_memory(object obj, bint writable, iovec *out) noexcept:
         return False
     out.iov_base = cnp.PyArray_DATA(<cnp.ndarray>obj)
     out.iov_len = <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>obj)
+    return True
+
+
+cdef inline bint _batch_array(object obj, Py_buffer *view, int ndim, char kind,
+                              bint writable) noexcept:
+    """The batch API's view of an exact numpy array, read from the array
+    (see _array_memory: numpy's export is most of a batch's own cost) when it
+    is what the export would accept: ``ndim`` dimensions, C-contiguous,
+    aligned, native byte order, writable if asked, of the dtype that ``kind``
+    (the first of the export formats accepted: 'L' uint64, 'l' int64, 'B'
+    uint8) names.  ``view.obj`` stays NULL, so PyBuffer_Release leaves it
+    alone; the caller's reference keeps the array alive.  False for anything
+    else: the export then takes it, or raises the clear error."""
+    if type(obj) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    cdef int need = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    if writable:
+        need |= cnp.NPY_ARRAY_WRITEABLE
+    if cnp.PyArray_NDIM(a) != ndim or cnp.PyArray_FLAGS(a) & need != need \
+            or not cnp.PyArray_ISNOTSWAPPED(a):
+        return False
+    cdef int t = cnp.PyArray_TYPE(a)
+    if kind == b'L':
+        if t != cnp.NPY_ULONG and t != cnp.NPY_ULONGLONG or cnp.PyArray_ITEMSIZE(a) != 8:
+            return False
+    elif kind == b'l':
+        if t != cnp.NPY_LONG and t != cnp.NPY_LONGLONG or cnp.PyArray_ITEMSIZE(a) != 8:
+            return False
+    elif kind != b'B' or t != cnp.NPY_UBYTE:
+        return False
+    memset(view, 0, sizeof(Py_buffer))        # obj, format, strides: NULL
+    view.buf = cnp.PyArray_DATA(a)
+    view.len = cnp.PyArray_NBYTES(a)
+    view.itemsize = cnp.PyArray_ITEMSIZE(a)
+    view.readonly = not cnp.PyArray_ISWRITEABLE(a)
+    view.ndim = ndim
+    view.shape = <Py_ssize_t *>cnp.PyArray_DIMS(a)
     return True
 
 
@@ -1047,6 +1085,8 @@ cdef class Queue:
     cdef int _batch_view(self, object obj, Py_buffer *view, int ndim, const char *kinds,
                          bint writable, str what) except -1:
         """A C-contiguous buffer of ``ndim`` dimensions and format in ``kinds``."""
+        if _batch_array(obj, view, ndim, kinds[0], writable):
+            return 0
         cdef int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
         try:
             PyObject_GetBuffer(obj, view, flags)
