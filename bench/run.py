@@ -549,6 +549,9 @@ def evaluate(goal: Goal, summary: dict) -> dict:
         per_rep.append(round(n / max(ds), 4) if n and len(ds) == len(dens)
                        else None)
     out["ratio_by_rep"] = per_rep
+    aa = _aa_ratio(goal, summary)
+    if aa is not None:
+        out["aa_ratio"] = aa
     short = []
     if goal.threshold is not None and ratio < goal.threshold:
         short.append(f"{ratio:.2f} < {goal.threshold:g} "
@@ -572,6 +575,17 @@ def evaluate(goal: Goal, summary: dict) -> dict:
     return out
 
 
+def _aa_ratio(goal: Goal, summary: dict) -> Optional[float]:
+    """The A/A control's ratio in the numerator's workload, where it ran:
+    how far apart two identical C programs landed beside this goal."""
+    m = re.match(r"^(.*?/t\d+)/", goal.num)
+    if not m or goal.num.endswith(C_AA):
+        return None
+    a, _ = _fig(summary, f"{m.group(1)}/{C_AA}")
+    c, _ = _fig(summary, f"{m.group(1)}/{C_BENCH}")
+    return round(a / c, 4) if a and c else None
+
+
 def verdict_line(g: dict, unit_of) -> str:
     v = g["verdict"]
     tag = {"met": "met   ", "missed": "MISSED", "info": "info  ",
@@ -591,6 +605,8 @@ def verdict_line(g: dict, unit_of) -> str:
     reps = [r for r in g.get("ratio_by_rep") or [] if r is not None]
     if len(reps) > 1:
         line += f"  reps {' '.join(f'{r:.2f}' for r in reps)}"
+    if g.get("aa_ratio") is not None:
+        line += f"  (A/A here: {g['aa_ratio']:.2f})"
     if v == "missed":
         line += f"  -- missed: {g['missed_by']}"
     return line

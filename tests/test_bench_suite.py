@@ -263,6 +263,17 @@ def test_aa_control_runs_the_very_command_it_is_compared_with(tmp_path):
         assert a.argv == b.argv and a.parse == b.parse == "bench"
 
 
+def test_goal_shows_the_aa_control_of_its_workload():
+    wl = "vhost/randread/4k/qd32/t1"
+    g = run.Goal("g", 13, f"{wl}/{run.B_BATCH}", f"{wl}/{run.C_BENCH}", 0.95)
+    res = run.evaluate(g, _summary({f"{wl}/{run.B_BATCH}": 90.0, f"{wl}/{run.C_BENCH}": 100.0,
+                                    f"{wl}/{run.C_AA}": 80.0}))
+    assert res["aa_ratio"] == 0.8
+    assert "(A/A here: 0.80)" in run.verdict_line(res, lambda k, v: f"{v}")
+    other = run.evaluate(g, _summary({f"{wl}/{run.B_BATCH}": 90.0, f"{wl}/{run.C_BENCH}": 100.0}))
+    assert "aa_ratio" not in other and "A/A" not in run.verdict_line(other, lambda k, v: f"{v}")
+
+
 def test_verdict_line_shows_each_repetitions_ratio():
     g = run.Goal("g", 13, "w/a", "w/c", None)
     res = run.evaluate(g, _summary({"w/a": 95.0, "w/c": 100.0}))
