@@ -281,13 +281,16 @@ def test_verdict_line_shows_each_repetitions_ratio():
     assert res["verdict"] == "info" and line.rstrip().endswith("reps 0.95 0.95 0.95")
 
 
-def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path):
+def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path, monkeypatch):
     # The like-for-like contender of the copy to vhost-user: the suite's
     # daemon exports the copy target over NBD too, and qemu-img's command
     # (the options) writes the input there, byte for byte.
-    from conftest import require, write_image
+    from conftest import require, tool_env, write_image
     require(shutil.which("qemu-storage-daemon"), "qemu-storage-daemon is not installed")
     require(shutil.which("qemu-img"), "qemu-img is not installed")
+    # The daemon inherits our environment: not the sanitizer runtimes that
+    # make test-asan preloads (qemu hangs under them), as conftest's tools.
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     env = _env(tmp_path)
     src = write_image(env.cold, 8 << 20)
     write_image(env.copy_out, 8 << 20, random=False)
@@ -299,13 +302,13 @@ def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path):
         cmd = env.command(run.Case(wl, run.QEMU_IMG_NBD), 1)
         assert cmd.parse == "wall" and cmd.argv[:2] == ["qemu-img", "convert"]
         assert "-m" in cmd.argv and "-W" in cmd.argv and cmd.argv[-1].startswith("nbd+unix://")
-        r = subprocess.run(cmd.argv, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(cmd.argv, capture_output=True, text=True, timeout=60, env=tool_env())
         assert r.returncode == 0, r.stderr
         assert env.copy_out.read_bytes() == src.data
         # the raw -> raw copiers write the same target while the daemon runs
         write_image(env.copy_out, 8 << 20, random=False)
         raw = env.command(run.Case(run.Workload("copy", "copy", 8 << 20, 0), run.QEMU_IMG), 1)
-        r = subprocess.run(raw.argv, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(raw.argv, capture_output=True, text=True, timeout=60, env=tool_env())
         assert r.returncode == 0, r.stderr
         assert env.copy_out.read_bytes() == src.data
     finally:
