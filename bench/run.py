@@ -298,13 +298,12 @@ def short_cases(size: int) -> list[Case]:
     """The cases every goal needs, and a few references beside them."""
     F, V = "file", "vhost"
     spec: list[tuple[Workload, list[str]]] = [
-        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK, C_AA]),
+        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
         (Workload(F, "randread", K4, 32),
-         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH,
-          C_AA]),
-        (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH, C_AA]),
+         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH]),
+        (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH]),
         (Workload(V, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
-        (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP, C_AA]),
+        (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP]),
         # np.fromfile and ndarray.tofile (3x and 6x slower than file.readinto
         # and file.write here, 30 s a repetition) run in the full suite
         (Workload("cold", "read", size, 0),
@@ -320,9 +319,9 @@ def short_cases(size: int) -> list[Case]:
             backends=("vhost",), rws=("randwrite",)):
         if wl.backend == V and wl.threads == 1 and wl.rw == "randread":
             continue                   # the same as the vhost qd1 row above
-        spec.append((wl, [C_BENCH, B_BLOCK]
-                     + ([C_AA] if aa_control(wl) else [])))
-    return [Case(wl, c) for wl, cs in spec for c in cs]
+        spec.append((wl, [C_BENCH, B_BLOCK]))
+    return [Case(wl, c) for wl, cs in spec
+            for c in cs + ([C_AA] if aa_control(wl) else [])]
 
 
 def full_cases(size: int) -> list[Case]:
@@ -436,10 +435,8 @@ def goals(size: int) -> list[Goal]:
     ]
     # A/A controls: C blkio-bench against itself, same command, same run.
     # Tracked, not goals: how far apart two identical contenders land here.
-    for wl, issue in ((f1, 13), (f32, 13), (f32t2, 13), (v32, 13)):
-        out.append(Goal(f"A/A control: C blkio-bench / the same command "
-                        f"again, {_aa_what(wl)}", issue, _k(wl, C_AA),
-                        _k(wl, C_BENCH), None))
+    for wl in (f1, f32, f32t2, v32):
+        out.append(_aa_goal(wl, 13))
     for wl in thread_workloads():
         what = {"vhost": "vhost-user", "direct": "O_DIRECT file"}[wl.backend]
         one = dataclasses.replace(wl, threads=1)
@@ -450,18 +447,17 @@ def goals(size: int) -> list[Goal]:
             _k(wl, B_BLOCK), _k(wl, C_BENCH), 0.9,
             floor=_k(one, B_BLOCK) if wl.threads > 1 else None))
         if aa_control(wl):
-            out.append(Goal(f"A/A control: C blkio-bench / the same command "
-                            f"again, {_aa_what(wl)}", 15, _k(wl, C_AA),
-                            _k(wl, C_BENCH), None))
+            out.append(_aa_goal(wl, 15))
     return out
 
 
-def _aa_what(wl: Workload) -> str:
+def _aa_goal(wl: Workload, issue: int) -> Goal:
     where = {"file": "page-cached file", "vhost": "vhost-user",
              "direct": "O_DIRECT file"}[wl.backend]
-    rw = "randread" if wl.rw == "randread" else "randwrite"
-    return (f"4K {rw} QD{wl.depth}, {wl.threads} thread"
-            f"{'s' if wl.threads > 1 else ''}, {where}")
+    return Goal(f"A/A control: C blkio-bench / the same command again, 4K "
+                f"{wl.rw} QD{wl.depth}, {wl.threads} thread"
+                f"{'s' if wl.threads > 1 else ''}, {where}", issue,
+                _k(wl, C_AA), _k(wl, C_BENCH), None)
 
 
 def _fig(summary: dict, key: str) -> tuple[Optional[float], str]:
