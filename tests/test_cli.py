@@ -138,3 +138,24 @@ def test_bench_batch_loop_resubmits_what_came_back_at_the_next_offsets(qsd, make
     data = img.pread(0, len(img.data))
     assert data[:done * bs] == b"\xa5" * (done * bs)
     assert data[(done + depth) * bs:] == img.data[(done + depth) * bs:]
+
+
+def test_bench_blocking_loop_walks_its_offsets_in_order(make_image, tmp_path):
+    # The closed loop hands out its table of offsets in runs (OffsetRuns):
+    # sequential writes with --requests=n write exactly the first n blocks.
+    img = make_image(1 << 20)
+    n, bs = 100, 4096
+    proc = _blkio(tmp_path, "bench", "--api=blocking", "--readwrite=write", f"--requests={n}",
+                  "--runtime=600", "io_uring", f"path={img.path}")
+    assert _bench_json(proc)["aggregate"]["calls"] == n
+    data = img.pread(0, len(img.data))
+    assert data[:n * bs] == b"\xa5" * (n * bs)
+    assert data[n * bs:] == img.data[n * bs:]
+
+
+def test_offset_runs_cycle_through_the_table_in_runs_of_any_length():
+    from blkio._bench import OffsetRuns
+    table = list(range(10))
+    runs = OffsetRuns(table)
+    got = [off for k in (3, 7, 1, 25, 10, 4) for off in runs.take(k)]
+    assert got == [i % 10 for i in range(50)]
