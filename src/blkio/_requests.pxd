@@ -79,7 +79,7 @@ cdef class Completion:
     cdef Buffer bounce_buffer
     cdef Completion prev     # links of the queue's in-flight list, which
     cdef Completion next     # holds the reference libblkio's user_data borrows
-    cdef void release_memory(self)
+    cdef void release_memory(self) noexcept
 
 
 cdef class Queue:
@@ -138,7 +138,7 @@ cdef class Queue:
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
     cdef int fail_all(self, int err) except -1
-    cdef void unlink(self, Completion c)
+    cdef void unlink(self, Completion c) noexcept
     cdef list take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1
     cdef int _ensure_slots(self, Py_ssize_t need) except -1

@@ -323,7 +323,7 @@ cdef class Completion:
     def __dealloc__(self):
         self.release_memory()
 
-    cdef void release_memory(self):
+    cdef void release_memory(self) noexcept:
         # Called once the request is reaped (or its device destroyed): only
         # then may its caller memory and bounce space be reused.
         if (self.views is None and self.pool is None and self.user_iov == NULL
@@ -609,7 +609,7 @@ cdef class Queue:
         self.slots_free = i
         self.slots_nfree += 1
 
-    cdef void unlink(self, Completion c):
+    cdef void unlink(self, Completion c) noexcept:
         if c.prev is not None:
             c.prev.next = c.next
         else:
@@ -1847,14 +1847,17 @@ cdef object blocking_one(DeviceHandle h, Queue q, int op, uint64_t offset, objec
         v = hold_buffers(buf, op == READ, True)
         return blocking_io(h, q, op, offset, v.total, v, flags, chunk, depth)
     cdef Py_ssize_t slot = queue_use(q)
+    # the guard has just looked up this thread's id: reuse it
+    cdef unsigned long tid = (q.guard.tid[slot] if slot < GUARD_THREADS
+                              else PyThread_get_thread_ident())
     try:
-        return _blocking_one_on(h, q, op, offset, buf, flags, chunk, depth)
+        return _blocking_one_on(h, q, op, offset, buf, flags, chunk, depth, tid)
     finally:
         queue_unuse(q, slot)
 
 
 cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, object buf,
-                             unsigned int flags, uint64_t chunk, int depth):
+                             unsigned int flags, uint64_t chunk, int depth, unsigned long tid):
     cdef Py_buffer view
     cdef uint64_t length
     cdef HeldBuffers v
@@ -1885,7 +1888,6 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
         v = hold_buffers(buf, op == READ, True)
         check_request(h, op, offset, v.total)
         return _blocking_pieces(h, q, op, offset, v.total, v, flags, chunk, depth)
-    cdef unsigned long tid = PyThread_get_thread_ident()
     if tid != h.owner_thread:
         if h.owner_thread == 0:
             h.owner_thread = tid
