@@ -1151,19 +1151,22 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
 
 
 def estimate_s(case: Case, runtime: int) -> float:
-    """A rough duration (from runs on the 2-CPU machine), for the log."""
+    """A rough duration per repetition, for the log (fitted to the wall
+    times of a short-suite run on the 2-CPU machine, 2026-12-04)."""
     wl = case.wl
     gib = wl.bs / GiB
     if wl.rw == "copy":
-        return 2.8 * gib + 0.4
+        return 1.1 * gib + 0.2
     if wl.backend == "cold":
-        return (5.0 if case.contender in (B_BIG, B_BIG_NP, FILE_READINTO)
-                else 2.0) * gib + 0.5
+        return (3.3 if case.contender == FILE_READINTO
+                else 1.7 if case.contender == FILE_WRITE
+                else 1.0 if case.contender in (B_BIG, B_BIG_NP)
+                else 0.6) * gib + 0.2
     if case.contender in (B_BIG, B_BIG_NP, B_BIG_KNOBS):
-        return runtime + 3.0
+        return runtime + 0.15
     python = case.contender.startswith(("blkio", "py", "bare", "caio",
                                         "aiofile", "liburing"))
-    return runtime + (0.6 if python else 0.15)
+    return runtime + (0.17 if python else 0.01)
 
 
 # --------------------------------------------------------------------------
