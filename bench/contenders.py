@@ -21,6 +21,10 @@ KIND is one of:
             call_soon callback resolves every pending future, as a completion
             fd reader would; each: one call_soon(set_result) per future). The
             most a per-request asyncio API can reach on this loop.
+  call      no I/O and no PATH: the blocking closed loop calling a C function
+            of two arguments that does nothing (operator.is_) per request,
+            --iodepth 1. What a Python call per request costs at least (with
+            C ref_blocking: the floor of the blocking API at QD1).
   fromfile  numpy.fromfile(PATH, count=blocksize, offset=...) per request
             (buffered; the array is allocated by numpy inside the call)
   readinto  file.readinto(buf) on open(PATH, "rb") per request (buffered;
@@ -43,21 +47,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import mmap
+import operator
 import os
 import sys
 import threading
 
 import numpy as np
 
-from blkio._bench import (BenchError, InflightClock, Stats, Workload,
+from blkio._bench import (BenchError, InflightClock, OffsetRuns, Stats, Workload,
                           add_workload_arguments, aio_workers, closed_loop,
                           offset_stream, results_json, run_event_loop,
                           run_threads, touch)
 
-KINDS = ("preadv", "liburing", "caio", "aiofile", "ping",
+KINDS = ("preadv", "liburing", "caio", "aiofile", "ping", "call",
          "fromfile", "readinto", "tofile", "write")
 ASYNC_KINDS = ("caio", "aiofile", "ping")
 FILE_OBJECT_KINDS = ("fromfile", "readinto", "tofile", "write")
@@ -92,12 +96,29 @@ def run_preadv(args, wl: Workload, fd: int, t: int, st: Stats, ready) -> None:
         raise BenchError("preadv runs one request at a time: use --iodepth=1")
     bufs = [aligned(wl.bs, wl.is_read)]
     op = os.preadv if wl.is_read else os.pwritev
-    offs = offset_stream(wl.offsets(t).tolist())
-    isl = itertools.islice
+    take = OffsetRuns(wl.offsets(t).tolist()).take
 
     def run_n(k: int) -> None:
-        for off in isl(offs, k):
+        for off in take(k):
             op(fd, bufs, off)
+
+    closed_loop(run_n, st, wl, ready)
+
+
+def run_call(args, wl: Workload, fd: int, t: int, st: Stats, ready) -> None:
+    """The blocking loop with no I/O: blkio's closed loop (the same offsets
+    and list runs) calling a C function of two arguments that does nothing
+    (operator.is_).  What any Python call per request costs at least: with
+    C ref_blocking it makes the floor of the blocking API's QD1 rate."""
+    if wl.depth != 1:
+        raise BenchError("call runs one call at a time: use --iodepth=1")
+    buf = np.empty(wl.bs, dtype=np.uint8)
+    op = operator.is_
+    take = OffsetRuns(wl.offsets(t).tolist()).take
+
+    def run_n(k: int) -> None:
+        for off in take(k):
+            op(off, buf)
 
     closed_loop(run_n, st, wl, ready)
 
@@ -109,8 +130,7 @@ def run_file_object(args, wl: Workload, fd: int, t: int, st: Stats,
     if (kind in ("fromfile", "readinto")) != wl.is_read:
         raise BenchError(f"{kind} goes with --readwrite="
                          f"{'read' if kind in ('fromfile', 'readinto') else 'write'}")
-    offs = offset_stream(wl.offsets(t).tolist())
-    isl = itertools.islice
+    take = OffsetRuns(wl.offsets(t).tolist()).take
     bs = wl.bs
     path = args.path
     f = open(path, "rb" if wl.is_read else "r+b")
@@ -121,7 +141,7 @@ def run_file_object(args, wl: Workload, fd: int, t: int, st: Stats,
         u8 = np.uint8
 
         def run_n(k: int) -> None:
-            for off in isl(offs, k):
+            for off in take(k):
                 if fromfile(path, dtype=u8, count=bs, offset=off).size != bs:
                     raise OSError(5, "numpy.fromfile: short read")
     else:
@@ -130,7 +150,7 @@ def run_file_object(args, wl: Workload, fd: int, t: int, st: Stats,
                 "write": functools.partial(f.write, buf)}[kind]
 
         def run_n(k: int) -> None:
-            for off in isl(offs, k):
+            for off in take(k):
                 seek(off)
                 done = call()
                 if done is not None and done != bs:
@@ -330,15 +350,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("path", nargs="?", help="file or block device "
                    "(not for ping)")
     args = p.parse_intermixed_args(argv)
-    if args.kind != "ping" and not args.path:
+    if args.kind not in ("ping", "call") and not args.path:
         p.error(f"{args.kind} needs a PATH")
     if args.flush and args.kind not in ("tofile", "write"):
         p.error("--flush goes with tofile and write")
 
     fd = -1
     try:
-        if args.kind == "ping":
-            cap = args.blocksize * args.iodepth
+        if args.kind in ("ping", "call"):
+            cap = args.blocksize * max(args.iodepth, 1 << 18)   # offsets only
         else:
             fd = open_fd(args)
             cap = capacity_of(fd)
@@ -350,7 +370,8 @@ def main(argv: list[str]) -> int:
             coro = {"caio": _caio, "aiofile": _aiofile, "ping": _ping}[args.kind]
             run_event_loop(coro(args, wl, fd, stats[0]), args.loop)
         else:
-            fn = {"preadv": run_preadv, "liburing": run_liburing}.get(
+            fn = {"preadv": run_preadv, "liburing": run_liburing,
+                  "call": run_call}.get(
                 args.kind, run_file_object)
             if args.kind == "liburing":
                 import_liburing()

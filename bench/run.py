@@ -147,6 +147,7 @@ AIOFILE = "aiofile (PyPI)"
 PING = "bare asyncio"
 PING_UV = "bare asyncio uvloop"
 PING_EACH = "bare asyncio, a callback per future"
+PY_CALL = "bare Python call loop"
 NP_FROMFILE = "np.fromfile"
 FILE_READINTO = "file.readinto"
 NP_TOFILE = "ndarray.tofile + fsync"
@@ -185,7 +186,7 @@ PEERS = {
     PREADV: ("preadv", []), LIBURING: ("liburing", []), CAIO: ("caio", []),
     AIOFILE: ("aiofile", []), PING: ("ping", []),
     PING_UV: ("ping", ["--loop=uvloop"]),
-    PING_EACH: ("ping", ["--resolve=each"]),
+    PING_EACH: ("ping", ["--resolve=each"]), PY_CALL: ("call", []),
     NP_FROMFILE: ("fromfile", []), FILE_READINTO: ("readinto", []),
     NP_TOFILE: ("tofile", ["--flush"]), FILE_WRITE: ("write", ["--flush"]),
 }
@@ -234,7 +235,7 @@ def contenders_for(wl: Workload) -> list[str]:
             out += [PING, PING_UV, PING_EACH]
         out += [B_BATCH, B_QUEUE]
         if qd1:
-            out += [B_BLOCK]
+            out += [B_BLOCK, PY_CALL]
         if asyncio_ok:
             out += [B_AIO, B_AIO_UV]
         if asyncio_ok and wl.depth > 1:
@@ -298,7 +299,7 @@ def short_cases(size: int) -> list[Case]:
     """The cases every goal needs, and a few references beside them."""
     F, V = "file", "vhost"
     spec: list[tuple[Workload, list[str]]] = [
-        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
+        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK, PY_CALL]),
         (Workload(F, "randread", K4, 32),
          [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH]),
         (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH]),
@@ -392,6 +393,9 @@ def goals(size: int) -> list[Goal]:
              _k(f32, B_BATCH), _k(f32, C_BENCH), 0.97),
         Goal("blocking 4K randread QD1 / C ref_blocking, page-cached file", 13,
              _k(f1, B_BLOCK), _k(f1, C_REF), 0.92),
+        Goal("blocking 4K randread QD1 / its floor: a bare Python call loop "
+             "then C ref_blocking, 1/(1/loop + 1/C)", 13, _k(f1, B_BLOCK),
+             Serial((_k(f1, PY_CALL), _k(f1, C_REF))), None),
         Goal("vhost-user QD32 batch, alloc'd memory / C blkio-bench", 13,
              _k(v32, B_BATCH), _k(v32, C_BENCH), 0.95),
         Goal("vhost-user QD32 queue API, plain numpy (bounced) / C blkio-bench",
@@ -987,7 +991,7 @@ class Env:
             return Command(cmd, min(bs, MiB), "fio")
         kind, extra = PEERS[c]
         cmd = [self.py, str(HERE / "contenders.py"), kind, *common, *extra]
-        if kind == "ping":
+        if kind in ("ping", "call"):
             return Command(cmd, bs, "bench")
         if wl.backend == "direct":
             cmd.append("--direct")

@@ -86,18 +86,20 @@ def test_bench_asyncio_batch_runs_or_says_it_is_not_available(tmp_path, image):
     ("preadv", ["--readwrite=randread", "--num-threads=2"]),
     ("ping", ["--iodepth=8"]),
     ("ping", ["--iodepth=8", "--resolve=each"]),
+    ("call", ["--requests=1000"]),
     ("readinto", ["--readwrite=read", "--blocksize=1048576", "--requests=3"]),
     ("fromfile", ["--readwrite=read", "--blocksize=1048576", "--requests=3"]),
 ])
 def test_contender_prints_blkio_bench_json(tmp_path, image, kind, opts):
-    args = [kind, "--runtime=0.3", *opts] + ([] if kind == "ping" else [image.path])
+    args = [kind, "--runtime=0.3", *opts] + ([] if kind in ("ping", "call") else [image.path])
     proc = _contender(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert list(res["aggregate"]) == STAT_KEYS
     assert res["aggregate"]["calls"] > 0
-    if "--requests=3" in opts:
-        assert res["aggregate"]["calls"] == 3
+    for o in opts:
+        if o.startswith("--requests="):
+            assert res["aggregate"]["calls"] == int(o.split("=")[1])
 
 
 @pytest.mark.parametrize("kind", ["write", "tofile"])
