@@ -42,6 +42,8 @@ cdef class RangeAllocator:
     cdef void free(self, size_t start) noexcept nogil
     cdef void _set(self, size_t start, size_t count, bint used) noexcept nogil
     cdef void _mark(self, size_t start, size_t count, bint free) noexcept nogil
+    cdef void _mark_one(self, size_t g, bint free) noexcept nogil
+    cdef void _carry(self, size_t idx, bint free) noexcept nogil
     cdef void _touch(self, size_t g) noexcept nogil
     cdef void _sync(self) noexcept nogil
 

@@ -201,30 +201,46 @@ cdef class RangeAllocator:
 
     cdef void _mark(self, size_t start, size_t count, bint free) noexcept nogil:
         """Set granules [start, start+count) free or used in the bitmap, a
-        word at a time; a word that turns zero or non-zero flips its bit in
-        the level above, and so on up."""
-        cdef size_t end = start + count, take, idx
+        word at a time."""
+        cdef size_t end = start + count, take
         cdef unsigned long long mask, old, new
-        cdef unsigned long long *word
-        cdef int level
         while start < end:
             take = 64 - (start & 63)
             if take > end - start:
                 take = end - start
             mask = (~0ULL >> (64 - take)) << (start & 63)
-            idx = start >> 6
-            level = 0
-            while True:
-                word = &self.bits[self.level_at[level] + idx]
-                old = word[0]
-                new = old | mask if free else old & ~mask
-                word[0] = new
-                if (old == 0) == (new == 0) or level + 1 == self.nlevels:
-                    break
-                mask = 1ULL << (idx & 63)
-                idx >>= 6
-                level += 1
+            old = self.bits[start >> 6]
+            new = old | mask if free else old & ~mask
+            self.bits[start >> 6] = new
+            if (old == 0) != (new == 0):
+                self._carry(start >> 6, free)
             start += take
+
+    cdef inline void _mark_one(self, size_t g, bint free) noexcept nogil:
+        """_mark of one granule (the fast path's)."""
+        cdef unsigned long long mask = 1ULL << (g & 63)
+        cdef unsigned long long old = self.bits[g >> 6]
+        cdef unsigned long long new = old | mask if free else old & ~mask
+        self.bits[g >> 6] = new
+        if (old == 0) != (new == 0):
+            self._carry(g >> 6, free)
+
+    cdef void _carry(self, size_t idx, bint free) noexcept nogil:
+        """Word ``idx`` of level 0 turned zero or non-zero: its bit in the
+        level above follows, and so on up while words keep turning."""
+        cdef unsigned long long mask, old, new
+        cdef unsigned long long *word
+        cdef int level = 1
+        while level < self.nlevels:
+            word = &self.bits[self.level_at[level] + (idx >> 6)]
+            mask = 1ULL << (idx & 63)
+            old = word[0]
+            new = old | mask if free else old & ~mask
+            word[0] = new
+            if (old == 0) == (new == 0):
+                break
+            idx >>= 6
+            level += 1
 
     cdef void _touch(self, size_t g) noexcept nogil:
         """The tree's leaf for granule g may now be out of date."""
@@ -261,7 +277,7 @@ cdef class RangeAllocator:
                     return -1
                 i = i * 64 + <size_t>_ctz64(w)
                 level -= 1
-            self._mark(i, 1, False)
+            self._mark_one(i, False)
             self._touch(i)
             self.sizes[i] = 1
             self.used += 1
@@ -294,10 +310,11 @@ cdef class RangeAllocator:
         if count:
             self.sizes[start] = 0
             self.used -= count
-            self._mark(start, count, True)
             if count == 1:
+                self._mark_one(start, True)
                 self._touch(start)
             else:
+                self._mark(start, count, True)
                 self._set(start, count, False)
 
     # Python access, for tests and for the pool's bookkeeping
