@@ -213,6 +213,34 @@ def test_live_buffer_contents_survive_other_acquires_and_growth(pool):
     pool.release(a)
 
 
+def test_single_granule_churn_never_hands_out_live_memory(pool):
+    # The bounced 4 KiB request's pattern (the allocator's single-granule
+    # path), with bigger buffers in between: each live array keeps its own
+    # byte until released, and no two live arrays overlap.
+    import random
+    rnd = random.Random(7)
+    g = pool.granule
+    live: List[Tuple[np.ndarray, int]] = []
+    tag = 0
+    for step in range(3000):
+        if live and (rnd.random() < 0.5 or pool.in_use > pool.size // 2):
+            a, t = live.pop(0 if rnd.random() < 0.8 else rnd.randrange(len(live)))
+            assert (a == t).all(), step
+            pool.release(a)
+            continue
+        n = g if rnd.random() < 0.9 else rnd.choice([g + 1, 3 * g, 17 * g])
+        a = pool.acquire(n, timeout=5)
+        tag = tag % 255 + 1
+        a[:] = tag
+        live.append((a, tag))
+        spans = sorted((_addr(x), _addr(x) + x.size) for x, _ in live)
+        assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:])), step
+    for a, t in live:
+        assert (a == t).all()
+        pool.release(a)
+    assert pool.in_use == 0
+
+
 # ---------------------------------------------------------------------------
 # FIFO fairness
 
@@ -525,3 +553,70 @@ def test_range_allocator_large_sizes_first_fit():
     assert ra.allocate(500) == 5000
     assert ra.allocate(600) == 7000
     assert ra.allocate(500) == 5500
+
+
+# Single granules take the allocator's bitmap path (a summary level per 64
+# words) and leave the segment tree stale until a larger allocation reads it:
+# sizes that need one to four bitmap levels, word edges, and long runs of
+# single-granule traffic between the larger allocations that bring the tree
+# up to date.  largest_free also does, so it is read only now and then.
+
+
+def _model_fit(free: bytearray, count: int) -> int:
+    return free.find(b"\x01" * count) if count else -1
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4095, 4096, 4097, 3 * 4096 + 5, 262_145])
+@pytest.mark.parametrize("seed", range(3))
+def test_range_allocator_single_granule_path_matches_first_fit_model(n, seed):
+    import random
+    rnd = random.Random(seed * 1_000_003 + n)
+    ra = RangeAllocator(n)
+    free = bytearray(b"\x01" * n)
+    live: Dict[int, int] = {}
+    for step in range(4000):
+        r = rnd.random()
+        if r < 0.55 or not live:
+            # single granules, mostly; sometimes a run of them, to fill whole words
+            if r < 0.05:
+                count = rnd.choice([2, 3, 64, 65, 200, max(1, n // 3)])
+            else:
+                count = 1
+            for _ in range(rnd.choice([1, 1, 1, 70]) if count == 1 else 1):
+                want = _model_fit(free, count)
+                got = ra.allocate(count)
+                assert got == want, (step, count)
+                if got < 0:
+                    break
+                free[got:got + count] = b"\x00" * count
+                live[got] = count
+        else:
+            # release: mostly the oldest single (FIFO-ish), else any
+            starts = list(live)
+            start = starts[0] if r < 0.8 else rnd.choice(starts)
+            ra.release(start)
+            count = live.pop(start)
+            free[start:start + count] = b"\x01" * count
+        assert ra.used == n - free.count(1)
+        if step % 97 == 0:
+            assert ra.largest_free == max(map(len, free.split(b"\x00")))
+    for start in list(live):
+        ra.release(start)
+    assert ra.used == 0 and ra.largest_free == n
+    assert ra.allocate(n) == 0
+
+
+def test_range_allocator_singles_fill_every_granule_then_refill_lowest_first():
+    n = 4097                                   # three bitmap levels, a lone bit in the last word
+    ra = RangeAllocator(n)
+    assert [ra.allocate(1) for _ in range(n)] == list(range(n))
+    assert ra.allocate(1) == -1 and ra.allocate(2) == -1 and ra.largest_free == 0
+    for g in (4096, 64, 63, 4000, 0, 127):
+        ra.release(g)
+    assert [ra.allocate(1) for _ in range(6)] == [0, 63, 64, 127, 4000, 4096]
+    assert ra.allocate(1) == -1
+    for g in range(128, 192):                  # a whole word free again
+        ra.release(g)
+    ra.release(192)
+    assert ra.allocate(65) == 128              # the tree sees what singles released
+    assert ra.allocate(1) == -1 and ra.used == n

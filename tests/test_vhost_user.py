@@ -304,6 +304,36 @@ def test_plain_numpy_memory_is_bounced(vu):
     vu.check_file(n, n)
 
 
+def test_bounced_queue_reads_hold_plain_numpy_arrays_until_reaped(vu):
+    # The queue API keeps a plain array itself (no buffer export): an array
+    # the caller dropped still receives its bounced data, and is let go once
+    # its request is reaped (not by the Completion the caller keeps).
+    import gc
+    import weakref
+    dev = vu.dev
+    q = dev.queue(0)
+    arrays = [np.zeros(4096 * (1 + i % 3), np.uint8) for i in range(12)]
+    offsets = [i * 65536 for i in range(12)]
+    refs = [weakref.ref(a) for a in arrays]
+    kept = {i: arrays[i] for i in range(0, 12, 2)}
+    s0 = dev.stats
+    for i, a in enumerate(arrays):
+        q.read(offsets[i], a, user_data=i)
+    del arrays, a
+    gc.collect()
+    assert all(r() is not None for r in refs)     # held by the requests in flight
+    done = q.wait(min=12)
+    gc.collect()
+    assert sorted(c.user_data for c in done) == list(range(12))
+    for c in done:
+        c.check()
+    assert all(refs[i]() is None for i in range(1, 12, 2))
+    for i, a in kept.items():
+        assert a.tobytes() == vu.image.data[offsets[i]:offsets[i] + a.size]
+    assert dev.stats.bounced_requests >= s0.bounced_requests + 12
+    _idle(dev)
+
+
 def test_register_blkio_buffer_avoids_bouncing(vu):
     dev = vu.dev
     n = 256 * 1024

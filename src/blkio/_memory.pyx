@@ -3,7 +3,7 @@
 ``Buffer`` is page-aligned memory with a file descriptor (memfd + mmap), so a
 driver that needs a memory-region fd (vhost-user) can map it.
 ``RangeAllocator`` is a first-fit allocator in O(log n) used by the alloc
-arena and the bounce pool; ``ArenaSlice`` is one allocation, viewed by numpy.
+arena and the bounce pool (single granules on a faster bitmap path); ``ArenaSlice`` is one allocation, viewed by numpy.
 This module knows nothing of devices and never calls libblkio (the modules
 that map memory into a device are ``_handle`` and ``_pool``).
 """
@@ -98,6 +98,10 @@ cdef class Buffer:
         return f"<blkio.Buffer {self.nbytes} bytes at {<uintptr_t>self.addr:#x} fd={self.fd}>"
 
 
+cdef extern from *:
+    int _ctz64 "__builtin_ctzll" (unsigned long long x) noexcept nogil
+
+
 @cython.final
 cdef class RangeAllocator:
     """First-fit allocator over ``n`` granules, O(log n) per operation.
@@ -105,9 +109,21 @@ cdef class RangeAllocator:
     A segment tree keeps, for every node, the longest free run inside it and
     the free runs touching its two ends, so the lowest-addressed hole that fits
     is found by one descent instead of a scan over live allocations.
+
+    Single granules (the bounce pool's 4 KiB requests) take a faster path with
+    the same answer: a bitmap of free granules with one summary bit per word
+    on each level above, whose lowest set bit is the lowest free granule.  It
+    leaves the tree's leaves stale; they are brought up to date, each once,
+    before the tree is next read (amortized, no more work than updating the
+    tree at once).
     """
 
     def __cinit__(self, size_t n):
+        self.best = self.pref = self.suf = self.sizes = self.stale = NULL
+        self.is_stale = NULL
+        self.bits = NULL
+        if n > 0x7FFFFFFF:
+            raise ValueError(f"RangeAllocator: {n} granules, at most 2**31-1")
         self.n = n
         self.leaves = 1
         while self.leaves < n:
@@ -117,17 +133,36 @@ cdef class RangeAllocator:
         self.pref = <int *>calloc(total, sizeof(int))
         self.suf = <int *>calloc(total, sizeof(int))
         self.sizes = <int *>calloc(self.leaves, sizeof(int))
-        if not (self.best and self.pref and self.suf and self.sizes):
+        self.stale = <int *>calloc(self.leaves, sizeof(int))
+        self.is_stale = <unsigned char *>calloc(self.leaves, 1)
+        # The bitmap's levels, from one bit per granule up to a single word.
+        cdef size_t words = (n + 63) // 64 if n else 1, nwords = 0
+        self.nlevels = 0
+        while True:
+            self.level_at[self.nlevels] = nwords
+            nwords += words
+            self.nlevels += 1
+            if words == 1:
+                break
+            words = (words + 63) // 64
+        self.bits = <unsigned long long *>calloc(nwords, sizeof(unsigned long long))
+        if not (self.best and self.pref and self.suf and self.sizes and self.stale
+                and self.is_stale and self.bits):
             raise MemoryError()
+        self.nstale = 0
         self.used = 0
         # Leaves past n stay "used" (0); the real ones start free.
         self._set(0, n, False)
+        self._mark(0, n, True)
 
     def __dealloc__(self):
         free(self.best)
         free(self.pref)
         free(self.suf)
         free(self.sizes)
+        free(self.stale)
+        free(self.is_stale)
+        free(self.bits)
 
     cdef void _set(self, size_t start, size_t count, bint used) noexcept nogil:
         if count == 0:
@@ -164,12 +199,92 @@ cdef class RangeAllocator:
             hi >>= 1
             half <<= 1
 
+    cdef void _mark(self, size_t start, size_t count, bint free) noexcept nogil:
+        """Set granules [start, start+count) free or used in the bitmap, a
+        word at a time."""
+        cdef size_t end = start + count, take
+        cdef unsigned long long mask, old, new
+        while start < end:
+            take = 64 - (start & 63)
+            if take > end - start:
+                take = end - start
+            mask = (~0ULL >> (64 - take)) << (start & 63)
+            old = self.bits[start >> 6]
+            new = old | mask if free else old & ~mask
+            self.bits[start >> 6] = new
+            if (old == 0) != (new == 0):
+                self._carry(start >> 6, free)
+            start += take
+
+    cdef inline void _mark_one(self, size_t g, bint free) noexcept nogil:
+        """_mark of one granule (the fast path's)."""
+        cdef unsigned long long mask = 1ULL << (g & 63)
+        cdef unsigned long long old = self.bits[g >> 6]
+        cdef unsigned long long new = old | mask if free else old & ~mask
+        self.bits[g >> 6] = new
+        if (old == 0) != (new == 0):
+            self._carry(g >> 6, free)
+
+    cdef void _carry(self, size_t idx, bint free) noexcept nogil:
+        """Word ``idx`` of level 0 turned zero or non-zero: its bit in the
+        level above follows, and so on up while words keep turning."""
+        cdef unsigned long long mask, old, new
+        cdef unsigned long long *word
+        cdef int level = 1
+        while level < self.nlevels:
+            word = &self.bits[self.level_at[level] + (idx >> 6)]
+            mask = 1ULL << (idx & 63)
+            old = word[0]
+            new = old | mask if free else old & ~mask
+            word[0] = new
+            if (old == 0) == (new == 0):
+                break
+            idx >>= 6
+            level += 1
+
+    cdef void _touch(self, size_t g) noexcept nogil:
+        """The tree's leaf for granule g may now be out of date."""
+        if not self.is_stale[g]:
+            self.is_stale[g] = 1
+            self.stale[self.nstale] = <int>g
+            self.nstale += 1
+
+    cdef void _sync(self) noexcept nogil:
+        """Bring the tree's stale leaves up to date with the bitmap."""
+        cdef size_t g
+        cdef int v
+        while self.nstale:
+            self.nstale -= 1
+            g = <size_t>self.stale[self.nstale]
+            self.is_stale[g] = 0
+            v = <int>((self.bits[g >> 6] >> (g & 63)) & 1)
+            if self.best[g + self.leaves] != v:
+                self._set(g, 1, not v)
+
     cdef Py_ssize_t alloc(self, size_t count) noexcept nogil:
         """Lowest start of ``count`` free granules, or -1."""
-        if count == 0 or <size_t>self.best[1] < count:
-            return -1
         cdef size_t i = 1, base = 0, half = self.leaves, l, r
         cdef Py_ssize_t start = -1
+        cdef unsigned long long w
+        cdef int level
+        if count == 1:
+            # The lowest free granule: one descent through the bitmap's levels.
+            i = 0
+            level = self.nlevels - 1
+            while level >= 0:
+                w = self.bits[self.level_at[level] + i]
+                if w == 0:
+                    return -1
+                i = i * 64 + <size_t>_ctz64(w)
+                level -= 1
+            self._mark_one(i, False)
+            self._touch(i)
+            self.sizes[i] = 1
+            self.used += 1
+            return <Py_ssize_t>i
+        self._sync()
+        if count == 0 or <size_t>self.best[1] < count:
+            return -1
         while i < self.leaves:
             half >>= 1
             l = 2 * i
@@ -185,6 +300,7 @@ cdef class RangeAllocator:
         if start < 0:
             start = <Py_ssize_t>base
         self._set(start, count, True)
+        self._mark(start, count, False)
         self.sizes[start] = <int>count
         self.used += count
         return start
@@ -194,7 +310,12 @@ cdef class RangeAllocator:
         if count:
             self.sizes[start] = 0
             self.used -= count
-            self._set(start, count, False)
+            if count == 1:
+                self._mark_one(start, True)
+                self._touch(start)
+            else:
+                self._mark(start, count, True)
+                self._set(start, count, False)
 
     # Python access, for tests and for the pool's bookkeeping
     def allocate(self, size_t count):
@@ -213,6 +334,7 @@ cdef class RangeAllocator:
 
     @property
     def largest_free(self) -> int:
+        self._sync()
         return self.best[1]
 
     def __len__(self):

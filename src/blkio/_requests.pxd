@@ -68,8 +68,9 @@ cdef class Completion:
     cdef bint internal       # a blocking call's own request: not returned by wait()
     cdef bint done
     cdef HeldBuffers views   # caller memory this request reads into / writes from
-    cdef object array        # or the numpy array it uses unexported (the hot path)
+    cdef object array        # or the numpy array it uses unexported (the hot paths)
     cdef iovec *user_iov     # the caller segments this request covers
+    cdef iovec user1         # inline storage for the one segment of `array`
     cdef int user_iovcnt
     cdef iovec *iov          # what libblkio gets: caller segments or the bounce buffer
     cdef int iovcnt

@@ -336,10 +336,11 @@ cdef class Completion:
             if self.iov != self.user_iov:
                 free(self.iov)
         if self.user_iov != NULL and (self.views is None or self.user_iov != self.views.iov):
-            if self.user_iov != &self.iov1:
+            if self.user_iov != &self.iov1 and self.user_iov != &self.user1:
                 free(self.user_iov)
         self.iov = NULL
         self.user_iov = NULL
+        self.array = None
         if self.bounce_start >= 0 and self.pool is not None:
             self.pool.release_range(self.bounce_start, self.bounce_buffer)
         self.bounce_start = -1
@@ -886,9 +887,21 @@ cdef class Queue:
         None (the caller pipelines it)."""
         cdef DeviceHandle h = self.handle
         cdef HeldBuffers views = None
+        cdef object array = None
+        cdef iovec one
+        cdef iovec *iov = NULL
+        cdef int iovcnt = 0
         if op == READ or op == WRITE:
-            views = hold_buffers(buf, op == READ, not vectored)
-            length = views.total
+            if not vectored and _array_memory(buf, op == READ, &one):
+                array = buf         # no HeldBuffers: the Completion holds the array
+                iov = &one
+                iovcnt = 1
+                length = one.iov_len
+            else:
+                views = hold_buffers(buf, op == READ, not vectored)
+                iov = views.iov
+                iovcnt = views.n
+                length = views.total
             if pipeline_over and length > pipeline_over:
                 return None
         check_request(h, op, offset, length)
@@ -896,9 +909,7 @@ cdef class Queue:
             raise ValueError(f"{OP_NAMES[op]} of {length} bytes exceeds max-transfer "
                              f"({h.lim.max_transfer}); split it, or use the Device's blocking "
                              f"methods, which split")
-        cdef Completion c = prepare(self, op, offset, length, views,
-                                    views.iov if views is not None else NULL,
-                                    views.n if views is not None else 0,
+        cdef Completion c = prepare(self, op, offset, length, views, array, iov, iovcnt,
                                     flags, user_data, False, bounce, nowait)
         if c is None:
             return -<int64_t>length
@@ -1477,7 +1488,7 @@ cdef class Queue:
         if nzones > 0xFFFFFFFF:
             raise ValueError(f"report_zones: {nzones} zones asked, at most 2**32-1 per request")
         # Memory-wise a report is a read of nbytes into the caller's buffer.
-        c = prepare(self, READ, offset, nbytes, views, views.iov, views.n, 0, user_data,
+        c = prepare(self, READ, offset, nbytes, views, None, views.iov, views.n, 0, user_data,
                     internal, bounce, nowait)
         if c is not None:
             c.op = REPORT_ZONES
@@ -1645,12 +1656,15 @@ cdef bint direct_ok(DeviceHandle h, iovec *iov, int iovcnt) noexcept nogil:
 
 
 cdef Completion prepare(Queue q, int op, uint64_t offset, uint64_t length, HeldBuffers views,
-                        iovec *iov, int iovcnt, unsigned int flags, object user_data,
-                        bint internal, object bounce, bint nowait):
+                        object array, iovec *iov, int iovcnt, unsigned int flags,
+                        object user_data, bint internal, object bounce, bint nowait):
     """One request: the caller's memory where the driver can use it, else a
     bounce buffer from the pool (acquired here, FIFO, reaping ``q`` while
     waiting; with ``nowait``, None when the pool cannot serve it at once;
-    ``bounce``: space the caller already acquired)."""
+    ``bounce``: space the caller already acquired).  The caller's memory is
+    held by ``views``, or, for one numpy array read without an export
+    (``_array_memory``), by ``array``: its one segment ``iov[0]`` is copied
+    into the Completion, which keeps the array until the request is reaped."""
     cdef Completion c = Completion.__new__(Completion)
     c.op = op
     c.offset = offset
@@ -1661,6 +1675,10 @@ cdef Completion prepare(Queue q, int op, uint64_t offset, uint64_t length, HeldB
     if op != READ and op != WRITE:
         return c
     c.views = views
+    if array is not None:
+        c.array = array
+        c.user1 = iov[0]
+        iov = &c.user1
     c.user_iov = iov
     c.user_iovcnt = iovcnt
     cdef Py_ssize_t start
@@ -1776,11 +1794,11 @@ cdef object _blocking_pieces(DeviceHandle h, Queue q, int op, uint64_t offset, u
                             free(sub)
                         piece = h.lim.bounce_chunk - h.lim.bounce_chunk % h.lim.request_alignment
                         subcnt = _slice_iov(views.iov, views.n, pos, piece, &sub)
-                    c = prepare(q, op, offset + pos, piece, views, sub, subcnt, flags, None, True,
-                                None, False)
+                    c = prepare(q, op, offset + pos, piece, views, None, sub, subcnt, flags,
+                                None, True, None, False)
                 else:
-                    c = prepare(q, op, offset + pos, piece, None, NULL, 0, flags, None, True,
-                                None, False)
+                    c = prepare(q, op, offset + pos, piece, None, None, NULL, 0, flags, None,
+                                True, None, False)
                 if piece != length:
                     h.n_split += 1
                 inflight.append(c)
