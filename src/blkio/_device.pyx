@@ -612,7 +612,12 @@ cdef class _DeviceCore:
             c._error_msg = "the device was closed (or the queue removed) before it completed"
             c.done = True
             if not kept:
-                c.release_memory()
+                released = c.release_memory()
+                if released is not None:     # a close does not stop halfway
+                    try:
+                        raise released
+                    except BaseException:
+                        unraisable(self)
             if not c.internal:
                 orphans.append(c)
         queue.unreaped = 0

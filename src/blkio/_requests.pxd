@@ -80,7 +80,7 @@ cdef class Completion:
     cdef Buffer bounce_buffer
     cdef Completion prev     # links of the queue's in-flight list, which
     cdef Completion next     # holds the reference libblkio's user_data borrows
-    cdef void release_memory(self) noexcept
+    cdef object release_memory(self)
 
 
 cdef class Queue:

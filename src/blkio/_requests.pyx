@@ -323,15 +323,20 @@ cdef class Completion:
     def __dealloc__(self):
         self.release_memory()
 
-    cdef void release_memory(self) noexcept:
-        # Called once the request is reaped (or its device destroyed): only
-        # then may its caller memory and bounce space be reused.
+    cdef object release_memory(self):
+        """Let go of the request's memory: called once it is reaped (or its
+        device destroyed), only then may its caller memory and bounce space
+        be reused.  Never raises: returns the exception that giving back the
+        bounce space raised (a waiter's wake-up runs Python, and Ctrl-C may
+        land there), or None, so that a caller finishes its loop over
+        completions first and raises it after."""
         if (self.views is None and self.pool is None and self.user_iov == NULL
                 and (self.iov == NULL or self.iov == &self.iov1)):
             self.iov = NULL             # the hot path's request: nothing held
             if self.array is not None:
                 self.array = None
-            return
+            return None
+        err = None
         if self.iov != NULL and self.iov != &self.iov1:
             if self.iov != self.user_iov:
                 free(self.iov)
@@ -342,11 +347,15 @@ cdef class Completion:
         self.user_iov = NULL
         self.array = None
         if self.bounce_start >= 0 and self.pool is not None:
-            self.pool.release_range(self.bounce_start, self.bounce_buffer)
+            try:
+                self.pool.release_range(self.bounce_start, self.bounce_buffer)
+            except BaseException as e:
+                err = e
         self.bounce_start = -1
         self.bounce_buffer = None
         self.pool = None
         self.views = None
+        return err
 
     @property
     def error_msg(self):
@@ -562,13 +571,16 @@ cdef class Queue:
         """Complete every request in flight with -err, without libblkio (its
         backend is gone, so nothing can touch their memory any more)."""
         cdef Completion c
+        raised = None
         while self.head is not None:
             c = self.head
             self.unlink(c)
             c.ret = -err
             c._error_msg = "the backend hung up"
             c.done = True
-            c.release_memory()
+            released = c.release_memory()
+            if released is not None and raised is None:
+                raised = released
             if not c.internal:
                 self.ready.append(c)
         # Batch requests in flight complete with the same error.
@@ -584,6 +596,8 @@ cdef class Queue:
         self.batch_unreaped = 0
         self.unreaped = 0
         self.in_libblkio = 0
+        if raised is not None:
+            raise raised
         return 0
 
     cdef int _ensure_slots(self, Py_ssize_t need) except -1:
@@ -633,6 +647,7 @@ cdef class Queue:
         cdef uintptr_t ud
         cdef Completion c
         cdef Py_ssize_t ring, slot
+        err = None
         for i in range(n):
             ud = <uintptr_t>comps[i].user_data
             self.unreaped -= 1
@@ -657,9 +672,13 @@ cdef class Queue:
                 self.handle.bounced_bytes += c.length
                 self.handle.n_bounced += 1
             c.done = True
-            c.release_memory()
+            released = c.release_memory()
+            if released is not None and err is None:
+                err = released       # raised once every completion is handed out
             if not c.internal:
                 self.ready.append(c)
+        if err is not None:
+            raise err
         return 0
 
     cdef int collect_locked(self, lb.blkio_completion *comps) except -1:
