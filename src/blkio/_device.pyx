@@ -614,10 +614,7 @@ cdef class _DeviceCore:
             if not kept:
                 released = c.release_memory()
                 if released is not None:     # a close does not stop halfway
-                    try:
-                        raise released
-                    except BaseException:
-                        unraisable(self)
+                    unraisable(self, released)
             if not c.internal:
                 orphans.append(c)
         queue.unreaped = 0

@@ -158,7 +158,7 @@ cdef class DeviceHandle:
 
 cdef object libblkio_error(int ret, str what, object filename=*)
 cdef object request_error(int ret, object msg, str what, bint read_only)
-cdef void unraisable(object where) noexcept
+cdef void unraisable(object where, object exc=*) noexcept
 
 
 cdef inline Py_ssize_t handle_enter(DeviceHandle h) except -1:

@@ -122,13 +122,17 @@ cdef object request_error(int ret, object msg, str what, bint read_only):
     return error_for(code, text)
 
 
-cdef void unraisable(object where) noexcept:
-    """Report an exception that cannot propagate (as Python does for __del__)."""
+cdef void unraisable(object where, object exc=None) noexcept:
+    """Report an exception that cannot propagate (as Python does for __del__):
+    ``exc``, or the one being handled."""
     try:
         import sys
         import traceback
         print(f"Exception ignored in {where!r}:", file=sys.stderr)
-        traceback.print_exc()
+        if exc is None:
+            traceback.print_exc()
+        else:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
     except BaseException:
         pass
 

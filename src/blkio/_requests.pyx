@@ -321,7 +321,9 @@ cdef class Completion:
         self.bounce_start = -1
 
     def __dealloc__(self):
-        self.release_memory()
+        released = self.release_memory()
+        if released is not None:
+            unraisable(self, released)
 
     cdef object release_memory(self):
         """Let go of the request's memory: called once it is reaped (or its
