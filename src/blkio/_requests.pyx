@@ -140,6 +140,10 @@ cnp.import_array()
 
 
 cdef int _VIEW_FLAGS[2]
+
+# asyncio.Future and two of its methods, for resolve_futures (set on its
+# first call: the core does not import asyncio for those who never use it)
+cdef object _Future = None, _future_done = None, _future_set_result = None
 _VIEW_FLAGS[0] = PyBUF_ANY_CONTIGUOUS
 _VIEW_FLAGS[1] = PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE
 
@@ -1050,6 +1054,7 @@ cdef class Queue:
         write's ``user_data`` future's result to its length (unless the
         future is done already: its await was cancelled).  Returns the other
         completions (failures, other kinds of request) for the caller."""
+        global _Future, _future_done, _future_set_result
         cdef Py_ssize_t slots = queue_enter(self)
         try:
             self.drive(0, 0.0, None)
@@ -1059,13 +1064,22 @@ cdef class Queue:
         cdef Completion c
         cdef Py_ssize_t i = 0, n = len(ready)
         self.ready = []
+        if _Future is None:
+            from asyncio import Future as _Future
+            _future_done = _Future.done
+            _future_set_result = _Future.set_result
         try:
             while i < n:
                 c = <Completion>ready[i]
                 i += 1
                 if c.ret >= 0 and (c.op == READ or c.op == WRITE):
                     fut = c.user_data
-                    if not fut.done():
+                    if type(fut) is _Future:
+                        # asyncio's own future: its methods, looked up once
+                        # (about 250 instructions a request less)
+                        if _future_done(fut) is False:
+                            _future_set_result(fut, c.length)
+                    elif not fut.done():
                         fut.set_result(c.length)
                 else:
                     rest.append(c)
