@@ -336,9 +336,12 @@ cdef class Completion:
         bounce space raised (a waiter's wake-up runs Python, and Ctrl-C may
         land there), or None, so that a caller finishes its loop over
         completions first and raises it after."""
-        if (self.views is None and self.pool is None and self.user_iov == NULL
-                and (self.iov == NULL or self.iov == &self.iov1)):
-            self.iov = NULL             # the hot path's request: nothing held
+        if (self.views is None and self.pool is None
+                and (self.user_iov == NULL or self.user_iov == &self.user1)
+                and (self.iov == NULL or self.iov == &self.iov1 or self.iov == &self.user1)):
+            # the hot paths' requests: nothing allocated, at most an array held
+            self.iov = NULL
+            self.user_iov = NULL
             if self.array is not None:
                 self.array = None
             return None
