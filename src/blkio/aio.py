@@ -209,6 +209,10 @@ class AsyncDevice:
             if q.batch_ready:
                 self._take_batches()
         else:
+            # Nothing in flight: an event on the fd now is spurious (io_uring
+            # signals it even while disabled, for completions we reaped during
+            # the submit).  Clear it here rather than let it wake the loop
+            # for a callback and a reap that find nothing.
             q.reset_completion_fd(self._fd)
         if self._room_waiters:
             self._room.set()            # type: ignore[union-attr]
