@@ -140,12 +140,12 @@ cnp.import_array()
 
 
 cdef int _VIEW_FLAGS[2]
+_VIEW_FLAGS[0] = PyBUF_ANY_CONTIGUOUS
+_VIEW_FLAGS[1] = PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE
 
 # asyncio.Future and two of its methods, for resolve_futures (set on its
 # first call: the core does not import asyncio for those who never use it)
 cdef object _Future = None, _future_done = None, _future_set_result = None
-_VIEW_FLAGS[0] = PyBUF_ANY_CONTIGUOUS
-_VIEW_FLAGS[1] = PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE
 
 
 cdef inline bint _array_memory(object obj, bint writable, iovec *out) noexcept:
