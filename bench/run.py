@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -785,6 +786,19 @@ class StorageDaemon:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> Optional[float]:
+        """The daemon's CPU time so far, all threads (user + system)."""
+        if not self.alive():
+            return None
+        assert self.proc is not None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # utime and stime: fields 14 and 15 of proc(5), counted after the
+        # command name's closing parenthesis from field 3
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
@@ -1079,7 +1093,9 @@ def parse_output(cmd: Command, stdout: str, wall: float,
             "bw_bytes": part["bw_bytes"],
             "clat_mean_us": round(part.get("clat_ns", {}).get("mean", 0)
                                   / 1000, 3)}
-    agg = data["aggregate"]
+    agg = dict(data["aggregate"])
+    if "cpu" in data:       # blkio's and the Python peers' own CPU figure
+        agg["cpu_us_per_request"] = data["cpu"]["us_per_request"]
     if cmd.unit >= MiB:
         bps = float(agg["gips"]) * GiB     # kiops has too few digits here
     else:
@@ -1118,6 +1134,11 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
         # thread and N threads, so the thread rows compare like with like
         argv = [*_pin(0), *argv]
     timeout = runtime + 60 if not (wl.bulk and wl.depth == 0) else 300
+    # CPU use of the client (this child: the run waits for it) and of the
+    # vhost-user daemon: whether a side was busy or waiting for the other
+    daemon = env.qsd if wl.backend in ("vhost", "vcopy") else None
+    d0 = daemon.cpu_seconds() if daemon else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
         r = subprocess.run(argv, capture_output=True, text=True,
@@ -1127,6 +1148,13 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
         return {"ok": False, "error": f"timed out after {timeout} s",
                 "cmd": argv}
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    d1 = daemon.cpu_seconds() if daemon else None
+    cpu = {"client_cpu_s": round(ru1.ru_utime + ru1.ru_stime
+                                 - ru0.ru_utime - ru0.ru_stime, 4),
+           "runtime": runtime}
+    if d0 is not None and d1 is not None:
+        cpu["daemon_cpu_s"] = round(d1 - d0, 4)
     if wl.backend == "vhost" and wl.threads > 1 and env.qsd:
         # see ensure_alive: the daemon dies a moment after a multi-queue
         # client leaves; restart it now so the next case finds it listening
@@ -1148,7 +1176,7 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
         if m:
             raw["dd_own_seconds"] = float(m.group(1))
     out = {"ok": True, "iops": bps / wl.bs, "bps": bps, "raw": raw,
-           "cmd": argv, "wall": round(wall, 3)}
+           "cmd": argv, "wall": round(wall, 3), **cpu}
     if cache_before is not None:
         out["image_resident_before"] = round(cache_before, 4)
     return out
@@ -1194,6 +1222,8 @@ def summarize(cases: list[Case], runs: dict[str, list[dict]]) -> dict:
                if r.get("ok") and r.get("raw", {}).get("own_mib_per_s")]
         if own:         # blkio copy's own figure, without process start
             entry["own_mbps_median"] = round(statistics.median(own), 1)
+        if not case.wl.bulk:
+            entry.update(cpu_figures(rs))
         if good:
             entry.update(iops_median=statistics.median(good),
                          iops_min=min(good), iops_max=max(good))
@@ -1203,6 +1233,34 @@ def summarize(cases: list[Case], runs: dict[str, list[dict]]) -> dict:
             entry["skipped"] = all(r.get("skipped") for r in rs
                                    if not r.get("ok"))
         out[case.key] = entry
+    return out
+
+
+def cpu_figures(rs: list[dict]) -> dict:
+    """Medians over the good repetitions of a timed-run case: the client's
+    CPU microseconds per request (blkio's own figure for its timed run;
+    for the others, the whole process's, whose start costs them a few
+    milliseconds) and the vhost-user daemon's share of one CPU and its
+    microseconds per request."""
+    client, busy, daemon = [], [], []
+    for r in rs:
+        if not r.get("ok") or not r.get("iops"):
+            continue
+        n = r["iops"] * r["runtime"]
+        own = r["raw"].get("cpu_us_per_request")
+        if own:
+            client.append(own)
+        elif "client_cpu_s" in r:
+            client.append(r["client_cpu_s"] / n * 1e6)
+        if "daemon_cpu_s" in r:
+            busy.append(r["daemon_cpu_s"] / r["runtime"])
+            daemon.append(r["daemon_cpu_s"] / n * 1e6)
+    out = {}
+    for name, vs in (("client_cpu_us_per_request", client),
+                     ("daemon_busy", busy),
+                     ("daemon_cpu_us_per_request", daemon)):
+        if vs:
+            out[name] = round(statistics.median(vs), 3)
     return out
 
 
@@ -1296,9 +1354,14 @@ def table_lines(cases: list[Case], summary: dict) -> list[str]:
                          f"vs {ref or '-'} |")
             lines.append("|---|---:|---:|---:|")
         else:
+            # client CPU: is the client the busy side, or waiting?  The
+            # daemon's share of its CPU: was it kept busy?
+            daemon_col = wl.backend == "vhost"
             lines.append(f"| contender | IOPS median | min - max | MB/s | "
-                         f"vs {ref or '-'} |")
-            lines.append("|---|---:|---:|---:|---:|")
+                         f"vs {ref or '-'} | client CPU µs/request |"
+                         + (" daemon busy |" if daemon_col else ""))
+            lines.append("|---|---:|---:|---:|---:|---:|"
+                         + ("---:|" if daemon_col else ""))
         for c in cases:
             if c.wl != wl:
                 continue
@@ -1308,7 +1371,8 @@ def table_lines(cases: list[Case], summary: dict) -> list[str]:
                 if len(why) > 110:
                     why = why[:107] + "..."
                 state = ("not available" if e.get("skipped") else "failed")
-                dashes = "- | - |" if wl.bulk else "- | - | - |"
+                dashes = ("- | - |" if wl.bulk else "- | - | - | - |"
+                          + (" - |" if wl.backend == "vhost" else ""))
                 lines.append(f"| {c.contender} | {dashes} {state}: {why} |")
                 continue
             ratio = f"{e['iops_median'] / base:.2f}x" if base else "-"
@@ -1322,10 +1386,15 @@ def table_lines(cases: list[Case], summary: dict) -> list[str]:
                     f"{e['iops_min'] * mb:.0f} - {e['iops_max'] * mb:.0f} | "
                     f"{ratio} |")
             else:
+                cpu = e.get("client_cpu_us_per_request")
+                busy = e.get("daemon_busy")
                 lines.append(
                     f"| {c.contender} | {fmt_iops(e['iops_median'])} | "
                     f"{fmt_iops(e['iops_min'])} - {fmt_iops(e['iops_max'])} | "
-                    f"{e['mbps_median']:.0f} | {ratio} |")
+                    f"{e['mbps_median']:.0f} | {ratio} | "
+                    f"{f'{cpu:.2f}' if cpu is not None else '-'} |"
+                    + (f" {f'{busy:.2f}' if busy is not None else '-'} |"
+                       if wl.backend == "vhost" else ""))
     return lines + thread_table(cases, summary)
 
 

@@ -315,3 +315,18 @@ def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path, monkeypatch):
         assert env.copy_out.read_bytes() == src.data
     finally:
         env.qsd.stop()
+
+
+def test_cpu_figures_per_request_and_the_daemons_share():
+    # blkio reports its own timed run's CPU; for C the child's whole CPU
+    # time (getrusage) counts; the daemon's share is of the run's seconds.
+    reps = [{"ok": True, "iops": 100e3, "runtime": 2, "client_cpu_s": 0.4,
+             "daemon_cpu_s": 1.6, "raw": {"cpu_us_per_request": 1.5}},
+            {"ok": True, "iops": 200e3, "runtime": 2, "client_cpu_s": 0.4,
+             "daemon_cpu_s": 1.0, "raw": {}},
+            {"ok": False, "error": "boom"}]
+    got = run.cpu_figures(reps)
+    assert got["client_cpu_us_per_request"] == pytest.approx((1.5 + 1.0) / 2)
+    assert got["daemon_busy"] == pytest.approx((0.8 + 0.5) / 2)
+    assert got["daemon_cpu_us_per_request"] == pytest.approx((8.0 + 2.5) / 2)
+    assert run.cpu_figures([{"ok": True, "iops": 1.0, "runtime": 1, "raw": {}}]) == {}

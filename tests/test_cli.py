@@ -37,14 +37,25 @@ def _bench_json(proc):
     return json.loads(proc.stdout)
 
 
+def _check_cpu(res, runtime, nthreads=1):
+    """The "cpu" key (ours, not blkio-bench's): the measuring threads' CPU
+    time in their timed runs, and that per request."""
+    cpu = res["cpu"]
+    count = sum(round(t["kiops"] * 1000 * runtime) for t in res["threads"])
+    assert 0 < cpu["seconds"] <= nthreads * runtime * 1.5, cpu
+    assert cpu["us_per_request"] == pytest.approx(cpu["seconds"] / count * 1e6, rel=0.1), \
+        (cpu, count)
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_bench_prints_blkio_bench_json(tmp_path, image, api):
     proc = _blkio(tmp_path, "bench", "--runtime=1", f"--api={api}", "io_uring", f"path={image.path}")
     res = _bench_json(proc)
-    assert list(res) == ["aggregate", "threads"]
+    assert list(res) == ["aggregate", "threads", "cpu"]
     _check_stats(res["aggregate"], "aggregate")
     assert isinstance(res["threads"], list) and len(res["threads"]) == 1
     _check_stats(res["threads"][0], "threads[0]")
+    _check_cpu(res, 1)
 
 
 @pytest.mark.parametrize("api", APIS + ["asyncio-batch"])
@@ -66,8 +77,9 @@ def test_bench_num_threads_2_reports_two_threads(tmp_path, image, api):
     proc = _blkio(tmp_path, "bench", "--runtime=1", "--num-threads=2", f"--api={api}",
                   "io_uring", f"path={image.path}")
     res = _bench_json(proc)
-    assert list(res) == ["aggregate", "threads"]
+    assert list(res) == ["aggregate", "threads", "cpu"]
     assert len(res["threads"]) == 2
+    _check_cpu(res, 1, 2)
     for i, t in enumerate(res["threads"]):
         _check_stats(t, f"threads[{i}]")
     _check_stats(res["aggregate"], "aggregate")
