@@ -207,6 +207,27 @@ def test_aio_requests_in_flight_when_another_thread_closes_end(slow_socket):
     assert all(r == MiB or isinstance(r, ValueError) for r in results), results
 
 
+def test_aio_requests_cut_off_by_a_close_that_times_out_fail(slow_socket):
+    # 8 MiB at 4 MiB/s: a close that waits 0.3 s cuts most of them off, and
+    # each of those fails (their completions carry -ECANCELED), none
+    # reports its byte count.
+    async def main():
+        adev = await blkio.aio.open("virtio-blk-vhost-user", path=slow_socket)
+        bufs = [adev.alloc(MiB) for _ in range(8)]
+        futs = [adev.readinto(i * MiB, b) for i, b in enumerate(bufs)]
+        await asyncio.sleep(0.1)
+        with pytest.warns(ResourceWarning, match="did not complete"):
+            adev.device.close(timeout=0.3)
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+        await adev.aclose()
+        return results
+    results = asyncio.run(main())
+    cut = [r for r in results if isinstance(r, ValueError)]
+    assert all(r == MiB or isinstance(r, ValueError) for r in results), results
+    assert len(cut) >= 4, results
+    assert all("closed" in str(r) for r in cut), cut
+
+
 @pytest.mark.parametrize("call,kind,pattern", [
     (lambda d, b: d.read(-1, 4096), ValueError, "offset must be >= 0"),
     (lambda d, b: d.read(0, -4096), ValueError, "nbytes must be >= 0"),

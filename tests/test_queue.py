@@ -85,6 +85,21 @@ def test_completion_has_user_data_ret_and_check(image):
         assert "read" in repr(c)
 
 
+def test_completion_user_data_and_ret_are_read_only_object_members(image):
+    # Object members (not properties): CPython specializes reading them, a
+    # property takes the generic attribute lookup on every read.
+    for name in ("user_data", "ret"):
+        assert type(blkio.Completion.__dict__[name]).__name__ == "member_descriptor", name
+    with blkio.open("io_uring", path=image.path) as dev:
+        q = dev.queue(0)
+        q.read(0, bytearray(512), user_data=[7])
+        [c] = q.wait()
+        assert (c.ret, c.user_data) == (0, [7]) and type(c.ret) is int
+        for name in ("user_data", "ret"):
+            with pytest.raises(AttributeError):
+                setattr(c, name, 1)
+
+
 def test_failed_completion_check_raises_the_errno_oserror(image):
     with blkio.open("io_uring", path=image.path, read_only=True) as dev:
         q = dev.queue(0)

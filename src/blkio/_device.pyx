@@ -22,7 +22,7 @@ from ._handle cimport (DeviceHandle, GUARD_THREADS, ST_BROKEN, guard_own, handle
 from ._memory cimport Buffer, ArenaSlice, owner_of
 from ._requests cimport (Completion, HeldBuffers, Queue, READ, WRITE, WRITE_ZEROES, DISCARD,
                          FLUSH, blocking_io, blocking_one, blocking_zone, check_request,
-                         hold_buffers, pipeline_depth, zero_flags)
+                         hold_buffers, pipeline_depth, set_ret, zero_flags)
 
 import time
 import warnings
@@ -608,7 +608,7 @@ cdef class _DeviceCore:
         while queue.head is not None:
             c = queue.head
             queue.unlink(c)
-            c.ret = -ECANCELED
+            set_ret(c, -ECANCELED)
             c._error_msg = "the device was closed (or the queue removed) before it completed"
             c.done = True
             if not kept:

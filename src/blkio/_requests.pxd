@@ -57,8 +57,11 @@ cdef class HeldBuffers:
 
 
 cdef class Completion:
-    cdef readonly object user_data
-    cdef readonly int ret
+    # user_data and ret_obj are what Python reads as ``user_data`` and
+    # ``ret``: object members, not properties (see _expose_members)
+    cdef object user_data
+    cdef int ret             # what the core reads; set_ret keeps ret_obj equal
+    cdef object ret_obj
     cdef object _error_msg
     # request state, private to the core
     cdef int op
@@ -81,6 +84,12 @@ cdef class Completion:
     cdef Completion prev     # links of the queue's in-flight list, which
     cdef Completion next     # holds the reference libblkio's user_data borrows
     cdef object release_memory(self)
+
+
+cdef inline int set_ret(Completion c, int ret) except -1:
+    c.ret = ret
+    c.ret_obj = ret
+    return 0
 
 
 cdef class Queue:
