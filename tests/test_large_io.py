@@ -201,6 +201,10 @@ CTRL_C_CHILD = textwrap.dedent(r"""
     import numpy as np
     import blkio
     path, size = sys.argv[1], int(sys.argv[2])
+    # Python's own handler even when SIGINT came in ignored (a run started
+    # in the background by a shell, as `nohup ... &` does): Python keeps an
+    # inherited SIG_IGN, and the Ctrl-C below would never arrive.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with blkio.open("io_uring", path=path, direct=True) as dev:
         # plain memory off the buffer alignment: every chunk is bounced
         buf = np.zeros(size + 64, np.uint8)[64:]
