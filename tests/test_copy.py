@@ -370,10 +370,14 @@ def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_imag
 # progress, Ctrl-C
 
 
-def _spawn(cwd, args: List[str], stderr, pre: str = "") -> subprocess.Popen:
+def _spawn(cwd, args: List[str], stderr, pre: str = "",
+           sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """The copy command in a child, started with SIGINT as ``sigint`` (by
+    default as from a terminal, whatever this test run inherited)."""
     code = f"{pre}import sys; from blkio.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, "copy", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=stderr, env=_env())
+                            stdout=subprocess.PIPE, stderr=stderr, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def _read_until(fd: int, done: Callable[[str], bool], timeout: float) -> str:
@@ -454,6 +458,26 @@ def test_progress_lines_on_a_tty_without_tqdm(tmp_path, slow_socket):
     text = _pty_progress(tmp_path, slow_socket, pre, lambda s: len(LINE.findall(s)) >= 2)
     assert len(LINE.findall(text)) >= 2, text
     assert "%|" not in text
+
+
+def test_a_copy_started_with_sigint_ignored_keeps_it_ignored(tmp_path, slow_socket):
+    """As from ``nohup ... &``: SIGINT mid-copy changes nothing and the copy
+    finishes.  12 MiB of zeroes into the throttled export (zeroes too, so
+    the other tests still find them), about 3 s at 4 MiB/s."""
+    src = tmp_path / "zeroes.raw"
+    with open(src, "wb") as f:
+        f.truncate(12 * MiB)
+    proc = _spawn(tmp_path, [f"--input-file={src}", "--output-blkio=virtio-blk-vhost-user",
+                             f"path={slow_socket}", "--progress=lines",
+                             "--progress-interval=0.2"], subprocess.PIPE, sigint=signal.SIG_IGN)
+    assert proc.stderr is not None and proc.stdout is not None
+    lines = re.compile(r"copy: [\d.]+ MiB of 12\.0 MiB")
+    seen = _read_until(proc.stderr.fileno(), lambda s: len(lines.findall(s)) >= 2, 30)
+    assert len(lines.findall(seen)) >= 2, seen
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen + stderr.decode()
+    assert "interrupted" not in stderr.decode()
 
 
 def test_ctrl_c_mid_copy_waits_flushes_and_says_how_far_it_got(tmp_path, slow_socket):

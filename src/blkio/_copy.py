@@ -904,11 +904,15 @@ class _StopOnSigint:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self) -> "_StopOnSigint":
-        self._old = signal.signal(signal.SIGINT, self._handler)
+        # Started with SIGINT ignored (nohup, a shell's background job): keep
+        # it so, as Unix tools and Python's own start-up do.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._old = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def _summary(opts: Options, src: End, dst: End, c: Copier) -> Dict[str, Any]:
