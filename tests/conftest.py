@@ -358,7 +358,8 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., StorageDaemon
 @pytest.fixture
 def slow_socket(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A vhost-user export throttled to 4 MiB/s (after a short burst), so
-    that reads take seconds: for Ctrl-C, timeout and close-in-flight tests."""
+    that reads take seconds: for Ctrl-C, timeout and close-in-flight tests.
+    Two queues, for a device that gives each thread its own."""
     binary = shutil.which("qemu-storage-daemon")
     require(binary, "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
     d = tmp_path_factory.mktemp("slow")
@@ -373,7 +374,7 @@ def slow_socket(tmp_path_factory: pytest.TempPathFactory) -> str:
             "--blockdev", f"driver=file,node-name=file0,filename={img}",
             "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0",
             "--export", f"type=vhost-user-blk,id=exp0,node-name=thr0,addr.type=unix,"
-                        f"addr.path={sock},writable=on"],
+                        f"addr.path={sock},writable=on,num-queues=2"],
             stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=tool_env())
     try:
         deadline = time.monotonic() + 10

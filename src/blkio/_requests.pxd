@@ -145,6 +145,7 @@ cdef class Queue:
     cdef int check_not_closing(self) except -1
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end)
     cdef int enqueue_one(self, Completion c, bint reap) except -1
+    cdef int enqueue_wait_one(self, Completion c) except -1
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
     cdef int fail_all(self, int err) except -1

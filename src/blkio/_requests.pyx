@@ -10,8 +10,8 @@ direct-or-bounce decision (``prepare``), the splitter and the blocking calls
 configure or destroy an instance (``_handle``, ``_device``) and never parses
 user options.
 
-The hot per-request chains -- blocking_one -> Queue.enqueue_one ->
-Queue.dispatch, and the batch path -- stay inside this module: a call into
+The hot per-request chains -- blocking_one -> Queue.enqueue_one (or,
+with threads, enqueue_wait_one) -> Queue.dispatch, and the batch path -- stay inside this module: a call into
 another Cython module is a pointer call, made once per call at most.
 """
 
@@ -601,6 +601,44 @@ cdef class Queue:
             if n < 0:
                 raise libblkio_error(n, "blkioq_do_io")
             self.dispatch(comps, n)
+        return 0
+
+    cdef int enqueue_wait_one(self, Completion c) except -1:
+        """``enqueue_one`` then a first wait, for a blocking call alone on its
+        queue while other threads run: submit and sleep in one GIL-free
+        section.  With threads every GIL release hands the GIL over, and
+        taking it back is a wait of its own: one release a request instead
+        of two.  The wait is one short slice; ``drive`` does the rest (a
+        late completion, a signal, a hung-up backend)."""
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        self.unreaped += 1
+        self.handle.n_requests += 1
+        self.n_requests += 1
+        cdef void *ud = <void *>c
+        cdef int n
+        cdef timespec ts
+        cdef lb.blkio_completion comps[NCOMPS]
+        _set_timeout(&ts, SHARE_CHECK)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            n = self._enqueue_locked(c, ud, True, comps)
+            if n == 0:
+                # in_libblkio >= 1: ours was just submitted
+                n = lb.blkioq_do_io_interruptible(self.q, comps, 1, NCOMPS, &ts, NULL)
+                if n > 0:
+                    self.in_libblkio -= n
+            pthread_mutex_unlock(&self.lock)
+        if n == -EINTR:
+            PyErr_CheckSignals()
+            return 0
+        if n == -ETIME:
+            return 0
+        if n < 0:
+            raise libblkio_error(n, "blkioq_do_io")
+        self.dispatch(comps, n)
         return 0
 
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
@@ -2032,7 +2070,10 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     c.iov = &c.iov1
     c.iovcnt = 1
     try:
-        q.enqueue_one(c, True)
+        if h.threaded and q.guard.users == 1 and h.spin_ns == 0 and not q.is_poll_queue:
+            q.enqueue_wait_one(c)
+        else:
+            q.enqueue_one(c, True)
         if not c.done:
             q.drive(0, -1.0, c)
     finally:
