@@ -1279,14 +1279,16 @@ cdef class Queue:
         cdef int problem = 0
         self._batch_view(offsets, &ob, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
         try:
+            # whole literals, not a concatenation: this runs on every call
             if indexed:
                 self._batch_view(region, &bb, 1, b"B", op == READ,
-                                 "region (a C-contiguous 1-D uint8 array"
-                                 + (", writable for reads)" if op == READ else ")"))
+                                 "region (a C-contiguous 1-D uint8 array, writable for reads)"
+                                 if op == READ else "region (a C-contiguous 1-D uint8 array)")
             else:
                 self._batch_view(buffers, &bb, 2, b"B", op == READ,
-                                 "buffers (a C-contiguous uint8 array of shape (n, blocksize)"
-                                 + (", writable for reads)" if op == READ else ")"))
+                                 "buffers (a C-contiguous uint8 array of shape (n, blocksize), "
+                                 "writable for reads)" if op == READ else
+                                 "buffers (a C-contiguous uint8 array of shape (n, blocksize))")
             try:
                 if has_tags:
                     self._batch_view(user_data, &tb, 1, b"lq", False, "user_data (a 1-D int64 array)")
