@@ -149,6 +149,7 @@ cdef class Queue:
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
     cdef int fail_all(self, int err) except -1
+    cdef void link(self, Completion c) noexcept
     cdef void unlink(self, Completion c) noexcept
     cdef list take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1

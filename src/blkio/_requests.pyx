@@ -572,8 +572,10 @@ cdef class Queue:
 
     # ---- enqueue: the one place that hands requests to libblkio ----------
 
-    cdef int enqueue_one(self, Completion c, bint reap) except -1:
-        # Link first: the list holds the reference libblkio's user_data borrows.
+    cdef inline void link(self, Completion c) noexcept:
+        """Put a request about to be handed to libblkio in the in-flight
+        list (which holds the reference libblkio's user_data borrows) and
+        count it."""
         c.next = self.head
         if self.head is not None:
             self.head.prev = c
@@ -581,6 +583,9 @@ cdef class Queue:
         self.unreaped += 1
         self.handle.n_requests += 1
         self.n_requests += 1
+
+    cdef int enqueue_one(self, Completion c, bint reap) except -1:
+        self.link(c)        # first: see link
         cdef void *ud = <void *>c
         cdef int n = 0
         cdef lb.blkio_completion comps[NCOMPS]
@@ -610,13 +615,7 @@ cdef class Queue:
         taking it back is a wait of its own: one release a request instead
         of two.  The wait is one short slice; ``drive`` does the rest (a
         late completion, a signal, a hung-up backend)."""
-        c.next = self.head
-        if self.head is not None:
-            self.head.prev = c
-        self.head = c
-        self.unreaped += 1
-        self.handle.n_requests += 1
-        self.n_requests += 1
+        self.link(c)
         cdef void *ud = <void *>c
         cdef int n
         cdef timespec ts
