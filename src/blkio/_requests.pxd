@@ -6,6 +6,7 @@
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
+from posix.time cimport timespec
 from cpython.buffer cimport Py_buffer
 from ._libblkio cimport blkioq, blkio_completion
 from ._handle cimport (DeviceHandle, Guard, GUARD_THREADS, ST_BROKEN, guard_enter,
@@ -144,12 +145,12 @@ cdef class Queue:
     cdef void left_while_removing(self) noexcept
     cdef int check_not_closing(self) except -1
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end)
-    cdef int enqueue_one(self, Completion c, bint reap) except -1
-    cdef int enqueue_wait_one(self, Completion c) except -1
+    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=*) except -1
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
+    cdef int _enqueue_wait_locked(self, Completion c, void *ud, blkio_completion *comps,
+                                  timespec *ts) noexcept nogil
     cdef int fail_all(self, int err) except -1
-    cdef void link(self, Completion c) noexcept
     cdef void unlink(self, Completion c) noexcept
     cdef list take(self, object max)
     cdef int _ensure_batch(self, Py_ssize_t need) except -1

@@ -10,8 +10,8 @@ direct-or-bounce decision (``prepare``), the splitter and the blocking calls
 configure or destroy an instance (``_handle``, ``_device``) and never parses
 user options.
 
-The hot per-request chains -- blocking_one -> Queue.enqueue_one (or,
-with threads, enqueue_wait_one) -> Queue.dispatch, and the batch path -- stay inside this module: a call into
+The hot per-request chains -- blocking_one -> Queue.enqueue_one ->
+Queue.dispatch, and the batch path -- stay inside this module: a call into
 another Cython module is a pointer call, made once per call at most.
 """
 
@@ -572,10 +572,14 @@ cdef class Queue:
 
     # ---- enqueue: the one place that hands requests to libblkio ----------
 
-    cdef inline void link(self, Completion c) noexcept:
-        """Put a request about to be handed to libblkio in the in-flight
-        list (which holds the reference libblkio's user_data borrows) and
-        count it."""
+    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=False) except -1:
+        """Hand ``c`` to libblkio and submit it; with ``reap``, take what is
+        already complete.  ``wait_first``: the caller waits for ``c`` next
+        (``drive``), so a call alone on its queue while other threads run
+        also sleeps a first short slice in the same GIL-free section as the
+        submit: with threads every GIL release hands the GIL over, and
+        taking it back is a wait of its own (one a request instead of two)."""
+        # Link first: the list holds the reference libblkio's user_data borrows.
         c.next = self.head
         if self.head is not None:
             self.head.prev = c
@@ -583,19 +587,27 @@ cdef class Queue:
         self.unreaped += 1
         self.handle.n_requests += 1
         self.n_requests += 1
-
-    cdef int enqueue_one(self, Completion c, bint reap) except -1:
-        self.link(c)        # first: see link
         cdef void *ud = <void *>c
         cdef int n = 0
+        cdef bint waited = False
+        cdef timespec ts
         cdef lb.blkio_completion comps[NCOMPS]
         # With several threads, the submit releases the GIL even when the
         # queue is free: io_uring_enter may sleep on an O_DIRECT file (keeping
         # the GIL there took 8 threads from 67k to 38k IOPS, 2026-12-04).
         if self.handle.threaded or pthread_mutex_trylock(&self.lock) != 0:
+            if wait_first:
+                wait_first = (self.handle.threaded and self.guard.users == 1
+                              and self.handle.spin_ns == 0 and not self.is_poll_queue)
+                if wait_first:
+                    _set_timeout(&ts, SHARE_CHECK)
             with nogil:
                 pthread_mutex_lock(&self.lock)
-                n = self._enqueue_locked(c, ud, reap, comps)
+                if wait_first:
+                    n = self._enqueue_wait_locked(c, ud, comps, &ts)
+                    waited = True
+                else:
+                    n = self._enqueue_locked(c, ud, reap, comps)
                 pthread_mutex_unlock(&self.lock)
         else:
             # One thread only, lock free: this call never sleeps (min_completions
@@ -603,42 +615,26 @@ cdef class Queue:
             n = self._enqueue_locked(c, ud, reap, comps)
             pthread_mutex_unlock(&self.lock)
         if reap:
+            if waited and (n == -EINTR or n == -ETIME):
+                # the caller's drive() goes on waiting (and raises for Ctrl-C)
+                if n == -EINTR:
+                    PyErr_CheckSignals()
+                return 0
             if n < 0:
                 raise libblkio_error(n, "blkioq_do_io")
             self.dispatch(comps, n)
         return 0
 
-    cdef int enqueue_wait_one(self, Completion c) except -1:
-        """``enqueue_one`` then a first wait, for a blocking call alone on its
-        queue while other threads run: submit and sleep in one GIL-free
-        section.  With threads every GIL release hands the GIL over, and
-        taking it back is a wait of its own: one release a request instead
-        of two.  The wait is one short slice; ``drive`` does the rest (a
-        late completion, a signal, a hung-up backend)."""
-        self.link(c)
-        cdef void *ud = <void *>c
-        cdef int n
-        cdef timespec ts
-        cdef lb.blkio_completion comps[NCOMPS]
-        _set_timeout(&ts, SHARE_CHECK)
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            n = self._enqueue_locked(c, ud, True, comps)
-            if n == 0:
-                # in_libblkio >= 1: ours was just submitted
-                n = lb.blkioq_do_io_interruptible(self.q, comps, 1, NCOMPS, &ts, NULL)
-                if n > 0:
-                    self.in_libblkio -= n
-            pthread_mutex_unlock(&self.lock)
-        if n == -EINTR:
-            PyErr_CheckSignals()
-            return 0
-        if n == -ETIME:
-            return 0
-        if n < 0:
-            raise libblkio_error(n, "blkioq_do_io")
-        self.dispatch(comps, n)
-        return 0
+    cdef int _enqueue_wait_locked(self, Completion c, void *ud, lb.blkio_completion *comps,
+                                  timespec *ts) noexcept nogil:
+        """``_enqueue_locked`` with reap, then, if nothing is complete yet,
+        one wait of ``ts`` for a completion (queue lock held)."""
+        cdef int n = self._enqueue_locked(c, ud, True, comps)
+        if n == 0:      # in_libblkio >= 1: ours was just submitted
+            n = lb.blkioq_do_io_interruptible(self.q, comps, 1, NCOMPS, ts, NULL)
+            if n > 0:
+                self.in_libblkio -= n
+        return n
 
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              lb.blkio_completion *comps) noexcept nogil:
@@ -2071,10 +2067,7 @@ cdef object _blocking_one_on(DeviceHandle h, Queue q, int op, uint64_t offset, o
     c.iov = &c.iov1
     c.iovcnt = 1
     try:
-        if h.threaded and q.guard.users == 1 and h.spin_ns == 0 and not q.is_poll_queue:
-            q.enqueue_wait_one(c)
-        else:
-            q.enqueue_one(c, True)
+        q.enqueue_one(c, True, True)
         if not c.done:
             q.drive(0, -1.0, c)
     finally:
@@ -2235,7 +2228,7 @@ cdef object blocking_zone(DeviceHandle h, Queue q, int op, uint64_t offset, obje
     cdef Completion c
     try:
         c = q.zone_completion(op, offset, zones, None, True, None, False)
-        q.enqueue_one(c, True)
+        q.enqueue_one(c, True, True)
         if not c.done:
             q.drive(0, -1.0, c)
         if c.ret < 0:
