@@ -29,8 +29,8 @@ from conftest import Image, Inject, convert_to_qcow2, qcow2_host_offset, require
 
 MiB = 1 << 20
 #: not a multiple of the 1 MiB default blocksize, so the last chunk is short;
-#: more chunks than the default depth (8), so the ring of slots wraps.
-SIZE = 11 * MiB + 12 * 1024
+#: more chunks than the default depth (32), so the ring of slots wraps.
+SIZE = 35 * MiB + 12 * 1024
 
 
 def _env() -> dict:
@@ -123,7 +123,7 @@ def test_copy_between_every_pair_is_byte_for_byte(tmp_path, make_image, qsd, in_
     dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
     res = _ok(_copy(tmp_path, *src.args, *dst.args, "--json"))
     assert res["bytes"] == res["input_bytes"] == SIZE
-    assert res["chunks"] == 12 and res["blocksize"] == MiB and res["depth"] == 8
+    assert res["chunks"] == 36 and res["blocksize"] == MiB and res["depth"] == 32
     assert res["interrupted"] is False and res["zero_chunks"] == 0
     assert res["bounced_bytes"] == 0      # one Buffer mapped into both devices
     assert dst.read(0, SIZE) == src.image.data
@@ -213,7 +213,7 @@ def test_empty_input_file_copies_nothing(tmp_path, make_image):
 # --sparse and --verify
 
 
-ZERO_CHUNKS = [1, 2, 5, 11]      # chunk 11 is the short last one
+ZERO_CHUNKS = [1, 2, 5, 35]      # chunk 35 is the short last one
 
 
 @pytest.mark.parametrize("out_kind", KINDS)
@@ -222,7 +222,7 @@ def test_sparse_writes_zero_chunks_as_write_zeroes(tmp_path, make_image, qsd, ou
     dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
     res = _ok(_copy(tmp_path, f"--input-file={src.path}", *dst.args, "--sparse", "--json"))
     assert res["zero_chunks"] == len(ZERO_CHUNKS)
-    assert res["zero_bytes"] == 3 * MiB + (SIZE - 11 * MiB)
+    assert res["zero_bytes"] == 3 * MiB + (SIZE - 35 * MiB)
     assert dst.read(0, SIZE) == src.data                  # the random bytes were zeroed
     if out_kind == "file":
         # write-zeroes may unmap: a new file keeps holes where the zeroes are.
@@ -504,8 +504,8 @@ def test_ctrl_c_mid_copy_waits_flushes_and_says_how_far_it_got(tmp_path, slow_so
     after = _read(out.path)
     assert len(after) == 64 * MiB                         # never truncated
     assert after[:copied] == bytes(copied)                 # the zeroes are there
-    # Beyond what was in flight (depth 8 x 1 MiB), nothing was touched.
-    assert after[copied + 8 * MiB:] == out.data[copied + 8 * MiB:]
+    # Beyond what was in flight (depth 32 x 1 MiB), nothing was touched.
+    assert after[copied + 32 * MiB:] == out.data[copied + 32 * MiB:]
 
 
 def test_copy_is_listed_in_the_cli_help(tmp_path):
