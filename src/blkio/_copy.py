@@ -35,7 +35,7 @@ MiB = 1 << 20
 DEFAULT_BLOCKSIZE = 1 * MiB       # as dd bs=1M; 2 and 4 MiB copied no faster here
 # Chunks in flight.  8 (qemu-img convert -m 8) copied a 1 GiB raw file to
 # another, O_DIRECT, about a tenth slower than 32 on this machine's disk
-# (median 1.56 s against 1.43 s, 32 faster in 17 of 24 interleaved rounds,
+# (median 1.60 s against 1.40 s, 32 faster in 17 of 24 interleaved rounds,
 # 2026-12-05); 32 MiB of memory at the default blocksize.
 DEFAULT_DEPTH = 32
 
