@@ -355,7 +355,8 @@ class Serial:
     """Several cases' work done one after the other for each request: the
     rate 1 / sum(1 / rate_i).  An asyncio await of a request costs at least
     an await with no I/O (bare future-ping) plus the I/O with no Python (C
-    blkio-bench): on a page-cached file both run on the caller's CPU."""
+    blkio-bench): on a page-cached file both run on the caller's CPU.
+    A part may be a tuple: the best of those cases."""
     keys: tuple
 
 
@@ -438,6 +439,16 @@ def goals(size: int) -> list[Goal]:
              "file into the same daemon's NBD export of the same target", 12,
              _k(vcp, B_COPY), _k(vcp, QEMU_IMG_NBD), 1.0),
     ]
+    # Tracked: a copy on one disk reads and writes every byte; the best fio
+    # read and the best fio write of the same size, one after the other,
+    # say what the disk allows a copier, dd included.
+    disk = Serial((tuple(_k(cr, f) for f in FIO_QD.values()),
+                   tuple(_k(cw, f) for f in FIO_QD.values())))
+    for who, key in (("copy", _k(cp, B_COPY)), ("dd", _k(cp, DD))):
+        out.append(Goal(
+            f"{who} raw -> raw / its floor: the best fio {_size(size, True)} "
+            "read then the best fio write, 1/(1/read + 1/write)", 12,
+            key, disk, None))
     # A/A controls: C blkio-bench against itself, same command, same run.
     # Tracked, not goals: how far apart two identical contenders land here.
     for wl in (f1, f32, f32t2, v32):
@@ -476,6 +487,15 @@ def _fig(summary: dict, key: str) -> tuple[Optional[float], str]:
     return None, f"{e['contender']}: {why}"
 
 
+def _own_fig(summary: dict, key: str) -> Optional[float]:
+    """blkio copy's figure from its own timing (opening the ends to the
+    flush, no process start), in the unit of _fig."""
+    e = summary.get(key) or {}
+    if "own_mbps_median" not in e:
+        return None
+    return e["own_mbps_median"] * MB / e["workload"]["bs"]
+
+
 def _rep_figs(summary: dict, key: str) -> list[Optional[float]]:
     e = summary.get(key) or {}
     return list(e.get("iops_by_rep", []))
@@ -485,13 +505,14 @@ def _best(summary: dict, ref: CaseRef) -> tuple[Optional[float], str, str]:
     """(figure, which case, why not): the best of a tuple of cases, among
     those this suite runs; one that ran and failed leaves no denominator."""
     if isinstance(ref, Serial):
-        total, why = 0.0, ""
-        for k in ref.keys:
-            v, why = _fig(summary, k)
+        total, chosen = 0.0, []
+        for part in ref.keys:
+            v, which, why = _best(summary, part)
             if v is None or v <= 0:
-                return None, "", why or f"no figure for {k}"
+                return None, "", why or f"no figure for {part}"
             total += 1.0 / v
-        return 1.0 / total, _serial_key(ref), ""
+            chosen.append(which)
+        return 1.0 / total, " then ".join(chosen), ""
     keys = ref if isinstance(ref, tuple) else (ref,)
     best, which = None, ""
     ran = [k for k in keys if k in summary]
@@ -506,20 +527,23 @@ def _best(summary: dict, ref: CaseRef) -> tuple[Optional[float], str, str]:
     return best, which, ""
 
 
-def _serial_key(ref: Serial) -> str:
-    return " then ".join(ref.keys)
-
-
 def _den_reps(summary: dict, ref: CaseRef) -> list[list[Optional[float]]]:
     """The denominator's figures per repetition, one list per case it takes
     the best of (a Serial: one list, combined rep by rep)."""
     if isinstance(ref, Serial):
-        reps = [_rep_figs(summary, k) for k in ref.keys]
+        # each part's best case rep by rep, then the parts in series
+        reps = [_best_by_rep(_den_reps(summary, part)) for part in ref.keys]
         n = min((len(r) for r in reps), default=0)
         return [[1.0 / sum(1.0 / r[i] for r in reps)
                  if all(r[i] for r in reps) else None for i in range(n)]]
     keys = ref if isinstance(ref, tuple) else (ref,)
     return [_rep_figs(summary, k) for k in keys if k in summary]
+
+
+def _best_by_rep(lists: list[list[Optional[float]]]) -> list[Optional[float]]:
+    n = min((len(r) for r in lists), default=0)
+    return [max(r[i] for r in lists) if all(r[i] for r in lists) else None
+            for i in range(n)]
 
 
 def evaluate(goal: Goal, summary: dict) -> dict:
@@ -550,6 +574,9 @@ def evaluate(goal: Goal, summary: dict) -> dict:
         per_rep.append(round(n / max(ds), 4) if n and len(ds) == len(dens)
                        else None)
     out["ratio_by_rep"] = per_rep
+    own = _own_fig(summary, goal.num)
+    if own is not None:
+        out["ratio_without_start"] = round(own / den, 4)
     aa = _aa_ratio(goal, summary)
     if aa is not None:
         out["aa_ratio"] = aa
@@ -606,6 +633,8 @@ def verdict_line(g: dict, unit_of) -> str:
     reps = [r for r in g.get("ratio_by_rep") or [] if r is not None]
     if len(reps) > 1:
         line += f"  reps {' '.join(f'{r:.2f}' for r in reps)}"
+    if g.get("ratio_without_start") is not None:
+        line += f"  (without its process start: {g['ratio_without_start']:.2f})"
     if g.get("aa_ratio") is not None:
         line += f"  (A/A here: {g['aa_ratio']:.2f})"
     if v == "missed":
