@@ -1475,6 +1475,9 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
             continue
         if wl.backend == "file" and wl.bs == K4 and wl.threads == 1 and \
                 wl.is_read:
+            if c.contender == PY_CALL:
+                # no I/O: ~25M calls/s would flatten every I/O line
+                continue
             depth_lines.setdefault(c.contender, []).append((wl.depth, *m))
         elif wl.depth == 1 and wl.bs == K4 and c.contender in (C_BENCH,
                                                                B_BLOCK) and \
