@@ -541,6 +541,7 @@ def _den_reps(summary: dict, ref: CaseRef) -> list[list[Optional[float]]]:
 
 
 def _best_by_rep(lists: list[list[Optional[float]]]) -> list[Optional[float]]:
+    """Rep i: the best of the lists' rep i, or None where one lacks it."""
     n = min((len(r) for r in lists), default=0)
     return [max(r[i] for r in lists) if all(r[i] for r in lists) else None
             for i in range(n)]
@@ -567,13 +568,9 @@ def evaluate(goal: Goal, summary: dict) -> dict:
     # per repetition: rep i of the numerator over the best of rep i's
     # denominators (interleaved, so rep i ran within the same minutes)
     nums = _rep_figs(summary, goal.num)
-    dens = _den_reps(summary, goal.den)
-    per_rep = []
-    for i, n in enumerate(nums):
-        ds = [d[i] for d in dens if i < len(d) and d[i]]
-        per_rep.append(round(n / max(ds), 4) if n and len(ds) == len(dens)
-                       else None)
-    out["ratio_by_rep"] = per_rep
+    dens = _best_by_rep(_den_reps(summary, goal.den))
+    out["ratio_by_rep"] = [round(n / dens[i], 4) if n and i < len(dens) and dens[i]
+                           else None for i, n in enumerate(nums)]
     own = _own_fig(summary, goal.num)
     if own is not None:
         out["ratio_without_start"] = round(own / den, 4)
