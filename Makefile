@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 TOOLS  := build/dist/tools
-SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
+SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.h src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
 .PHONY: test test-asan test-wheels dist bench bench-full system install clean
 

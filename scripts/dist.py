@@ -60,7 +60,7 @@ WHEEL_INPUTS = ["meson.build", "meson.options", "meson_options.txt", "pyproject.
 # the extension need (pthread_*@GLIBC_2.34); an older floor is better still.
 GLIBC_FLOOR = (2, 34)
 # The core modules that call libblkio (src/blkio/meson.build links only these).
-LIBBLKIO_MODULES = ("_handle", "_requests")
+LIBBLKIO_MODULES = ("_checks", "_handle", "_engine")
 
 PROBE = r"""
 import json, os, sys, sysconfig, importlib.util

@@ -341,7 +341,7 @@ def test_queue_depth_property_is_a_connected_stage_int_of_the_driver(driver):
 
 def test_queue_slots_are_the_queue_depth_property(image):
     with blkio.open("io_uring", image.path, num_entries=64) as dev:
-        assert dev.queue(0).slots == dev.get("num-entries") == 64
+        assert dev.queue(0).depth == dev.get("num-entries") == 64
 
 
 def test_fd_passing_drivers_take_a_path_and_no_fd():

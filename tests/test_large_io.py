@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import blkio
+from blkio._public import large_io_plan
 from conftest import Inject, convert_to_qcow2, qcow2_host_offset
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -255,8 +256,8 @@ def test_asyncio_big_read_and_write_are_pipelined(make_image):
 
     async def main():
         async with blkio.aio.open("io_uring", path=str(img.path), direct=True) as adev:
-            assert adev.device.large_io_plan(9 * MiB, chunk=MiB, depth=4) == (MiB, 4)
-            assert adev.device.large_io_plan(MiB) == (MiB, 1)
+            assert large_io_plan(adev.device, 9 * MiB, chunk=MiB, depth=4) == (MiB, 4)
+            assert large_io_plan(adev.device, MiB) == (MiB, 1)
             before = adev.device.queue(0).requests
             out = await adev.read(4 * KiB, 9 * MiB + 4 * KiB, chunk=MiB, depth=4)
             assert out.tobytes() == img.data[4 * KiB:4 * KiB + out.nbytes]

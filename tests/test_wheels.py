@@ -296,7 +296,7 @@ def test_sdist_holds_the_sources_and_licenses(manifest):
     with tarfile.open(manifest["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for needed in ("PKG-INFO", "pyproject.toml", "meson.build", "LICENSE-MIT", "LICENSE-APACHE",
-                   "LICENSES/libblkio/copyright", "src/blkio/_handle.pyx", "src/blkio/_requests.pyx",
+                   "LICENSES/libblkio/copyright", "src/blkio/_handle.pyx", "src/blkio/_engine.pyx", "src/blkio/_fork.h",
                    "src/blkio/_libblkio.pxd", "src/blkio/_version.py.in", "src/blkio/meson.build"):
         assert needed in names, f"the sdist lacks {needed}"
     assert not [n for n in names if n.startswith((".venv/", "build/", "dist/"))]

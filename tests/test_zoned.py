@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import blkio
+from blkio._public import large_io_plan
 from blkio._zones import NOT_ZONED, read_zone_info
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -70,7 +71,7 @@ def zdev(dev):
 
 
 def test_a_file_is_not_zoned(dev):
-    assert dev.zoned == "none"
+    assert dev.zoned is False and dev.zone_info.model == "none"
     assert dev.zone_info == NOT_ZONED
     assert not dev.zone_info.zoned
     assert (dev.zone_info.zone_size, dev.zone_info.nr_zones) == (0, 0)
@@ -277,9 +278,9 @@ def test_large_writes_to_a_host_managed_device_go_one_chunk_at_a_time(zdev):
     reads stay pipelined."""
     chunk = 256 * 1024
     zdev.large_io_chunk = chunk
-    assert zdev.large_io_plan(ZONE, write=True) == (chunk, 1)
-    assert zdev.large_io_plan(ZONE, depth=8, write=True) == (chunk, 1)
-    assert zdev.large_io_plan(ZONE, depth=8) == (chunk, 8)
+    assert large_io_plan(zdev, ZONE, write=True) == (chunk, 1)
+    assert large_io_plan(zdev, ZONE, depth=8, write=True) == (chunk, 1)
+    assert large_io_plan(zdev, ZONE, depth=8) == (chunk, 8)
     q = zdev.queue(0)
     before = q.requests
     assert zdev.write(0, zdev.alloc(ZONE), depth=8) == ZONE    # inside zone 0

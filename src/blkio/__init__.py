@@ -12,8 +12,9 @@ catalogue in ``blkio._drivers`` knows each one), connects and starts the
 device.  ``Device`` has blocking I/O on queue 0, ``queue(i)`` for many requests
 in flight, ``alloc``/``register`` for zero-copy memory and a bounce pool for
 memory the driver cannot use directly.  Per-driver steps of ``open`` are in
-``blkio._connect``; the C boundary is the Cython core (``_handle`` and
-``_requests`` call libblkio; see docs/architecture.md).
+``blkio._connect``.  A ``Device`` holds its Cython core (``_device.DeviceCore``)
+by composition; the core is the only code that touches libblkio (see
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,24 +23,26 @@ import os as _os
 import warnings as _warnings
 from typing import Any, Dict, NamedTuple, Optional, Union
 
-from . import _connect
-from ._device import _DeviceCore
+from . import _connect, errors
+from ._checks import LIBBLKIO_VERSION, REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, Op
+from ._device import DeviceCore as _DeviceCore
 from ._drivers import DRIVER_FACTS, DRIVERS, STATES, PropertySpec, driver_properties, lookup as _lookup
-from ._errors import Error, ReadOnlyError
-from ._handle import LIBBLKIO_VERSION, State
-from ._memory import Buffer
-from ._pool import BouncePool
-from ._requests import (REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP, ZONED_MODELS as _ZONED_MODELS,
-                        Completion, Op, Queue)
+from ._engine import Completion
+from ._handle import State
 from ._limits import Limits, nvme_max_transfer as _nvme_max_transfer, read_limits as _read_limits
-from ._zones import (NOT_ZONED as _NOT_ZONED, ZONE_DTYPE, ZoneInfo, ZoneState, ZoneType, ZoneWriter, ZonedMixin as _ZonedMixin,
-                     read_zone_info as _read_zone_info)
+from ._memory import Buffer
+from ._public import (BouncePool, DeviceFront as _DeviceFront, Queue, add_queue as _add_queue,
+                      bind as _bind, core_of as _core_of, remove_queue as _remove_queue)
+from ._zoneops import ZONED_MODELS as _ZONED_MODELS
+from ._zones import (NOT_ZONED as _NOT_ZONED, ZONE_DTYPE, ZoneInfo, ZoneState, ZoneType, ZoneWriter,
+                     ZonedMixin as _ZonedMixin, read_zone_info as _read_zone_info)
+from .errors import Error, ReadOnlyError
 
 __all__ = [
     "DRIVERS", "STATES", "LIBBLKIO_VERSION", "Buffer", "BouncePool", "Completion",
     "Device", "Error", "Limits", "Op", "PropertySpec", "Queue", "ReadOnlyError", "REQ_FUA",
     "REQ_NO_FALLBACK", "REQ_NO_UNMAP", "State", "Stats", "ZONE_DTYPE", "ZoneInfo", "ZoneState",
-    "ZoneType", "ZoneWriter", "driver_properties", "open",
+    "ZoneType", "ZoneWriter", "driver_properties", "errors", "open",
 ]
 from ._version import version as __version__
 
@@ -91,26 +94,28 @@ def _writable_spec(driver: str, name: str) -> PropertySpec:
 _OPENER = object()     # the token open() passes to Device()
 
 
-class Device(_DeviceCore, _ZonedMixin):
+class Device(_DeviceFront, _ZonedMixin):
     """An open libblkio device (created → connected → started → closed).
 
     Made by :func:`open`.  Blocking I/O (``read``, ``readinto``, ``write``,
     ``readv``, ``writev``, ``write_zeroes``, ``discard``, ``flush``) runs on
-    queue 0 with the GIL released; offsets and lengths must be multiples of
-    ``limits.request_alignment`` and stay within ``capacity`` (ValueError
-    otherwise).  Any buffer works; memory the driver cannot use directly is
-    bounced through ``bounce_pool``, and ``alloc``/``register`` avoid that.
-    Zoned devices: ``zoned``, ``zone_info``, ``report_zones``,
+    the calling thread's queue with the GIL released; offsets and lengths
+    must be multiples of ``limits.request_alignment`` and stay within
+    ``capacity`` (ValueError otherwise; a device that can grow takes writes
+    past its end).  Any buffer works; memory the driver cannot use directly
+    is bounced through ``bounce_pool``, and ``alloc``/``register`` avoid
+    that.  Zoned devices: ``zoned``, ``zone_info``, ``report_zones``,
     ``open_zone``/``close_zone``/``finish_zone``/``reset_zone`` and their
-    ``*_all_zones`` forms, ``zone_writer`` (see :class:`ZonedMixin`).
+    ``*_all_zones`` forms, ``zone_writer``.  A device belongs to the process
+    that opened it: after ``fork()`` the child must open its own.
     """
 
     path: Optional[str]
     _limits: Optional[Limits]
 
     def __init__(self, *args: Any, _opener: object = None, **kwargs: Any) -> None:
-        # Only open() makes devices (it runs the lifecycle primitives): a
-        # Device built directly would be a half-made object.
+        # Only open() makes devices (it drives the core through its
+        # lifecycle): a Device built directly would be a half-made object.
         if _opener is not _OPENER:
             raise TypeError("blkio.Device cannot be built directly; use blkio.open()")
         self.path = kwargs.get("path")
@@ -127,7 +132,7 @@ class Device(_DeviceCore, _ZonedMixin):
             raise ValueError(f"property {spec.name!r} of driver {self.driver!r} is not readable "
                              f"when the device is {self.state} (readable: "
                              f"{', '.join(sorted(spec.readable)) or 'never'})")
-        return self._get(spec.name, spec.type)
+        return _core_of(self).get(spec.name, spec.type)
 
     def set(self, name: str, value: Union[bool, int, str]) -> None:
         """Write a libblkio property, in a state where libblkio allows it."""
@@ -137,16 +142,17 @@ class Device(_DeviceCore, _ZonedMixin):
             raise ValueError(f"property {spec.name!r} of driver {self.driver!r} can only be set "
                              f"when the device is {'/'.join(sorted(spec.writable))}; "
                              f"it is {self.state}")
-        self._set(spec.name, spec.type, _check_value(self.driver, spec, value))
+        _core_of(self).set(spec.name, spec.type, _check_value(self.driver, spec, value))
 
     def properties(self) -> Dict[str, Union[bool, int, str]]:
         """Every property readable in the current state, by libblkio name."""
         self._ensure_open()
+        core = _core_of(self)
         out: Dict[str, Union[bool, int, str]] = {}
         for name, spec in driver_properties(self.driver).items():
             if self.state in spec.readable:
                 try:
-                    out[name] = self._get(name, spec.type)
+                    out[name] = core.get(name, spec.type)
                 except OSError:
                     pass    # e.g. may-pin-mem-regions on drivers that lack it
         return out
@@ -161,65 +167,63 @@ class Device(_DeviceCore, _ZonedMixin):
     def refresh_limits(self) -> Limits:
         """Re-read and re-validate the limits and the capacity."""
         self._ensure_open()
+        core = _core_of(self)
         cap = _nvme_max_transfer(self.path) if self.driver == "nvme-io_uring" and self.path else 0
         limits = _read_limits(self._get_named, cap)
         self._limits = limits
-        self._refresh(limits, self._get("capacity", "uint64"))
+        core.refresh(core.get("capacity", "uint64"))
         return limits
 
     def _set_zone_info(self, info: ZoneInfo) -> None:
         """The zone geometry (read at open), for the facade and the core's checks."""
         self._zone_info = info
-        self._configure_zones(_ZONED_MODELS.index(info.model), info.zone_size, info.nr_zones)
+        _core_of(self).configure_zones(_ZONED_MODELS.index(info.model), info.zone_size,
+                                       info.nr_zones)
 
     def _get_named(self, name: str) -> Any:
-        return self._get(name, _lookup(self.driver, name).type)
+        return _core_of(self).get(name, _lookup(self.driver, name).type)
 
     def _ensure_open(self) -> None:
         if self.closed:
+            _core_of(self).get("capacity", "uint64")    # raises the reason (closed, forked)
             raise ValueError(f"{self.driver} device is closed")
 
     @property
     def stats(self) -> Stats:
         """Request and bounce counters."""
-        return Stats(*self._stats())
+        return Stats(*_core_of(self).stats)
 
     # ---- queues ----------------------------------------------------------
 
     def add_queue(self) -> Queue:
         """Add a queue at run time (drivers with ``can-add-queues``)."""
         self._require_can_add()
-        return self._add_queue(False)
+        return _add_queue(self, False)
 
     def add_poll_queue(self) -> Queue:
         """Add a poll queue at run time (drivers with ``can-add-queues``)."""
         self._require_can_add()
         if not self.limits.supports_poll_queues:
             raise ValueError(f"driver {self.driver!r} does not support poll queues here")
-        return self._add_queue(True)
+        return _add_queue(self, True)
 
     def remove_queue(self, queue: Queue, timeout: float = 10.0) -> None:
         """Remove a queue; requests in flight are waited for (up to
         ``timeout`` seconds) first."""
-        self._remove_queue(queue, timeout)
+        if not isinstance(queue, Queue):
+            raise TypeError(f"remove_queue takes a blkio.Queue, not {type(queue).__name__}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        _remove_queue(self, queue, float(timeout))
 
     def _require_can_add(self) -> None:
         self._ensure_open()
-        if not self._get("can-add-queues", "bool"):
+        if not _core_of(self).get("can-add-queues", "bool"):
             raise ValueError(f"driver {self.driver!r} cannot add queues (can-add-queues is false)")
 
     # ---- lifecycle -------------------------------------------------------
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Close the device; safe to call twice, and from any thread.
-
-        New calls raise ``ValueError`` at once; calls in progress in other
-        threads return with that error within a fraction of a second (their
-        requests stay in flight); requests in flight are waited for (up to
-        ``timeout`` seconds); then memory is unmapped and the instance
-        destroyed.  Arrays from ``alloc`` stay valid.  Memory of requests that
-        never completed is kept, never freed under the device."""
-        self._close(timeout)
 
     def __enter__(self) -> "Device":
         return self
@@ -237,9 +241,13 @@ class Device(_DeviceCore, _ZonedMixin):
 
     def __repr__(self) -> str:
         where = f" path={self.path!r}" if self.path is not None else ""
-        if self.state == "started":
+        try:
+            state = self.state
+        except ValueError:
+            return f"<blkio.Device (not opened)>"
+        if state == "started":
             return f"<blkio.Device {self.driver}{where} capacity={self.capacity} started>"
-        return f"<blkio.Device {self.driver}{where} {self.state}>"
+        return f"<blkio.Device {self.driver}{where} {state}>"
 
 
 def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
@@ -265,34 +273,36 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     path = _check_arguments(driver, path, fd, direct, num_queues, num_poll_queues, spin_us)
     staged = _stage_properties(driver, properties)
     dev = Device(_opener=_OPENER, path=path)
+    core = _DeviceCore()
+    _bind(dev, core)
     try:
-        dev._create(driver)
+        core.create(driver)
         if read_only:
-            dev._set("read-only", "bool", True)   # must precede connect
+            core.set("read-only", "bool", True)   # must precede connect
         for spec, value in staged["created"]:
-            dev._set(spec.name, spec.type, value)
-        backend_fds = _connect.CONNECT[driver](dev, driver, path, fd, direct)
-        if num_poll_queues and not dev._get("supports-poll-queues", "bool"):
+            core.set(spec.name, spec.type, value)
+        backend_fds = _connect.CONNECT[driver](core, driver, path, fd, direct)
+        if num_poll_queues and not core.get("supports-poll-queues", "bool"):
             raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
                              f"(supports-poll-queues is false); use num_poll_queues=0")
-        dev._set("num-queues", "int", num_queues)
-        dev._set("num-poll-queues", "int", num_poll_queues)
+        core.set("num-queues", "int", num_queues)
+        core.set("num-poll-queues", "int", num_poll_queues)
         for spec, value in staged["connected"]:
-            dev._set(spec.name, spec.type, value)
-        dev._start()
+            core.set(spec.name, spec.type, value)
+        core.start()
         # Capacity is read once here: on vhost-user it is a daemon round trip.
         limits = _read_limits(dev._get_named, _connect.max_transfer_cap(driver, path))
         dev._limits = limits
         depth = DRIVER_FACTS[driver].queue_depth_property
-        dev._configure(limits, dev._get("capacity", "uint64"), dev._get("read-only", "bool"),
-                       backend_fds, dev._get(depth, "int"))
+        core.configure(limits, core.get("capacity", "uint64"), core.get("read-only", "bool"),
+                       backend_fds, core.get(depth, "int"))
         zone_info = _read_zone_info(dev._get_named, "zoned" in driver_properties(driver),
                                      dev.capacity, limits.request_alignment)
         dev._set_zone_info(zone_info)
         dev.spin_us = spin_us
         return dev
     except BaseException:
-        dev._close()
+        core.close()
         raise
 
 
@@ -300,6 +310,8 @@ def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]
                      fd: Optional[int], direct: Optional[bool], num_queues: int,
                      num_poll_queues: int, spin_us: int) -> Optional[str]:
     """Check open()'s own arguments (ValueError); returns ``path`` as a str."""
+    if not isinstance(driver, str):
+        raise TypeError(f"a driver name is a str, not {type(driver).__name__}")
     if driver not in DRIVERS:
         raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
     if path is not None:

@@ -6,9 +6,9 @@ family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, on
 vhost-user only, the watch for the backend's sockets), the table that picks
 one by driver, and the driver's max-transfer cap.  What differs between
 drivers is read from ``_drivers.DRIVER_FACTS``, never from a driver name.
-It may not: touch a device other than through its core primitives
-(``_set``, ``_get``, ``_connect``), nor do any step common to all drivers
-(those are ``open()``'s).
+It may not: touch a device other than through its core's lifecycle
+primitives (``set``, ``get``, ``connect``), nor do any step common to all
+drivers (those are ``open()``'s).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import os
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
 from ._drivers import DRIVER_FACTS, DRIVERS, driver_properties
-from ._errors import Error, error_for
+from .errors import Error, error_for
 from ._limits import nvme_max_transfer
 
 if TYPE_CHECKING:
-    from ._device import _DeviceCore
+    from ._device import DeviceCore
 
 __all__ = ["CONNECT", "check_arguments", "max_transfer_cap"]
 
 #: A connect function: (device, driver, path, user fd, direct) -> the device's
 #: backend fds.  Called when the device is created and its created-stage
 #: properties are set; it leaves the device connected, or raises.
-ConnectFunction = Callable[["_DeviceCore", str, Optional[str], Optional[int], Optional[bool]],
+ConnectFunction = Callable[["DeviceCore", str, Optional[str], Optional[int], Optional[bool]],
                            Tuple[int, ...]]
 
 
@@ -59,17 +59,17 @@ def max_transfer_cap(driver: str, path: Optional[str]) -> int:
 
 # ---- connect functions ------------------------------------------------------
 
-def connect_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
+def connect_io_uring(dev: "DeviceCore", driver: str, path: Optional[str],
                      fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
     """Give libblkio the path (it applies direct and read-only) or the caller's fd."""
     if direct:
-        dev._set("direct", "bool", True)
+        dev.set("direct", "bool", True)
     if fd is not None:
-        dev._set("fd", "int", fd)
+        dev.set("fd", "int", fd)
     else:
-        dev._set("path", "str", path)
+        dev.set("path", "str", path)
     try:
-        dev._connect()
+        dev.connect()
     except Error as e:
         # libblkio's errno for a missing file varies; name it for what it is.
         missing = not os.path.exists(path) if path else False
@@ -77,7 +77,7 @@ def connect_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
     return ()
 
 
-def connect_nvme_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
+def connect_nvme_io_uring(dev: "DeviceCore", driver: str, path: Optional[str],
                           fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
     """The char device is opened here and passed as an fd where libblkio takes one."""
     assert path is not None     # check_arguments
@@ -85,7 +85,7 @@ def connect_nvme_io_uring(dev: "_DeviceCore", driver: str, path: Optional[str],
     return ()
 
 
-def connect_virtio_blk(dev: "_DeviceCore", driver: str, path: Optional[str],
+def connect_virtio_blk(dev: "DeviceCore", driver: str, path: Optional[str],
                        fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
     """vfio-pci, vhost-user, vhost-vdpa: fd passing where libblkio takes an fd;
     on vhost-user the sockets that connect opened are the backend's."""
@@ -121,7 +121,7 @@ def _connect_error(e: Error, path: Optional[str], fd: Optional[int] = None,
     return error_for(code, f"{e.strerror} ({where})", path)
 
 
-def _connect_passing_fd(dev: "_DeviceCore", driver: str, path: str) -> None:
+def _connect_passing_fd(dev: "DeviceCore", driver: str, path: str) -> None:
     """Connect with an fd we open (QEMU does, for fd passing; read-only is
     enforced by the read-only property), else with the path.  Our fd is
     libblkio's once connect succeeds; on failure it is closed."""
@@ -136,21 +136,21 @@ def _connect_passing_fd(dev: "_DeviceCore", driver: str, path: str) -> None:
     try:
         if fd >= 0:
             identity = _fd_identity(fd)
-            dev._set("fd", "int", fd)
+            dev.set("fd", "int", fd)
         else:
-            dev._set("path", "str", path)
+            dev.set("path", "str", path)
         try:
             try:
-                dev._connect()
+                dev.connect()
             except Error as e:
                 if e.errno != errno.EINVAL or fd < 0:
                     raise
                 # libblkio <= 1.3 can only refuse an fd at connect: retry with the path.
                 _close_if_ours(fd, identity)
                 fd = -1
-                dev._set("fd", "int", -1)
-                dev._set("path", "str", path)
-                dev._connect()
+                dev.set("fd", "int", -1)
+                dev.set("path", "str", path)
+                dev.connect()
         except Error as e:
             raise _connect_error(e, path) from None
     except BaseException:
@@ -159,10 +159,10 @@ def _connect_passing_fd(dev: "_DeviceCore", driver: str, path: str) -> None:
         raise
 
 
-def _fd_supported(dev: "_DeviceCore") -> bool:
+def _fd_supported(dev: "DeviceCore") -> bool:
     """Probe as QEMU does: a driver that accepts ``fd = -1`` takes fds."""
     try:
-        dev._set("fd", "int", -1)
+        dev.set("fd", "int", -1)
     except OSError:
         return False
     return True

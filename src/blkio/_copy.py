@@ -462,7 +462,7 @@ def choose_geometry(src: End, dst: End, length: int, blocksize: Optional[int],
         if cap and blocksize > cap:
             raise SpecError(f"--blocksize={blocksize} exceeds the devices' max-transfer "
                             f"({cap} bytes)")
-    slots = min(src.queue.slots or 1 << 30, dst.queue.slots or 1 << 30)
+    slots = min(src.queue.depth or 1 << 30, dst.queue.depth or 1 << 30)
     if depth is None:
         depth = DEFAULT_DEPTH
     elif depth > slots:

@@ -1,23 +1,48 @@
-# The device: one libblkio instance's lifecycle as the facade sees it -- the
-# queue list, memory (alloc, register, unregister), the blocking I/O methods,
-# adding and removing queues, and close.  It calls libblkio only through the
-# device handle and the request path (``_handle``, ``_requests``).
+# The device core: one device's parts (the handle, its queue engines, the
+# alloc arena and the bounce space) and the one state machine of its
+# lifetime -- entering and leaving calls, close and shutdown, queue removal,
+# a dead backend, the child of a fork() -- with the lifecycle primitives the
+# facade drives (create, properties, connect, start, configure) and memory
+# registration.  The public objects (``_public``) hold it; it never calls up
+# and never parses user options.
 
-from ._handle cimport DeviceHandle
-from ._pool cimport Arena, BouncePool
-from ._requests cimport Queue
+from ._handle cimport DeviceHandle, handle_enter, handle_leave
+from ._pool cimport Arena, BounceSpace
+from ._engine cimport QueueEngine
 
 
-cdef class _DeviceCore:
+cdef class DeviceCore:
     cdef object __weakref__
     cdef DeviceHandle handle
-    cdef list _queues
-    cdef list _poll_queues
-    cdef list blocking             # the queues blocking calls use, one per thread's slot
+    cdef list engines              # regular queues by index (None where removed)
+    cdef list poll_engines
+    cdef list blocking             # the engines blocking calls use, by the thread's entry
     cdef Arena arena
-    cdef BouncePool _bounce_pool
-    cdef list close_callbacks
+    cdef BounceSpace space
+    cdef object pool_api           # the public BouncePool of the space (made once)
+    cdef object front              # a weak reference to the blkio.Device (Queue.device)
     cdef double close_timeout
-    cdef int keep_undrained(self, Queue queue) except -1
-    cdef list orphans(self, Queue queue, int kept)
-    cdef int call_close_callbacks(self, Queue queue, list orphans) except -1
+    cdef bint destroy_pending      # close() ran inside a call: the last to leave finishes it
+    cdef Py_ssize_t removals_pending
+
+    cdef void after_leave(self) noexcept
+    cdef QueueEngine blocking_engine(self, Py_ssize_t entry)
+    cdef QueueEngine engine_at(self, Py_ssize_t index, bint poll)
+    cdef int finish_remove(self, QueueEngine e) except -1
+    cdef int shutdown(self) except -1
+    cdef void forget(self) noexcept
+    cdef int keep_undrained(self, QueueEngine e) except -1
+    cdef list orphans(self, QueueEngine e, int kept)
+    cdef void tell_gone(self, QueueEngine e, list orphans) noexcept
+
+
+cdef inline Py_ssize_t core_enter(DeviceCore core) except -1:
+    """Enter the device's guard (see _handle): every public call does."""
+    return handle_enter(core.handle)
+
+
+cdef inline void core_leave(DeviceCore core, Py_ssize_t entry) noexcept:
+    cdef DeviceHandle h = core.handle
+    handle_leave(h, entry)
+    if h.closing or core.removals_pending:
+        core.after_leave()

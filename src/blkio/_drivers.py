@@ -198,6 +198,8 @@ _CATALOGUE: Dict[str, Dict[str, PropertySpec]] = {
 
 
 def _check_driver(driver: str) -> None:
+    if not isinstance(driver, str):
+        raise TypeError(f"a driver name is a str, not {type(driver).__name__}")
     if driver not in _CATALOGUE:
         raise ValueError(f"unknown driver {driver!r}; libblkio drivers are: {', '.join(DRIVERS)}")
 
@@ -218,6 +220,8 @@ def lookup(driver: str, name: str) -> PropertySpec:
     Raises ValueError naming the property and the driver when it is unknown.
     """
     _check_driver(driver)
+    if not isinstance(name, str):
+        raise TypeError(f"a property name is a str, not {type(name).__name__}")
     props = _CATALOGUE[driver]
     spec = props.get(name) or props.get(name.replace("_", "-"))
     if spec is None:

@@ -1,54 +1,51 @@
 """The device handle: the one owner of a libblkio instance (``blkio *``).
 
-It holds the instance's state, its limits as a C struct for the request path,
-typed property access, memory-region map/unmap with the table of memory the
-device holds, libblkio's error conversion, and the lifetime guard.  It never
-parses user options (the facade turns keywords into typed property calls) and
-knows nothing of requests (``_requests`` owns queues and what is in flight).
+It holds the instance's state, its limits as a C struct for the request path
+(and blkio's own policy for cutting requests, apart), typed property access,
+memory-region map/unmap with the table of memory the device holds (one
+``Region`` record each), and the counters and flags of the lifetime guard.
+It never parses user options, knows nothing of requests, and never calls up:
+the device core (``_device``) drives the lifetime, queues (``_engine``)
+observe the state (closing, broken, forked) between their wait slices.
 
 Lifetime under threads (one mechanism for every entry point)
 -------------------------------------------------------------
 libblkio gives no protection against destroying an instance (or removing a
 queue) while another thread is inside a call on it: it reads freed memory or
 panics.  So every public call that touches the instance or a queue enters a
-guard first and leaves it last:
+guard first and leaves it last (``DeviceCore.enter``/``leave`` in
+``_device``, built on ``handle_enter``/``handle_leave`` here, and the
+queue's own guard in ``_engine``):
 
-* ``handle_enter()`` (``_handle.pxd``) refuses a closing device (``ValueError:
-  ... device is closed``) and counts the call in ``guard.users``;
-  ``queue_enter()`` (``_requests.pxd``) does the same for the device, then for
-  the queue (``... was removed``).  The counts are protected by the GIL:
-  entering and leaving happen with it held, so the hot path pays a few
-  increments, not a lock.
-* Waits are cut into slices of ``WAIT_SLICE`` seconds (``_requests``); between
-  slices a wait notices ``closing``/``removing`` and returns with that
-  ValueError.  Its request stays in flight, holding its memory, for close to
-  drain.
-* ``close()`` (``_device``) sets ``closing`` (new calls fail at once), waits
-  -- GIL released, on ``guard_cond``, which leaving calls signal -- until no
-  call is inside (calls of its own thread excepted, see below), drains the
-  requests in flight (bounded), unmaps memory and destroys the instance.
+* entering refuses a closing device (``ValueError: ... device is closed``)
+  and a device of the parent process after fork(), and counts the call in
+  ``guard.users``.  The counts are protected by the GIL: entering and leaving
+  happen with it held, so the hot path pays a few increments, not a lock.
+* Waits are cut into slices (``_engine``); between slices a wait notices
+  ``closing`` and returns with that ValueError.  Its request stays in
+  flight, holding its memory, for close to drain.
+* ``close()`` sets ``closing`` (new calls fail at once), waits -- GIL
+  released, on ``guard_cond``, which leaving calls signal -- until no call is
+  inside (calls of its own thread excepted, see below), drains the requests
+  in flight (bounded), unmaps memory and destroys the instance.
   ``remove_queue()`` does the same for one queue.  A use count plus a
-  condition rather than a reader-writer lock: glibc's rwlock prefers readers,
-  so a thread looping on I/O would starve the closer, and the count costs
-  nothing while the GIL is held.
+  condition rather than a reader-writer lock: glibc's rwlock prefers
+  readers, so a thread looping on I/O would starve the closer, and the count
+  costs nothing while the GIL is held.
 * Each guard counts calls per thread too (``Guard.tid/count``), so a close
-  from inside a call on the same device (a signal handler, a destructor) does
-  not wait for itself: it marks the device closing and the last call to leave
-  destroys it (``destroy_pending``, ``on_last_leave``).
+  from inside a call on the same device (a signal handler, a destructor)
+  does not wait for itself: the last call to leave finishes it.
 * Requests that do not complete within the drain bound keep their memory
-  forever (``_requests.kept_for_the_kernel``) rather than have it freed under
-  the kernel.
+  forever rather than have it freed under the kernel.
 * Instance-level calls (properties, memory map/unmap, adding and removing
   queues) are serialised by ``ctl_lock``: libblkio's vhost-user connection is
-  corrupted by two threads reading properties at once.  Queues have their own
-  locks for the data path.
+  corrupted by two threads reading properties at once.  Queues have their
+  own locks for the data path.
 """
 
 import enum
 import time
 
-from cpython.pythread cimport PyThread_get_thread_ident
-from libc.errno cimport EIO, EBADF
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memset
@@ -56,33 +53,22 @@ from posix.time cimport timespec
 
 from . cimport _libblkio as lb
 from ._memory cimport PAGE
-from ._args cimport as_u64, as_index
+from ._checks cimport (as_u64, as_index, libblkio_error, closed_error, forked_error,
+                       not_started_error, broken_error)
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock, pthread_cond_init,
                       pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_timedwait,
                       realtime_after, pollfd, poll as c_poll, POLLHUP, POLLERR)
 
-from ._errors import Error, ReadOnlyError, error_for
-
-cdef extern from *:
-    """
-    #ifndef BLKIO_PY_LIBBLKIO_VERSION
-    #define BLKIO_PY_LIBBLKIO_VERSION "unknown"
-    #endif
-    """
-    const char *BLKIO_PY_LIBBLKIO_VERSION
-
-#: libblkio version this extension was built against (from pkg-config).
-LIBBLKIO_VERSION = BLKIO_PY_LIBBLKIO_VERSION.decode()
-
 # Bounced requests are cut into pieces of at most this many bytes.
 cdef uint64_t BOUNCE_CHUNK = 4 << 20
 # Reads and writes longer than a chunk are pipelined: chunks of 1 MiB (or the
-# device's optimal-io-size, within max-transfer), 8 in flight.  Measured on
-# this machine (bench/, 1 GiB O_DIRECT sequential): fio's best is at 1 MiB x 8
-# or 32; 256 KiB chunks cost ~10% there; deeper buys nothing.
+# device's optimal-io-size, within max-transfer), 8 in flight (see the
+# performance docs for the measurements behind these defaults).
 cdef uint64_t IO_CHUNK = 1 << 20
 cdef int IO_DEPTH = 8
+# Deepest pipeline a large read or write may ask for.
+cdef int IO_DEPTH_MAX = 1024
 
 
 class State(str, enum.Enum):
@@ -102,59 +88,31 @@ class State(str, enum.Enum):
 _STATES = (State.CREATED, State.CONNECTED, State.STARTED, State.BROKEN, State.CLOSED)
 
 
-# --------------------------------------------------------------------------
-# Errors: one converter, reading libblkio's per-thread message at once.
-
-cdef object libblkio_error(int ret, str what, object filename=None):
-    cdef const char *msg = lb.blkio_get_error_msg()
-    text = what
-    if msg != NULL and msg[0] != 0:
-        text = f"{what}: {msg.decode('utf-8', 'replace')}"
-    return error_for(-ret, text, filename)
-
-
-cdef object request_error(int ret, object msg, str what, bint read_only):
-    """The OSError for a failed request (ret is a negative errno)."""
-    code = -ret
-    if code == EBADF and read_only:
-        return ReadOnlyError(EBADF, f"{what} failed: device is read-only")
-    text = f"{what} failed" + (f": {msg}" if msg else "")
-    return error_for(code, text)
-
-
-cdef void unraisable(object where, object exc=None) noexcept:
-    """Report an exception that cannot propagate (as Python does for __del__):
-    ``exc``, or the one being handled."""
-    try:
-        import sys
-        import traceback
-        print(f"Exception ignored in {where!r}:", file=sys.stderr)
-        if exc is None:
-            traceback.print_exc()
-        else:
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
-    except BaseException:
-        pass
+cdef class Region:
+    """Memory the device holds (internal)."""
 
 
 cdef class DeviceHandle:
-    """The libblkio instance of one device (internal: ``blkio.open`` makes it)."""
+    """The libblkio instance of one device (internal: the device core makes it)."""
 
     def __cinit__(self):
         self.b = NULL
+        self.pid = blkio_current_pid
         self.state = ST_CLOSED
         self.reg_start = NULL
         self.reg_end = NULL
         self.regions = {}
         self.backend_fds = ()
+        self.engines = []
         pthread_mutex_init(&self.guard_mutex, NULL)
         pthread_cond_init(&self.guard_cond, NULL)
         pthread_mutex_init(&self.ctl_lock, NULL)
         self.locks_ready = True
 
     def __dealloc__(self):
-        # Unreachable, so no call is inside (a call holds a reference).
-        if self.b != NULL:
+        # Unreachable, so no call is inside (a call holds a reference).  In
+        # the child of a fork() the instance is the parent's: never destroyed.
+        if self.b != NULL and not self.forked():
             lb.blkio_destroy(&self.b)
         free(self.reg_start)
         free(self.reg_end)
@@ -163,24 +121,46 @@ cdef class DeviceHandle:
             pthread_cond_destroy(&self.guard_cond)
             pthread_mutex_destroy(&self.ctl_lock)
 
-    # ---- the lifetime guard (hot half: handle_enter/handle_leave) -------
+    # ---- state ---------------------------------------------------------------
 
-    cdef object closed_error(self):
-        return ValueError(f"{self.driver or 'blkio'} device is closed")
+    cdef object unusable_error(self):
+        """Why no call may enter: the device belongs to the parent of this
+        process (a fork() copied it), or it is closed."""
+        if self.forked():
+            return forked_error(self.driver, self.pid)
+        return closed_error(self.driver)
 
-    cdef object broken_error(self):
-        return Error(EIO, f"{self.driver}: the backend hung up; close the device")
+    cdef bint forked(self) noexcept:
+        return self.pid != blkio_current_pid
 
-    cdef void left_while_closing(self) noexcept:
-        self.wake_waiters()
-        if self.guard.users == 0 and self.destroy_pending:
-            # close() ran inside a call (or gave up waiting for one): the
-            # last call out destroys the instance.
-            self.destroy_pending = False
-            try:
-                self.on_last_leave()
-            except BaseException:
-                unraisable(self)
+    cdef void forget(self) noexcept:
+        """In the child of a fork(): let go of the parent's instance without
+        calling libblkio or taking a lock (another thread of the parent may
+        have held it when the process was copied).  The parent's device,
+        which shares the instance's kernel objects, is left as it was."""
+        self.b = NULL
+        self.closing = True
+        self.state = ST_CLOSED
+        self.regions = {}
+        self.nreg = 0
+
+    cdef int ensure_started(self) except -1:
+        if self.closing or self.b == NULL or self.forked():
+            raise self.unusable_error()
+        if self.state == ST_BROKEN:
+            raise broken_error(self.driver, -1)
+        if self.state != ST_STARTED:
+            raise not_started_error(self.driver, _STATES[<int>self.state].value)
+        return 0
+
+    @property
+    def state_name(self):
+        return _STATES[<int>self.state]
+
+    def mark_broken(self):
+        self.state = ST_BROKEN
+
+    # ---- the lifetime guard: waiting for calls to leave ------------------------
 
     cdef void wake_waiters(self) noexcept:
         pthread_mutex_lock(&self.guard_mutex)
@@ -233,7 +213,7 @@ cdef class DeviceHandle:
     cdef void ctl_release(self) noexcept:
         pthread_mutex_unlock(&self.ctl_lock)
 
-    # ---- lifecycle primitives -------------------------------------------
+    # ---- lifecycle primitives -----------------------------------------------
 
     def create(self, str driver):
         cdef bytes bdriver = driver.encode()
@@ -273,19 +253,52 @@ cdef class DeviceHandle:
         self.lim.max_segment_len = limits.max_segment_len
         self.lim.max_write_zeroes_len = limits.max_write_zeroes_len
         self.lim.max_discard_len = limits.max_discard_len
+        self.lim.can_grow = limits.can_grow
         self.lim.needs_mem_regions = limits.needs_mem_regions
         self.lim.needs_mem_region_fd = limits.needs_mem_region_fd
         # Map memory where the driver needs it or pins it (IOMMU mappings are
         # set up once instead of per request); elsewhere mapping buys nothing.
         self.lim.maps_memory = limits.needs_mem_regions or limits.may_pin_mem_regions
-        self.lim.bounce_chunk = BOUNCE_CHUNK
+        self.policy.bounce_chunk = BOUNCE_CHUNK
         if self.lim.max_transfer and self.lim.max_transfer < BOUNCE_CHUNK:
-            self.lim.bounce_chunk = self.lim.max_transfer
-        self.lim.io_chunk = self.default_io_chunk(limits.optimal_io_size)
-        self.lim.io_depth = IO_DEPTH
+            self.policy.bounce_chunk = self.lim.max_transfer
+        self.policy.io_chunk = self.default_io_chunk(limits.optimal_io_size)
+        self.policy.io_depth = IO_DEPTH
         self.backend_fds = tuple(backend_fds)
 
-    cdef uint64_t default_io_chunk(self, uint64_t optimal) noexcept:
+    def configure_zones(self, int model, uint64_t zone_size, uint64_t nr_zones):
+        """The zone geometry of a validated ``blkio.ZoneInfo`` (model 0: not
+        zoned), for the checks of zone requests and of writes."""
+        self.lim.zoned = model
+        self.lim.zone_size = zone_size if model else 0
+        self.lim.nr_zones = nr_zones if model else 0
+
+    def set_capacity(self, uint64_t capacity):
+        self.lim.capacity = capacity
+
+    @property
+    def capacity(self):
+        """The capacity the checks use; on a device that can grow, read
+        again from libblkio (a file's size: cheap) so that it follows the
+        writes past the end."""
+        if self.lim.can_grow and self.b != NULL and not self.closing and not self.forked():
+            self.lim.capacity = self.get_property("capacity", "uint64")
+        return self.lim.capacity
+
+    @property
+    def granule(self) -> int:
+        """Allocation unit of mapped memory: a page, or mem-region-alignment."""
+        return max(PAGE, self.lim.mem_region_alignment)
+
+    cdef void destroy(self) noexcept:
+        with nogil:
+            lb.blkio_destroy(&self.b)
+        self.b = NULL
+        self.state = ST_CLOSED
+
+    # ---- large I/O policy ----------------------------------------------------
+
+    def default_io_chunk(self, uint64_t optimal):
         cdef uint64_t align = self.lim.request_alignment or 1
         cdef uint64_t chunk = IO_CHUNK, cap = self.io_chunk_cap()
         if optimal and chunk % optimal:
@@ -306,9 +319,9 @@ cdef class DeviceHandle:
     def set_large_io(self, chunk, depth):
         """Set the defaults for large reads and writes (None: keep)."""
         if chunk is not None:
-            self.lim.io_chunk = self.check_io_chunk(chunk)
+            self.policy.io_chunk = self.check_io_chunk(chunk)
         if depth is not None:
-            self.lim.io_depth = check_io_depth(depth)
+            self.policy.io_depth = check_io_depth(depth)
 
     cdef uint64_t check_io_chunk(self, object chunk) except 0:
         cdef uint64_t n = as_u64(chunk, "chunk"), cap = self.io_chunk_cap()
@@ -323,59 +336,12 @@ cdef class DeviceHandle:
 
     @property
     def large_io(self):
-        return self.lim.io_chunk, self.lim.io_depth
+        return self.policy.io_chunk, self.policy.io_depth
 
-    def set_capacity(self, uint64_t capacity):
-        self.lim.capacity = capacity
+    # ---- properties (the caller is inside the device's guard) -----------------
 
-    def configure_zones(self, int model, uint64_t zone_size, uint64_t nr_zones):
-        """The zone geometry of a validated ``blkio.ZoneInfo`` (model 0: not
-        zoned), for the checks of zone requests and of writes."""
-        self.lim.zoned = model
-        self.lim.zone_size = zone_size if model else 0
-        self.lim.nr_zones = nr_zones if model else 0
-
-    @property
-    def granule(self) -> int:
-        """Allocation unit of mapped memory: a page, or mem-region-alignment."""
-        return max(PAGE, self.lim.mem_region_alignment)
-
-    @property
-    def state_name(self):
-        return _STATES[<int>self.state]
-
-    cdef int ensure_started(self) except -1:
-        if self.closing or self.b == NULL:
-            raise self.closed_error()
-        if self.state == ST_BROKEN:
-            raise self.broken_error()
-        if self.state != ST_STARTED:
-            raise ValueError(f"{self.driver} device is {_STATES[<int>self.state].value}, "
-                             f"not started")
-        return 0
-
-    def mark_broken(self):
-        self.state = ST_BROKEN
-
-    cdef void destroy(self) noexcept:
-        with nogil:
-            lb.blkio_destroy(&self.b)
-        self.b = NULL
-        self.state = ST_CLOSED
-
-    # ---- properties ------------------------------------------------------
-
-    def get(self, str name, str kind):
+    cdef object get_property(self, str name, str kind):
         """Read property ``name`` with the getter for C type ``kind``."""
-        cdef Py_ssize_t slot = handle_enter(self)
-        self.ctl_acquire()
-        try:
-            return self._get_locked(name, kind)
-        finally:
-            self.ctl_release()
-            handle_leave(self, slot)
-
-    def _get_locked(self, str name, str kind):
         cdef bytes bname = name.encode()
         cdef const char *cname = bname
         cdef lb.cbool bv
@@ -383,57 +349,57 @@ cdef class DeviceHandle:
         cdef uint64_t uv
         cdef char *sv = NULL
         cdef int ret
-        if kind == "bool":
-            ret = lb.blkio_get_bool(self.b, cname, &bv)
-            if ret < 0:
-                raise libblkio_error(ret, f"get {name!r}")
-            return bool(bv)
-        if kind == "int":
-            ret = lb.blkio_get_int(self.b, cname, &iv)
-            if ret < 0:
-                raise libblkio_error(ret, f"get {name!r}")
-            return iv
-        if kind == "uint64":
-            with nogil:   # "capacity" is a round trip to a vhost-user daemon
-                ret = lb.blkio_get_uint64(self.b, cname, &uv)
-            if ret < 0:
-                raise libblkio_error(ret, f"get {name!r}")
-            return uv
-        ret = lb.blkio_get_str(self.b, cname, &sv)
-        if ret < 0:
-            raise libblkio_error(ret, f"get {name!r}")
-        try:
-            return sv.decode("utf-8", "replace")
-        finally:
-            free(sv)
-
-    def set(self, str name, str kind, object value):
-        """Write property ``name`` with the setter for C type ``kind``."""
-        cdef Py_ssize_t slot = handle_enter(self)
         self.ctl_acquire()
         try:
-            self._set_locked(name, kind, value)
+            if kind == "bool":
+                ret = lb.blkio_get_bool(self.b, cname, &bv)
+                if ret < 0:
+                    raise libblkio_error(ret, f"get {name!r}")
+                return bool(bv)
+            if kind == "int":
+                ret = lb.blkio_get_int(self.b, cname, &iv)
+                if ret < 0:
+                    raise libblkio_error(ret, f"get {name!r}")
+                return iv
+            if kind == "uint64":
+                with nogil:   # "capacity" is a round trip to a vhost-user daemon
+                    ret = lb.blkio_get_uint64(self.b, cname, &uv)
+                if ret < 0:
+                    raise libblkio_error(ret, f"get {name!r}")
+                return uv
+            ret = lb.blkio_get_str(self.b, cname, &sv)
+            if ret < 0:
+                raise libblkio_error(ret, f"get {name!r}")
+            try:
+                return sv.decode("utf-8", "replace")
+            finally:
+                free(sv)
         finally:
             self.ctl_release()
-            handle_leave(self, slot)
 
-    def _set_locked(self, str name, str kind, object value):
+    cdef int set_property(self, str name, str kind, object value) except -1:
+        """Write property ``name`` with the setter for C type ``kind``."""
         cdef bytes bname = name.encode()
         cdef bytes bvalue
         cdef int ret
-        if kind == "bool":
-            ret = lb.blkio_set_bool(self.b, bname, <lb.cbool>bool(value))
-        elif kind == "int":
-            ret = lb.blkio_set_int(self.b, bname, <int>value)
-        elif kind == "uint64":
-            ret = lb.blkio_set_uint64(self.b, bname, <uint64_t>value)
-        else:
-            bvalue = str(value).encode()
-            ret = lb.blkio_set_str(self.b, bname, bvalue)
+        self.ctl_acquire()
+        try:
+            if kind == "bool":
+                ret = lb.blkio_set_bool(self.b, bname, <lb.cbool>bool(value))
+            elif kind == "int":
+                ret = lb.blkio_set_int(self.b, bname, <int>value)
+            elif kind == "uint64":
+                ret = lb.blkio_set_uint64(self.b, bname, <uint64_t>value)
+            else:
+                bvalue = str(value).encode()
+                ret = lb.blkio_set_str(self.b, bname, bvalue)
+        finally:
+            self.ctl_release()
         if ret < 0:
             raise libblkio_error(ret, f"set {name!r} = {value!r}")
+        return 0
 
-    # ---- memory held by the device ---------------------------------------
+    # ---- memory held by the device ---------------------------------------------
 
     cdef int map(self, uintptr_t addr, size_t length, int fd, int64_t fd_offset,
                  object owner, bint user) except -1:
@@ -460,43 +426,51 @@ cdef class DeviceHandle:
                 raise libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
         # The owner reference keeps the memory and its fd alive while mapped:
         # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).
-        self.regions[addr] = (length, fd, fd_offset, owner, mapped, user)
+        cdef Region region = Region.__new__(Region)
+        region.length = length
+        region.fd = fd
+        region.fd_offset = fd_offset
+        region.owner = owner
+        region.mapped = mapped
+        region.user = user
+        self.regions[addr] = region
         self._table_insert(addr, addr + length)
         return 0
 
     cdef int unmap(self, uintptr_t addr) except -1:
-        length, fd, fd_offset, owner, mapped, user = self.regions.pop(addr)
+        cdef Region region = self.regions.pop(addr)
         cdef lb.blkio_mem_region r
         memset(&r, 0, sizeof(r))
         r.addr = <void *>addr       # exactly the values given to map
-        r.len = <size_t>length
-        r.fd = <int>fd
-        r.fd_offset = <int64_t>fd_offset
+        r.len = region.length
+        r.fd = region.fd
+        r.fd_offset = region.fd_offset
         # Out of the lookup table first: no request can be validated against
         # the region while it is being unmapped (``owner`` keeps it alive).
         self._table_remove(addr)
-        if mapped and self.b != NULL:
+        if region.mapped and self.b != NULL:
             self.ctl_acquire()
             with nogil:
                 lb.blkio_unmap_mem_region(self.b, &r)
             self.ctl_release()
         return 0
 
-    def unmap_all(self):
+    cdef int unmap_all(self) except -1:
         for addr in sorted(self.regions):
             self.unmap(addr)
+        return 0
 
     def user_region(self, uintptr_t addr):
         """(start, length) of the memory ``register``ed at ``addr``, or None."""
-        entry = self.regions.get(addr)
-        if entry is None or not entry[5]:
+        cdef Region region = self.regions.get(addr)
+        if region is None or not region.user:
             return None
-        return addr, entry[0]
+        return addr, region.length
 
     def region_owners(self):
-        return [entry[3] for entry in self.regions.values()]
+        return [(<Region>region).owner for region in self.regions.values()]
 
-    def _table_insert(self, uintptr_t start, uintptr_t end):
+    cdef void _table_insert(self, uintptr_t start, uintptr_t end) except *:
         cdef Py_ssize_t i, j, newcap
         cdef uintptr_t *s
         cdef uintptr_t *e
@@ -523,7 +497,7 @@ cdef class DeviceHandle:
         self.reg_end[i] = end
         self.nreg += 1
 
-    def _table_remove(self, uintptr_t start):
+    cdef void _table_remove(self, uintptr_t start) noexcept:
         cdef Py_ssize_t i = 0
         while i < self.nreg and self.reg_start[i] != start:
             i += 1
@@ -548,7 +522,7 @@ cdef class DeviceHandle:
             return False
         return start + length <= self.reg_end[lo - 1]
 
-    # ---- queues ------------------------------------------------------------
+    # ---- queues ------------------------------------------------------------------
 
     cdef lb.blkioq *get_queue(self, int index, bint poll) noexcept:
         return lb.blkio_get_poll_queue(self.b, index) if poll else lb.blkio_get_queue(self.b, index)
@@ -570,7 +544,7 @@ cdef class DeviceHandle:
             raise libblkio_error(ret, "blkio_remove_queue")
         return 0
 
-    # ---- backend liveness (vhost-user) ------------------------------------
+    # ---- backend liveness (vhost-user) ------------------------------------------
 
     cdef bint backend_dead(self):
         """Has the peer of a backend socket hung up?  (vhost-user never
@@ -583,10 +557,6 @@ cdef class DeviceHandle:
             if c_poll(&p, 1, 0) > 0 and (p.revents & (POLLHUP | POLLERR)):
                 return True
         return False
-
-
-# Deepest pipeline a large read or write may ask for.
-cdef int IO_DEPTH_MAX = 1024
 
 
 cdef int check_io_depth(object depth) except 0:

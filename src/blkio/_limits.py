@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 import os
 from typing import Any, Callable, Dict
 
-from ._errors import Error
+from .errors import Error
 
 __all__ = ["Limits", "read_limits"]
 
@@ -47,6 +47,10 @@ class Limits:
     @staticmethod
     def property_name(field: str) -> str:
         """libblkio's property name for a field: ``max_transfer`` -> ``max-transfer``."""
+        if not isinstance(field, str):
+            raise TypeError(f"a Limits field name is a str, not {type(field).__name__}")
+        if field not in Limits.__dataclass_fields__:
+            raise ValueError(f"{field!r} is not a field of blkio.Limits")
         return field.replace("_", "-")
 
 

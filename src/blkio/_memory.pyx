@@ -16,7 +16,7 @@ from libc.stdlib cimport calloc, free
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.unistd cimport close as c_close
 
-from ._args cimport as_u64
+from ._checks cimport as_u64
 from ._posix cimport memfd_create, MFD_CLOEXEC, ftruncate, sysconf, _SC_PAGESIZE
 
 import os
@@ -59,6 +59,10 @@ cdef class Buffer:
             self.fd = -1
             raise OSError(code, f"mmap {self.size} bytes: {os.strerror(code)}")
         self.addr = <char *>p
+
+    def __reduce__(self):
+        raise TypeError("a blkio.Buffer cannot be pickled: it is memory of this process "
+                        "(copy its contents, e.g. bytes(buf), to send them)")
 
     def __dealloc__(self):
         # Nothing can view the memory any more, and no device has it mapped

@@ -1,13 +1,14 @@
-# Memory mapped into a device: the bounce pool (for data the driver cannot use
+# Memory mapped into a device: the bounce space (for data the driver cannot use
 # where it is) and the alloc arena (for Device.alloc).  Both map their memory
-# through the device handle; neither calls libblkio itself nor knows requests.
+# through the device handle; neither calls libblkio itself nor knows requests,
+# and neither waits or calls back: their callers drive the waits.
 
 from ._posix cimport pthread_mutex_t
 from ._memory cimport Buffer, RangeAllocator
 from ._handle cimport DeviceHandle
 
 
-cdef class BouncePool:
+cdef class BounceSpace:
     cdef object __weakref__
     cdef DeviceHandle handle      # None once the device is closed
     cdef Buffer buffer
@@ -16,7 +17,7 @@ cdef class BouncePool:
     cdef size_t _max_size
     cdef pthread_mutex_t plock     # taken without the GIL when contended
     cdef unsigned long owner       # thread holding plock, 0 if none
-    cdef object waiters            # FIFO of _ThreadWaiter / _AsyncWaiter
+    cdef object waiters            # FIFO of ThreadWaiter / AsyncWaiter
     cdef void _lock(self)
     cdef void _unlock(self)
     cdef void _wake_head(self)
@@ -27,8 +28,8 @@ cdef class BouncePool:
     cdef Py_ssize_t try_acquire(self, size_t size) except -2
     cdef Py_ssize_t fifo_enter(self, size_t size, object waiter) except -2
     cdef Py_ssize_t fifo_turn(self, size_t size, object waiter) except -2
-    cdef Py_ssize_t acquire_blocking(self, size_t nbytes, double timeout,
-                                     object drive) except -2
+    cdef void fifo_leave(self, object waiter) noexcept
+    cdef int _replace(self, size_t size) except -1
     cdef void release_range(self, Py_ssize_t start, Buffer buffer)
     cdef Py_ssize_t start_of(self, object array, size_t nbytes) except -1
     cdef object array(self, Py_ssize_t start, size_t nbytes)

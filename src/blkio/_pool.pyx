@@ -1,13 +1,16 @@
-"""Memory mapped into a device: the bounce pool and the alloc arena.
+"""Memory mapped into a device: the bounce space and the alloc arena.
 
-``BouncePool`` holds memory for data the driver cannot use where it is
+``BounceSpace`` holds memory for data the driver cannot use where it is
 (unregistered memory where regions are needed, misaligned buffers): first-fit
 in O(log n), one FIFO of waiters for threads and asyncio, grown only when idle,
-bounded by ``max_size``.  ``Arena`` carves ``Device.alloc`` arrays out of a few
-large mapped chunks (vhost-user maps at most 32 regions).  Both map memory
-through the device handle; neither calls libblkio itself, and neither knows
-requests: a blocking caller that must wait for pool space passes a ``drive``
-callable that reaps its own queue meanwhile (``_requests``).
+bounded by ``max_size``.  Waiting is its callers' (``_transfer.wait_for_space``
+reaps a queue between turns; the public ``blkio.BouncePool`` of ``_public``
+and ``blkio.aio`` wait on it): the space offers the steps (``try_acquire``,
+``fifo_enter``, ``fifo_turn``, ``fifo_leave``) and never calls back.
+``Arena`` carves ``Device.alloc`` arrays out of a few large mapped chunks
+(vhost-user maps at most 32 regions).  Both map memory through the device
+handle (their callers are inside the device's guard); neither calls libblkio
+itself, and neither knows requests.
 """
 
 cimport cython
@@ -15,8 +18,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uintptr_t
 
-from ._args cimport as_u64
-from ._handle cimport handle_enter, handle_leave
+from ._checks cimport as_u64, closed_error
 from ._memory cimport ArenaSlice
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock)
@@ -27,12 +29,7 @@ from collections import deque
 
 import numpy as np
 
-# Waits for pool space are cut into slices (as every wait of the core is), so
-# that a closing device is noticed.
-cdef double WAIT_SLICE = 0.1
-
-
-class _ThreadWaiter:
+class ThreadWaiter:
     __slots__ = ("event",)
 
     def __init__(self):
@@ -45,7 +42,7 @@ class _ThreadWaiter:
         self.event.clear()
 
 
-class _AsyncWaiter:
+class AsyncWaiter:
     __slots__ = ("loop", "future")
 
     def __init__(self, loop):
@@ -67,20 +64,20 @@ class _AsyncWaiter:
 
 
 @cython.final
-cdef class BouncePool:
-    """Mapped memory for data the driver cannot use where it is.
+cdef class BounceSpace:
+    """Mapped memory for data the driver cannot use where it is (internal;
+    users see it through ``blkio.BouncePool``).
 
-    ``acquire(nbytes)`` returns a numpy uint8 array of pool memory (sizes are
-    rounded up to the pool's granule, a multiple of mem-region-alignment);
-    ``release(array)`` gives it back.  Allocation is first-fit over the holes
-    between live buffers (O(log n)).  When nothing is in use and a request does
-    not fit, the pool is replaced by a larger one, up to ``max_size``; a
-    request larger than ``max_size`` fails at once.  Waiters are served first
-    come, first served; a woken waiter that still does not fit keeps its place
-    at the front.  Thread-safe; ``acquire_async`` waits on the same queue.
+    Sizes are rounded up to the granule, a multiple of mem-region-alignment.
+    Allocation is first-fit over the holes between live buffers (O(log n)).
+    When nothing is in use and a request does not fit, the space is replaced
+    by a larger one, up to ``max_size``; a request larger than ``max_size``
+    fails at once.  Waiters are served first come, first served; a woken
+    waiter that still does not fit keeps its place at the front.
     """
 
-    def __cinit__(self, DeviceHandle handle, size_t granule, size_t initial, size_t max_size):
+    def __cinit__(self, DeviceHandle handle not None, size_t granule, size_t initial,
+                  size_t max_size):
         self.handle = handle
         self.granule = granule
         self._max_size = max_size
@@ -95,7 +92,7 @@ cdef class BouncePool:
             nbytes = 1
         return (nbytes + self.granule - 1) // self.granule * self.granule
 
-    def _replace(self, size_t size):
+    cdef int _replace(self, size_t size) except -1:
         # Only when nothing is allocated: no live buffer is moved.
         size = self._round(size)
         new = Buffer(size, name="blkio-bounce")
@@ -107,6 +104,7 @@ cdef class BouncePool:
         self.allocator = RangeAllocator(size // self.granule)
         if old is not None and self.handle is not None:
             self.handle.unmap(<uintptr_t>(<Buffer>old).addr)
+        return 0
 
     cdef Py_ssize_t _try_locked(self, size_t size) except -2:
         cdef size_t count = size // self.granule
@@ -171,7 +169,7 @@ cdef class BouncePool:
         finally:
             self._unlock()
 
-    def fifo_leave(self, waiter):
+    cdef void fifo_leave(self, object waiter) noexcept:
         self._lock()
         try:
             try:
@@ -182,40 +180,11 @@ cdef class BouncePool:
         finally:
             self._unlock()
 
-    cdef Py_ssize_t acquire_blocking(self, size_t nbytes, double timeout,
-                                     object drive) except -2:
-        """Wait (FIFO) for space; timeout < 0 waits forever.  While waiting,
-        ``drive(seconds)`` -- reaping the caller's queue, so that its own
-        completed requests give their bounce space back -- is called when
-        given; it returns False when it has nothing to reap."""
-        cdef size_t size = self.checked_size(nbytes)
-        cdef Py_ssize_t start = self.try_acquire(size)
-        if start >= 0:
-            return start                # the common case: no waiter object at all
-        waiter = _ThreadWaiter()
-        start = self.fifo_enter(size, waiter)
-        if start >= 0:
-            return start
-        deadline = time.monotonic() + timeout if timeout >= 0 else None
-        try:
-            while True:
-                self.check_open()
-                start = self.fifo_turn(size, waiter)
-                if start >= 0:
-                    return start
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"no bounce buffer space for {nbytes} bytes "
-                                       f"within {timeout} s")
-                if drive is None or not drive(WAIT_SLICE):
-                    left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-                    waiter.event.wait(max(left, 0))
-        except BaseException:
-            self.fifo_leave(waiter)
-            raise
-
     cdef int check_open(self) except -1:
-        if self.handle is None or self.handle.closing:
-            raise ValueError("the bounce pool's device is closed")
+        if self.handle is None:
+            raise closed_error(None)
+        if self.handle.closing or self.handle.forked():
+            raise self.handle.unusable_error()
         return 0
 
     def device_closed(self):
@@ -231,31 +200,6 @@ cdef class BouncePool:
                 waiter.wake()
         finally:
             self._unlock()
-
-    async def acquire_async(self, nbytes):
-        """Coroutine form of ``acquire``: waits in the same FIFO without
-        blocking the event loop.  Returns the array."""
-        import asyncio
-        self.check_open()
-        cdef size_t n = as_u64(nbytes, "nbytes")
-        cdef size_t size = self.checked_size(n)
-        cdef Py_ssize_t start = self.try_acquire(size)
-        if start >= 0:
-            return self.array(start, n)
-        waiter = _AsyncWaiter(asyncio.get_running_loop())
-        start = self.fifo_enter(size, waiter)
-        if start >= 0:
-            return self.array(start, n)
-        try:
-            while True:
-                self.check_open()
-                start = self.fifo_turn(size, waiter)
-                if start >= 0:
-                    return self.array(start, n)
-                await waiter.future
-        except BaseException:
-            self.fifo_leave(waiter)
-            raise
 
     cdef void _lock(self):
         # The GIL is released only when the lock is contended, so that a
@@ -314,27 +258,8 @@ cdef class BouncePool:
         return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
                              offset=<Py_ssize_t>(<size_t>start * self.granule))
 
-    def acquire(self, nbytes, timeout=None):
-        """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
-
-        Waits, first come first served, until space is free; ``timeout``
-        seconds (None: forever) bound the wait (``TimeoutError``).  A request
-        larger than ``max_size`` raises ``ValueError``.
-        """
-        cdef double t = -1.0 if timeout is None else float(timeout)
-        cdef size_t n = as_u64(nbytes, "nbytes")
-        self.check_open()
-        cdef DeviceHandle h = self.handle
-        cdef Py_ssize_t start
-        cdef Py_ssize_t slot = handle_enter(h)   # growing the pool maps memory
-        try:
-            start = self.acquire_blocking(n, t, None)
-        finally:
-            handle_leave(h, slot)
-        return self.array(start, n)
-
     def release(self, array):
-        """Give back an array from ``acquire``."""
+        """Give back an array of this space (``blkio.BouncePool.release``)."""
         self._lock()
         try:
             self.allocator.free(<size_t>self.start_of(array, 0))

@@ -5,8 +5,9 @@ the blocking zone methods of ``blkio.Device`` (``ZonedMixin``: report, open,
 close, finish and reset of one zone or all zones, a count of zones by state)
 and ``ZoneWriter``, which appends at the write pointer across zones.  The
 requests themselves, and every check made before one is submitted, are the
-core's (``_requests``: ``Queue.report_zones`` & co., ``check_zone_request``,
-``check_zone_write``); this module never calls libblkio.
+core's (``_public.zone_request``, ``Queue.report_zones`` & co.;
+``_checks.zone_problem`` and ``request_problem``); this module never calls
+libblkio.
 
 What blkio checks before submitting, since a zoned device answers EIO to
 every refusal: the device is zoned; a management offset is a zone start
@@ -20,13 +21,15 @@ active zone limits.  ``ZoneWriter`` tracks the write pointer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, SupportsIndex, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, SupportsIndex, Tuple, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import Error
-from ._requests import ZONE_DTYPE, ZONED_MODELS, Op, ZoneState, ZoneType
+from .errors import Error
+from ._checks import Op
+from ._public import check_zone as _check_zone, zone_request as _zone_request
+from ._zoneops import ZONE_DTYPE, ZONED_MODELS, ZoneState, ZoneType
 
 __all__ = ["ZONE_DTYPE", "ZoneInfo", "ZoneState", "ZoneType", "ZoneWriter", "ZonedMixin",
            "read_zone_info"]
@@ -94,15 +97,14 @@ def _report_plan(device: Any, offset: int, nr_zones: Optional[int]) -> Tuple[int
     covers, and how many one request may ask for (its reply must fit
     max-transfer: 64 bytes per zone on NVMe, and one more for the header)."""
     info = device.zone_info
-    if not info.zoned or not isinstance(offset, int) or offset < 0 or offset >= device.capacity:
-        # The core says what is wrong (not zoned, a bad offset).
-        device._zone_request(Op.REPORT_ZONES, offset, np.empty(1, ZONE_DTYPE))
-        raise AssertionError("unreachable: the core accepted a report it should refuse")
+    _check_zone(device, Op.REPORT_ZONES, offset)   # zoned, an offset inside the device
     first = offset // info.zone_size
     left = info.nr_zones - first
     if nr_zones is not None:
-        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or nr_zones < 0:
-            raise ValueError(f"nr_zones must be an int >= 0 or None, got {nr_zones!r}")
+        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int):
+            raise TypeError(f"nr_zones must be an int or None, not {type(nr_zones).__name__}")
+        if nr_zones < 0:
+            raise ValueError(f"nr_zones must be >= 0, got {nr_zones!r}")
         left = min(left, nr_zones)
     per_request = left
     max_transfer = device.limits.max_transfer
@@ -123,7 +125,6 @@ class ZonedMixin:
         @property
         def limits(self) -> Any: ...
         def alloc(self, nbytes: SupportsIndex) -> npt.NDArray[np.uint8]: ...
-        def _zone_request(self, op: int, offset: SupportsIndex = 0, zones: Any = None) -> int: ...
 
     @property
     def zone_info(self) -> ZoneInfo:
@@ -131,9 +132,10 @@ class ZonedMixin:
         return self._zone_info
 
     @property
-    def zoned(self) -> str:
-        """The zoned model: "none", "host-aware" or "host-managed"."""
-        return self._zone_info.model
+    def zoned(self) -> bool:
+        """True on a zoned device (host-aware or host-managed); the model as a
+        string is ``zone_info.model``."""
+        return self._zone_info.zoned
 
     def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
         """Report zones from the one holding ``offset`` (bytes; rounded down
@@ -148,7 +150,7 @@ class ZonedMixin:
         while left > 0:
             n = min(left, per_request)
             zones = self.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
-            got = self._zone_request(Op.REPORT_ZONES, pos, zones)
+            got = _zone_request(cast(Any, self), Op.REPORT_ZONES, pos, zones)
             parts.append(zones[:got])
             if got < n or got == 0:
                 break
@@ -168,20 +170,21 @@ class ZonedMixin:
     def open_zone(self, offset: int) -> None:
         """Open the zone starting at ``offset`` explicitly (it then counts
         against max-open-zones until closed, finished or full)."""
-        self._zone_request(Op.OPEN_ZONE, offset)
+        # (a ZonedMixin is always a blkio.Device: the core takes its compiled base)
+        _zone_request(cast(Any, self), Op.OPEN_ZONE, offset)
 
     def close_zone(self, offset: int) -> None:
         """Close the open zone starting at ``offset`` (it stays active)."""
-        self._zone_request(Op.CLOSE_ZONE, offset)
+        _zone_request(cast(Any, self), Op.CLOSE_ZONE, offset)
 
     def finish_zone(self, offset: int) -> None:
         """Finish the zone starting at ``offset``: it becomes FULL."""
-        self._zone_request(Op.FINISH_ZONE, offset)
+        _zone_request(cast(Any, self), Op.FINISH_ZONE, offset)
 
     def reset_zone(self, offset: int) -> None:
         """Reset the zone starting at ``offset``: EMPTY, its data gone (reads
         give zeroes), the write pointer back at its start."""
-        self._zone_request(Op.RESET_ZONE, offset)
+        _zone_request(cast(Any, self), Op.RESET_ZONE, offset)
 
     # The all-zones forms are methods of their own, like libblkio's
     # blkioq_*_all_zones, not a flag of the one-zone calls: a forgotten
@@ -189,19 +192,19 @@ class ZonedMixin:
     def open_all_zones(self) -> None:
         """Open every CLOSED zone.  Beyond max-open-zones the device refuses
         with EIO after opening some of them (check with ``report_zones``)."""
-        self._zone_request(Op.OPEN_ALL_ZONES)
+        _zone_request(cast(Any, self), Op.OPEN_ALL_ZONES)
 
     def close_all_zones(self) -> None:
         """Close every open zone."""
-        self._zone_request(Op.CLOSE_ALL_ZONES)
+        _zone_request(cast(Any, self), Op.CLOSE_ALL_ZONES)
 
     def finish_all_zones(self) -> None:
         """Finish every open or closed zone (they become FULL)."""
-        self._zone_request(Op.FINISH_ALL_ZONES)
+        _zone_request(cast(Any, self), Op.FINISH_ALL_ZONES)
 
     def reset_all_zones(self) -> None:
         """Reset every zone that is not EMPTY."""
-        self._zone_request(Op.RESET_ALL_ZONES)
+        _zone_request(cast(Any, self), Op.RESET_ALL_ZONES)
 
     def zone_writer(self, zone_offset: int, nr_zones: int = 1) -> "ZoneWriter":
         """A :class:`ZoneWriter` appending at the write pointer of the zone
@@ -225,17 +228,23 @@ class ZoneWriter:
     """
 
     def __init__(self, device: Any, zone_offset: int, nr_zones: int = 1) -> None:
+        from . import Device
+        if not isinstance(device, Device):
+            raise TypeError(f"ZoneWriter writes to a blkio.Device, not {type(device).__name__} "
+                            f"(Device.zone_writer() makes one)")
         info = device.zone_info
-        if not info.zoned:
-            device._zone_request(Op.REPORT_ZONES, 0, np.empty(1, ZONE_DTYPE))  # raises: not zoned
+        _check_zone(device, Op.REPORT_ZONES, 0)    # zoned
         zs = info.zone_size
-        if isinstance(zone_offset, bool) or not isinstance(zone_offset, int) or zone_offset < 0 \
-                or zone_offset % zs or zone_offset >= info.nr_zones * zs:
+        if isinstance(zone_offset, bool) or not isinstance(zone_offset, int):
+            raise TypeError(f"zone_writer: zone_offset must be an int, not "
+                            f"{type(zone_offset).__name__}")
+        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int):
+            raise TypeError(f"zone_writer: nr_zones must be an int, not {type(nr_zones).__name__}")
+        if zone_offset < 0 or zone_offset % zs or zone_offset >= info.nr_zones * zs:
             raise ValueError(f"zone_writer: {zone_offset!r} is not the start of a zone (zone size "
                              f"{zs} bytes, {info.nr_zones} zones)")
         first = zone_offset // zs
-        if isinstance(nr_zones, bool) or not isinstance(nr_zones, int) or \
-                not 1 <= nr_zones <= info.nr_zones - first:
+        if not 1 <= nr_zones <= info.nr_zones - first:
             raise ValueError(f"zone_writer: nr_zones must be 1 to {info.nr_zones - first} "
                              f"from zone {first}, got {nr_zones!r}")
         self.device = device

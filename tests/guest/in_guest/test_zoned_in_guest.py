@@ -105,7 +105,7 @@ def test_zoned_properties(blkio, zoned):
         assert {name: props[name] for name in ZONED_PROPERTIES} == got
         with pytest.raises(ValueError, match="read-only"):
             dev.set("zone-size", 8 * MiB)
-        assert dev.zoned == "host-managed"
+        assert dev.zoned is True and dev.zone_info.model == "host-managed"
         assert dev.zone_info == blkio.ZoneInfo(
             "host-managed", zoned.zone_size, zoned.nr_zones, zoned.max_open, zoned.max_active,
             True, ZONE_APPEND_MAX)

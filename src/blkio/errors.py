@@ -1,6 +1,12 @@
 """Exception types.  ``blkio.Error`` is an ``OSError`` carrying errno and
 libblkio's message; for errnos that have a builtin ``OSError`` subclass the
-raised error is also an instance of it (``FileNotFoundError`` for ENOENT, ...).
+raised error is also an instance of it: ``blkio.errors.FileNotFoundError``
+(ENOENT) is both a ``blkio.Error`` and a ``FileNotFoundError``, and so on for
+every class in ``ERRNO_CLASSES``.
+
+Every class here is importable by the name it pickles under, and an error
+round-trips through pickle with its class, errno and message (so it can
+cross a ``ProcessPoolExecutor``).
 """
 
 from __future__ import annotations
@@ -9,15 +15,19 @@ import errno as _errno
 import os
 from typing import Dict, Optional, Type
 
-__all__ = ["Error", "ReadOnlyError", "error_for"]
+__all__ = ["Error", "ReadOnlyError", "ERRNO_CLASSES", "error_for"]
 
 
 class Error(OSError):
     """An error reported by libblkio: ``errno`` plus libblkio's message."""
 
+    __module__ = "blkio"
+
 
 class ReadOnlyError(Error, PermissionError):
     """A write, write-zeroes or discard on a read-only device."""
+
+    __module__ = "blkio"
 
 
 # OSError(errno, msg) picks FileNotFoundError & co. only for OSError itself;
@@ -36,15 +46,32 @@ _BUILTIN: Dict[int, Type[OSError]] = {
     _errno.EINTR: InterruptedError,
     _errno.EAGAIN: BlockingIOError,
 }
-_SUBCLASSES: Dict[int, Type[Error]] = {
-    code: type(f"{base.__name__}", (Error, base), {"__module__": "blkio", "__doc__": base.__doc__})
-    for code, base in _BUILTIN.items()
-}
+
+
+def _errno_class(base: Type[OSError]) -> Type[Error]:
+    # Named as the builtin and a global of this module, so pickle finds it
+    # as blkio.errors.<name>.
+    cls = type(base.__name__, (Error, base),
+               {"__module__": __name__, "__qualname__": base.__name__,
+                "__doc__": f"A blkio.Error that is also a {base.__name__}."})
+    globals()[base.__name__] = cls
+    return cls
+
+
+_CLASS_BY_BASE: Dict[Type[OSError], Type[Error]] = {}
+for _base in _BUILTIN.values():
+    if _base not in _CLASS_BY_BASE:
+        _CLASS_BY_BASE[_base] = _errno_class(_base)
+
+#: errno -> the ``blkio.Error`` subclass raised for it.
+ERRNO_CLASSES: Dict[int, Type[Error]] = {code: _CLASS_BY_BASE[base]
+                                         for code, base in _BUILTIN.items()}
+__all__ += sorted(cls.__name__ for cls in _CLASS_BY_BASE.values())
 
 
 def error_for(code: int, message: str, filename: Optional[str] = None) -> Error:
     """The ``Error`` for a positive errno ``code`` and a message."""
-    cls = _SUBCLASSES.get(code, Error)
+    cls = ERRNO_CLASSES.get(code, Error)
     reason = os.strerror(code)
     if not message:
         text = reason

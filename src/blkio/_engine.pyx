@@ -1,0 +1,793 @@
+"""The queue engine: one libblkio queue and what is in flight on it.
+
+``Completion`` is one request: what libblkio is given (segments, flags), the
+memory it holds until it is reaped, and, once finished, what its caller sees
+(``user_data``, ``ret``, ``error_msg``, ``check()``).  ``QueueEngine`` hands
+requests to libblkio (every ``blkioq_*`` call of the package is here),
+dispatches completions (to their caller, to the batch ring, or to whoever
+routes them: ``Route``), drives the queue -- submit, reap, waits cut into
+slices that notice Ctrl-C, a closing device, a removed queue and a dead
+backend -- and lets several threads wait on one queue without holding its
+lock (``wait_shared``).  When the backend or the queue is gone, ``abandon``
+completes everything in flight with an error (one routine for both).
+
+It calls only downward: the handle (whose state it observes), the bounce
+space (to give space back), the batch ring and held buffers.  The device core
+(``_device``) creates engines and drives their removal; the transfer engine
+(``_transfer``) and the public ``Queue`` (``_public``) call into them.
+"""
+
+cimport cython
+cimport numpy as cnp
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.ref cimport PyObject
+from libc.errno cimport EINTR, EIO, ETIME, errno
+from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdlib cimport free
+from posix.time cimport timespec
+from posix.unistd cimport read
+
+from . cimport _libblkio as lb
+from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, OPEN_ZONE,
+                       CLOSE_ZONE, FINISH_ZONE, RESET_ZONE, OPEN_ALL_ZONES, CLOSE_ALL_ZONES,
+                       FINISH_ALL_ZONES, libblkio_error, request_error, broken_error,
+                       removed_error, unraisable, BACKEND_HUNG_UP)
+from ._handle cimport ST_BROKEN
+from ._held cimport scatter
+from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
+                      pthread_mutex_trylock, pthread_mutex_unlock, pthread_cond_init,
+                      pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_timedwait,
+                      clock_gettime, CLOCK_MONOTONIC, realtime_after, pollfd, poll, POLLIN)
+
+import os
+import time
+
+from ._checks import OP_NAMES
+
+# Waits are cut into slices so that Python signal handlers run, timeouts are
+# honoured, a closing device and a dead backend are noticed, whatever the
+# driver does with signals.
+cdef double WAIT_SLICE = 0.1
+# How often a blocking wait that holds its queue's lock looks whether another
+# thread came to the queue (only once the device has seen a second thread).
+cdef double SHARE_CHECK = 0.01
+# Completions fetched per blkioq_do_io call (into an array on the caller's stack).
+cdef enum:
+    NCOMPS = 64
+# Batch requests travel in user_data as their slot index with the low bit
+# set; Completion pointers have it clear.
+cdef uintptr_t TAG_BIT = 1
+
+cnp.import_array()     # numpy's C API: _held's inline helpers use it
+
+
+# --------------------------------------------------------------------------
+# Requests and completions
+
+cdef inline bint _release_hot(Completion c) noexcept:
+    """``release_memory`` for the hot paths' requests, which hold nothing
+    allocated (at most an array): True when that was all.  Inlined into
+    dispatch, which every request passes."""
+    if (c.views is None and c.space is None
+            and (c.user_iov == NULL or c.user_iov == &c.user1)
+            and (c.iov == NULL or c.iov == &c.iov1 or c.iov == &c.user1)):
+        c.iov = NULL
+        c.user_iov = NULL
+        if c.array is not None:
+            c.array = None
+        return True
+    return False
+
+
+@cython.final
+@cython.freelist(256)      # one per request in flight: recycle, don't malloc
+cdef class Completion:
+    """A finished request: ``user_data``, ``ret`` (0 or a negative errno),
+    ``error_msg`` and ``check()``, which raises the matching ``OSError``."""
+
+    def __cinit__(self):
+        self.user_iov = NULL
+        self.iov = NULL
+        self.bounce_start = -1
+        self.ret_obj = 0
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("blkio.Completion cannot be built directly; Queue.wait() and "
+                        "Queue.completions() return them")
+
+    def __reduce__(self):
+        raise TypeError("a blkio.Completion cannot be pickled: it may hold the memory of a "
+                        "request of this process; send its user_data and ret instead")
+
+    def __dealloc__(self):
+        if _release_hot(self):
+            return
+        released = self.release_memory()
+        if released is not None:
+            unraisable(self, released)
+
+    cdef object release_memory(self):
+        """Let go of the request's memory: called once it is reaped (or its
+        device destroyed), only then may its caller memory and bounce space
+        be reused.  Never raises: returns the exception that giving back the
+        bounce space raised (a waiter's wake-up runs Python, and Ctrl-C may
+        land there), or None, so that a caller finishes its loop over
+        completions first and raises it after."""
+        if _release_hot(self):
+            return None
+        err = None
+        if self.iov != NULL and self.iov != &self.iov1:
+            if self.iov != self.user_iov:
+                free(self.iov)
+        if self.user_iov != NULL and (self.views is None or self.user_iov != self.views.iov):
+            if self.user_iov != &self.iov1 and self.user_iov != &self.user1:
+                free(self.user_iov)
+        self.iov = NULL
+        self.user_iov = NULL
+        self.array = None
+        if self.bounce_start >= 0 and self.space is not None:
+            try:
+                self.space.release_range(self.bounce_start, self.bounce_buffer)
+            except BaseException as e:
+                err = e
+        self.bounce_start = -1
+        self.bounce_buffer = None
+        self.space = None
+        self.views = None
+        return err
+
+    @property
+    def error_msg(self):
+        """libblkio's message for a failed request, or None."""
+        return self._error_msg
+
+    @property
+    def op(self) -> str:
+        """The request kind: read, write, write_zeroes, discard, flush or a zone request."""
+        return OP_NAMES[self.op]
+
+    @property
+    def offset(self) -> int:
+        """Device offset of the request (bytes)."""
+        return self.offset
+
+    @property
+    def length(self) -> int:
+        """Bytes the request covers (0 for flush)."""
+        return self.length
+
+    def check(self):
+        """Raise the ``OSError`` for a failed request; return ``ret`` otherwise."""
+        if self.ret < 0:
+            raise request_error(self.ret, self._error_msg, OP_NAMES[self.op], False)
+        return self.ret
+
+    def __repr__(self):
+        state = "done" if self.done else "in flight"
+        return (f"<blkio.Completion {OP_NAMES[self.op]} offset={self.offset} "
+                f"length={self.length} ret={self.ret} user_data={self.user_data!r} {state}>")
+
+
+cdef Completion new_completion(int op, uint64_t offset, uint64_t length, unsigned int flags,
+                               int route, object user_data):
+    cdef Completion c = Completion.__new__(Completion)
+    c.op = op
+    c.offset = offset
+    c.length = length
+    c.flags = flags
+    c.route = route
+    c.user_data = user_data
+    return c
+
+# ``Completion.user_data`` and ``ret`` are object members (structmember's
+# T_OBJECT_EX), added to the type here, rather than Cython's properties:
+# CPython specializes reading an object member (a load and an incref) but not
+# a property, which takes the generic lookup every time, and a queue loop
+# reads both for every request.
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+        const char *doc
+    enum:
+        T_OBJECT_EX
+        READONLY
+
+cdef extern from "Python.h":
+    object PyDescr_NewMember(PyTypeObject *type, PyMemberDef *member)
+    void PyType_Modified(PyTypeObject *type)
+    ctypedef struct PyTypeObject:
+        PyObject *tp_dict
+
+cdef PyMemberDef _completion_members[2]   # the descriptors point here: static
+
+
+cdef int _expose_members() except -1:
+    cdef Completion probe = Completion.__new__(Completion)
+    cdef char *base = <char *><PyObject *>probe
+    cdef PyTypeObject *tp = <PyTypeObject *>Completion
+    _completion_members[0] = PyMemberDef(
+        name=b"user_data", type=T_OBJECT_EX, flags=READONLY,
+        doc=b"the object given with the request (any object)",
+        offset=<char *>&probe.user_data - base)
+    _completion_members[1] = PyMemberDef(
+        name=b"ret", type=T_OBJECT_EX, flags=READONLY,
+        doc=b"0, or a negative errno if the request failed",
+        offset=<char *>&probe.ret_obj - base)
+    cdef dict attrs = <dict>tp.tp_dict
+    for i in range(2):
+        attrs[_completion_members[i].name.decode()] = PyDescr_NewMember(tp, &_completion_members[i])
+    PyType_Modified(tp)
+    return 0
+
+
+_expose_members()
+
+# --------------------------------------------------------------------------
+# The engine
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef inline void _set_timeout(timespec *ts, double seconds) noexcept nogil:
+    if seconds < 0:
+        seconds = 0
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - <double>ts.tv_sec) * 1e9)
+
+
+cdef QueueEngine new_engine(DeviceHandle handle, BounceSpace space, lb.blkioq *q, int index,
+                            bint poll, Py_ssize_t depth):
+    cdef QueueEngine e = QueueEngine.__new__(QueueEngine)
+    e.q = q
+    e.handle = handle
+    e.space = space
+    e.index = index
+    e.is_poll_queue = poll
+    e.depth = depth
+    e.ring = BatchRing.__new__(BatchRing)
+    pthread_mutex_init(&e.lock, NULL)
+    pthread_mutex_init(&e.wait_mutex, NULL)
+    pthread_cond_init(&e.wait_cond, NULL)
+    e.lock_ready = True
+    e.ready = []
+    e.gone_listeners = []
+    return e
+
+
+@cython.final
+cdef class QueueEngine:
+    """One libblkio queue and what is in flight on it (internal)."""
+
+    def __dealloc__(self):
+        if self.lock_ready:
+            pthread_mutex_destroy(&self.lock)
+            pthread_mutex_destroy(&self.wait_mutex)
+            pthread_cond_destroy(&self.wait_cond)
+
+    cdef int check_usable(self) except -1:
+        """Between wait slices: give up when the device or queue is going
+        away (close/remove_queue itself drains, so it passes), or when the
+        backend hung up (another queue noticed; this one's requests fail)."""
+        cdef DeviceHandle h = self.handle
+        if h.draining or self.draining:
+            return 0
+        if h.closing or h.forked():
+            raise h.unusable_error()
+        if self.removing:
+            raise removed_error(self.index)
+        if h.state == ST_BROKEN:
+            inflight = self.unreaped
+            self.abandon(EIO, BACKEND_HUNG_UP, True)
+            raise broken_error(h.driver, inflight)
+        return 0
+
+    cdef int hung_up(self) except -1:
+        """The backend is gone: every queue of the device fails what it has
+        in flight (nothing can touch that memory any more) and the device
+        refuses further I/O."""
+        cdef DeviceHandle h = self.handle
+        inflight = self.unreaped
+        h.state = ST_BROKEN
+        for e in h.engines:
+            (<QueueEngine>e).abandon(EIO, BACKEND_HUNG_UP, True)
+        raise broken_error(h.driver, inflight)
+
+    cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end):
+        """Requests in flight whose device-visible memory overlaps [start, end)."""
+        cdef Py_ssize_t n = 0
+        cdef Completion c = self.head
+        cdef int k
+        cdef uintptr_t a
+        while c is not None:
+            for k in range(c.iovcnt if c.iov != NULL else 0):
+                a = <uintptr_t>c.iov[k].iov_base
+                if a < end and a + c.iov[k].iov_len > start:
+                    n += 1
+                    break
+            c = c.next
+        return n + self.ring.using(start, end)
+
+    # ---- enqueue: the one place that hands requests to libblkio ----------
+
+    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=False) except -1:
+        """Hand ``c`` to libblkio and submit it; with ``reap``, take what is
+        already complete.  ``wait_first``: the caller waits for ``c`` next
+        (``drive``), so a call alone on its queue while other threads run
+        also sleeps a first short slice in the same GIL-free section as the
+        submit: with threads every GIL release hands the GIL over, and
+        taking it back is a wait of its own (one a request instead of two)."""
+        # Link first: the list holds the reference libblkio's user_data borrows.
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        self.unreaped += 1
+        self.handle.n_requests += 1
+        self.n_requests += 1
+        cdef void *ud = <void *>c
+        cdef int n = 0
+        cdef bint waited = False
+        cdef timespec ts
+        cdef lb.blkio_completion comps[NCOMPS]
+        # With several threads, the submit releases the GIL even when the
+        # queue is free: io_uring_enter may sleep on an O_DIRECT file.
+        if self.handle.threaded or pthread_mutex_trylock(&self.lock) != 0:
+            if wait_first:
+                wait_first = (self.handle.threaded and self.guard.users == 1
+                              and self.handle.spin_ns == 0 and not self.is_poll_queue)
+                if wait_first:
+                    _set_timeout(&ts, SHARE_CHECK)
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                if wait_first:
+                    n = self._enqueue_wait_locked(c, ud, comps, &ts)
+                    waited = True
+                else:
+                    n = self._enqueue_locked(c, ud, reap, comps)
+                pthread_mutex_unlock(&self.lock)
+        else:
+            # One thread only, lock free: this call never sleeps (min_completions
+            # is 0), and releasing the GIL would cost more than the call itself.
+            n = self._enqueue_locked(c, ud, reap, comps)
+            pthread_mutex_unlock(&self.lock)
+        if reap:
+            if waited and (n == -EINTR or n == -ETIME):
+                # the caller's drive() goes on waiting (and raises for Ctrl-C)
+                if n == -EINTR:
+                    PyErr_CheckSignals()
+                return 0
+            if n < 0:
+                raise libblkio_error(n, "blkioq_do_io")
+            self.dispatch(comps, n)
+        return 0
+
+    cdef int _enqueue_wait_locked(self, Completion c, void *ud, lb.blkio_completion *comps,
+                                  timespec *ts) noexcept nogil:
+        """``_enqueue_locked`` with reap, then, if nothing is complete yet,
+        one wait of ``ts`` for a completion (queue lock held)."""
+        cdef int n = self._enqueue_locked(c, ud, True, comps)
+        if n == 0:      # in_libblkio >= 1: ours was just submitted
+            n = lb.blkioq_do_io_interruptible(self.q, comps, 1, NCOMPS, ts, NULL)
+            if n > 0:
+                self.in_libblkio -= n
+        return n
+
+    cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
+                             lb.blkio_completion *comps) noexcept nogil:
+        """Hand one request to libblkio (queue lock held); with ``reap``,
+        submit and collect completions that are already there."""
+        cdef lb.blkioq *q = self.q
+        cdef int n = 0
+        cdef int op = c.op
+        if op == READ:
+            if c.iovcnt == 1:
+                lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif op == WRITE:
+            if c.iovcnt == 1:
+                lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
+            else:
+                lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
+        elif op == WRITE_ZEROES:
+            lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
+        elif op == DISCARD:
+            lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
+        elif op == FLUSH:
+            lb.blkioq_flush(q, ud, c.flags)
+        elif op == REPORT_ZONES:
+            lb.blkioq_report_zones(q, c.offset, <lb.blkio_zone *>c.iov[0].iov_base,
+                                   <uint32_t>(c.length // sizeof(lb.blkio_zone)), ud, 0)
+        elif op == OPEN_ZONE:
+            lb.blkioq_open_zone(q, c.offset, ud, 0)
+        elif op == CLOSE_ZONE:
+            lb.blkioq_close_zone(q, c.offset, ud, 0)
+        elif op == FINISH_ZONE:
+            lb.blkioq_finish_zone(q, c.offset, ud, 0)
+        elif op == RESET_ZONE:
+            lb.blkioq_reset_zone(q, c.offset, ud, 0)
+        elif op == OPEN_ALL_ZONES:
+            lb.blkioq_open_all_zones(q, ud, 0)
+        elif op == CLOSE_ALL_ZONES:
+            lb.blkioq_close_all_zones(q, ud, 0)
+        elif op == FINISH_ALL_ZONES:
+            lb.blkioq_finish_all_zones(q, ud, 0)
+        else:
+            lb.blkioq_reset_all_zones(q, ud, 0)
+        self.in_libblkio += 1
+        if reap:
+            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if n > 0:
+                self.in_libblkio -= n
+        return n
+
+    cdef int enqueue_batch(self, int op, BatchArrays a, unsigned int flags) except -1:
+        """Enqueue a checked batch and submit it in one GIL-free section.
+        Each request takes a batch slot (its tag and memory, for reap and
+        unregister); libblkio's user_data is the slot index with TAG_BIT."""
+        cdef Py_ssize_t i, n = a.n
+        cdef lb.blkioq *q = self.q
+        cdef int got
+        cdef Py_ssize_t stack_idx[64]
+        cdef Py_ssize_t *idx = &stack_idx[0]
+        cdef uint64_t bs = a.blocksize
+        cdef char *addr
+        cdef lb.blkio_completion comps[NCOMPS]
+        cdef BatchRing ring = self.ring
+        if n == 0:
+            return 0
+        ring.reserve(n)
+        if n > 64:
+            idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
+            if idx == NULL:
+                raise MemoryError()
+        # Slots are taken with the GIL held (dispatch frees them with it held);
+        # the GIL-free section below only reads this call's own index list.
+        for i in range(n):
+            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+            idx[i] = ring.take_slot(op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                                    <uintptr_t>addr, bs, flags)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            for i in range(n):
+                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+                if op == READ:
+                    lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
+                                   <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+                else:
+                    lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
+                                    <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+            self.in_libblkio += n
+            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if got > 0:
+                self.in_libblkio -= got
+            pthread_mutex_unlock(&self.lock)
+        if idx != &stack_idx[0]:
+            PyMem_Free(idx)
+        self.unreaped += n
+        self.handle.n_requests += n
+        self.n_requests += n
+        if got < 0:
+            raise libblkio_error(got, "blkioq_do_io")
+        self.dispatch(comps, got)
+        return 0
+
+    cdef void unlink(self, Completion c) noexcept:
+        if c.prev is not None:
+            c.prev.next = c.next
+        else:
+            self.head = c.next
+        if c.next is not None:
+            c.next.prev = c.prev
+        c.prev = None
+        c.next = None
+
+    cdef object abandon(self, int err, str msg, bint release):
+        """Complete every request in flight with -err, without libblkio: its
+        backend or queue is gone.  ``release``: nothing can touch the
+        requests' memory any more, so it goes back now (else the caller keeps
+        it).  Returns the completions of the caller's requests, which are
+        also left in ``ready``."""
+        cdef Completion c
+        raised = None
+        while self.head is not None:
+            c = self.head
+            self.unlink(c)
+            set_ret(c, -err)
+            c._error_msg = msg
+            c.done = True
+            if release:
+                released = c.release_memory()
+                if released is not None and raised is None:
+                    raised = released
+            if c.route != INTERNAL:
+                self.ready.append(c)
+        self.ring.fail_all(err)
+        self.unreaped = 0
+        self.in_libblkio = 0
+        self.spare = None
+        if raised is not None:
+            unraisable(self, raised)
+
+    # ---- reaping -------------------------------------------------------
+
+    cdef int dispatch(self, lb.blkio_completion *comps, int n) except -1:
+        """Hand out n completions (GIL held).  Each caller reaps into its own
+        array: a shared one would be overwritten by another thread's do_io
+        between the unlock and this dispatch."""
+        cdef int i
+        cdef uintptr_t ud
+        cdef Completion c
+        err = None
+        for i in range(n):
+            ud = <uintptr_t>comps[i].user_data
+            self.unreaped -= 1
+            if ud & TAG_BIT:
+                self.ring.complete(<Py_ssize_t>(ud >> 1), comps[i].ret)
+                continue
+            c = <Completion><PyObject *>comps[i].user_data
+            self.unlink(c)
+            c.ret = comps[i].ret
+            if c.route != INTERNAL:      # a blocking call's own: Python never sees it
+                c.ret_obj = c.ret
+            if c.ret < 0 and comps[i].error_msg != NULL:
+                c._error_msg = comps[i].error_msg.decode("utf-8", "replace")
+            if c.bounce_start >= 0:
+                if c.ret == 0 and c.op == READ or c.ret > 0 and c.op == REPORT_ZONES:
+                    scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
+                self.handle.bounced_bytes += c.length
+                self.handle.n_bounced += 1
+            c.done = True
+            if not _release_hot(c):
+                released = c.release_memory()
+                if released is not None and err is None:
+                    err = released   # raised once every completion is handed out
+            if c.route != INTERNAL:
+                self.ready.append(c)
+        if err is not None:
+            raise err
+        return 0
+
+    cdef int collect_locked(self, lb.blkio_completion *comps) except -1:
+        """With the queue's lock held: submit what is queued and take what is
+        done without waiting; releases the lock, dispatches, returns the count."""
+        cdef int n = lb.blkioq_do_io(self.q, comps, 0, NCOMPS, NULL)
+        if n > 0:
+            self.in_libblkio -= n
+        pthread_mutex_unlock(&self.lock)
+        if n < 0:
+            raise libblkio_error(n, "blkioq_do_io")
+        self.dispatch(comps, n)
+        return n
+
+    cdef int drive(self, int min_completions, double timeout, Completion until) except -1:
+        """Submit what is queued and reap.  Returns when ``until`` is done (if
+        given), else once ``min_completions`` were reaped; ``timeout`` seconds
+        (< 0: none) bound the wait, then TimeoutError."""
+        cdef int n, want, got = 0
+        cdef timespec ts
+        cdef lb.blkio_completion comps[NCOMPS]
+        cdef double slice_
+        cdef lb.blkioq *q = self.q
+        cdef bint interruptible = not self.is_poll_queue
+        cdef int64_t spin_ns = self.handle.spin_ns, spin_end
+        if until is None and min_completions <= 0:
+            # Non-blocking: submit, and reap what is already there.
+            while True:
+                if pthread_mutex_trylock(&self.lock) != 0:
+                    with nogil:
+                        pthread_mutex_lock(&self.lock)
+                n = self.collect_locked(comps)
+                got += n
+                if n < NCOMPS:
+                    return got
+        if until is None and self.in_libblkio > 0 and pthread_mutex_trylock(&self.lock) == 0:
+            # What is done already, keeping the GIL: when that is enough (a
+            # page-cached batch completes inside its submit), no GIL-free
+            # section -- with threads, each one is a GIL hand-off.
+            got = self.collect_locked(comps)
+            if got >= min_completions:
+                return got
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        cdef double max_slice = WAIT_SLICE
+        if self.handle.threaded:
+            # Another thread may come to this queue while we sleep holding its
+            # lock: look again soon (wait_shared then takes over).
+            max_slice = SHARE_CHECK
+        while True:
+            if until is not None:
+                if until.done:
+                    return 0
+                if self.guard.users > 1 and not self.is_poll_queue:
+                    # Other calls use this queue too: wait without holding it.
+                    return self.wait_shared(until)
+                self.check_usable()
+                want = 1 if self.unreaped > 0 else 0
+            else:
+                self.check_usable()
+                want = min_completions - got
+                if want <= 0:
+                    want = 0
+                if want > self.unreaped:
+                    want = <int>self.unreaped
+                if want > NCOMPS:
+                    want = NCOMPS       # one call fills at most the array; loop for the rest
+            if deadline is None:
+                slice_ = max_slice
+            else:
+                slice_ = min(max_slice, deadline - time.monotonic())
+            _set_timeout(&ts, slice_)
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                # Other threads may have reaped meanwhile: never ask libblkio
+                # for more than is outstanding (it answers EINVAL).
+                if want > self.in_libblkio:
+                    want = <int>self.in_libblkio
+                if want > 0:
+                    # Collect what is done without sleeping first (cheap), then
+                    # busy-poll up to spin_ns (like QEMU's poll handler: a
+                    # sleeping backend wake-up costs tens of µs), then wait.
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                    if n == 0 and spin_ns > 0:
+                        spin_end = _now_ns() + spin_ns
+                        while n == 0 and _now_ns() < spin_end:
+                            n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                    if n == 0:
+                        if interruptible:
+                            n = lb.blkioq_do_io_interruptible(q, comps, want, NCOMPS, &ts, NULL)
+                        else:
+                            n = lb.blkioq_do_io(q, comps, want, NCOMPS, &ts)
+                else:
+                    n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+                if n > 0:
+                    self.in_libblkio -= n
+                pthread_mutex_unlock(&self.lock)
+            if n >= 0:
+                got += n
+                self.dispatch(comps, n)
+                if until is None and (got >= min_completions or want == 0):
+                    return got
+                if until is not None and want == 0 and not until.done:
+                    # Another thread holds our completion's turn; let it run.
+                    time.sleep(0)
+                # Completions that keep coming never make libblkio wait, so
+                # it never returns EINTR: look for Ctrl-C here too.
+                PyErr_CheckSignals()
+                continue
+            if n == -EINTR:
+                PyErr_CheckSignals()
+            elif n == -ETIME:
+                if self.handle.backend_dead():
+                    self.hung_up()
+                PyErr_CheckSignals()
+            else:
+                raise libblkio_error(n, "blkioq_do_io")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no completion within {timeout} s "
+                                   f"({self.unreaped} request(s) still in flight)")
+
+    cdef bint drive_slice(self, double seconds) except -1:
+        """Reap this queue for up to ``seconds`` (a wait for bounce space
+        does, so that our own completed requests give their space back);
+        False when nothing is in flight."""
+        if self.unreaped == 0:
+            return False
+        try:
+            self.drive(1, seconds, None)
+        except TimeoutError:
+            pass
+        return True
+
+    cdef int wait_shared(self, Completion until) except -1:
+        """Wait for ``until`` while other calls use this queue too.  Waiting
+        inside blkioq_do_io would hold the queue's lock, and every other thread
+        would stop submitting until this request completed.  Instead one
+        waiter (the leader) sleeps on the completion fd with neither the GIL
+        nor the queue lock, reaps for everyone and wakes the others, who wait
+        for that on ``wait_cond``; so N threads keep N requests in flight."""
+        cdef int fd, r, err
+        cdef pollfd pfd
+        cdef timespec ts
+        cdef int slice_ms = <int>(WAIT_SLICE * 1000)
+        if not self.fd_enabled:
+            self.set_fd_enabled(True)
+        fd = lb.blkioq_get_completion_fd(self.q)
+        while True:
+            self.drive(0, 0.0, None)            # submit, reap what is there
+            if until.done:
+                return 0
+            self.check_usable()
+            if not self.leader:
+                self.leader = True
+                pfd.fd = fd
+                pfd.events = POLLIN
+                pfd.revents = 0
+                with nogil:
+                    r = poll(&pfd, 1, slice_ms)
+                    err = errno
+                if r > 0:
+                    self.reset_fd(fd)           # under the queue lock, then reap
+                self.leader = False
+                self.drive(0, 0.0, None)
+                self.wake_followers()
+                if r < 0 and err != EINTR:
+                    raise OSError(err, f"poll on the completion fd: {os.strerror(err)}")
+                if r == 0 and self.handle.backend_dead():
+                    self.hung_up()
+                PyErr_CheckSignals()
+            else:
+                # A follower: the leader reaps; wait for its call (or a slice).
+                realtime_after(&ts, WAIT_SLICE)
+                pthread_mutex_lock(&self.wait_mutex)
+                if not until.done and self.leader:
+                    with nogil:
+                        pthread_cond_timedwait(&self.wait_cond, &self.wait_mutex, &ts)
+                        pthread_mutex_unlock(&self.wait_mutex)
+                else:
+                    pthread_mutex_unlock(&self.wait_mutex)
+                PyErr_CheckSignals()
+
+    cdef void wake_followers(self) noexcept:
+        pthread_mutex_lock(&self.wait_mutex)
+        pthread_cond_broadcast(&self.wait_cond)
+        pthread_mutex_unlock(&self.wait_mutex)
+
+    # ---- the completion fd ------------------------------------------------
+
+    cdef int set_fd_enabled(self, bint value) except -1:
+        if pthread_mutex_trylock(&self.lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+        lb.blkioq_set_completion_fd_enabled(self.q, value)
+        pthread_mutex_unlock(&self.lock)
+        self.fd_enabled = value
+        return 0
+
+    cdef int completion_fd(self) noexcept:
+        return -1 if self.is_poll_queue else lb.blkioq_get_completion_fd(self.q)
+
+    cdef bint reset_fd(self, int fd) noexcept:
+        """Read the completion fd's 8-byte count under the queue's lock:
+        libblkio's virtio drivers read the same eventfd inside blkioq_do_io
+        and fail with EAGAIN when another thread drained it first."""
+        cdef uint64_t counter
+        cdef ssize_t r
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            r = read(fd, &counter, 8)       # non-blocking: libblkio made it so
+            pthread_mutex_unlock(&self.lock)
+        return r == 8
+
+    cdef list take(self, object max):
+        if max is None or max >= len(self.ready):
+            out = self.ready
+            self.ready = []
+        else:
+            out = self.ready[:max]
+            del self.ready[:max]
+        return out
+
+    # ---- close and removal (the device core drives them) -------------------
+
+    cdef bint drain(self, double timeout):
+        """Wait (bounded) for the requests in flight; False when some are
+        left.  Only close() and remove_queue() call it, once no other call
+        is inside."""
+        deadline = time.monotonic() + timeout
+        while self.unreaped > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                self.drive(<int>self.unreaped, left, None)
+            except (TimeoutError, OSError):
+                return False
+        return True
+
