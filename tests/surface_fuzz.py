@@ -130,7 +130,7 @@ CORPUS: Tuple[Value, ...] = (
     _m("[aligned array]", lambda st: [st.mem(4096)], "list"),
     _m("uint64 array [0, 4096]", lambda st: np.array([0, 4096], np.uint64), "array"),
 )
-SHORT = ("None", "-1", "2**64", "4096.5", "True", "'abc'", "object()", "read-only array",
+SHORT = ("None", "-1", "2**63", "2**64", "np.uint64(2**64-1)", "4096.5", "True", "'abc'", "object()", "read-only array",
          "2-D array", "np.array([0.0, 4096.7])", "[True, 4096]", "0", "4096", "aligned array")
 TIERS = {"full": CORPUS, "short": tuple(v for v in CORPUS if v.label in SHORT)}
 NO_VALUE = object()
@@ -275,7 +275,7 @@ def param_class(name: str, annotation: Any) -> str:
     text = _ann_text(annotation)
     if re.search(r"NDArray\[np\.u?int64\]", text) and "uint8" not in text:
         return "intarray"
-    if not text and name == "offsets":
+    if text in ("", "Any") and name == "offsets":     # aio's batch calls take Any
         return "intarray"
     words = set(re.findall(r"[A-Za-z_]+", text))
     if words & {"int", "SupportsIndex"} and not words & {"bool", "float", "str", "Any", "object"}:
@@ -295,6 +295,8 @@ def refuses(pclass: str, param: Optional[inspect.Parameter], value: Value) -> bo
     bad = {"float", "bool", "str", "bytes", "object"}
     if pclass == "intarray":
         bad |= {"floatarray", "boolarray"}
+    else:
+        bad |= {"list", "array"}
     if "none" in value.kinds and param is not None and not _optional(param):
         return True
     return bool(value.kinds & bad)
@@ -324,8 +326,9 @@ VALID: Dict[str, Callable[["State"], Any]] = {
     "offset": lambda st: 0, "zone_offset": lambda st: 0, "nbytes": lambda st: 4096,
     "length": lambda st: 4096, "index": lambda st: 0, "op": lambda st: 0, "flags": lambda st: 0,
     "buf": lambda st: st.mem(4096), "array": lambda st: st.mem(4096), "data": lambda st: st.mem(4096),
-    "bufs": lambda st: [st.mem(4096)], "offsets": lambda st: np.zeros(1, np.uint64),
-    "buffers": lambda st: st.mem(4096).reshape(1, 4096), "out": lambda st: np.zeros(4, REAP_DTYPE),
+    # Two requests, as many as the two-element arrays of the corpus hold.
+    "bufs": lambda st: [st.mem(4096)], "offsets": lambda st: np.array([0, 8192], np.uint64),
+    "buffers": lambda st: st.mem(8192).reshape(2, 4096), "out": lambda st: np.zeros(4, REAP_DTYPE),
     "zones": lambda st: np.empty(4, blkio.ZONE_DTYPE), "name": lambda st: "capacity",
     "value": lambda st: 1, "field": lambda st: "max_transfer", "driver": lambda st: "io_uring",
     "path": lambda st: st.cfg["image"], "device": lambda st: st.mem_device, "queue": _spare_queue,
@@ -559,21 +562,27 @@ class State:
     """The objects of one state, built afresh whenever a probe may have
     changed them; owns what it opens (closed in ``teardown``)."""
 
-    def __init__(self, cfg: Dict[str, Any]) -> None:
+    def __init__(self, cfg: Dict[str, Any], loops: List[asyncio.AbstractEventLoop]) -> None:
         self.cfg = cfg
+        self.loops = loops          # the group's event loop (made once: a new one costs ms)
         self.targets: Dict[str, Any] = {}
         self.devices: List[Any] = []
         self.adevs: List[Any] = []
         self.mem_device: Any = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.in_loop = False        # probes are called inside a coroutine on self.loop
         self.futures: List[Any] = []    # made for probes: their exceptions are retrieved here
+        self.settles = False        # its queues are live and driven by nobody else (see settle)
+
+    @property
+    def loop(self) -> Optional[asyncio.AbstractEventLoop]:
+        return self.loops[0] if self.loops else None
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
-        if self.loop is None:
-            self.loop = asyncio.new_event_loop()
-            self.loop.set_exception_handler(_loop_exception)
-        return self.loop
+        if not self.loops:
+            loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_loop_exception)
+            self.loops.append(loop)
+        return self.loops[0]
 
     def open(self, driver: str = "io_uring", path: Optional[str] = None, **kw: Any) -> Any:
         dev = blkio.open(driver, path=path or self.cfg["image"], **kw)
@@ -630,6 +639,16 @@ class State:
             for x in result:
                 self.dispose(x)
 
+    def settle(self) -> None:
+        """Submit and reap what a probe left queued: a bad request may only
+        crash when it reaches libblkio (the probe is charged with it)."""
+        if not self.settles:
+            return
+        for obj in list(self.targets.values()):
+            if isinstance(obj, blkio.Queue) and not obj.device.closed and not obj.removed \
+                    and obj.in_flight:
+                obj.wait(min=obj.in_flight, timeout=1.0)
+
     def leftover_tasks(self) -> List[str]:
         """Tasks a probe left pending on the loop (cancelled here)."""
         if self.loop is None:
@@ -642,7 +661,8 @@ class State:
             self.loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
         return [repr(t.get_coro()) for t in pending]
 
-    def teardown(self) -> None:
+    def teardown(self, final: bool = False) -> None:
+        """Close what the state opened; ``final``: the group's loop too."""
         errors = []
         for adev in self.adevs:
             try:
@@ -664,16 +684,18 @@ class State:
         self.devices.clear()
         self.adevs.clear()
         self.mem_device = None
-        if self.loop is not None:
-            loop, self.loop = self.loop, None
-            try:
-                for t in asyncio.all_tasks(loop):
-                    t.cancel()
-                loop.run_until_complete(asyncio.sleep(0))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-            finally:
-                loop.close()
+        loop = self.loop
+        if loop is not None:
+            for t in asyncio.all_tasks(loop):
+                t.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            if final:
+                self.loops.clear()
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                    loop.run_until_complete(loop.shutdown_default_executor())
+                finally:
+                    loop.close()
         if errors:
             raise BuildError("; ".join(errors))
 
@@ -733,16 +755,19 @@ def _open_objects(st: State, dev: Any, step: Callable[[str], None]) -> None:
 
 
 def build_open(st: State, step: Callable[[str], None]) -> None:
+    st.settles = True
     _open_objects(st, st.open(), step)
     _walk(st, step)
 
 
 def build_read_only(st: State, step: Callable[[str], None]) -> None:
+    st.settles = True
     dev = st.open(read_only=True)
     st.targets.update({"dev": dev, "q": dev.queue(0)})
 
 
 def build_zoned(st: State, step: Callable[[str], None]) -> None:
+    st.settles = True
     dev = st.open()
     dev._set_zone_info(ZONE_GEOMETRY)
     st.targets.update({"dev": dev, "q": dev.queue(0)})
@@ -777,6 +802,8 @@ def _open_async(st: State, step: Callable[[str], None], closed: bool) -> None:
     st.targets["adev"] = adev
     if not closed:      # the closed one's queue is a queue of a closed device ("closed" group)
         st.targets["adev.queue"] = adev.queue
+        # What blkio.aio.open returns before it is awaited (awaitable, async with).
+        st.targets["opener"] = blkio.aio.open("io_uring", path=st.cfg["image"])
     if closed:
         step("await adev.aclose()")
         st.await_(adev.aclose())
@@ -791,17 +818,19 @@ def build_aio_closed(st: State, step: Callable[[str], None]) -> None:
 
 
 def build_loop(st: State, step: Callable[[str], None]) -> None:
+    st.settles = True
     dev = st.open(path=st.cfg["loop"], direct=True)
     st.targets.update({"dev": dev, "q": dev.queue(0), "pool": dev.bounce_pool})
     _walk(st, step)
 
 
 def build_vhost(st: State, step: Callable[[str], None]) -> None:
+    st.settles = True
     step("blkio.open(virtio-blk-vhost-user)")
     dev = st.open("virtio-blk-vhost-user", st.cfg["vhost"], num_queues=1, num_poll_queues=1)
     # The poll queue stands for the queues (its requests take the same paths).
     st.targets.update({"dev": dev, "poll_q": dev.poll_queue(0), "pool": dev.bounce_pool})
-    _walk(st, step)
+    _walk(st, step, exclude=(blkio.Queue,))
 
 
 def public_classes() -> List[Tuple[str, type]]:
@@ -890,13 +919,16 @@ class Group:
     needs: Optional[str] = None      # a cfg key that must be set (loop, vhost)
     full: Tuple[str, ...] = ()       # targets that get the group's tier (others: "short")
     position: int = -1               # in groups(): where a new child resumes
+    # The state only lends a device to the probes' arguments (module-level
+    # calls): rebuilt when that device was closed or a probe went wrong.
+    lends_only: bool = False
 
 
 def groups(cfg: Dict[str, Any]) -> List[Group]:
     """Every group, in a fixed order (a new child resumes by position)."""
     if cfg.get("selfcheck"):
         return [Group("selfcheck", build_selfcheck, "short", position=0)]
-    out = [Group("module", build_module, full=("blkio", "blkio.aio")),
+    out = [Group("module", build_module, full=("blkio", "blkio.aio"), lends_only=True),
            Group("open", build_open, full=("dev", "q", "pool", "buffer", "completion", "array")),
            # (the added queue: short, it takes the paths of "q")
            Group("read-only", build_read_only, "short"), Group("zoned", build_zoned, "short"),
@@ -1037,7 +1069,9 @@ def _proto(st: State, name: str, obj: Any) -> Any:
                 pass
         return st.await_(body())
     if name == "await":
-        return st.run(lambda: obj)
+        result = st.run(lambda: obj)
+        st.dispose(result)
+        return result
     raise AssertionError(name)
 
 
@@ -1116,12 +1150,14 @@ def run_probe(st: State, probe: Probe) -> Tuple[Optional[BaseException], Optiona
             assert probe.value is not None
             value = probe.value.make(st)
             result = st.run(lambda: setattr(obj, probe.attr, value))
+            st.settle()
         elif probe.kind == "proto":
             result = _proto(st, probe.attr or "", obj)
         else:
             fn, args, kwargs, param = materialize(st, probe, obj)
             result = st.run(lambda: fn(*args, **kwargs))
             st.dispose(result)
+            st.settle()
         shown = type(result).__name__
         del result
         return None, param, shown
@@ -1143,8 +1179,9 @@ def enumerate_group(st: State, group: Group) -> List[Probe]:
     return out
 
 
-def build(group: Group, cfg: Dict[str, Any], why: str) -> State:
-    st = State(cfg)
+def build(group: Group, cfg: Dict[str, Any], why: str,
+          loops: List[asyncio.AbstractEventLoop]) -> State:
+    st = State(cfg, loops)
 
     def step(what: str) -> None:
         CURRENT[0] = f"{group.name} (building: {what})"
@@ -1178,8 +1215,9 @@ def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str
             continue
         if only and not any(o.startswith(group.name + ":") for o in only):
             continue
+        loops: List[asyncio.AbstractEventLoop] = []
         try:
-            st = build(group, cfg, "enumerate")
+            st = build(group, cfg, "enumerate", loops)
             probes = enumerate_group(st, group)
         except Exception as e:
             LOG(e="note", g=group.name, gpos=gpos, id=f"{group.name} (build)",
@@ -1210,11 +1248,13 @@ def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str
                                 bad=f"closing its state afterwards failed: {e}", x=None, m="")
                             bad += 1
                     st = None
-                    st = build(group, cfg, f"after {prev}")
+                    st = build(group, cfg, f"after {prev}", loops)
                 CURRENT[0] = probe.id
                 prev_where = probe.where
                 LOG(e="start", g=group.name, gpos=gpos, i=i, id=probe.id, key=probe.key, w=probe.where)
+                t_probe = time.monotonic()
                 exc, param, shown = run_probe(st, probe)
+                t_probe = time.monotonic() - t_probe
                 verdict = judge(probe, exc, param)
                 leftover = st.leftover_tasks()
                 if leftover and not verdict:
@@ -1223,7 +1263,7 @@ def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str
                 if verdict or st.cfg.get("verbose"):
                     LOG(e="end", g=group.name, gpos=gpos, i=i, id=probe.id, bad=verdict, w=probe.where,
                         x=type(exc).__name__ if exc is not None else None,
-                        m=_short(exc) if exc is not None else shown)
+                        m=_short(exc) if exc is not None else shown, dt=round(t_probe, 4))
                 if derived:
                     LOG(e="end", g=group.name, gpos=gpos, i=i, id=f"{probe.id} -> pickle(exception)",
                         bad=derived, x=None, m="", w=f"pickle({type(exc).__name__})")
@@ -1233,9 +1273,11 @@ def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str
                 # changed the state anyway shows when a crash does not
                 # reproduce alone); each attribute starts on a fresh state.
                 nxt = probes[i + 1] if i + 1 < len(probes) else None
+                same_attr = nxt is not None and (nxt.target, nxt.attr, nxt.kind) == \
+                    (probe.target, probe.attr, probe.kind)
                 fresh = (probe.kind == "get" or (probe.kind == "proto" and probe.attr in READS)
-                         or (exc is not None and not verdict and nxt is not None
-                             and (nxt.target, nxt.attr, nxt.kind) == (probe.target, probe.attr, probe.kind)))
+                         or (exc is not None and not verdict and same_attr)
+                         or (group.lends_only and not verdict and not any(d.closed for d in st.devices)))
                 del exc
             except BuildError as e:
                 LOG(e="end", g=group.name, gpos=gpos, i=i, id=probe.id, bad=f"fuzzer: {e}", x=None, m="")
@@ -1245,12 +1287,14 @@ def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str
         if st is not None:
             try:
                 CURRENT[0] = f"{group.name} (teardown)"
-                st.teardown()
+                st.teardown(final=True)
             except BuildError as e:
                 LOG(e="end", g=group.name, gpos=gpos, i=-1, id=f"{group.name} (teardown)",
                     bad=f"teardown: {e}", x=None, m="")
                 bad += 1
         st = None
+        for loop in loops:      # left open when a build failed
+            loop.close()
         gc.collect()
         CURRENT[0] = "(between groups)"
     LOG(e="done", t=round(time.monotonic(), 3))

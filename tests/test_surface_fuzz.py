@@ -78,16 +78,25 @@ _CRASH_LINES = re.compile(r"Fatal Python error|panicked at|AddressSanitizer|runt
                           r"Assertion|ERROR: |SUMMARY: |Aborted|double free|corrupted")
 
 
-def crash_lines(path: Path, start: int) -> str:
+def crash_lines(path: Path, start: int, pid: int) -> str:
     """What a dead child said about its death (faulthandler's first line,
-    a libblkio panic, a sanitizer summary), from its stderr since ``start``."""
+    a libblkio panic), from its stderr since ``start``, and the summary of
+    a sanitizer report it left (``make test-asan`` sends them to files)."""
+    texts = []
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            text = f.read().decode(errors="replace")
+            texts.append(f.read().decode(errors="replace"))
     except OSError:
-        return ""
-    lines = [line.strip() for line in text.splitlines() if _CRASH_LINES.search(line)]
+        pass
+    for var in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+        where = re.search(r"log_path=([^:]+)", os.environ.get(var, ""))
+        if where:
+            try:
+                texts.append(Path(f"{where.group(1)}.{pid}").read_text(errors="replace"))
+            except OSError:
+                pass
+    lines = [line.strip() for text in texts for line in text.splitlines() if _CRASH_LINES.search(line)]
     return "; ".join(dict.fromkeys(lines))[:600]
 
 
@@ -175,7 +184,7 @@ def run_fuzzer(backend_args: List[str], workdir: Path, *, only: Optional[List[st
         if done and not hung and proc.returncode == 0:
             break
         how = f"no progress for {hang_timeout:.0f} s (killed)" if hung else _signal_name(proc.returncode)
-        said = crash_lines(err, err_start) if not hung else ""
+        said = crash_lines(err, err_start, proc.pid) if not hung else ""
         detail = how + (f" ({said})" if said else "")
         if last is None:
             findings.append(Finding("(child start-up)", "hang" if hung else "crash", detail))
@@ -233,6 +242,8 @@ def cause(f: Finding) -> str:
         what = _QUOTED.sub("'…'", re.sub(r"\(\w+\.py:\d+\)", "", what))
     else:
         what = _NUMBER.sub("N", _QUOTED.sub("'…'", what))
+    if what.startswith(("warning: ", "closing its state")):
+        return f"{f.what}: {what}"      # where it surfaced says little of where it comes from
     return f"{f.what}: {what} — in {f.where or f.probe}"
 
 
