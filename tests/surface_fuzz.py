@@ -50,10 +50,9 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 import types
 import warnings
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -331,7 +330,8 @@ VALID: Dict[str, Callable[["State"], Any]] = {
     "buffers": lambda st: st.mem(8192).reshape(2, 4096), "out": lambda st: np.zeros(4, REAP_DTYPE),
     "zones": lambda st: np.empty(4, blkio.ZONE_DTYPE), "name": lambda st: "capacity",
     "value": lambda st: 1, "field": lambda st: "max_transfer", "driver": lambda st: "io_uring",
-    "path": lambda st: st.cfg["image"], "device": lambda st: st.mem_device, "queue": _spare_queue,
+    "path": lambda st: st.cfg["image"],
+    "device": lambda st: st.mem_device, "queue": _spare_queue,
     "future": _future, "waiter": _waiter, "handle": lambda st: None, "granule": lambda st: 4096,
     "initial": lambda st: 0, "max_size": lambda st: MiB, "code": lambda st: 5,
     "message": lambda st: "fuzz", "model": lambda st: "none",
@@ -402,14 +402,18 @@ def public_names(obj: Any) -> List[Tuple[str, str]]:
     defines on ``obj`` (a module: its own functions, classes and data)."""
     out = []
     if isinstance(obj, types.ModuleType):
+        exported = set(getattr(obj, "__all__", ()))
         for name, value in sorted(vars(obj).items()):
             if name.startswith("_") or isinstance(value, types.ModuleType):
                 continue
             if inspect.isclass(value) or callable(value):
-                if _is_blkio(value) and value.__module__ != "typing":
+                if _is_blkio(value) or name in exported:
                     out.append((name, "callable"))
-            elif name.isupper() or _is_blkio(type(value)):
+            elif name.isupper() or _is_blkio(type(value)) or name in exported:
                 out.append((name, "data"))
+        missing = exported - {name for name, _ in out}
+        if missing:     # lazy names (blkio.aio) come from the module's __getattr__
+            out += [(name, "data") for name in sorted(missing)]
         return out
     inst = getattr(obj, "__dict__", None) or {}
     for name in sorted(dir(obj)):
@@ -848,7 +852,7 @@ def public_classes() -> List[Tuple[str, type]]:
 def _construct(st: State, cls: type) -> Any:
     """``cls`` built directly with valid arguments (inside the loop)."""
     sig = signature_of(cls, None, "")
-    args, kwargs = [], {}
+    args: List[Any] = []
     for p in sig.parameters.values():
         if p.name.startswith("_") or p.kind in (p.VAR_KEYWORD,) or p.default is not p.empty:
             continue
@@ -860,10 +864,10 @@ def _construct(st: State, cls: type) -> Any:
         if v is NO_VALUE:
             raise BuildError(f"no valid value for parameter {p.name!r} of {cls.__name__}")
         args.append(v)
-    return st.run(lambda: cls(*args, **kwargs))
+    return st.run(lambda: cls(*args))
 
 
-def direct_builder(cls: type, bypass_init: bool) -> Callable[[State, Callable[[str], None]], None]:
+def direct_builder(cls: Any, bypass_init: bool) -> Callable[[State, Callable[[str], None]], None]:
     def build(st: State, step: Callable[[str], None]) -> None:
         st.open()
         st.in_loop = True
@@ -1075,12 +1079,6 @@ def _proto(st: State, name: str, obj: Any) -> Any:
     raise AssertionError(name)
 
 
-def _contains_big(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return any(_contains_big(x) for x in value)
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 2**64
-
-
 def judge(probe: Probe, exc: Optional[BaseException], param: Optional[inspect.Parameter]) -> Optional[str]:
     """What is wrong with this outcome (None: it keeps the contract)."""
     if exc is None:
@@ -1142,14 +1140,15 @@ def check_error_pickles(exc: BaseException) -> Optional[str]:
 def run_probe(st: State, probe: Probe) -> Tuple[Optional[BaseException], Optional[inspect.Parameter], str]:
     """Run one probe; returns (exception or None, the hostile parameter, a short result)."""
     obj = st.targets[probe.target]
+    attr = probe.attr or ""
     param = None
     try:
         if probe.kind == "get":
-            result = getattr(obj, probe.attr)
+            result = getattr(obj, attr)
         elif probe.kind == "set":
             assert probe.value is not None
             value = probe.value.make(st)
-            result = st.run(lambda: setattr(obj, probe.attr, value))
+            result = st.run(lambda: setattr(obj, attr, value))
             st.settle()
         elif probe.kind == "proto":
             result = _proto(st, probe.attr or "", obj)
@@ -1203,7 +1202,7 @@ def build(group: Group, cfg: Dict[str, Any], why: str,
 
 
 def run(cfg: Dict[str, Any], start: Tuple[int, int], only: Optional[Sequence[str]],
-        group_glob: Optional[str], listing: bool, skip: Sequence[str] = ()) -> int:
+        group_glob: Optional[str], listing: bool, skip: Collection[str] = ()) -> int:
     """Run the probes from ``start`` = (group position, probe index); returns
     the number of bad outcomes."""
     bad = 0
