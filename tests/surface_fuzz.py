@@ -889,18 +889,27 @@ class SelfCheck:
     def accepts_floats(self, offset: int) -> int:
         return 0
 
-    def closes_fds(self) -> None:
+    def abandons_fds(self) -> None:     # first: before an event loop has fds to lose
         for fd in range(3, 256):        # the log among them: it is reopened for every line
             try:
                 os.close(fd)
             except OSError:
                 pass
 
+    async def awaits_forever(self) -> None:
+        await asyncio.Event().wait()
+
     def hangs(self) -> None:
         time.sleep(3600)
 
+    def drops_a_coroutine(self) -> None:
+        asyncio.sleep(0)        # never awaited: a RuntimeWarning when it is collected
+
     def leaks(self) -> None:
         warnings.warn("unclosed resource of the self-check", ResourceWarning)
+
+    async def leaves_a_task(self) -> None:
+        asyncio.get_running_loop().create_task(asyncio.sleep(3600))
 
     def raises_runtime_error(self) -> None:
         raise RuntimeError("outside the contract")
@@ -1331,12 +1340,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     tmp = None
     image = args.image
-    if image is None:
+    if image is None and not args.selfcheck:
         tmp = tempfile.TemporaryDirectory(prefix="surface-fuzz-")
         image = os.path.join(tmp.name, "image.raw")
         with open(image, "wb") as f:
             f.write(os.urandom(IMAGE_SIZE))
-    cfg = {"image": os.path.abspath(image), "loop": args.loop_device, "vhost": args.vhost_socket,
+    cfg = {"image": os.path.abspath(image) if image else None, "loop": args.loop_device, "vhost": args.vhost_socket,
            "tier": args.tier, "verbose": args.verbose, "selfcheck": args.selfcheck}
     if args.selfcheck:
         OURS.append(SelfCheck.__module__)

@@ -217,12 +217,15 @@ def run_fuzzer(backend_args: List[str], workdir: Path, *, only: Optional[List[st
 
 def check_alone(backend_args: List[str], workdir: Path, probe: str, timeout: float) -> str:
     """How one probe behaves in a child of its own (does a crash need the probes before it?)."""
+    log = workdir / "alone.jsonl"
+    log.unlink(missing_ok=True)
     try:
-        proc = subprocess.run(child_command([*backend_args, "--only", probe]), capture_output=True,
-                              text=True, timeout=timeout, cwd=workdir, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(child_command([*backend_args, "--only", probe, "--log", str(log)]),
+                              capture_output=True, timeout=timeout, cwd=workdir,
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return "alone: hangs too"
-    if proc.returncode in (0, 1):
+    if proc.returncode == 0 and '"e": "done"' in log.read_text():
         return "alone: no crash (it needs the probes before it)"
     return f"alone: {_signal_name(proc.returncode)} too"
 
@@ -308,9 +311,10 @@ def test_public_surface_survives_a_hostile_argument_corpus(request, make_image, 
 
 def test_the_fuzzer_names_each_crash_hang_and_wrong_outcome_and_goes_on(tmp_path):
     """The harness itself, on SelfCheck's methods (surface_fuzz.py --selfcheck):
-    an abort, a hang, an exception outside the contract, a float accepted
-    for an int, a ResourceWarning, a probe that closes every fd (the log
-    among them); and the probes after each still run."""
+    an abort, a hang, an await that never ends, a task left pending, a
+    coroutine never awaited, an exception outside the contract, a float
+    accepted for an int, a ResourceWarning, a probe that closes every fd (the
+    log among them); and the probes after each still run."""
     run = run_fuzzer(["--selfcheck"], tmp_path, hang_timeout=3.0)
     found = {(f.probe, f.what): f.detail for f in run.findings}
     assert "SIGABRT" in found[("selfcheck:check.aborts(<valid>)", "crash")], report(run)
@@ -320,7 +324,10 @@ def test_the_fuzzer_names_each_crash_hang_and_wrong_outcome_and_goes_on(tmp_path
     assert found[("selfcheck:check.accepts_floats(offset=4096.5)", "bad")].startswith(
         "accepts floats for the int parameter 'offset'"), report(run)
     assert "ResourceWarning" in found[("selfcheck:check.leaks(<valid>)", "bad")], report(run)
-    assert not [f for f in run.findings if "refuses_floats" in f.probe or "closes_fds" in f.probe], report(run)
+    assert found[("selfcheck:check.awaits_forever(<valid>)", "bad")].startswith("hang: await"), report(run)
+    assert "task(s) pending" in found[("selfcheck:check.leaves_a_task(<valid>)", "bad")], report(run)
+    assert "never awaited" in found[("selfcheck:check.drops_a_coroutine(<valid>)", "bad")], report(run)
+    assert not [f for f in run.findings if "refuses_floats" in f.probe or "abandons_fds" in f.probe], report(run)
     # One child, one after the abort, one after the hang; every probe ran or
     # belonged to the attribute that had died.
     assert run.children == 3, report(run)
