@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -105,13 +105,13 @@ def child_command(args: List[str]) -> List[str]:
 
 def run_fuzzer(backend_args: List[str], workdir: Path, *, only: Optional[List[str]] = None,
                group: Optional[str] = None, tier: Optional[str] = None,
-               hang_timeout: float = HANG_TIMEOUT, extra: Tuple[str, ...] = ()) -> Run:
+               hang_timeout: float = HANG_TIMEOUT) -> Run:
     """Run the child until it has been through every probe; restart it after
     each crash or hang at the next probe."""
     log = workdir / "fuzz.jsonl"
     err = workdir / "child-stderr.txt"
     log.unlink(missing_ok=True)
-    base = [*backend_args, "--log", str(log), *extra]
+    base = [*backend_args, "--log", str(log)]
     if tier:
         base += ["--tier", tier]
     if group:
@@ -141,7 +141,7 @@ def run_fuzzer(backend_args: List[str], workdir: Path, *, only: Optional[List[st
         last_start: Optional[dict] = None
         last_seen = time.monotonic()
         done = hung = False
-        buf = b""
+        buf = b""       # a line a killed child left half written is dropped with it
         while True:
             exited = proc.poll() is not None
             with open(log, "ab+") as f:
@@ -152,7 +152,10 @@ def run_fuzzer(backend_args: List[str], workdir: Path, *, only: Optional[List[st
                 offset += len(chunk)
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    ev = json.loads(line)
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:      # the tail of a line a dead child began
+                        continue
                     last = ev
                     last_seen = time.monotonic()
                     kind = ev["e"]
@@ -305,7 +308,8 @@ def test_public_surface_survives_a_hostile_argument_corpus(request, make_image, 
           f"{run.seconds:.1f} s{' (ASan, short corpus)' if UNDER_ASAN else ''}")
     text = report(run)
     (tmp_path / "report.txt").write_text(text + "\n")
-    assert run.probes > (0 if only else 1000), text
+    group = os.environ.get("BLKIO_FUZZ_GROUP")
+    assert run.probes > (0 if only or group else 1000), text
     assert not run.findings, text
 
 
