@@ -220,7 +220,7 @@ def _peer_name_matches(fd: int, path: str) -> bool:
 
 def socket_inodes() -> Dict[int, int]:
     """This process's open sockets: fd -> socket inode."""
-    out = {}
+    out: Dict[int, int] = {}
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -285,10 +285,8 @@ class Handshake:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
         try:
-            if self._watcher is not None:
-                self._watcher.join()
+            self._stop()
         finally:
             self._drop_lock()
 
