@@ -358,3 +358,84 @@ def test_only_sockets_connected_to_the_export_are_the_backends(qsd, monkeypatch)
         assert dev.read(0, 512).tobytes() == daemon.raw.pread(0, 512)
     for s in others:
         s.close()
+
+
+# ---------------------------------------------------------------------------
+# A daemon killed and started again on the same socket and image
+
+
+def _start_daemon(image: Path, path: str) -> subprocess.Popen:
+    if os.path.lexists(path):
+        os.unlink(path)
+    proc = subprocess.Popen(
+        [shutil.which("qemu-storage-daemon"),
+         "--blockdev", f"driver=file,node-name=file0,filename={image}",
+         "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,"
+                     f"addr.path={path},writable=on"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=tool_env())
+    deadline = time.monotonic() + HANG
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.005)
+    return proc
+
+
+def _open_when_listening(path: str) -> blkio.Device:
+    """The socket file appears when the daemon binds it, a moment before it
+    listens: until then a connect is refused."""
+    deadline = time.monotonic() + HANG
+    while True:
+        try:
+            return blkio.open(DRIVER, path)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+def test_device_on_the_restarted_daemon_maps_the_memory_a_dead_device_holds(tmp_path):
+    # What a reconnect does by hand: the writes in flight when the daemon died
+    # are written again through a new device, from the same memory, which the
+    # dead device still has mapped.
+    require(shutil.which("qemu-storage-daemon"),
+            "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+    image = write_image(tmp_path / "disk.raw", 4 << 20, random=False)
+    path = str(tmp_path / "vhost.sock")
+    daemon = _start_daemon(image.path, path)
+    daemons = [daemon]
+    try:
+        dead = blkio.open(DRIVER, path)
+        buf = blkio.Buffer(1 << 20)
+        data = np.frombuffer(buf, dtype=np.uint8)
+        data[:] = np.random.default_rng(7).integers(0, 256, data.size, dtype=np.uint8)
+        assert dead.register(buf)
+        chunk = 64 << 10
+        q = dead.queue(0)
+        for k in range(16):
+            q.write(k * chunk, data[k * chunk:(k + 1) * chunk])
+        q.submit()
+        daemon.kill()
+        daemon.wait(HANG)
+        with pytest.raises(OSError) as ei:
+            q.wait(min=16, timeout=HANG)
+        assert ei.value.errno == errno.EIO
+        with pytest.raises(ConnectionRefusedError):
+            blkio.open(DRIVER, path)            # the socket file the dead daemon left
+        daemons.append(_start_daemon(image.path, path))
+        with _open_when_listening(path) as dev:
+            assert dev.register(buf)            # mapped into both devices now
+            q2 = dev.queue(0)
+            for k in range(16):
+                q2.write(k * chunk, data[k * chunk:(k + 1) * chunk])
+            for c in q2.wait(min=16, timeout=HANG):
+                c.check()
+            assert dev.stats.bounced_requests == 0
+            dead.close()                        # unmaps on a dead connection: leaves dev's alone
+            assert dev.read(0, 1 << 20).tobytes() == data.tobytes()
+            dev.flush()
+        assert image.pread(0, 1 << 20) == data.tobytes()
+    finally:
+        for d in daemons:
+            d.kill()
+            d.wait(HANG)
