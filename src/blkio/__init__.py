@@ -265,7 +265,8 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     export of qemu-storage-daemon serves one client at a time: another
     ``open`` of it waits until the current client disconnects, and past the
     timeout raises ``TimeoutError`` (``blkio.Error``, errno ETIMEDOUT) naming
-    the socket.  Ctrl-C interrupts the wait.  The socket must exist when
+    the socket.  Ctrl-C interrupts the wait (of an ``open`` in the main
+    thread, where Python handles signals).  The socket must exist when
     ``open`` is called (``FileNotFoundError``, ENOENT, at once; ``open`` does
     not wait for a starting daemon to create it); a path that is not a unix
     socket is ``blkio.Error`` with errno ENOTSOCK, and a socket nobody

@@ -6,8 +6,9 @@ family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, where
 the path is a backend daemon's socket (vhost-user), the connect bounded by
 ``connect_timeout`` and the backend's sockets to watch), the table that
 picks one by driver, and the driver's max-transfer cap.  The socket itself
-(what it is, who waits on it, cutting a handshake) is ``_vhost_socket``'s.  What differs between
-drivers is read from ``_drivers.DRIVER_FACTS``, never from a driver name.
+(what it is, who waits on it, cutting a handshake) is ``_vhost_socket``'s.
+What differs between drivers is read from ``_drivers.DRIVER_FACTS``, never
+from a driver name.
 It may not: touch a device other than through its core primitives
 (``_set``, ``_get``, ``_connect``), nor do any step common to all drivers
 (those are ``open()``'s).
