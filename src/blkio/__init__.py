@@ -254,6 +254,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
          fd: Optional[int] = None, read_only: bool = False, direct: Optional[bool] = None,
          num_queues: int = 1, num_poll_queues: int = 0, spin_us: int = 0,
          poll_us: Optional[int] = None,
+         connect_timeout: Optional[float] = _connect.DEFAULT_CONNECT_TIMEOUT,
          **properties: Any) -> Device:
     """Create, connect and start a libblkio device; returns a :class:`Device`.
 
@@ -266,11 +267,26 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     stages and per-driver rules raise ValueError before libblkio runs.
     ``spin_us`` sets :attr:`Device.spin_us` (busy-polling before waits sleep;
     ``poll_us`` is its deprecated name).
+
+    ``connect_timeout`` (seconds, default 30; ``None``: no limit) bounds the
+    wait for a virtio-blk-vhost-user backend to answer.  A vhost-user-blk
+    export of qemu-storage-daemon serves one client at a time: another
+    ``open`` of it waits until the current client disconnects, and past the
+    timeout raises ``TimeoutError`` (``blkio.Error``, errno ETIMEDOUT) naming
+    the socket.  Ctrl-C interrupts the wait (of an ``open`` in the main
+    thread, where Python handles signals).  The socket must exist when
+    ``open`` is called (``FileNotFoundError``, ENOENT, at once; ``open`` does
+    not wait for a starting daemon to create it); a path that is not a unix
+    socket is ``blkio.Error`` with errno ENOTSOCK, and a socket nobody
+    listens on ``ConnectionRefusedError``.  The other drivers wait for no
+    peer when connecting (vhost-vdpa and vfio-pci refuse a device in use
+    with EBUSY at once), so the timeout does not apply to them.
     """
     if poll_us is not None:
         _warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
         spin_us = poll_us
-    path = _check_arguments(driver, path, fd, direct, num_queues, num_poll_queues, spin_us)
+    path = _check_arguments(driver, path, fd, direct, num_queues, num_poll_queues, spin_us,
+                            connect_timeout)
     staged = _stage_properties(driver, properties)
     dev = Device(_opener=_OPENER, path=path)
     core = _DeviceCore()
@@ -281,7 +297,7 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
             core.set("read-only", "bool", True)   # must precede connect
         for spec, value in staged["created"]:
             core.set(spec.name, spec.type, value)
-        backend_fds = _connect.CONNECT[driver](core, driver, path, fd, direct)
+        backend_fds = _connect.CONNECT[driver](core, driver, path, fd, direct, connect_timeout)
         if num_poll_queues and not core.get("supports-poll-queues", "bool"):
             raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
                              f"(supports-poll-queues is false); use num_poll_queues=0")
@@ -308,8 +324,10 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
 
 def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]],
                      fd: Optional[int], direct: Optional[bool], num_queues: int,
-                     num_poll_queues: int, spin_us: int) -> Optional[str]:
-    """Check open()'s own arguments (ValueError); returns ``path`` as a str."""
+                     num_poll_queues: int, spin_us: int,
+                     connect_timeout: Optional[float] = None) -> Optional[str]:
+    """Check open()'s own arguments (ValueError; TypeError for a wrong
+    type); returns ``path`` as a str."""
     if not isinstance(driver, str):
         raise TypeError(f"a driver name is a str, not {type(driver).__name__}")
     if driver not in DRIVERS:
@@ -328,6 +346,7 @@ def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]
         raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
     if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
         raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
+    _connect.check_connect_timeout(connect_timeout)
     return path
 
 

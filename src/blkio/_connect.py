@@ -2,10 +2,13 @@
 
 Owns: the per-driver argument rules (checked before a Device exists), one
 connect function per driver family (io_uring; nvme-io_uring; the virtio-blk
-family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, on
-vhost-user only, the watch for the backend's sockets), the table that picks
-one by driver, and the driver's max-transfer cap.  What differs between
-drivers is read from ``_drivers.DRIVER_FACTS``, never from a driver name.
+family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, where
+the path is a backend daemon's socket (vhost-user), the connect bounded by
+``connect_timeout`` and the backend's sockets to watch), the table that
+picks one by driver, and the driver's max-transfer cap.  The socket itself
+(what it is, who waits on it, cutting a handshake) is ``_vhost_socket``'s.
+What differs between drivers is read from ``_drivers.DRIVER_FACTS``, never
+from a driver name.
 It may not: touch a device other than through its core's lifecycle
 primitives (``set``, ``get``, ``connect``), nor do any step common to all
 drivers (those are ``open()``'s).
@@ -15,22 +18,31 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from ._drivers import DRIVER_FACTS, DRIVERS, driver_properties
 from .errors import Error, error_for
 from ._limits import nvme_max_transfer
+from ._vhost_socket import Handshake, check_connect_timeout
 
 if TYPE_CHECKING:
     from ._device import DeviceCore
 
-__all__ = ["CONNECT", "check_arguments", "max_transfer_cap"]
+__all__ = ["CONNECT", "DEFAULT_CONNECT_TIMEOUT", "check_arguments", "check_connect_timeout",
+           "max_transfer_cap"]
 
-#: A connect function: (device, driver, path, user fd, direct) -> the device's
-#: backend fds.  Called when the device is created and its created-stage
-#: properties are set; it leaves the device connected, or raises.
-ConnectFunction = Callable[["DeviceCore", str, Optional[str], Optional[int], Optional[bool]],
-                           Tuple[int, ...]]
+#: open()'s default ``connect_timeout`` (seconds): ample for a backend that
+#: answers late (a socket-activated daemon starting, a previous client of a
+#: one-client export disconnecting), short enough that a busy export is an
+#: error, not a hang.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+#: A connect function: (device, driver, path, user fd, direct, connect
+#: timeout in seconds or None) -> the device's backend fds.  Called when the
+#: device is created and its created-stage properties are set; it leaves the
+#: device connected, or raises.
+ConnectFunction = Callable[["DeviceCore", str, Optional[str], Optional[int], Optional[bool],
+                            Optional[float]], Tuple[int, ...]]
 
 
 def check_arguments(driver: str, path: Optional[str], fd: Optional[int],
@@ -60,8 +72,10 @@ def max_transfer_cap(driver: str, path: Optional[str]) -> int:
 # ---- connect functions ------------------------------------------------------
 
 def connect_io_uring(dev: "DeviceCore", driver: str, path: Optional[str],
-                     fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
-    """Give libblkio the path (it applies direct and read-only) or the caller's fd."""
+                     fd: Optional[int], direct: Optional[bool],
+                     connect_timeout: Optional[float]) -> Tuple[int, ...]:
+    """Give libblkio the path (it applies direct and read-only) or the caller's
+    fd.  Opening a file waits for no peer: no timeout applies."""
     if direct:
         dev.set("direct", "bool", True)
     if fd is not None:
@@ -78,24 +92,34 @@ def connect_io_uring(dev: "DeviceCore", driver: str, path: Optional[str],
 
 
 def connect_nvme_io_uring(dev: "DeviceCore", driver: str, path: Optional[str],
-                          fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
-    """The char device is opened here and passed as an fd where libblkio takes one."""
+                          fd: Optional[int], direct: Optional[bool],
+                          connect_timeout: Optional[float]) -> Tuple[int, ...]:
+    """The char device is opened here and passed as an fd where libblkio takes
+    one.  No timeout applies: opening it waits for no peer."""
     assert path is not None     # check_arguments
     _connect_passing_fd(dev, driver, path)
     return ()
 
 
 def connect_virtio_blk(dev: "DeviceCore", driver: str, path: Optional[str],
-                       fd: Optional[int], direct: Optional[bool]) -> Tuple[int, ...]:
-    """vfio-pci, vhost-user, vhost-vdpa: fd passing where libblkio takes an fd;
-    on vhost-user the sockets that connect opened are the backend's."""
+                       fd: Optional[int], direct: Optional[bool],
+                       connect_timeout: Optional[float]) -> Tuple[int, ...]:
+    """vfio-pci, vhost-user, vhost-vdpa: fd passing where libblkio takes an fd.
+    Where the path is a daemon's socket (vhost-user), it must be a socket,
+    the handshake is bounded by ``connect_timeout`` and the sockets connect
+    opened are the backend's.  vfio-pci and vhost-vdpa wait for no peer (a
+    device in use is EBUSY at once): no timeout applies."""
     assert path is not None     # check_arguments
-    if not DRIVER_FACTS[driver].watches_backend_sockets:
+    if not DRIVER_FACTS[driver].path_is_daemon_socket:
         _connect_passing_fd(dev, driver, path)
         return ()
-    before = _socket_fds()
-    _connect_passing_fd(dev, driver, path)
-    return tuple(sorted(_socket_fds() - before))
+    with Handshake(driver, path, connect_timeout) as handshake:
+        try:
+            _connect_passing_fd(dev, driver, path)
+        except Error as e:
+            raise handshake.error(e) from None
+        handshake.check()
+        return handshake.backend_fds()
 
 
 _BY_FAMILY: Dict[str, ConnectFunction] = {
@@ -183,17 +207,3 @@ def _close_if_ours(fd: int, identity: Optional[Tuple[int, int, int]]) -> None:
     except OSError:
         pass
 
-
-def _socket_fds() -> Set[int]:
-    """The numbers of this process's open sockets."""
-    fds = set()
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                    fds.add(int(name))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return fds

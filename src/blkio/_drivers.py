@@ -163,18 +163,20 @@ class DriverFacts:
     passes_fd: bool
     #: The property giving the per-queue depth (request slots of a queue).
     queue_depth_property: str
-    #: The sockets libblkio opens at connect lead to the backend daemon
-    #: (vhost-user); the device keeps their numbers to tell a dead backend.
-    watches_backend_sockets: bool
+    #: ``path`` is a backend daemon's unix socket (vhost-user): it is checked
+    #: to be one before connecting, the handshake is bounded by open()'s
+    #: ``connect_timeout``, and the device keeps the numbers of the sockets
+    #: connect opened to tell a dead backend.
+    path_is_daemon_socket: bool
     #: max-transfer is capped by the kernel's limit for the NVMe namespace
     #: (``_limits.nvme_max_transfer``): libblkio 1.5.0 reports 32 MiB regardless.
     nvme_max_transfer_cap: bool
 
 
-def _virtio_blk(watches_backend_sockets: bool = False) -> DriverFacts:
+def _virtio_blk(path_is_daemon_socket: bool = False) -> DriverFacts:
     return DriverFacts("virtio-blk", fd_instead_of_path=False, refuses_buffered=True,
                        passes_fd=True, queue_depth_property="queue-size",
-                       watches_backend_sockets=watches_backend_sockets,
+                       path_is_daemon_socket=path_is_daemon_socket,
                        nvme_max_transfer_cap=False)
 
 
@@ -182,13 +184,13 @@ DRIVER_FACTS: Mapping[str, DriverFacts] = {
     # The path goes to libblkio so that it applies direct and read-only itself.
     "io_uring": DriverFacts("io_uring", fd_instead_of_path=True, refuses_buffered=False,
                             passes_fd=False, queue_depth_property="num-entries",
-                            watches_backend_sockets=False, nvme_max_transfer_cap=False),
+                            path_is_daemon_socket=False, nvme_max_transfer_cap=False),
     "nvme-io_uring": DriverFacts("nvme-io_uring", fd_instead_of_path=False,
                                  refuses_buffered=True, passes_fd=True,
                                  queue_depth_property="num-entries",
-                                 watches_backend_sockets=False, nvme_max_transfer_cap=True),
+                                 path_is_daemon_socket=False, nvme_max_transfer_cap=True),
     "virtio-blk-vfio-pci": _virtio_blk(),
-    "virtio-blk-vhost-user": _virtio_blk(watches_backend_sockets=True),
+    "virtio-blk-vhost-user": _virtio_blk(path_is_daemon_socket=True),
     "virtio-blk-vhost-vdpa": _virtio_blk(),
 }
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import Device, Op, REQ_FUA, open as _open_device
 from ._checks import int_array, write_zeroes_flags
+from ._connect import DEFAULT_CONNECT_TIMEOUT
 from ._public import async_port
 from ._zones import ZONE_DTYPE, _report_plan
 from .errors import error_for
@@ -669,9 +670,13 @@ class _Opener:
 
 
 def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
-         poll_us: Optional[int] = None, queue: int = 0, **kwargs: Any) -> _Opener:
+         poll_us: Optional[int] = None, queue: int = 0,
+         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
     Arguments are those of :func:`blkio.open`, plus ``spin_us`` (``poll_us``,
-    deprecated) and ``queue``."""
-    return _Opener((driver, path), dict(kwargs, spin_us=spin_us, poll_us=poll_us, queue=queue))
+    deprecated) and ``queue``.  The device is opened in the loop's default
+    executor, so a vhost-user handshake that waits (``connect_timeout``, as
+    in :func:`blkio.open`) does not block the loop."""
+    return _Opener((driver, path), dict(kwargs, spin_us=spin_us, poll_us=poll_us, queue=queue,
+                                        connect_timeout=connect_timeout))
