@@ -133,6 +133,7 @@ cdef class _DeviceCore:
 
     @property
     def driver(self) -> str:
+        """The libblkio driver's name (one of ``blkio.DRIVERS``)."""
         return self.handle.driver
 
     @property
@@ -144,10 +145,14 @@ cdef class _DeviceCore:
 
     @property
     def capacity(self) -> int:
+        """The device's size in bytes, read once at start (``refresh_limits()``
+        reads it again)."""
         return self.handle.lim.capacity
 
     @property
     def read_only(self) -> bool:
+        """True when the device was opened read-only (``read_only=True``) or
+        libblkio reports it so: writes raise ``ReadOnlyError``."""
         return self.handle.lim.read_only
 
     @property

@@ -172,6 +172,7 @@ cdef class BouncePool:
             self._unlock()
 
     def fifo_leave(self, waiter):
+        """Internal (blkio.aio): take a waiter that gave up out of the FIFO."""
         self._lock()
         try:
             try:
@@ -225,6 +226,7 @@ cdef class BouncePool:
         self.wake_all()
 
     def wake_all(self):
+        """Internal: wake every waiter, so each checks the pool again."""
         self._lock()
         try:
             for waiter in self.waiters:

@@ -100,8 +100,12 @@ cdef class Queue:
     cdef BouncePool pool
     cdef object _device            # the Device (Queue.device; removal callbacks)
     cdef readonly int index
+    """The queue's number among the device's queues (or its poll queues)."""
     cdef readonly bint is_poll_queue
+    """True for a poll queue (``Device.poll_queue``): no completion fd."""
     cdef readonly Py_ssize_t slots # driver queue depth (num-entries / queue-size), 0: unknown
+    """Requests the driver's queue holds at once (num-entries or queue-size;
+    0: unknown): the most a batch call submits in one go."""
     cdef pthread_mutex_t lock      # libblkio queues are not thread-safe
     cdef bint lock_ready
     # Blocking calls of several threads on one queue: one of them (the
