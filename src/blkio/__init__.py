@@ -102,7 +102,7 @@ class Device(_DeviceCore, _ZonedMixin):
     bounced through ``bounce_pool``, and ``alloc``/``register`` avoid that.
     Zoned devices: ``zoned``, ``zone_info``, ``report_zones``,
     ``open_zone``/``close_zone``/``finish_zone``/``reset_zone`` and their
-    ``*_all_zones`` forms, ``zone_writer`` (see :class:`ZonedMixin`).
+    ``*_all_zones`` forms, ``zone_writer``.
     """
 
     path: Optional[str]

@@ -39,19 +39,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
-    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns
-    the exit status.  ``prog`` is the name that help and errors show."""
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["copy"]:
-        # copy parses its own arguments: PROPERTY=VALUE belongs to the
-        # --input-blkio/--output-blkio before it (libblkio's blkio-copy).
-        from . import _copy
-        return _copy.main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from . import _bench
-        return _bench.main(argv[1:], prog=f"{prog} bench")
+def build_parser(prog: str = "blkio") -> argparse.ArgumentParser:
+    """The top-level parser and ``info``'s (``bench`` and ``copy`` parse
+    their own arguments; the docs' CLI page renders all three)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,5 +56,21 @@ def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
     sub.add_parser("copy", add_help=False,
                    help="copy a device or file to another, pipelined (libblkio's blkio-copy; "
                         "python -m blkio copy --help)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns
+    the exit status.  ``prog`` is the name that help and errors show."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["copy"]:
+        # copy parses its own arguments: PROPERTY=VALUE belongs to the
+        # --input-blkio/--output-blkio before it (libblkio's blkio-copy).
+        from . import _copy
+        return _copy.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from . import _bench
+        return _bench.main(argv[1:], prog=f"{prog} bench")
+    args = build_parser(prog).parse_args(argv)
     return int(args.func(args) or 0)
