@@ -440,7 +440,8 @@ cdef int _expose_members() except -1:
     cdef char *base = <char *><PyObject *>probe
     cdef PyTypeObject *tp = <PyTypeObject *>Completion
     _completion_members[0] = PyMemberDef(
-        name=b"user_data", type=T_OBJECT_EX, flags=READONLY, doc=NULL,
+        name=b"user_data", type=T_OBJECT_EX, flags=READONLY,
+        doc=b"The object passed as user_data= when the request was enqueued",
         offset=<char *>&probe.user_data - base)
     _completion_members[1] = PyMemberDef(
         name=b"ret", type=T_OBJECT_EX, flags=READONLY,
