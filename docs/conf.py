@@ -69,6 +69,9 @@ autodoc_inherit_docstrings = True
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 
+# Option names (--input-file) and code stay as typed: no en dashes.
+smartquotes = False
+
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 

@@ -19,6 +19,7 @@ built site) that says what it needs::
 
 - ``vhost-user``: qemu-storage-daemon exports ``disk.img`` as vhost-user-blk
   on ``./vhost.sock`` (``num-queues=N``: with N queues; default 1);
+- ``root``: needs root (loop devices); skipped otherwise, failed with CI=true;
 - ``continue``: the block continues the previous block of the same page (that
   block's code, and its setup, run first in the same process);
 - ``setup``: the comment's remaining lines run first (hidden setup for a
@@ -45,7 +46,7 @@ from typing import List, Optional
 
 import pytest
 
-from conftest import MiB, tool_env
+from conftest import MiB, require, tool_env
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_LANGS = {"python": "python", "py": "python", "sh": "sh", "bash": "sh", "shell": "sh"}
@@ -198,6 +199,8 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
     chain = [block]
     while chain[-1].previous is not None:
         chain.append(chain[-1].previous)
+    if any("root" in b.flags for b in chain):
+        require(os.geteuid() == 0, f"{block.id} needs root (it sets up a loop device)")
     if any("vhost-user" in b.flags for b in chain):
         qsd = request.getfixturevalue("qsd")
         queues = max(int(b.flag_value("num-queues", "1")) for b in chain)

@@ -111,15 +111,23 @@ class CliDirective(SphinxDirective):
 
 def errors_rst() -> List[str]:
     """A table: errno, the class raised, its bases (``error_for`` decides)."""
+    import blkio
     from blkio import _errors
+
+    def public(cls: type) -> str:
+        if cls.__module__ == "builtins":
+            return cls.__qualname__
+        if getattr(blkio, cls.__name__, None) is cls:
+            return f"blkio.{cls.__name__}"
+        return f"{cls.__module__}.{cls.__qualname__}"
+
     rows = []
     for code in sorted(errno.errorcode):
         cls = type(_errors.error_for(code, "x"))
         if cls is _errors.Error:
             continue
-        bases = ", ".join(f"``{b.__module__ + '.' if b.__module__ != 'builtins' else ''}"
-                          f"{b.__qualname__}``" for b in cls.__bases__)
-        rows.append((f"``{errno.errorcode[code]}`` ({code})", f"``{cls.__qualname__}``", bases))
+        bases = ", ".join(f"``{public(b)}``" for b in cls.__bases__)
+        rows.append((f"``{errno.errorcode[code]}`` ({code})", f"``{cls.__name__}``", bases))
     lines = [".. list-table::", "   :header-rows: 1", "",
              "   * - errno", "     - class raised", "     - its bases"]
     for row in rows:

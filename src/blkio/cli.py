@@ -47,7 +47,7 @@ def build_parser(prog: str = "blkio") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="open a device and print its limits, properties and zones "
                                     "(zoned devices: model, geometry, zones by state) as JSON")
-    p.add_argument("driver")
+    p.add_argument("driver", help="libblkio driver, e.g. io_uring")
     p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
     p.set_defaults(func=cmd_info)
     sub.add_parser("bench", add_help=False,
