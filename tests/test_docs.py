@@ -11,6 +11,7 @@ reader can find, not what a page's source mentions.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 import blkio
 import blkio.aio
+from conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -64,8 +66,8 @@ def docstring(obj: Any) -> str:
 @pytest.fixture(scope="session")
 def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site, built once per session by the venv's Sphinx."""
-    pytest.importorskip("sphinx", reason="Sphinx is not installed (make test installs "
-                                          "requirements/docs.txt)")
+    require(importlib.util.find_spec("sphinx"), "Sphinx is not installed (make test installs "
+                                                "requirements/docs.txt into the venv)")
     out = tmp_path_factory.mktemp("docs-html")
     proc = subprocess.run([sys.executable, "-m", "sphinx", *SPHINX_ARGS, str(DOCS), str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
