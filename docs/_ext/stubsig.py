@@ -20,10 +20,13 @@ read stubs.
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import importlib
 import inspect
+import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -263,7 +266,32 @@ def add_attribute_types(app: Sphinx, domain: str, objtype: str, contentnode: Any
                                         addnodes.desc_sig_space(), *_parse_annotation(typ, app.env))
 
 
+# Names outside this package: Python's and numpy's inventories cannot be
+# fetched here (no network but the package registries), so these are shown
+# as their short names, without a link, instead of warning as unresolved.
+# Any other unresolved name (ours, misspelt) still fails the build.
+_EXTERNAL_MODULES = re.compile(r"^(typing|typing_extensions|collections\.abc|numpy|numpy\.typing|asyncio"
+                               r"|enum|os|types|_typeshed|builtins|concurrent\.futures)\."
+                               r"|^np\.|^blkio(\.aio)?\._")
+
+
+def external_reference(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
+    if node.get("refdomain") != "py":
+        return None
+    target = node["reftarget"]
+    if _EXTERNAL_MODULES.match(target) or (
+            "." not in target and (hasattr(builtins, target) or hasattr(typing, target))):
+        short = target.rpartition(".")[2]
+        if "." in target and short in getattr(sys.modules.get("blkio"), "__all__", ()):
+            # collections.abc.Buffer is not blkio.Buffer: keep the full name
+            from docutils import nodes
+            return nodes.Text(target)
+        return contnode
+    return None
+
+
 def setup(app: Sphinx) -> Dict[str, Any]:
+    app.connect("missing-reference", external_reference)
     app.connect("autodoc-process-signature", process_signature)
     app.connect("object-description-transform", add_attribute_types)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
