@@ -2,7 +2,8 @@
 #   make bench   install what is missing, then run the benchmark suite
 #   make test    install what is missing, build dist/, then run the tests
 # Also: make dist (sdist + manylinux wheels), make test-wheels (only the
-# tests of what dist/ holds, tests/test_wheels.py).
+# tests of what dist/ holds, tests/test_wheels.py), make docs (the Sphinx
+# site into build/docs/html).
 # A second run finds everything in place and only runs the command.
 
 PYTHON ?= python3
@@ -11,11 +12,13 @@ VPY    := $(VENV)/bin/python
 TOOLS  := build/dist/tools
 SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.h src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
-.PHONY: test test-asan test-wheels dist bench bench-full system install clean
+.PHONY: test test-asan test-wheels dist docs bench bench-full system install clean
 
 # With PYTEST_ARGS (a selection, while developing) dist/ is not rebuilt and
-# the sanitizer run is left out; the plain command runs everything.
-test: install $(if $(PYTEST_ARGS),,dist)
+# the sanitizer run is left out; the plain command runs everything, the docs
+# build (tests/test_docs.py) and every example of README and docs/
+# (tests/test_examples.py) included.
+test: install $(VENV)/.docs-deps $(if $(PYTEST_ARGS),,dist)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(if $(PYTEST_ARGS),,$(MAKE) test-asan)
 
@@ -36,7 +39,8 @@ test-asan: system $(ASAN_VENV)/.installed
 	rm -rf $(ASAN_LOG) && mkdir -p $(ASAN_LOG)
 	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -p no:cacheprovider --ignore=tests/test_guest.py \
 	  --ignore=tests/test_typing.py --ignore=tests/test_wheels.py \
-	  --ignore=tests/test_packaging.py -m 'not soak' $(ASAN_PYTEST_ARGS); rc=$$?; \
+	  --ignore=tests/test_packaging.py --ignore=tests/test_docs.py \
+	  --ignore=tests/test_examples.py -m 'not soak' $(ASAN_PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$(ls -A $(ASAN_LOG))" ]; then \
 	  cat $(ASAN_LOG)/*; echo "test-asan: sanitizer reports above"; exit 1; fi; exit $$rc
 
@@ -59,6 +63,16 @@ $(TOOLS)/.pinned: requirements/build.txt requirements/dist.txt
 	rm -rf $(TOOLS)
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install -q -r requirements/build.txt -r requirements/dist.txt
+	touch $@
+
+# The documentation site, from the package installed in .venv (docs/conf.py
+# refuses src/), into build/docs/html; warnings are errors.
+docs: install $(VENV)/.docs-deps
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
+
+$(VENV)/.docs-deps: $(VENV)/.build-deps requirements/docs.txt
+	$(VPY) -m pip install -q -r requirements/docs.txt
 	touch $@
 
 bench: install $(VENV)/.bench-deps

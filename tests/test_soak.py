@@ -4,7 +4,7 @@ neither file descriptors nor memory.
 Each test measures after a warm-up (allocator pools, freelists, numpy caches
 fill once), then asserts that the fd count is unchanged and that resident
 memory grew by less than a small bound.  The figures are printed (run with
-``-s`` to see them; README's reliability section quotes them).
+``-s`` to see them; docs/bench-history.md quotes them).
 """
 
 from __future__ import annotations

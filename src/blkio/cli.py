@@ -39,6 +39,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser(prog: str = "blkio") -> argparse.ArgumentParser:
+    """The top-level parser and ``info``'s (``bench`` and ``copy`` parse
+    their own arguments; the docs' CLI page renders all three)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.set_defaults(prog=prog)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="open a device and print its limits, properties and zones "
+                                    "(zoned devices: model, geometry, zones by state) as JSON")
+    p.add_argument("driver", help="libblkio driver, e.g. io_uring")
+    p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
+    p.set_defaults(func=cmd_info)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark a device (the options and JSON of libblkio's blkio-bench; "
+                        "bench --help)")
+    sub.add_parser("copy", add_help=False,
+                   help="copy a device or file to another, pipelined (libblkio's blkio-copy; "
+                        "python -m blkio copy --help)")
+    return parser
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns
     the exit status.  ``prog`` is the name that help and errors show."""
@@ -52,19 +72,5 @@ def main(argv: Optional[List[str]] = None, prog: str = "blkio") -> int:
     if argv[:1] == ["bench"]:
         from . import _bench
         return _bench.main(argv[1:], prog=f"{prog} bench")
-    parser = argparse.ArgumentParser(prog=prog)
-    parser.set_defaults(prog=prog)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="open a device and print its limits, properties and zones "
-                                    "(zoned devices: model, geometry, zones by state) as JSON")
-    p.add_argument("driver")
-    p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
-    p.set_defaults(func=cmd_info)
-    sub.add_parser("bench", add_help=False,
-                   help="benchmark a device (the options and JSON of libblkio's blkio-bench; "
-                        "bench --help)")
-    sub.add_parser("copy", add_help=False,
-                   help="copy a device or file to another, pipelined (libblkio's blkio-copy; "
-                        "python -m blkio copy --help)")
-    args = parser.parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     return int(args.func(args) or 0)
