@@ -344,8 +344,12 @@ def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]
             raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
     if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
         raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
-    if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
-        raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
+    if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int)):
+        raise TypeError(f"property 'fd' of driver {driver!r} takes an int (an open file "
+                        f"descriptor), not {type(fd).__name__}")
+    if fd is not None and not 0 <= fd < 2**31:
+        raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor, "
+                         f"got {fd}")
     _connect.check_connect_timeout(connect_timeout)
     return path
 

@@ -19,7 +19,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uintptr_t
 
 from ._checks cimport as_u64, closed_error
-from ._memory cimport ArenaSlice
+from ._memory cimport ArenaSlice, MAX_BYTES
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock)
 
@@ -132,6 +132,9 @@ cdef class BounceSpace:
             self._unlock()
 
     cdef size_t checked_size(self, size_t nbytes) except? 0:
+        if nbytes > self._max_size:         # before rounding, which could wrap
+            raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
+                             f"max_size of {self._max_size} bytes")
         cdef size_t size = self._round(nbytes)
         if size > self._max_size:
             raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
@@ -319,6 +322,8 @@ cdef class Arena:
         self.chunk_size = chunk_size
 
     cpdef object alloc(self, size_t nbytes):
+        if nbytes > MAX_BYTES:
+            raise ValueError(f"alloc of {nbytes} bytes: more than a process can map")
         cdef size_t g = self.granule
         cdef size_t count = (nbytes + g - 1) // g
         cdef Py_ssize_t start

@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from ._checks import REQ_FUA
+from ._checks import REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK
 from ._pool import AsyncWaiter
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
@@ -335,7 +335,7 @@ cdef class DeviceFront:
             self.core.close(float(timeout))
 
 
-def bind(DeviceFront front, DeviceCore core):
+def bind(DeviceFront front not None, DeviceCore core not None):
     """Give a new blkio.Device its core (``blkio.open`` does, once)."""
     if front.core is not None:
         raise ValueError("this device already has its core")
@@ -343,7 +343,7 @@ def bind(DeviceFront front, DeviceCore core):
     core.set_front(front)
 
 
-def zone_request(DeviceFront front, int op, offset=0, zones=None):
+def zone_request(DeviceFront front not None, int op, offset=0, zones=None):
     """One zone request on the calling thread's queue, waited for (GIL
     released); returns its ``ret`` (the zones filled in, for a report).
     For blkio._zones, which gives it its public forms."""
@@ -356,7 +356,7 @@ def zone_request(DeviceFront front, int op, offset=0, zones=None):
         core_leave(core, entry)
 
 
-def check_zone(DeviceFront front, int op, offset):
+def check_zone(DeviceFront front not None, int op, offset):
     """Raise what is wrong with a zone request of ``op`` at ``offset`` (a
     device that is not zoned, an offset that is not a zone start...)."""
     cdef DeviceCore core = front._live()
@@ -367,13 +367,13 @@ def check_zone(DeviceFront front, int op, offset):
         raise problem_error(problem, h.driver, &h.lim, op, off, 0)
 
 
-def add_queue(DeviceFront front, bint poll):
+def add_queue(DeviceFront front not None, bint poll):
     """A new queue of the device (the facade checked can-add-queues)."""
     cdef DeviceCore core = front._live()
     return _queue_of(core, core.add_queue(poll))
 
 
-def remove_queue(DeviceFront front, Queue queue, double timeout):
+def remove_queue(DeviceFront front not None, Queue queue not None, double timeout):
     """Remove ``queue`` from the device (see ``Device.remove_queue``)."""
     cdef DeviceCore core = front._live()
     if queue.core is not core or queue.engine is None:
@@ -381,7 +381,7 @@ def remove_queue(DeviceFront front, Queue queue, double timeout):
     core.remove_queue(queue.engine, timeout)
 
 
-def large_io_plan(DeviceFront front, nbytes, chunk=None, depth=None, bint write=False):
+def large_io_plan(DeviceFront front not None, nbytes, chunk=None, depth=None, bint write=False):
     """How a read (or write) of ``nbytes`` is cut: (chunk bytes, pieces in
     flight), or (nbytes, 1) when it goes as one request (for tests and tools)."""
     cdef DeviceCore core = front._live()
@@ -393,7 +393,7 @@ def large_io_plan(DeviceFront front, nbytes, chunk=None, depth=None, bint write=
     return ck, (1 if write and h.lim.zoned == 2 else dp)
 
 
-def core_of(DeviceFront front):
+def core_of(DeviceFront front not None):
     """The core of a blkio.Device, for the facade's own modules."""
     if front.core is None:
         raise no_device_error()
@@ -414,9 +414,9 @@ cdef Queue _queue_of(DeviceCore core, QueueEngine e):
 cdef inline Py_ssize_t _enter(Queue q) except -1:
     """The device's guard, then the queue's; refuses a closed device, a
     removed queue and a broken backend.  Returns both entries, packed."""
-    cdef DeviceCore core = q.core
-    if core is None:
+    if q is None or q.core is None:
         raise no_device_error()
+    cdef DeviceCore core = q.core
     cdef Py_ssize_t dentry = core_enter(core)
     cdef QueueEngine e = q.engine
     if e.removing or e.q == NULL:
@@ -464,7 +464,7 @@ cdef class Queue:
         finally:
             _leave(self, entries)
 
-    def enqueue(self, op, offset=0, buf=None, length=0, unsigned int flags=0,
+    def enqueue(self, op, offset=0, buf=None, length=0, flags=0,
                 user_data=None, bint vectored=False):
         """Enqueue one request of any kind without waiting for it: ``op``
         (an ``Op``: READ .. FLUSH), ``offset`` and ``buf`` (a buffer, or a
@@ -476,8 +476,8 @@ cdef class Queue:
         if not op_in(code, READ, FLUSH):
             raise ValueError(f"unknown op {op!r} (Op.READ .. Op.FLUSH; zone requests: "
                              f"enqueue_zone)")
-        return self._enqueue(<int>code, offset, buf, as_u64(length, "length"), flags,
-                             user_data, vectored)
+        return self._enqueue(<int>code, offset, buf, as_u64(length, "length"),
+                             request_flags(flags), user_data, vectored)
 
     def read(self, offset, buf, *, user_data=None):
         """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
@@ -632,7 +632,7 @@ cdef class Queue:
     def failed(self) -> int:
         """Batch completions reaped with ret < 0 so far (check ``ret`` in
         ``out`` for which)."""
-        return self.engine.ring.failed
+        return self.engine.ring.failed if self.engine is not None else 0
 
     # ---- zoned devices ------------------------------------------------------------
 
@@ -803,6 +803,14 @@ cdef class Queue:
         return f"<blkio.Queue {kind} {self.engine.index} in_flight={self.engine.unreaped}>"
 
 
+cdef unsigned int request_flags(object flags) except? 0xFFFFFFFF:
+    """``flags`` of Queue.enqueue: REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK or'ed."""
+    cdef uint64_t f = as_u64(flags, "flags")
+    if f & ~<uint64_t>(REQ_FUA | REQ_NO_UNMAP | REQ_NO_FALLBACK):
+        raise ValueError(f"flags={f:#x}: only blkio.REQ_FUA, REQ_NO_UNMAP and REQ_NO_FALLBACK")
+    return <unsigned int>f
+
+
 cdef double _seconds(object timeout) except? -2.0:
     """A wait's timeout in seconds (-1: none)."""
     if timeout is None:
@@ -848,6 +856,11 @@ cdef class BouncePool:
         raise TypeError("a blkio.BouncePool cannot be pickled: it is memory mapped into a "
                         "device of this process")
 
+    cdef BounceSpace _live(self):
+        if self.space is None or self.core is None:
+            raise no_device_error()
+        return self.space
+
     def acquire(self, nbytes, timeout=None):
         """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
 
@@ -857,7 +870,7 @@ cdef class BouncePool:
         """
         cdef uint64_t n = as_u64(nbytes, "nbytes")
         cdef double t = _seconds(timeout)
-        self.space.check_open()
+        self._live().check_open()
         cdef Py_ssize_t entry = core_enter(self.core)   # growing the pool maps memory
         cdef Py_ssize_t start
         try:
@@ -871,7 +884,7 @@ cdef class BouncePool:
         blocking the event loop.  Returns the array."""
         import asyncio
         cdef uint64_t n = as_u64(nbytes, "nbytes")
-        cdef BounceSpace space = self.space
+        cdef BounceSpace space = self._live()
         space.check_open()
         cdef size_t size = space.checked_size(n)
         cdef Py_ssize_t start = self._try(size)
@@ -908,44 +921,44 @@ cdef class BouncePool:
 
     def release(self, array):
         """Give back an array from ``acquire``."""
-        self.space.release(array)
+        self._live().release(array)
 
     @property
     def size(self) -> int:
         """Current pool size in bytes."""
-        return self.space.size
+        return self._live().size
 
     @property
     def in_use(self) -> int:
         """Bytes currently handed out."""
-        return self.space.in_use
+        return self._live().in_use
 
     @property
     def granule(self) -> int:
         """Allocation unit in bytes (a multiple of mem-region-alignment)."""
-        return self.space.granule
+        return self._live().granule
 
     @property
     def max_size(self) -> int:
         """Upper bound of the pool size in bytes (settable)."""
-        return self.space.max_size
+        return self._live().max_size
 
     @max_size.setter
     def max_size(self, value):
-        self.space.max_size = value
+        self._live().max_size = value
 
     @property
     def waiting(self) -> int:
         """Number of callers waiting for space."""
-        return self.space.waiting
+        return self._live().waiting
 
     def __repr__(self):
-        return repr(self.space)
+        return repr(self.space) if self.space is not None else "<blkio.BouncePool of no device>"
 
 
 # ---- the asyncio port ------------------------------------------------------------------
 
-def async_port(DeviceFront front, index):
+def async_port(DeviceFront front not None, index):
     """The port through which blkio.aio drives queue ``index`` (package-private)."""
     cdef DeviceCore core = front._live()
     cdef QueueEngine e = core.engine_at(as_index(index, "queue"), False)
@@ -991,11 +1004,11 @@ cdef class AsyncPort:
         finally:
             _leave(<Queue>self.queue, entries)
 
-    def need(self, Transfer t):
+    def need(self, Transfer t not None):
         """Bounce bytes ``t`` waits for before its next piece (0: none)."""
         return t.need
 
-    def refill(self, Transfer t, bounce):
+    def refill(self, Transfer t not None, bounce):
         """Go on with ``t`` now that ``bounce`` (space acquired for its next
         piece) is there; space it did not use goes back."""
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
@@ -1065,7 +1078,7 @@ cdef class AsyncPort:
         finally:
             _leave(<Queue>self.queue, entries)
 
-    def fail(self, Transfer t, exc):
+    def fail(self, Transfer t not None, exc):
         """End ``t`` with ``exc`` (its bounce space could not be had)."""
         if t.future is not None and not t.future.done():
             t.future.set_exception(exc)

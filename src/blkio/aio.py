@@ -40,16 +40,17 @@ from typing import Any, Awaitable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import Device, Op, REQ_FUA, open as _open_device
-from ._checks import int_array, write_zeroes_flags
-from ._connect import DEFAULT_CONNECT_TIMEOUT
-from ._public import async_port
-from ._zones import ZONE_DTYPE, _report_plan
-from .errors import error_for
+# (imported under private names: this module's public names are __all__'s)
+from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_device
+from ._checks import int_array as _int_array, write_zeroes_flags as _write_zeroes_flags
+from ._connect import DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT
+from ._public import async_port as _async_port
+from ._zones import ZONE_DTYPE as _ZONE_DTYPE, _report_plan
+from .errors import error_for as _error_for
 
 __all__ = ["AsyncDevice", "open"]
 
-_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = Op.READ, Op.WRITE, Op.WRITE_ZEROES, Op.DISCARD, Op.FLUSH
+_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
 
 # A batch request's user_data: its batch's number << 32 | its index in the batch.
 _TAG_SHIFT = 32
@@ -90,9 +91,9 @@ class AsyncDevice:
     more CPU; QEMU's poll handler does the same).
     """
 
-    def __init__(self, device: Device, queue: int = 0, *, spin_us: int = 0,
+    def __init__(self, device: _Device, queue: int = 0, *, spin_us: int = 0,
                  poll_us: Optional[int] = None) -> None:
-        if not isinstance(device, Device):
+        if not isinstance(device, _Device):
             raise TypeError(f"AsyncDevice drives a blkio.Device, not {type(device).__name__}")
         if poll_us is not None:
             import warnings
@@ -101,7 +102,7 @@ class AsyncDevice:
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
             raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
         self.device = device
-        self._port = async_port(device, queue)
+        self._port = _async_port(device, queue)
         self.queue = self._port.queue
         self.spin_us = spin_us
         self._loop = _running_loop()
@@ -310,7 +311,7 @@ class AsyncDevice:
               depth: Optional[int] = None) -> Awaitable[int]:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
-        return self._submit(_WRITE, offset, buf, REQ_FUA if fua else 0, 0, chunk, depth)
+        return self._submit(_WRITE, offset, buf, _REQ_FUA if fua else 0, 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any], *, chunk: Optional[int] = None,
               depth: Optional[int] = None) -> Awaitable[int]:
@@ -320,13 +321,13 @@ class AsyncDevice:
     def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False,
                chunk: Optional[int] = None, depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored write (split and pipelined like ``write``); awaits the count."""
-        return self._submit(_WRITE, offset, bufs, REQ_FUA if fua else 0, 0, chunk, depth, True)
+        return self._submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
         """Write ``length`` zero bytes at ``offset``."""
         await self._submit(_WRITE_ZEROES, offset, None,
-                           write_zeroes_flags(fua, may_unmap, no_fallback), length)
+                           _write_zeroes_flags(fua, may_unmap, no_fallback), length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
@@ -356,13 +357,13 @@ class AsyncDevice:
 
     async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
         """Report zones from the one holding ``offset`` (see
-        ``Device.report_zones``): a numpy array of ``blkio.ZONE_DTYPE``."""
+        ``Device.report_zones``): a numpy array of ``blkio._ZONE_DTYPE``."""
         pos, left, per_request = _report_plan(self.device, offset, nr_zones)
         parts = []
         while left > 0:
             n = min(left, per_request)
-            zones = self.device.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
-            got = await self._zone(Op.REPORT_ZONES, pos, zones)
+            zones = self.device.alloc(n * _ZONE_DTYPE.itemsize).view(_ZONE_DTYPE)
+            got = await self._zone(_Op.REPORT_ZONES, pos, zones)
             parts.append(zones[:got])
             if got < n or got == 0:
                 break
@@ -370,39 +371,39 @@ class AsyncDevice:
             pos = int(zones[got - 1]["start"]) + int(zones[got - 1]["len"])
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, ZONE_DTYPE)
+        return np.concatenate(parts) if parts else np.empty(0, _ZONE_DTYPE)
 
     async def open_zone(self, offset: int) -> None:
         """Open the zone starting at ``offset`` explicitly."""
-        await self._zone(Op.OPEN_ZONE, offset)
+        await self._zone(_Op.OPEN_ZONE, offset)
 
     async def close_zone(self, offset: int) -> None:
         """Close the open zone starting at ``offset``."""
-        await self._zone(Op.CLOSE_ZONE, offset)
+        await self._zone(_Op.CLOSE_ZONE, offset)
 
     async def finish_zone(self, offset: int) -> None:
         """Finish the zone starting at ``offset`` (it becomes FULL)."""
-        await self._zone(Op.FINISH_ZONE, offset)
+        await self._zone(_Op.FINISH_ZONE, offset)
 
     async def reset_zone(self, offset: int) -> None:
         """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
-        await self._zone(Op.RESET_ZONE, offset)
+        await self._zone(_Op.RESET_ZONE, offset)
 
     async def open_all_zones(self) -> None:
         """Open every CLOSED zone."""
-        await self._zone(Op.OPEN_ALL_ZONES)
+        await self._zone(_Op.OPEN_ALL_ZONES)
 
     async def close_all_zones(self) -> None:
         """Close every open zone."""
-        await self._zone(Op.CLOSE_ALL_ZONES)
+        await self._zone(_Op.CLOSE_ALL_ZONES)
 
     async def finish_all_zones(self) -> None:
         """Finish every open or closed zone."""
-        await self._zone(Op.FINISH_ALL_ZONES)
+        await self._zone(_Op.FINISH_ALL_ZONES)
 
     async def reset_all_zones(self) -> None:
         """Reset every zone that is not EMPTY."""
-        await self._zone(Op.RESET_ALL_ZONES)
+        await self._zone(_Op.RESET_ALL_ZONES)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -435,7 +436,7 @@ class AsyncDevice:
         """Write row i of ``buffers`` at ``offsets[i]`` for every i; awaits the
         bytes written.  As ``read_batch`` otherwise (``fua``: each write is
         durable when it completes)."""
-        return self._batch(_WRITE, offsets, buffers, REQ_FUA if fua else 0, region, blocksize)
+        return self._batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region, blocksize)
 
     async def _batch(self, op: int, offsets: Any, buffers: Any, flags: int, region: Any,
                      blocksize: int) -> int:
@@ -443,7 +444,7 @@ class AsyncDevice:
         if loop is not self._loop or self._closed:
             self._follow(loop)
         port = self._port
-        offs = int_array(offsets, "offsets")        # the core's checks, once here
+        offs = _int_array(offsets, "offsets")        # the core's checks, once here
         n = offs.shape[0]
         if not isinstance(buffers, np.ndarray):
             buffers = np.asarray(buffers)
@@ -582,7 +583,7 @@ class AsyncDevice:
         i = rec.fail_index
         offset = int(rec.offsets[i])
         others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
-        e = error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
+        e = _error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
                                      f"failed{others}")
         e.index = i                     # type: ignore[attr-defined]
@@ -671,7 +672,7 @@ class _Opener:
 
 def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
          poll_us: Optional[int] = None, queue: int = 0,
-         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> _Opener:
+         connect_timeout: Optional[float] = _DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
     Arguments are those of :func:`blkio.open`, plus ``spin_us`` (``poll_us``,
