@@ -1,0 +1,250 @@
+"""Latency histograms for ``blkio bench``: HDR-style log-linear buckets over
+nanoseconds, filled in bulk with numpy, mergeable across threads.
+
+Values below ``2 * SUB`` ns get a bucket each; above, every power of two is
+cut into ``SUB`` equal buckets, so a bucket is never wider than 1/SUB of the
+values in it (0.8 %).  A percentile is the upper edge of its bucket (never
+below the true value, as HdrHistogram reports), clamped to the largest value
+seen; ``max`` and ``min`` are exact.
+
+The hot path never builds the histogram request by request: a
+``LatencyRecorder`` collects values in a list (per-request APIs, one int per
+request) or a numpy array (the batch API, a slice per reap) and folds them
+into its histogram in one vectorised pass every ``FOLD_AT`` values, and
+every ``fold_every`` seconds when another thread reads the histogram while
+the run goes on (a time series), at the loops' clock checks.  This module knows nothing of
+devices or of the bench's options.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["SUB_BITS", "NBUCKETS", "PERCENTILES", "LatencyHistogram", "LatencyRecorder",
+           "bucket_index", "bucket_bounds"]
+
+SUB_BITS = 7
+SUB = 1 << SUB_BITS
+#: values from 2**47 ns (39 hours) on share the last bucket (max stays exact)
+TOP_BIT = 47
+LIMIT = 1 << TOP_BIT
+NBUCKETS = (TOP_BIT - SUB_BITS) * SUB + SUB
+#: the JSON keys and the percentiles they stand for
+PERCENTILES: Tuple[Tuple[str, float], ...] = (
+    ("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9), ("p99.99", 99.99))
+
+FOLD_AT = 1 << 16          # values collected before a fold, at the latest
+
+
+def bucket_index(ns: np.ndarray) -> np.ndarray:
+    """The bucket of each value (int64 nanoseconds; negatives count as 0)."""
+    v = np.clip(np.asarray(ns, dtype=np.int64), 0, LIMIT - 1)
+    _, exp = np.frexp(v)                       # exp = bit length, exact below 2**53
+    shift = np.maximum(exp.astype(np.int64) - (SUB_BITS + 1), 0)
+    return (shift << SUB_BITS) + (v >> shift)
+
+
+def bucket_bounds(index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) value of each bucket, in ns."""
+    i = np.asarray(index, dtype=np.int64)
+    shift = np.maximum((i >> SUB_BITS) - 1, 0)
+    low = (i - (shift << SUB_BITS)) << shift
+    return low, low + (np.int64(1) << shift) - 1
+
+
+def _scalar_index(ns: int) -> int:
+    if ns < 2 * SUB:
+        return ns if ns > 0 else 0
+    if ns >= LIMIT:
+        ns = LIMIT - 1
+    shift = ns.bit_length() - SUB_BITS - 1
+    return (shift << SUB_BITS) + (ns >> shift)
+
+
+class LatencyHistogram:
+    """Counts of latencies (ns) in log-linear buckets, with exact count,
+    sum, min and max.  ``merge`` adds another one in (threads, intervals)."""
+
+    __slots__ = ("counts", "count", "total_ns", "min_ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(NBUCKETS, dtype=np.int64)
+        self.count = 0
+        self.total_ns = 0
+        self.min_ns: Optional[int] = None
+        self.max_ns = 0
+
+    def add_values(self, ns: np.ndarray) -> None:
+        """Record each value of an int64 array once."""
+        if len(ns) == 0:
+            return
+        self.counts += np.bincount(bucket_index(ns), minlength=NBUCKETS)
+        self._extend(len(ns), int(ns.sum()), int(ns.min()), int(ns.max()))
+
+    def add_weighted(self, ns: Sequence[int], weights: Sequence[int]) -> None:
+        """Record ``ns[i]`` ``weights[i]`` times (a whole batch of requests
+        that shared one latency is one value)."""
+        if len(ns) == 0:
+            return
+        values = np.array(ns, dtype=np.int64)
+        np.add.at(self.counts, bucket_index(values), np.array(weights, dtype=np.int64))
+        # the sum in Python ints: ns * weights may pass 2**63
+        self._extend(sum(weights), sum(map(operator.mul, ns, weights)), min(ns), max(ns))
+
+    def add(self, ns: int, n: int = 1) -> None:
+        """Record one value ``n`` times (not for hot loops: use a recorder)."""
+        self.counts[_scalar_index(ns)] += n
+        self._extend(n, ns * n, ns, ns)
+
+    def _extend(self, n: int, total: int, lo: int, hi: int) -> None:
+        self.count += n
+        self.total_ns += total
+        if self.min_ns is None or lo < self.min_ns:
+            self.min_ns = lo
+        if hi > self.max_ns:
+            self.max_ns = hi
+
+    def merge(self, other: "LatencyHistogram") -> "LatencyHistogram":
+        """Add ``other``'s values to this one; returns self."""
+        self.counts += other.counts
+        if other.count:
+            self._extend(other.count, other.total_ns, other.min_ns or 0, other.max_ns)
+        return self
+
+    def copy(self) -> "LatencyHistogram":
+        out = LatencyHistogram()
+        out.merge(self)
+        return out
+
+    def since(self, earlier: "LatencyHistogram") -> "LatencyHistogram":
+        """The values recorded after ``earlier`` (a copy of this histogram
+        taken before): one interval of a time series.  Its min and max are
+        the edges of the lowest and highest bucket used (bucket precision)."""
+        out = LatencyHistogram()
+        out.counts = self.counts - earlier.counts
+        out.count = self.count - earlier.count
+        out.total_ns = self.total_ns - earlier.total_ns
+        used = np.flatnonzero(out.counts)
+        if len(used):
+            low, _ = bucket_bounds(used[:1])
+            _, high = bucket_bounds(used[-1:])
+            out.min_ns = max(int(low[0]), self.min_ns or 0)
+            out.max_ns = min(int(high[0]), self.max_ns)
+        return out
+
+    @property
+    def mean_ns(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
+
+    def percentiles(self, ps: Sequence[float]) -> List[int]:
+        """The value (ns) at each percentile: the upper edge of the bucket
+        holding the ``ceil(p/100 * count)``-th smallest value, within the
+        exact min and max."""
+        if not self.count:
+            return [0 for _ in ps]
+        cum = np.cumsum(self.counts)
+        ranks = np.ceil(np.asarray(ps, dtype=np.float64) / 100.0 * self.count)
+        ranks = np.clip(ranks, 1, self.count).astype(np.int64)
+        idx = np.searchsorted(cum, ranks, side="left")
+        _, high = bucket_bounds(idx)
+        lo = self.min_ns or 0
+        return [int(min(max(h, lo), self.max_ns)) for h in high]
+
+    def lat_us(self) -> Dict[str, float]:
+        """The JSON ``lat_us`` record: p50 ... p99.99 and max, microseconds."""
+        values = self.percentiles([p for _, p in PERCENTILES])
+        out = {key: round(v / 1000.0, 3) for (key, _), v in zip(PERCENTILES, values)}
+        out["max"] = round(self.max_ns / 1000.0, 3)
+        return out
+
+    def cdf(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(upper edge of each used bucket in µs, fraction of values at or
+        below it): the latency CDF, for plots."""
+        used = np.flatnonzero(self.counts)
+        if not len(used) or not self.count:
+            return np.zeros(0), np.zeros(0)
+        _, high = bucket_bounds(used)
+        high = np.minimum(high, self.max_ns)
+        return high / 1000.0, np.cumsum(self.counts[used]) / self.count
+
+
+class LatencyRecorder:
+    """One thread's latencies on their way into its histogram.
+
+    The worker thread appends to ``values`` (``values.append(ns)``: the
+    per-request APIs) or ``batched``/``batch_n`` (one latency shared by ``n``
+    requests: a batch submitted and reaped together), or writes a slice of
+    ``ring`` and advances ``ring_pos`` (the batch API's per-reap latencies);
+    ``maybe_fold(now)`` at its clock checks moves them into ``hist``.  Other
+    threads read ``snapshot()`` (under ``lock``); set ``fold_every``
+    (seconds) for them to see values while the run goes on."""
+
+    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "ring_pos", "lock",
+                 "next_fold", "fold_every")
+
+    RING = 1 << 16
+
+    def __init__(self) -> None:
+        self.hist = LatencyHistogram()
+        self.values: List[int] = []
+        self.batched: List[int] = []
+        self.batch_n: List[int] = []
+        self.ring = np.zeros(0, dtype=np.int64)      # made on first use (batch API)
+        self.ring_pos = 0
+        self.lock = threading.Lock()
+        self.next_fold = 0.0
+        self.fold_every: Optional[float] = None
+
+    def ring_room(self, n: int) -> np.ndarray:
+        """A slice of ``n`` values of the ring to fill (folds a full ring)."""
+        if self.ring_pos + n > len(self.ring):
+            if len(self.ring) < n:
+                self.ring = np.zeros(max(self.RING, 2 * n), dtype=np.int64)
+            self.fold()
+        pos = self.ring_pos
+        self.ring_pos = pos + n
+        return self.ring[pos:pos + n]
+
+    def pending(self) -> int:
+        return len(self.values) + len(self.batched) + self.ring_pos
+
+    def maybe_fold(self, now: float) -> None:
+        """At a clock check (``now``: time.perf_counter()): fold when enough
+        values wait, or (with ``fold_every``) enough time passed."""
+        if self.pending() >= FOLD_AT or (self.fold_every is not None and now >= self.next_fold):
+            self.fold()
+            if self.fold_every is not None:
+                self.next_fold = now + self.fold_every
+
+    def fold(self) -> None:
+        """Move everything collected into ``hist`` (lists are cleared in
+        place: the loops hold their bound ``append``)."""
+        values, batched = self.values, self.batched
+        with self.lock:
+            if values:
+                self.hist.add_values(np.array(values, dtype=np.int64))
+                values.clear()
+            if batched:
+                self.hist.add_weighted(batched, self.batch_n)
+                batched.clear()
+                self.batch_n.clear()
+            if self.ring_pos:
+                self.hist.add_values(self.ring[:self.ring_pos])
+                self.ring_pos = 0
+
+    def snapshot(self) -> LatencyHistogram:
+        """A copy of what is folded so far (from any thread)."""
+        with self.lock:
+            return self.hist.copy()
+
+
+def merged(hists: Iterable[LatencyHistogram]) -> LatencyHistogram:
+    """One histogram holding all of ``hists``' values."""
+    out = LatencyHistogram()
+    for h in hists:
+        out.merge(h)
+    return out
