@@ -376,10 +376,10 @@ def test_bar_and_summary_give_the_same_rate(tmp_path, slow_socket):
         proc.wait(30)
         os.close(master)
     assert proc.returncode == 0, text
-    bars = re.findall(r"8\.00MiB/8\.00MiB \[[\d:<]+, +([\d.]+)MiB/s\]", text)
+    bars = re.findall(r"8\.00M/8\.00M \[[\d:<]+, ([\d.]+) MiB/s\]", text)
     summary = re.search(r"copied 8388608 bytes \(8\.0 MiB\) in [\d.]+ s \(([\d.]+) MiB/s\)", text)
     assert bars and summary, text
-    assert float(bars[-1]) == pytest.approx(float(summary.group(1)), rel=0.05), text
+    assert abs(float(bars[-1]) - float(summary.group(1))) <= 0.1, text
 
 
 def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_image, qsd):
@@ -483,9 +483,9 @@ def _pty_progress(tmp_path, slow_socket, pre: str, done: Callable[[str], bool]) 
 
 def test_progress_bar_with_rate_and_eta_on_a_tty(tmp_path, slow_socket):
     require(importlib.util.find_spec("tqdm"), "tqdm is not installed (pip install 'blkio[cli]')")
-    # tqdm: "copy:  9%|▉  | 6.00MiB/64.0MiB [00:01<00:13, 4.19MiB/s]", redrawn with \r
-    bar = re.compile(r"copy:\s+\d+%\|[^|\r]*\| [\d.]+MiB/64\.0MiB \[\d\d:\d\d<\d\d:\d\d, "
-                     r"+[\d.]+MiB/s\]")
+    # tqdm: "copy:  9%|▉  | 6.00M/64.0M [00:01<00:13, 4.0 MiB/s]", redrawn with \r
+    bar = re.compile(r"copy:\s+\d+%\|[^|\r]*\| [\d.]+M/64\.0M \[\d\d:\d\d<\d\d:\d\d, "
+                     r"[\d.]+ MiB/s\]")
     text = _pty_progress(tmp_path, slow_socket, "", lambda s: len(bar.findall(s)) >= 3)
     assert len(bar.findall(text)) >= 3, text
     assert "\r" in text

@@ -24,7 +24,7 @@ from ._benchloops import (GiB, READ, WRITE, BenchError, InflightClock, OffsetRun
                           offset_stream, require, results_json, run_blocking, run_event_loop,
                           run_batch, run_queue, run_threads, touch)
 from ._cliparse import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SuggestingParser,
-                        open_failure)
+                        int_type, open_failure, seconds_type)
 from ._cliprops import PropertyError, check_properties, parse_properties
 from ._histogram import merged
 from ._sizes import format_bytes, size_type
@@ -71,61 +71,31 @@ missing), 2 bad command line, 130 interrupted."""
 # keyword, passed like the properties (see _open_keywords).
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
-    return v
-
-
-def _percent(s: str) -> int:
-    try:
-        v = int(s, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if not 0 <= v <= 100:
-        raise argparse.ArgumentTypeError(f"must be 0 to 100: {s!r}")
-    return v
-
-
-def _seconds(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
-    return v
-
-
 def add_workload_arguments(p: argparse.ArgumentParser, mixed: bool = False) -> None:
     """The workload options of blkio-bench (shared with bench/contenders.py,
     whose kinds read or write only: ``mixed`` adds rw/randrw and
     --rwmixread), plus --lat-sample, --loop and --requests."""
-    p.add_argument("--num-threads", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--num-threads", type=int_type(), default=1, metavar="N",
                    help="threads, one queue each (default: 1)")
-    p.add_argument("--iodepth", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--iodepth", type=int_type(), default=1, metavar="N",
                    help="requests in flight per thread (default: 1)")
     p.add_argument("--readwrite", default="read", choices=PATTERNS if mixed else PURE_PATTERNS,
                    help="access pattern; rw and randrw mix reads and writes by --rwmixread "
                         "(default: read)")
     if mixed:
-        p.add_argument("--rwmixread", type=_percent, default=None, metavar="PERCENT",
+        p.add_argument("--rwmixread", type=int_type(0, 100), default=None, metavar="PERCENT",
                        help="rw/randrw: the share of reads, 0 to 100 (default: 50)")
     p.add_argument("--blocksize", type=size_type(), default=4096, metavar="BYTES",
                    help="bytes per request (default: 4K)")
-    p.add_argument("--runtime", type=_seconds, default=DEFAULT_RUNTIME, metavar="SECONDS",
+    p.add_argument("--runtime", type=seconds_type, default=DEFAULT_RUNTIME, metavar="SECONDS",
                    help=f"seconds (fractions allowed; default: {DEFAULT_RUNTIME:g}, where "
                         "blkio-bench takes 30: enough for a first figure; use more for "
                         "steady-state numbers)")
-    p.add_argument("--requests", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--requests", type=int_type(), default=None, metavar="N",
                    help="stop each thread after N requests, or at --runtime, whichever comes "
                         "first; with --iodepth > 1, at the reap that reaches N (at most one "
                         "batch more; default: no limit)")
-    p.add_argument("--lat-sample", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--lat-sample", type=int_type(), default=None, metavar="N",
                    help="time one request (or batch) in N instead of every one: the "
                         "percentiles then come from that sample (default: every request)")
     p.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"),
@@ -162,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     api.add_argument("--chunk", type=size_type(), default=None, metavar="BYTES",
                      help="--api=blocking: pass chunk=BYTES to readinto/write (the "
                           "pipelining knob for big requests)")
-    api.add_argument("--chunk-depth", type=_positive_int, default=None, metavar="N",
+    api.add_argument("--chunk-depth", type=int_type(), default=None, metavar="N",
                      help="--api=blocking: pass depth=N to readinto/write (chunks in "
                           "flight for big requests)")
     ver = p.add_argument_group("verify")
@@ -171,10 +141,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ver.add_argument("--verify-only", action="store_true",
                      help="read the region once and check every block (written by an "
                           "earlier --verify run); needs --verify")
-    ver.add_argument("--verify-backlog", type=_positive_int, default=None, metavar="N",
+    ver.add_argument("--verify-backlog", type=int_type(), default=None, metavar="N",
                      help="check the blocks written after every N of them, during the run")
     out = p.add_argument_group("output")
-    out.add_argument("--log-interval", type=_seconds, default=None, metavar="SECONDS",
+    out.add_argument("--log-interval", type=seconds_type, default=None, metavar="SECONDS",
                      help="write a JSON line to stderr every SECONDS: requests, kiops, gips "
                           "and lat_us of the interval (read/write apart in mixed runs); "
                           "replaces the progress line")

@@ -9,10 +9,10 @@ import argparse
 import difflib
 import os
 import sys
-from typing import Iterable, NoReturn, Optional, Sequence
+from typing import Callable, Iterable, NoReturn, Optional, Sequence
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "SuggestingParser",
-           "did_you_mean", "open_failure", "program_name"]
+           "did_you_mean", "int_type", "open_failure", "program_name", "seconds_type"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1          # the command ran and failed: I/O error, device missing, mismatch
@@ -34,6 +34,33 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the choice closest to ``word``, or ``""``."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def int_type(low: int = 1, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for a decimal integer from ``low`` to ``high``."""
+    def convert(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low or (high is not None and v > high):
+            what = (f"must be {low} to {high}" if high is not None
+                    else "must be positive" if low == 1 else f"must be at least {low}")
+            raise argparse.ArgumentTypeError(f"{what}: {text!r}")
+        return v
+    convert.__name__ = "integer"
+    return convert
+
+
+def seconds_type(text: str) -> float:
+    """An argparse ``type=`` for a positive number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
 
 
 def open_failure(what: str, error: BaseException) -> str:

@@ -18,9 +18,9 @@ devices or of the bench's options.
 
 from __future__ import annotations
 
-import operator
+import array
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,15 +85,17 @@ class LatencyHistogram:
         self.counts += np.bincount(bucket_index(ns), minlength=NBUCKETS)
         self._extend(len(ns), int(ns.sum()), int(ns.min()), int(ns.max()))
 
-    def add_weighted(self, ns: Sequence[int], weights: Sequence[int]) -> None:
+    def add_weighted(self, ns: Any, weights: Any) -> None:
         """Record ``ns[i]`` ``weights[i]`` times (a whole batch of requests
         that shared one latency is one value)."""
-        if len(ns) == 0:
+        values = np.asarray(ns, dtype=np.int64)
+        if len(values) == 0:
             return
-        values = np.array(ns, dtype=np.int64)
-        np.add.at(self.counts, bucket_index(values), np.array(weights, dtype=np.int64))
-        # the sum in Python ints: ns * weights may pass 2**63
-        self._extend(sum(weights), sum(map(operator.mul, ns, weights)), min(ns), max(ns))
+        w = np.asarray(weights, dtype=np.int64)
+        np.add.at(self.counts, bucket_index(values), w)
+        # the sum as float64: values * weights may pass 2**63 (it serves the mean)
+        total = int(round(float(values.astype(np.float64) @ w.astype(np.float64))))
+        self._extend(int(w.sum()), total, int(values.min()), int(values.max()))
 
     def add(self, ns: int, n: int = 1) -> None:
         """Record one value ``n`` times (not for hot loops: use a recorder)."""
@@ -178,7 +180,9 @@ class LatencyRecorder:
     The worker thread appends to ``values`` (``values.append(ns)``: the
     per-request APIs) or ``batched``/``batch_n`` (one latency shared by ``n``
     requests: a batch submitted and reaped together), or writes a slice of
-    ``ring`` and advances ``ring_pos`` (the batch API's per-reap latencies);
+    ``ring`` and advances ``ring_pos`` (the batch API's per-reap latencies).
+    The appends go to ``array('q')`` objects: a C long each, no int object
+    kept, and numpy takes them in one copy;
     ``maybe_fold(now)`` at its clock checks moves them into ``hist``.  Other
     threads read ``snapshot()`` (under ``lock``); set ``fold_every``
     (seconds) for them to see values while the run goes on."""
@@ -190,9 +194,9 @@ class LatencyRecorder:
 
     def __init__(self) -> None:
         self.hist = LatencyHistogram()
-        self.values: List[int] = []
-        self.batched: List[int] = []
-        self.batch_n: List[int] = []
+        self.values = array.array("q")
+        self.batched = array.array("q")
+        self.batch_n = array.array("q")
         self.ring = np.zeros(0, dtype=np.int64)      # made on first use (batch API)
         self.ring_pos = 0
         self.lock = threading.Lock()
@@ -221,17 +225,18 @@ class LatencyRecorder:
                 self.next_fold = now + self.fold_every
 
     def fold(self) -> None:
-        """Move everything collected into ``hist`` (lists are cleared in
-        place: the loops hold their bound ``append``)."""
+        """Move everything collected into ``hist`` (the arrays are emptied
+        in place: the loops hold their bound ``append``)."""
         values, batched = self.values, self.batched
         with self.lock:
             if values:
                 self.hist.add_values(np.array(values, dtype=np.int64))
-                values.clear()
+                del values[:]
             if batched:
-                self.hist.add_weighted(batched, self.batch_n)
-                batched.clear()
-                self.batch_n.clear()
+                self.hist.add_weighted(np.array(batched, dtype=np.int64),
+                                       np.array(self.batch_n, dtype=np.int64))
+                del batched[:]
+                del self.batch_n[:]
             if self.ring_pos:
                 self.hist.add_values(self.ring[:self.ring_pos])
                 self.ring_pos = 0
