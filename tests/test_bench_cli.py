@@ -143,18 +143,24 @@ def test_histograms_merge_as_if_filled_together():
     assert interval.count == 1 and interval.percentiles([50])[0] == pytest.approx(5000, rel=0.01)
 
 
-def test_recorder_folds_lists_and_ring_into_its_histogram():
+def test_recorder_folds_every_channel_into_its_histogram():
     rec = H.LatencyRecorder()
     append = rec.values.append       # the loops hold the bound method
     append(1000)
     rec.batched.append(2000)
     rec.batch_n.append(32)
     np.copyto(rec.ring_room(3), [10, 20, 30])
+    rec.stamps.extend([-5000, 5100, 5400, -9000, 9050])         # runs: 100, 300; 50
+    rec.submitted.extend([100, 110, 120])                        # reaped at 150, then 200 x 2
+    rec.reaped.extend([150, 200])
+    rec.reaped_n.extend([1, 2])
     rec.fold()
     append(4000)
     rec.fold()
-    assert rec.hist.count == 1 + 32 + 3 + 1
-    assert rec.snapshot().max_ns == 4000 and rec.pending() == 0
+    h = rec.hist
+    assert h.count == 1 + 32 + 3 + 3 + 3 + 1 and rec.pending() == 0
+    assert h.total_ns == 1000 + 32 * 2000 + 60 + 450 + (50 + 90 + 80) + 4000
+    assert (h.min_ns, h.max_ns) == (10, 4000) and rec.snapshot().count == h.count
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ was written, a time series and a plot.
 
 Latency: every request is timed (its submission to its completion, as C
 blkio-bench times it: one clock reading per reap on the queue and batch APIs)
-into a log-linear histogram (buckets 0.8%% wide); the JSON has the
+into a log-linear histogram (buckets at most 0.8% wide); the JSON has the
 percentiles under "lat_us" (p50, p90, p99, p99.9, p99.99, max), in
 "aggregate" and for each thread, and a text summary goes to stderr.
 --lat-sample=N times one request (or batch) in N instead.
@@ -56,8 +56,9 @@ region, and requests go out in rounds of --iodepth distinct blocks.  A run
 that writes reads every block it wrote back at the end (outside the timed
 figures); --verify-backlog=N also does so after every N blocks written.
 --verify-only reads the whole region once and checks every block: the
-blocks an earlier run with the same --offset/--size/--blocksize/--num-threads
-wrote (so write all of it first, e.g. --readwrite=write --requests=BLOCKS).
+blocks an earlier run with the same --offset, --size and --blocksize wrote
+(so write all of it first, e.g. --readwrite=write --requests=BLOCKS; the
+header's generation may be any run's).
 crc32c and xxh64 use google-crc32c and xxhash when installed (pip install
 'blkio[verify]'), else numpy versions, 40-60 times slower per block;
 pattern needs neither."""

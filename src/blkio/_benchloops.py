@@ -447,6 +447,7 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                 if c & 255 == 0:
                     counts[j] = c
                     st.progress = sum(counts)
+                    st.maybe_fold(time.perf_counter())
             writes[j] = w
         elif K is None:
             for off in stream:
@@ -459,6 +460,7 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                 if c & 255 == 0:
                     counts[j] = c
                     st.progress = sum(counts)
+                    st.maybe_fold(time.perf_counter())
         else:
             for off in stream:
                 if stop[0] or c >= quota:
@@ -473,18 +475,13 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                 if c & 255 == 0:
                     counts[j] = c
                     st.progress = sum(counts)
+                    st.maybe_fold(time.perf_counter())
         counts[j] = c
-
-    def fold_later() -> None:
-        if not stop[0]:
-            st.maybe_fold(time.perf_counter())
-            loop.call_later(0.05, fold_later)
 
     loop = asyncio.get_running_loop()
     cpu0 = time.thread_time()
     t0 = time.perf_counter()
     loop.call_later(wl.runtime, stop.__setitem__, 0, True)
-    loop.call_later(0.05, fold_later)
     await asyncio.gather(*(worker(j) for j in range(depth)))
     stop[0] = True
     total = sum(counts)
@@ -605,13 +602,17 @@ def run_blocking(dev, wl: Workload, thread: int, st: Stats, args,
         op = read if wl.is_read else write
         take = OffsetRuns(table).take
         if wl.lat_sample is None:
-            rec = st.main.values.append
+            # One clock reading per request: each request ends at its stamp
+            # and starts at the one before (the loop's own step between two
+            # requests, a list append, counts in); a run starts at a
+            # negative stamp.
+            stamp = st.main.stamps.append
 
             def run_n(k: int) -> None:
+                stamp(-pc())
                 for off in take(k):
-                    t0 = pc()
                     op(off, buf)
-                    rec(pc() - t0)
+                    stamp(pc())
         else:
             def run_n(k: int) -> None:
                 for off in take(k):
@@ -697,7 +698,10 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
     op = require(q, "read" if wl.is_read else "write", "queue")
     nxt = offset_stream(table).__next__
     full = wl.lat_sample is None
-    rec = st.main.values.append
+    # every request's latency: its slot's submission time, and the reap's
+    # time with its count, appended as they are (folded later)
+    submitted = st.main.submitted.append
+    reaped, reaped_n = st.main.reaped.append, st.main.reaped_n.append
     if ready is not None:
         ready.wait()
     clock = InflightClock(st, wl, sample=not full)
@@ -718,11 +722,13 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
         st.comp(n)
         if full:
             now = pc()
+            reaped(now)
+            reaped_n(n)
             for c in comps:
                 if c.ret:
                     c.check()
                 j = c.user_data
-                rec(now - tsub[j])
+                submitted(tsub[j])
                 tsub[j] = now
                 op(nxt(), rows[j], user_data=j)
         else:

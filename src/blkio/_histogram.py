@@ -18,7 +18,6 @@ devices or of the bench's options.
 
 from __future__ import annotations
 
-import array
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -43,8 +42,9 @@ FOLD_AT = 1 << 16          # values collected before a fold, at the latest
 def bucket_index(ns: np.ndarray) -> np.ndarray:
     """The bucket of each value (int64 nanoseconds; negatives count as 0)."""
     v = np.clip(np.asarray(ns, dtype=np.int64), 0, LIMIT - 1)
-    _, exp = np.frexp(v)                       # exp = bit length, exact below 2**53
-    shift = np.maximum(exp.astype(np.int64) - (SUB_BITS + 1), 0)
+    # the bit length from float64's exponent field (exact below 2**53)
+    bits = (v.astype(np.float64).view(np.int64) >> 52) - 1022
+    shift = np.maximum(bits - (SUB_BITS + 1), 0)
     return (shift << SUB_BITS) + (v >> shift)
 
 
@@ -177,28 +177,46 @@ class LatencyHistogram:
 class LatencyRecorder:
     """One thread's latencies on their way into its histogram.
 
-    The worker thread appends to ``values`` (``values.append(ns)``: the
-    per-request APIs) or ``batched``/``batch_n`` (one latency shared by ``n``
-    requests: a batch submitted and reaped together), or writes a slice of
-    ``ring`` and advances ``ring_pos`` (the batch API's per-reap latencies).
-    The appends go to ``array('q')`` objects: a C long each, no int object
-    kept, and numpy takes them in one copy;
-    ``maybe_fold(now)`` at its clock checks moves them into ``hist``.  Other
-    threads read ``snapshot()`` (under ``lock``); set ``fold_every``
-    (seconds) for them to see values while the run goes on."""
+    The hot loops only append Python ints to lists (the cheapest thing
+    CPython does per request; ``array('q').append`` parses its argument and
+    costs more than the rest) or fill a slice of a numpy ring; ``fold()``
+    turns them into latencies in a few vectorised passes.  The channels,
+    one per kind of loop:
 
-    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "ring_pos", "lock",
-                 "next_fold", "fold_every")
+    - ``values``: latencies (ns), one per request (asyncio, samples);
+    - ``batched`` / ``batch_n``: one latency shared by ``n`` requests (a
+      batch submitted and reaped together);
+    - ``ring`` / ``ring_pos``: a reap's latencies, written with numpy (the
+      batch API when a reap returns part of what is in flight);
+    - ``stamps``: clock readings of one-at-a-time requests, each request
+      ending at its stamp and starting at the one before; a negative stamp
+      (its absolute value) only starts a run (blocking API: one clock
+      reading per request; fold only between runs);
+    - ``submitted`` / ``reaped`` / ``reaped_n``: each completion's submission
+      time, and each reap's time and count, in order (queue API: the times
+      are int objects the loop has anyway, so a request costs two list
+      operations and no arithmetic).
+
+    ``maybe_fold(now)`` at the loop's clock checks folds every ``FOLD_AT``
+    values, and every ``fold_every`` seconds once set (a time series reads
+    the histogram while the run goes on: ``snapshot()``, under ``lock``)."""
+
+    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "ring_pos", "stamps",
+                 "submitted", "reaped", "reaped_n", "lock", "next_fold", "fold_every")
 
     RING = 1 << 16
 
     def __init__(self) -> None:
         self.hist = LatencyHistogram()
-        self.values = array.array("q")
-        self.batched = array.array("q")
-        self.batch_n = array.array("q")
+        self.values: List[int] = []
+        self.batched: List[int] = []
+        self.batch_n: List[int] = []
         self.ring = np.zeros(0, dtype=np.int64)      # made on first use (batch API)
         self.ring_pos = 0
+        self.stamps: List[int] = []
+        self.submitted: List[int] = []
+        self.reaped: List[int] = []
+        self.reaped_n: List[int] = []
         self.lock = threading.Lock()
         self.next_fold = 0.0
         self.fold_every: Optional[float] = None
@@ -214,7 +232,8 @@ class LatencyRecorder:
         return self.ring[pos:pos + n]
 
     def pending(self) -> int:
-        return len(self.values) + len(self.batched) + self.ring_pos
+        return (len(self.values) + len(self.batched) + self.ring_pos + len(self.stamps)
+                + len(self.submitted))
 
     def maybe_fold(self, now: float) -> None:
         """At a clock check (``now``: time.perf_counter()): fold when enough
@@ -225,21 +244,33 @@ class LatencyRecorder:
                 self.next_fold = now + self.fold_every
 
     def fold(self) -> None:
-        """Move everything collected into ``hist`` (the arrays are emptied
-        in place: the loops hold their bound ``append``)."""
-        values, batched = self.values, self.batched
+        """Move everything collected into ``hist`` (the lists are emptied in
+        place: the loops hold their bound ``append``)."""
         with self.lock:
-            if values:
-                self.hist.add_values(np.array(values, dtype=np.int64))
-                del values[:]
-            if batched:
-                self.hist.add_weighted(np.array(batched, dtype=np.int64),
-                                       np.array(self.batch_n, dtype=np.int64))
-                del batched[:]
-                del self.batch_n[:]
+            hist = self.hist
+            if self.values:
+                hist.add_values(np.array(self.values, dtype=np.int64))
+                self.values.clear()
+            if self.batched:
+                hist.add_weighted(np.array(self.batched, dtype=np.int64),
+                                  np.array(self.batch_n, dtype=np.int64))
+                self.batched.clear()
+                self.batch_n.clear()
             if self.ring_pos:
-                self.hist.add_values(self.ring[:self.ring_pos])
+                hist.add_values(self.ring[:self.ring_pos])
                 self.ring_pos = 0
+            if self.stamps:
+                t = np.array(self.stamps, dtype=np.int64)
+                ends = t[1:] > 0
+                hist.add_values(t[1:][ends] - np.abs(t[:-1][ends]))
+                self.stamps.clear()
+            if self.submitted:
+                done = np.repeat(np.array(self.reaped, dtype=np.int64),
+                                 np.array(self.reaped_n, dtype=np.int64))
+                hist.add_values(done - np.array(self.submitted, dtype=np.int64))
+                self.submitted.clear()
+                self.reaped.clear()
+                self.reaped_n.clear()
 
     def snapshot(self) -> LatencyHistogram:
         """A copy of what is folded so far (from any thread)."""
