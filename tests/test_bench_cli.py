@@ -150,8 +150,11 @@ def test_recorder_folds_every_channel_into_its_histogram():
     rec.batched.append(2000)
     rec.batch_n.append(32)
     np.copyto(rec.ring_room(3), [10, 20, 30])
-    rec.stamps.extend([-5000, 5100, 5400, -9000, 9050])         # runs: 100, 300; 50
-    rec.submitted.extend([100, 110, 120])                        # reaped at 150, then 200 x 2
+    rec.stamp_room(3)[:] = np.array([-5000, 5100, 5400])        # a run: 100, 300
+    stamps = rec.stamp_room(2)
+    stamps[0], stamps[1] = -9000, 9050                            # 50
+    subs = rec.submit_room(3)                                     # reaped at 150, then 200 x 2
+    subs[0], subs[1], subs[2] = 100, 110, 120
     rec.reaped.extend([150, 200])
     rec.reaped_n.extend([1, 2])
     rec.fold()

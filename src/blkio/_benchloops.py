@@ -604,15 +604,18 @@ def run_blocking(dev, wl: Workload, thread: int, st: Stats, args,
         if wl.lat_sample is None:
             # One clock reading per request: each request ends at its stamp
             # and starts at the one before (the loop's own step between two
-            # requests, a list append, counts in); a run starts at a
+            # requests, a store and an add, counts in); a run starts at a
             # negative stamp.
-            stamp = st.main.stamps.append
+            room = st.main.stamp_room
 
             def run_n(k: int) -> None:
-                stamp(-pc())
+                stamps = room(k + 1)
+                stamps[0] = -pc()
+                i = 1
                 for off in take(k):
                     op(off, buf)
-                    stamp(pc())
+                    stamps[i] = pc()
+                    i += 1
         else:
             def run_n(k: int) -> None:
                 for off in take(k):
@@ -699,8 +702,8 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
     nxt = offset_stream(table).__next__
     full = wl.lat_sample is None
     # every request's latency: its slot's submission time, and the reap's
-    # time with its count, appended as they are (folded later)
-    submitted = st.main.submitted.append
+    # time with its count, stored as they are (folded later)
+    submit_room = st.main.submit_room
     reaped, reaped_n = st.main.reaped.append, st.main.reaped_n.append
     if ready is not None:
         ready.wait()
@@ -722,13 +725,16 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
         st.comp(n)
         if full:
             now = pc()
+            subs = submit_room(n)
             reaped(now)
             reaped_n(n)
+            i = 0
             for c in comps:
                 if c.ret:
                     c.check()
                 j = c.user_data
-                submitted(tsub[j])
+                subs[i] = tsub[j]
+                i += 1
                 tsub[j] = now
                 op(nxt(), rows[j], user_data=j)
         else:

@@ -19,7 +19,7 @@ devices or of the bench's options.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -174,35 +174,65 @@ class LatencyHistogram:
         return high / 1000.0, np.cumsum(self.counts[used]) / self.count
 
 
+class _Slots:
+    """An int64 buffer that a loop fills in order: ``room(n)`` hands out the
+    next ``n`` values as a numpy slice or (``view=True``) a memoryview,
+    through which ``v[i] = ns`` stores a Python int in C, keeping no object
+    (a list append keeps one, and numpy's conversion of a list costs about
+    300 instructions a value).  ``full`` is called when the buffer is full;
+    it must ``take()`` everything."""
+
+    __slots__ = ("array", "view", "pos")
+
+    def __init__(self) -> None:
+        self.array = np.zeros(0, dtype=np.int64)
+        self.view = self.array.data
+        self.pos = 0
+
+    def room(self, n: int, full: Callable[[], None], as_view: bool = False) -> Any:
+        if self.pos + n > len(self.array):
+            if self.pos:
+                full()
+            if n > len(self.array):
+                self.array = np.zeros(max(LatencyRecorder.RING, 2 * n), dtype=np.int64)
+                self.view = self.array.data
+        pos = self.pos
+        self.pos = pos + n
+        return self.view[pos:pos + n] if as_view else self.array[pos:pos + n]
+
+    def take(self) -> np.ndarray:
+        out = self.array[:self.pos]
+        self.pos = 0
+        return out
+
+
 class LatencyRecorder:
     """One thread's latencies on their way into its histogram.
 
-    The hot loops only append Python ints to lists (the cheapest thing
-    CPython does per request; ``array('q').append`` parses its argument and
-    costs more than the rest) or fill a slice of a numpy ring; ``fold()``
-    turns them into latencies in a few vectorised passes.  The channels,
-    one per kind of loop:
+    The hot loops only append Python ints to lists or store them into
+    buffers (``_Slots``); ``fold()`` turns them into latencies in a few
+    vectorised passes.  The channels, one per kind of loop:
 
     - ``values``: latencies (ns), one per request (asyncio, samples);
     - ``batched`` / ``batch_n``: one latency shared by ``n`` requests (a
       batch submitted and reaped together);
-    - ``ring`` / ``ring_pos``: a reap's latencies, written with numpy (the
-      batch API when a reap returns part of what is in flight);
-    - ``stamps``: clock readings of one-at-a-time requests, each request
-      ending at its stamp and starting at the one before; a negative stamp
-      (its absolute value) only starts a run (blocking API: one clock
-      reading per request; fold only between runs);
-    - ``submitted`` / ``reaped`` / ``reaped_n``: each completion's submission
-      time, and each reap's time and count, in order (queue API: the times
-      are int objects the loop has anyway, so a request costs two list
-      operations and no arithmetic).
+    - ``ring_room(n)``: a reap's latencies, written with numpy (the batch
+      API when a reap returns part of what is in flight);
+    - ``stamp_room(n)``: clock readings of one-at-a-time requests, each
+      request ending at its stamp and starting at the one before; a
+      negative stamp (its absolute value) only starts a run (the blocking
+      API: one clock reading per request);
+    - ``submit_room(n)`` / ``reaped`` / ``reaped_n``: each completion's
+      submission time, and each reap's time and count, in order (the queue
+      API: times the loop has anyway, no arithmetic per request).
 
     ``maybe_fold(now)`` at the loop's clock checks folds every ``FOLD_AT``
     values, and every ``fold_every`` seconds once set (a time series reads
-    the histogram while the run goes on: ``snapshot()``, under ``lock``)."""
+    the histogram while the run goes on: ``snapshot()``, under ``lock``).
+    Folds happen between runs and reaps, never inside one."""
 
-    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "ring_pos", "stamps",
-                 "submitted", "reaped", "reaped_n", "lock", "next_fold", "fold_every")
+    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "stamps", "submitted",
+                 "reaped", "reaped_n", "lock", "next_fold", "fold_every")
 
     RING = 1 << 16
 
@@ -211,10 +241,9 @@ class LatencyRecorder:
         self.values: List[int] = []
         self.batched: List[int] = []
         self.batch_n: List[int] = []
-        self.ring = np.zeros(0, dtype=np.int64)      # made on first use (batch API)
-        self.ring_pos = 0
-        self.stamps: List[int] = []
-        self.submitted: List[int] = []
+        self.ring = _Slots()
+        self.stamps = _Slots()
+        self.submitted = _Slots()
         self.reaped: List[int] = []
         self.reaped_n: List[int] = []
         self.lock = threading.Lock()
@@ -222,18 +251,21 @@ class LatencyRecorder:
         self.fold_every: Optional[float] = None
 
     def ring_room(self, n: int) -> np.ndarray:
-        """A slice of ``n`` values of the ring to fill (folds a full ring)."""
-        if self.ring_pos + n > len(self.ring):
-            if len(self.ring) < n:
-                self.ring = np.zeros(max(self.RING, 2 * n), dtype=np.int64)
-            self.fold()
-        pos = self.ring_pos
-        self.ring_pos = pos + n
-        return self.ring[pos:pos + n]
+        """The next ``n`` latencies, to fill with numpy."""
+        return self.ring.room(n, self.fold)
+
+    def stamp_room(self, n: int) -> memoryview:
+        """The next ``n`` stamps (a run: the first one negative)."""
+        return self.stamps.room(n, self.fold, as_view=True)
+
+    def submit_room(self, n: int) -> memoryview:
+        """The submission times of a reap's ``n`` completions (after its
+        ``reaped``/``reaped_n`` entry)."""
+        return self.submitted.room(n, self.fold, as_view=True)
 
     def pending(self) -> int:
-        return (len(self.values) + len(self.batched) + self.ring_pos + len(self.stamps)
-                + len(self.submitted))
+        return (len(self.values) + len(self.batched) + self.ring.pos + self.stamps.pos
+                + self.submitted.pos)
 
     def maybe_fold(self, now: float) -> None:
         """At a clock check (``now``: time.perf_counter()): fold when enough
@@ -256,19 +288,16 @@ class LatencyRecorder:
                                   np.array(self.batch_n, dtype=np.int64))
                 self.batched.clear()
                 self.batch_n.clear()
-            if self.ring_pos:
-                hist.add_values(self.ring[:self.ring_pos])
-                self.ring_pos = 0
-            if self.stamps:
-                t = np.array(self.stamps, dtype=np.int64)
+            if self.ring.pos:
+                hist.add_values(self.ring.take())
+            if self.stamps.pos:
+                t = self.stamps.take()
                 ends = t[1:] > 0
                 hist.add_values(t[1:][ends] - np.abs(t[:-1][ends]))
-                self.stamps.clear()
-            if self.submitted:
+            if self.submitted.pos:
                 done = np.repeat(np.array(self.reaped, dtype=np.int64),
                                  np.array(self.reaped_n, dtype=np.int64))
-                hist.add_values(done - np.array(self.submitted, dtype=np.int64))
-                self.submitted.clear()
+                hist.add_values(done - self.submitted.take())
                 self.reaped.clear()
                 self.reaped_n.clear()
 
