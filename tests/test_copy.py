@@ -375,6 +375,8 @@ def test_bar_and_summary_give_the_same_rate(tmp_path, slow_socket):
     finally:
         proc.wait(30)
         os.close(master)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.returncode == 0, text
     bars = re.findall(r"8\.00M/8\.00M \[[\d:<]+, ([\d.]+) MiB/s\]", text)
     summary = re.search(r"copied 8388608 bytes \(8\.0 MiB\) in [\d.]+ s \(([\d.]+) MiB/s\)", text)

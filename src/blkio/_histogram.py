@@ -284,8 +284,12 @@ class LatencyRecorder:
                 hist.add_values(np.array(self.values, dtype=np.int64))
                 self.values.clear()
             if self.batched:
-                hist.add_weighted(np.array(self.batched, dtype=np.int64),
-                                  np.array(self.batch_n, dtype=np.int64))
+                n0 = self.batch_n[0]
+                if self.batch_n.count(n0) == len(self.batch_n):      # the usual case
+                    weights = np.full(len(self.batch_n), n0, dtype=np.int64)
+                else:
+                    weights = np.array(self.batch_n, dtype=np.int64)
+                hist.add_weighted(np.array(self.batched, dtype=np.int64), weights)
                 self.batched.clear()
                 self.batch_n.clear()
             if self.ring.pos:
