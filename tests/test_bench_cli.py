@@ -150,20 +150,26 @@ def test_recorder_folds_every_channel_into_its_histogram():
     rec.batched.append(2000)
     rec.batch_n.append(32)
     np.copyto(rec.ring_room(3), [10, 20, 30])
-    rec.stamp_room(3)[:] = np.array([-5000, 5100, 5400])        # a run: 100, 300
-    stamps = rec.stamp_room(2)
-    stamps[0], stamps[1] = -9000, 9050                            # 50
-    subs = rec.submit_room(3)                                     # reaped at 150, then 200 x 2
-    subs[0], subs[1], subs[2] = 100, 110, 120
+    rec.stamps.extend([-5000, 5100, 5400])           # a run: 100, 300
+    rec.submitted.extend([100, 110, 120])            # reaped at 150, then 200 x 2
     rec.reaped.extend([150, 200])
     rec.reaped_n.extend([1, 2])
     rec.fold()
+    rec.stamps.extend([5450, -9000, 9050])           # the run goes on: 50; a new one: 50
     append(4000)
     rec.fold()
     h = rec.hist
-    assert h.count == 1 + 32 + 3 + 3 + 3 + 1 and rec.pending() == 0
-    assert h.total_ns == 1000 + 32 * 2000 + 60 + 450 + (50 + 90 + 80) + 4000
+    assert h.count == 1 + 32 + 3 + 4 + 3 + 1 and rec.pending() == 1     # the run's start
+    assert h.total_ns == 1000 + 32 * 2000 + 60 + 500 + (50 + 90 + 80) + 4000
     assert (h.min_ns, h.max_ns) == (10, 4000) and rec.snapshot().count == h.count
+
+
+def test_stamps_of_a_batch_weigh_its_requests():
+    rec = H.LatencyRecorder()
+    rec.stamp_weight = 32
+    rec.stamps.extend([-100, 300, 600])
+    rec.fold()
+    assert rec.hist.count == 64 and rec.hist.total_ns == 32 * (200 + 300)
 
 
 # ---------------------------------------------------------------------------

@@ -606,16 +606,13 @@ def run_blocking(dev, wl: Workload, thread: int, st: Stats, args,
             # and starts at the one before (the loop's own step between two
             # requests, a store and an add, counts in); a run starts at a
             # negative stamp.
-            room = st.main.stamp_room
+            stamp = st.main.stamps.append
 
             def run_n(k: int) -> None:
-                stamps = room(k + 1)
-                stamps[0] = -pc()
-                i = 1
+                stamp(-pc())
                 for off in take(k):
                     op(off, buf)
-                    stamps[i] = pc()
-                    i += 1
+                    stamp(pc())
         else:
             def run_n(k: int) -> None:
                 for off in take(k):
@@ -703,7 +700,7 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
     full = wl.lat_sample is None
     # every request's latency: its slot's submission time, and the reap's
     # time with its count, stored as they are (folded later)
-    submit_room = st.main.submit_room
+    submitted = st.main.submitted.append
     reaped, reaped_n = st.main.reaped.append, st.main.reaped_n.append
     if ready is not None:
         ready.wait()
@@ -725,16 +722,13 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
         st.comp(n)
         if full:
             now = pc()
-            subs = submit_room(n)
             reaped(now)
             reaped_n(n)
-            i = 0
             for c in comps:
                 if c.ret:
                     c.check()
                 j = c.user_data
-                subs[i] = tsub[j]
-                i += 1
+                submitted(tsub[j])
                 tsub[j] = now
                 op(nxt(), rows[j], user_data=j)
         else:
@@ -802,12 +796,14 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
     # Latency of every request: the clock is read once per reap.  While
     # every request in flight went out in one submit (``uniform``: a whole
     # batch back, the usual case on a page-cached file), a reap's requests
-    # share one latency, recorded once with its count; otherwise each slot's
-    # submission time (``t_sub``) is subtracted from the reap's, a numpy
-    # operation over the reaped tags into the recorder's ring.
+    # share one latency: the reap's stamp less the one before (the recorder
+    # weighs each by the batch); otherwise each slot's submission time
+    # (``t_sub``) is subtracted from the reap's, a numpy operation over the
+    # reaped tags into the recorder's ring.
     full = wl.lat_sample is None
     rec = st.main
-    batched, batch_n = rec.batched.append, rec.batch_n.append
+    rec.stamp_weight = D
+    stamp = rec.stamps.append
     t_sub = np.zeros(D, dtype=np.int64)
     pc = time.perf_counter_ns
     if ready is not None:
@@ -824,6 +820,8 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
     limit = clock.limit
     t_batch = pc()
     uniform = True
+    if full:
+        stamp(-t_batch)
     submit(table[0:D], bufs, user_data=tags)
     pos = D
     if pos >= L:
@@ -853,10 +851,10 @@ def run_batch(dev, wl: Workload, thread: int, st: Stats, args,
             # everything came back (the usual case on a page-cached file)
             if full:
                 if uniform:
-                    batched(now - t_batch)
-                    batch_n(n)
+                    stamp(now)          # ends this batch, starts the next
                 else:
                     np.subtract(now, t_sub, out=rec.ring_room(n))
+                    stamp(-now)         # the next batch starts a run
                     uniform = True
                 t_batch = now
             elif clock.slot >= 0:

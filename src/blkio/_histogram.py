@@ -19,7 +19,7 @@ devices or of the bench's options.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -78,12 +78,12 @@ class LatencyHistogram:
         self.min_ns: Optional[int] = None
         self.max_ns = 0
 
-    def add_values(self, ns: np.ndarray) -> None:
-        """Record each value of an int64 array once."""
+    def add_values(self, ns: np.ndarray, weight: int = 1) -> None:
+        """Record each value of an int64 array ``weight`` times."""
         if len(ns) == 0:
             return
-        self.counts += np.bincount(bucket_index(ns), minlength=NBUCKETS)
-        self._extend(len(ns), int(ns.sum()), int(ns.min()), int(ns.max()))
+        self.counts += weight * np.bincount(bucket_index(ns), minlength=NBUCKETS)
+        self._extend(weight * len(ns), weight * int(ns.sum()), int(ns.min()), int(ns.max()))
 
     def add_weighted(self, ns: Any, weights: Any) -> None:
         """Record ``ns[i]`` ``weights[i]`` times (a whole batch of requests
@@ -174,65 +174,34 @@ class LatencyHistogram:
         return high / 1000.0, np.cumsum(self.counts[used]) / self.count
 
 
-class _Slots:
-    """An int64 buffer that a loop fills in order: ``room(n)`` hands out the
-    next ``n`` values as a numpy slice or (``view=True``) a memoryview,
-    through which ``v[i] = ns`` stores a Python int in C, keeping no object
-    (a list append keeps one, and numpy's conversion of a list costs about
-    300 instructions a value).  ``full`` is called when the buffer is full;
-    it must ``take()`` everything."""
-
-    __slots__ = ("array", "view", "pos")
-
-    def __init__(self) -> None:
-        self.array = np.zeros(0, dtype=np.int64)
-        self.view = self.array.data
-        self.pos = 0
-
-    def room(self, n: int, full: Callable[[], None], as_view: bool = False) -> Any:
-        if self.pos + n > len(self.array):
-            if self.pos:
-                full()
-            if n > len(self.array):
-                self.array = np.zeros(max(LatencyRecorder.RING, 2 * n), dtype=np.int64)
-                self.view = self.array.data
-        pos = self.pos
-        self.pos = pos + n
-        return self.view[pos:pos + n] if as_view else self.array[pos:pos + n]
-
-    def take(self) -> np.ndarray:
-        out = self.array[:self.pos]
-        self.pos = 0
-        return out
-
-
 class LatencyRecorder:
     """One thread's latencies on their way into its histogram.
 
-    The hot loops only append Python ints to lists or store them into
-    buffers (``_Slots``); ``fold()`` turns them into latencies in a few
-    vectorised passes.  The channels, one per kind of loop:
+    The hot loops only append Python ints to lists (or fill a numpy slice);
+    ``fold()`` turns them into latencies in a few vectorised passes.  The
+    channels, one per kind of loop:
 
     - ``values``: latencies (ns), one per request (asyncio, samples);
     - ``batched`` / ``batch_n``: one latency shared by ``n`` requests (a
-      batch submitted and reaped together);
+      batch awaited as one);
     - ``ring_room(n)``: a reap's latencies, written with numpy (the batch
       API when a reap returns part of what is in flight);
-    - ``stamp_room(n)``: clock readings of one-at-a-time requests, each
-      request ending at its stamp and starting at the one before; a
-      negative stamp (its absolute value) only starts a run (the blocking
-      API: one clock reading per request);
-    - ``submit_room(n)`` / ``reaped`` / ``reaped_n``: each completion's
+    - ``stamps``: clock readings, each ending a request (or a batch of
+      ``stamp_weight`` requests) that started at the stamp before; a
+      negative stamp (its absolute value) only starts a run.  The blocking
+      API reads the clock once per request, the batch API once per reap;
+    - ``submitted`` / ``reaped`` / ``reaped_n``: each completion's
       submission time, and each reap's time and count, in order (the queue
       API: times the loop has anyway, no arithmetic per request).
 
     ``maybe_fold(now)`` at the loop's clock checks folds every ``FOLD_AT``
     values, and every ``fold_every`` seconds once set (a time series reads
     the histogram while the run goes on: ``snapshot()``, under ``lock``).
-    Folds happen between runs and reaps, never inside one."""
+    A fold keeps the last stamp as the start of what follows."""
 
-    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "stamps", "submitted",
-                 "reaped", "reaped_n", "lock", "next_fold", "fold_every")
+    __slots__ = ("hist", "values", "batched", "batch_n", "ring", "ring_pos", "stamps",
+                 "stamp_weight", "submitted", "reaped", "reaped_n", "lock", "next_fold",
+                 "fold_every")
 
     RING = 1 << 16
 
@@ -241,9 +210,11 @@ class LatencyRecorder:
         self.values: List[int] = []
         self.batched: List[int] = []
         self.batch_n: List[int] = []
-        self.ring = _Slots()
-        self.stamps = _Slots()
-        self.submitted = _Slots()
+        self.ring = np.zeros(0, dtype=np.int64)      # made on first use (batch API)
+        self.ring_pos = 0
+        self.stamps: List[int] = []
+        self.stamp_weight = 1
+        self.submitted: List[int] = []
         self.reaped: List[int] = []
         self.reaped_n: List[int] = []
         self.lock = threading.Lock()
@@ -251,21 +222,18 @@ class LatencyRecorder:
         self.fold_every: Optional[float] = None
 
     def ring_room(self, n: int) -> np.ndarray:
-        """The next ``n`` latencies, to fill with numpy."""
-        return self.ring.room(n, self.fold)
-
-    def stamp_room(self, n: int) -> memoryview:
-        """The next ``n`` stamps (a run: the first one negative)."""
-        return self.stamps.room(n, self.fold, as_view=True)
-
-    def submit_room(self, n: int) -> memoryview:
-        """The submission times of a reap's ``n`` completions (after its
-        ``reaped``/``reaped_n`` entry)."""
-        return self.submitted.room(n, self.fold, as_view=True)
+        """A slice of ``n`` values of the ring to fill (folds a full ring)."""
+        if self.ring_pos + n > len(self.ring):
+            if len(self.ring) < n:
+                self.ring = np.zeros(max(self.RING, 2 * n), dtype=np.int64)
+            self.fold()
+        pos = self.ring_pos
+        self.ring_pos = pos + n
+        return self.ring[pos:pos + n]
 
     def pending(self) -> int:
-        return (len(self.values) + len(self.batched) + self.ring.pos + self.stamps.pos
-                + self.submitted.pos)
+        return (len(self.values) + len(self.batched) + self.ring_pos + len(self.stamps)
+                + len(self.submitted))
 
     def maybe_fold(self, now: float) -> None:
         """At a clock check (``now``: time.perf_counter()): fold when enough
@@ -284,24 +252,26 @@ class LatencyRecorder:
                 hist.add_values(np.array(self.values, dtype=np.int64))
                 self.values.clear()
             if self.batched:
-                n0 = self.batch_n[0]
-                if self.batch_n.count(n0) == len(self.batch_n):      # the usual case
-                    weights = np.full(len(self.batch_n), n0, dtype=np.int64)
-                else:
-                    weights = np.array(self.batch_n, dtype=np.int64)
-                hist.add_weighted(np.array(self.batched, dtype=np.int64), weights)
+                hist.add_weighted(np.array(self.batched, dtype=np.int64),
+                                  np.array(self.batch_n, dtype=np.int64))
                 self.batched.clear()
                 self.batch_n.clear()
-            if self.ring.pos:
-                hist.add_values(self.ring.take())
-            if self.stamps.pos:
-                t = self.stamps.take()
+            if self.ring_pos:
+                hist.add_values(self.ring[:self.ring_pos])
+                self.ring_pos = 0
+            stamps = self.stamps
+            if len(stamps) > 1:
+                t = np.array(stamps, dtype=np.int64)
                 ends = t[1:] > 0
-                hist.add_values(t[1:][ends] - np.abs(t[:-1][ends]))
-            if self.submitted.pos:
+                hist.add_values(t[1:][ends] - np.abs(t[:-1][ends]), self.stamp_weight)
+                last = stamps[-1]
+                stamps.clear()
+                stamps.append(-abs(last))      # what follows starts there
+            if self.submitted:
                 done = np.repeat(np.array(self.reaped, dtype=np.int64),
                                  np.array(self.reaped_n, dtype=np.int64))
-                hist.add_values(done - self.submitted.take())
+                hist.add_values(done - np.array(self.submitted, dtype=np.int64))
+                self.submitted.clear()
                 self.reaped.clear()
                 self.reaped_n.clear()
 
