@@ -573,3 +573,31 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, slow_socket):
     assert "Traceback" not in stderr.decode()
     assert "interrupted again: stopped at once" in stderr.decode().splitlines()[-1]
     assert json.loads(stdout)["interrupted"] is True
+
+
+# ---- every side says whether it bypassed the page cache; --connect-timeout ----
+
+def test_json_says_direct_for_blkio_sides_too(tmp_path, qsd, make_image):
+    src = make_image(4 * MiB)
+    daemon = qsd(size=4 * MiB)
+    out = _ok(_copy(tmp_path, "--json", f"--input-blkio=io_uring", f"path={src.path}", "direct=0",
+                    "--output-blkio=virtio-blk-vhost-user", f"path={daemon.socket}"))
+    assert out["input"]["direct"] is False, out
+    assert out["output"]["direct"] is True, out
+
+
+def test_connect_timeout_bounds_every_command_on_a_busy_export(tmp_path, qsd, make_image):
+    import blkio
+    daemon = qsd(size=4 * MiB)
+    with blkio.open("virtio-blk-vhost-user", path=daemon.socket):    # the export's one client
+        for argv in (["info", "virtio-blk-vhost-user", f"path={daemon.socket}"],
+                     ["bench", "--runtime=1", "virtio-blk-vhost-user", f"path={daemon.socket}"],
+                     ["copy", f"--input-blkio=virtio-blk-vhost-user", f"path={daemon.socket}",
+                      f"--output-file={tmp_path / 'out.raw'}"]):
+            proc = subprocess.run([sys.executable, "-m", "blkio", *argv, "--connect-timeout", "0.5"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                  env=_env())
+            assert proc.returncode == 1, (argv, proc.returncode, proc.stderr)
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert "one client at a time" in proc.stderr or "timed out" in proc.stderr.lower(), \
+                (argv, proc.stderr)

@@ -23,8 +23,9 @@ from ._benchloops import (GiB, READ, WRITE, BenchError, InflightClock, OffsetRun
                           UsageError, Workload, aio_thread, aio_workers, closed_loop,
                           offset_stream, require, results_json, run_blocking, run_event_loop,
                           run_batch, run_queue, run_threads, touch)
-from ._cliparse import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SuggestingParser,
-                        int_type, open_failure, seconds_type)
+from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                        SuggestingParser, connect_timeout_type, int_type, open_failure,
+                        seconds_type)
 from ._cliprops import PropertyError, check_properties, parse_properties
 from ._histogram import merged
 from ._sizes import format_bytes, size_type
@@ -68,10 +69,6 @@ Sizes take K, M, G, T (binary: 4K is 4096; KiB, MiB ... also work).
 Exit status: 0 done, 1 runtime failure (I/O error, verify mismatch, device
 missing), 2 bad command line, 130 interrupted."""
 
-# Where the lead adds --connect-timeout (DESIGN section 10): an open()
-# keyword, passed like the properties (see _open_keywords).
-
-
 def add_workload_arguments(p: argparse.ArgumentParser, mixed: bool = False) -> None:
     """The workload options of blkio-bench (shared with bench/contenders.py,
     whose kinds read or write only: ``mixed`` adds rw/randrw and
@@ -106,6 +103,8 @@ def add_workload_arguments(p: argparse.ArgumentParser, mixed: bool = False) -> N
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of blkio-bench, plus blkio's own (--api, --verify, ...)."""
     add_workload_arguments(p, mixed=True)
+    p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
+                   metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
     region = p.add_argument_group("region")
     region.add_argument("--offset", type=size_type(0), default=0, metavar="BYTES",
                         help="where the region starts (default: 0)")
@@ -222,6 +221,7 @@ def _open_keywords(args: argparse.Namespace) -> Dict[str, Any]:
         check_properties(args.driver, props)
     except PropertyError as e:
         raise UsageError(str(e)) from None
+    props.setdefault("connect_timeout", getattr(args, "connect_timeout", 30.0))
     reads_only = args.readwrite in ("read", "randread") or args.verify_only
     if reads_only:
         props.setdefault("read_only", True)

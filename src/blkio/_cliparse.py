@@ -63,6 +63,19 @@ def seconds_type(text: str) -> float:
     return v
 
 
+def connect_timeout_type(text: str) -> "float | None":
+    """An argparse ``type=`` for --connect-timeout: seconds, or ``inf`` /
+    ``none`` to wait without limit."""
+    if text.lower() in ("inf", "none"):
+        return None
+    return seconds_type(text)
+
+
+#: The help of every command's --connect-timeout.
+CONNECT_TIMEOUT_HELP = ("seconds to wait for a vhost-user backend to answer (an export serves "
+                        "one client at a time); inf waits without limit (default: 30)")
+
+
 def open_failure(what: str, error: BaseException) -> str:
     """The message for ``what`` (a device and its path, or a copy side)
     that could not be opened: the path is said once, by ``what``."""

@@ -28,8 +28,9 @@ import numpy as np
 
 import blkio
 
-from ._cliparse import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, SuggestingParser,
-                        int_type, open_failure, program_name, seconds_type)
+from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE,
+                        SuggestingParser, connect_timeout_type, int_type, open_failure,
+                        program_name, seconds_type)
 from ._cliprops import PropertyError, check_driver, check_properties, parse_properties
 from ._sizes import format_bytes as _fmt_bytes, size_type
 
@@ -89,6 +90,7 @@ class EndSpec:
     kind: str                    # "blkio" or "file"
     name: str                    # the driver (blkio) or the path (file)
     props: List[str] = dataclasses.field(default_factory=list)
+    connect_timeout: Optional[float] = 30.0     # --connect-timeout, for blkio.open
 
     @property
     def option(self) -> str:
@@ -111,6 +113,7 @@ class EndSpec:
             name, _, value = item.partition("=")
             if name == "path":
                 kwargs["path"] = value
+        kwargs.setdefault("connect_timeout", self.connect_timeout)
         return kwargs
 
 
@@ -166,12 +169,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--file-direct", choices=("auto", "on", "off"), default="auto",
                    help="O_DIRECT for --input-file/--output-file: auto uses it where the file "
                         "system accepts it (default: auto)")
+    p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
+                   metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
     return p
 
 
 # Options that take their value as the next argument, so the tokenizer below
 # does not mistake it for a property.
-_VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct"}
+_VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct",
+                  "--connect-timeout"}
 _END_OPTIONS = {"--input-blkio", "--input-file", "--output-blkio", "--output-file"}
 
 
@@ -226,6 +232,8 @@ def parse_args(argv: Sequence[str], prog: str = PROG) -> Options:
         raise SpecError("missing --input-blkio or --input-file")
     if "output" not in ends:
         raise SpecError("missing --output-blkio or --output-file")
+    for end in ends.values():
+        end.connect_timeout = args.connect_timeout
     return Options(ends["input"], ends["output"], args.blocksize, args.depth, args.sparse,
                    args.verify, args.json, args.progress, args.progress_interval,
                    args.file_direct)
@@ -271,6 +279,11 @@ class End:
                              "request_alignment": self.align}
         if self.spec.kind == "file":
             d["direct"] = self.direct
+        else:
+            # the driver's own word where it has one; virtio-blk drivers
+            # always bypass the host's page cache
+            props = self.dev.properties()
+            d["direct"] = bool(props.get("direct", True))
         return d
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
-from ._cliparse import EXIT_FAILURE, EXIT_USAGE, SuggestingParser, open_failure, program_name
+from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_USAGE, SuggestingParser,
+                        connect_timeout_type, open_failure, program_name)
 from ._cliprops import PropertyError, check_properties, parse_properties
 
 
@@ -38,6 +39,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     what = f"{args.driver} device" + (f" {props['path']}" if "path" in props else "")
     try:
+        props.setdefault("connect_timeout", args.connect_timeout)
         with blkio.open(args.driver, **props) as dev:
             info = {"driver": dev.driver, "capacity": dev.capacity,
                     "limits": dev.limits.__dict__, "properties": dev.properties(),
@@ -69,6 +71,8 @@ def build_parser(prog: str = "blkio") -> argparse.ArgumentParser:
                                     "(zoned devices: model, geometry, zones by state) as JSON")
     p.add_argument("driver", help="libblkio driver, e.g. io_uring")
     p.add_argument("props", nargs="*", help="libblkio property=value (path=/dev/sdb ...)")
+    p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
+                   metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
     p.set_defaults(func=cmd_info)
     sub.add_parser("bench", add_help=False,
                    help=f"benchmark a device: blkio-bench's options and JSON, latency "
