@@ -61,7 +61,7 @@ blocks an earlier run with the same --offset, --size and --blocksize wrote
 (so write all of it first, e.g. --readwrite=write --requests=BLOCKS; the
 header's generation may be any run's).
 crc32c and xxh64 use google-crc32c and xxhash when installed (pip install
-'blkio[verify]'), else numpy versions that cost 12-16 times as much per block;
+'blkio[verify]'), else numpy versions that are much slower per block;
 pattern needs neither."""
 
 EPILOG = """\

@@ -19,7 +19,8 @@ _BOOL_WORDS = {"true": True, "on": True, "yes": True,
                "false": False, "off": False, "no": False}
 _BOOL_PROPS = {"direct", "read_only"}
 # open()'s parameters that are not properties a command line gives
-_NOT_PROPERTIES = {"driver", "properties", "poll_us"}
+_NOT_PROPERTIES = {"driver", "properties", "poll_us", "connect_timeout", "reconnect",
+                   "reconnect_timeout"}   # blkio's own: the commands' --options
 
 
 class PropertyError(ValueError):

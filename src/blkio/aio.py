@@ -164,7 +164,7 @@ class AsyncDevice:
             raise ValueError(f"{self.device.driver} device is closed")
         if self._port.in_flight and not self._loop.is_closed():
             raise ValueError(f"this AsyncDevice has {self._port.in_flight} request(s) in flight "
-                             f"on another event loop; await them there first (or detach())")
+                             f"on another event loop; await them there first")
         self._release_fd()
         self._flush_scheduled = False
         self._room = None
