@@ -616,38 +616,3 @@ def test_default_runtime_is_short_and_said_in_help(tmp_path):
     assert _bench._parse_args(["io_uring"], "blkio bench").runtime == 5.0
     out = _run(tmp_path, "bench", "--help").stdout
     assert "default: 5" in " ".join(out.split())
-
-
-# ---------------------------------------------------------------------------
-# make bench: the percentile rows beside fio
-
-
-def test_bench_suite_puts_blkio_percentiles_beside_fio(tmp_path):
-    import argparse
-    import shutil
-    from test_bench_suite import run as suite
-    require(shutil.which("fio"), "fio is not installed")
-    env = suite.Env(argparse.Namespace(size=16, python=sys.executable), tmp_path)
-    with open(env.image, "wb") as f:
-        f.write(os.urandom(16 * MiB))
-    cases = [suite.Case(wl, c) for wl, blkio_api in suite.LATENCY_ROWS
-             for c in (blkio_api, suite.FIO)]
-    assert set(c.key for c in cases) <= {c.key for c in suite.short_cases(1 << 30)}
-    runs = {}
-    for case in cases:
-        cmd = env.command(case, 1)
-        if case.contender == suite.FIO:
-            assert "--lat_percentiles=1" in cmd.argv and f"--filename={env.image}" in cmd.argv
-        r = suite.run_case(env, case, 1)
-        assert r["ok"], r
-        runs[case.key] = [r]
-    rows = suite.latency_rows(suite.summarize(cases, runs))
-    assert [r["blkio"] for r in rows] == [suite.B_BLOCK, suite.B_BATCH]
-    for r in rows:
-        for key in ("p50", "p99"):
-            ours, clat, lat = r[f"blkio_{key}_us"], r[f"fio_clat_{key}_us"], r[f"fio_lat_{key}_us"]
-            assert ours > 0 and clat > 0 and lat >= clat
-            assert r[f"ratio_clat_{key}"] == round(ours / clat, 3)
-            assert r[f"ratio_lat_{key}"] == round(ours / lat, 3)
-    table = "\n".join(suite.latency_table(suite.summarize(cases, runs)))
-    assert "| 1 | blkio blocking |" in table and "| 32 | blkio batch |" in table
