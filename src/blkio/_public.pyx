@@ -20,9 +20,9 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        CLOSE_ZONE, FINISH_ZONE, RESET_ZONE, OPEN_ALL_ZONES, CLOSE_ALL_ZONES,
                        FINISH_ALL_ZONES, RESET_ALL_ZONES, op_in, as_u64, as_index, zero_flags,
                        no_device_error, removed_error, zone_problem, problem_error)
-from ._device cimport DeviceCore, core_enter, core_leave
+from ._device cimport DeviceCore, core_enter, core_leave, blocking_engine_of
 from ._engine cimport Completion, QueueEngine, queue_use, queue_unuse
-from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth
+from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth, guard_thread
 from ._batch cimport BatchArrays, batch_arrays, check_batch
 from ._transfer cimport (Transfer, blocking_io, blocking_one, blocking_zone, zone_completion,
                          enqueue_request, start_async, route_async, wait_for_space)
@@ -228,7 +228,8 @@ cdef class DeviceFront:
         cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t entry = core_enter(core)
         try:
-            return blocking_one(core.blocking_engine(entry), READ, off, buf, 0, ck, dp)
+            return blocking_one(blocking_engine_of(core, entry), READ, off, buf, 0, ck, dp,
+                                guard_thread(&core.handle.guard, entry))
         finally:
             core_leave(core, entry)
 
@@ -245,8 +246,9 @@ cdef class DeviceFront:
         cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t entry = core_enter(core)
         try:
-            return blocking_one(core.blocking_engine(entry), WRITE, off, buf,
-                                REQ_FUA if fua else 0, ck, dp)
+            return blocking_one(blocking_engine_of(core, entry), WRITE, off, buf,
+                                REQ_FUA if fua else 0, ck, dp,
+                                guard_thread(&core.handle.guard, entry))
         finally:
             core_leave(core, entry)
 

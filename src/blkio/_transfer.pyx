@@ -33,7 +33,7 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES,
                        OPEN_ALL_ZONES, NO_PROBLEM, TOO_LONG, HotLimits, check_request,
                        zone_problem, problem_error, range_problem, request_error, CANCELLED)
 from ._engine cimport (Route, TO_CALLER, INTERNAL, TO_FUTURE, TO_TRANSFER, new_completion,
-                       queue_use, queue_unuse)
+                       queue_use, queue_use_as, queue_unuse)
 from ._handle cimport GUARD_THREADS, ST_STARTED
 from ._held cimport hold_buffers, array_memory, view_flags, slice_iov, gather
 from ._posix cimport ENOTSUP, ECANCELED
@@ -375,15 +375,12 @@ cdef object blocking_io(QueueEngine e, int op, uint64_t offset, uint64_t length,
 
 
 cdef object blocking_one(QueueEngine e, int op, uint64_t offset, object buf,
-                         unsigned int flags, uint64_t chunk=0, int depth=0):
-    """One buffer, blocking (inside the device's guard): the hot path.  When
-    the request needs no split and no bounce, it goes straight from the
-    caller's buffer with a recycled Completion; anything else takes the
-    general path."""
-    cdef Py_ssize_t entry = queue_use(e)
-    # the guard has just looked up this thread's id: reuse it
-    cdef unsigned long tid = (e.guard.tid[entry] if entry < GUARD_THREADS
-                              else PyThread_get_thread_ident())
+                         unsigned int flags, uint64_t chunk, int depth, unsigned long tid):
+    """One buffer, blocking (inside the device's guard, entered by thread
+    ``tid``): the hot path.  When the request needs no split and no bounce,
+    it goes straight from the caller's buffer with a recycled Completion;
+    anything else takes the general path."""
+    cdef Py_ssize_t entry = queue_use_as(e, tid)
     try:
         return _blocking_one_on(e, op, offset, buf, flags, chunk, depth, tid)
     finally:
@@ -449,7 +446,7 @@ cdef object _blocking_one_on(QueueEngine e, int op, uint64_t offset, object buf,
     c.iov = &c.iov1
     c.iovcnt = 1
     try:
-        e.enqueue_one(c, True, True)
+        e.enqueue_one(c, True, True, True)
         if not c.done:
             e.drive(0, -1.0, c)
     finally:
