@@ -15,7 +15,7 @@ from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_ent
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
-from ._batch cimport BatchRing, BatchArrays
+from ._batch cimport BatchRing, BatchArrays, take_slot, complete
 from ._checks cimport removed_error
 from ._posix cimport pthread_mutex_t, pthread_cond_t, pthread_mutex_trylock, pthread_mutex_unlock
 
@@ -117,6 +117,8 @@ cdef class QueueEngine:
     cdef int _enqueue_wait_locked(self, Completion c, void *ud, blkio_completion *comps,
                                   timespec *ts) noexcept nogil
     cdef int enqueue_batch(self, int op, BatchArrays a, unsigned int flags) except -1
+    cdef int _enqueue_slots(self, int op, BatchArrays a, Py_ssize_t *idx, unsigned int flags,
+                            blkio_completion *comps) noexcept nogil
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
     cdef int collect(self, blkio_completion *comps, int held) except -1
     cdef void link(self, Completion c) noexcept

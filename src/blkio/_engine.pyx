@@ -461,28 +461,26 @@ cdef class QueueEngine:
             if idx == NULL:
                 raise MemoryError()
         # Slots are taken with the GIL held (dispatch frees them with it held);
-        # the GIL-free section below only reads this call's own index list.
+        # a GIL-free section below only reads this call's own index list.
         for i in range(n):
             addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-            idx[i] = ring.take_slot(op, a.offs[i], a.tags[i] if a.tags != NULL else i,
-                                    <uintptr_t>addr, bs, flags)
-        self.nogil_users += 1
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            for i in range(n):
-                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-                if op == READ:
-                    lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
-                                   <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
-                else:
-                    lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
-                                    <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
-            self.in_libblkio += n
-            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
-            if got > 0:
-                self.in_libblkio -= got
-            pthread_mutex_unlock(&self.lock)
-        self.nogil_users -= 1
+            idx[i] = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                               <uintptr_t>addr, bs, flags)
+        cdef int held = -1
+        if not self.handle.threaded:
+            held = take_queue(self)
+        if held >= 0:
+            # One thread: submitting never sleeps long enough to be worth
+            # a GIL release (with threads, io_uring_enter may: release it).
+            got = self._enqueue_slots(op, a, idx, flags, comps)
+            give_queue(self, held)
+        else:
+            self.nogil_users += 1
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                got = self._enqueue_slots(op, a, idx, flags, comps)
+                pthread_mutex_unlock(&self.lock)
+            self.nogil_users -= 1
         if idx != &stack_idx[0]:
             PyMem_Free(idx)
         self.unreaped += n
@@ -492,6 +490,29 @@ cdef class QueueEngine:
             raise libblkio_error(got, "blkioq_do_io")
         self.dispatch(comps, got)
         return 0
+
+    cdef int _enqueue_slots(self, int op, BatchArrays a, Py_ssize_t *idx, unsigned int flags,
+                            lb.blkio_completion *comps) noexcept nogil:
+        """Hand a batch's requests to libblkio and submit them (the queue
+        ours); returns what do_io returned."""
+        cdef Py_ssize_t i
+        cdef lb.blkioq *q = self.q
+        cdef uint64_t bs = a.blocksize
+        cdef char *addr
+        cdef int got
+        for i in range(a.n):
+            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+            if op == READ:
+                lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
+                               <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+            else:
+                lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
+                                <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+        self.in_libblkio += a.n
+        got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+        if got > 0:
+            self.in_libblkio -= got
+        return got
 
     cdef void link(self, Completion c) noexcept:
         """Into the in-flight list, which holds the reference libblkio's
@@ -554,7 +575,7 @@ cdef class QueueEngine:
             ud = <uintptr_t>comps[i].user_data
             self.unreaped -= 1
             if ud & TAG_BIT:
-                self.ring.complete(<Py_ssize_t>(ud >> 1), comps[i].ret)
+                complete(self.ring, <Py_ssize_t>(ud >> 1), comps[i].ret)
                 continue
             c = <Completion><PyObject *>comps[i].user_data
             if c.linked:

@@ -21,7 +21,7 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        FINISH_ALL_ZONES, RESET_ALL_ZONES, op_in, as_u64, as_index, zero_flags,
                        no_device_error, removed_error, zone_problem, problem_error)
 from ._device cimport DeviceCore, core_enter, core_leave, blocking_engine_of
-from ._engine cimport Completion, QueueEngine, queue_use, queue_unuse
+from ._engine cimport Completion, QueueEngine, queue_use, queue_use_as, queue_unuse
 from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth, guard_thread
 from ._batch cimport BatchArrays, batch_arrays, check_batch
 from ._transfer cimport (Transfer, blocking_io, blocking_one, blocking_zone, zone_completion,
@@ -427,7 +427,8 @@ cdef inline Py_ssize_t _enter(Queue q) except -1:
     if e.handle.state == ST_BROKEN:
         core_leave(core, dentry)
         e.check_usable()        # fails what it had in flight, raises
-    return dentry * (GUARD_THREADS + 1) + queue_use(e)
+    return dentry * (GUARD_THREADS + 1) + queue_use_as(e, guard_thread(&core.handle.guard,
+                                                                       dentry))
 
 
 cdef inline void _leave(Queue q, Py_ssize_t entries) noexcept:
@@ -983,6 +984,7 @@ cdef class AsyncPort:
     cdef readonly object queue       # the public Queue of the engine
     cdef list stuck                  # transfers waiting for bounce space, from the last reap
     cdef object listener             # this port's gone_listeners entry
+    cdef readonly Py_ssize_t batch_taken   # completions solo_batch moved into out
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AsyncPort is blkio.aio's; use blkio.aio.open()")
@@ -1003,6 +1005,20 @@ cdef class AsyncPort:
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return start_async(self.engine, op, off, buf, vectored, flags, future, n, ck, dp)
+        finally:
+            _leave(<Queue>self.queue, entries)
+
+    def io(self, int op, offset, buf, unsigned int flags, future):
+        """The hot path of ``submit``: a read or write of one buffer of at
+        most a chunk, enqueued resolving ``future``.  None when enqueued;
+        else ``submit``'s answer (a Transfer: a longer request, or one
+        waiting for bounce space)."""
+        if op != READ and op != WRITE:
+            raise ValueError(f"io takes a read or a write, not op {op!r}")
+        cdef uint64_t off = as_u64(offset, "offset")
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            return start_async(self.engine, op, off, buf, False, flags, future, 0, 0, 0)
         finally:
             _leave(<Queue>self.queue, entries)
 
@@ -1068,6 +1084,42 @@ cdef class AsyncPort:
                      blocksize):
         cdef Queue q = <Queue>self.queue
         return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
+
+    def solo_batch(self, int op, offsets, buffers, unsigned int flags, region, blocksize,
+                   out):
+        """The common batch, submitted here when nothing else of the
+        caller's is in flight: it fits the queue's room and ``out``.  Returns
+        its bytes when every request completed during the submission without
+        failure (their completions taken); -1 when it is in flight (tags
+        0..n-1: the caller awaits it); -3 when some failed at once (their
+        completions are in ``out``, the count in ``batch_taken``); -2 when it
+        does not fit (nothing submitted)."""
+        cdef QueueEngine e = self.engine
+        cdef BatchArrays a
+        cdef Py_ssize_t room, failed
+        cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            a = batch_arrays(op, offsets, buffers, None, region, bs)
+            room = e.depth - e.in_libblkio if e.depth else -1
+            if out is not e.ring.out:
+                e.ring.set_out(out)
+            if (room >= 0 and a.n > room) or a.n > e.ring.out_len or e.ring.in_flight \
+                    or e.ring.ready:
+                return -2
+            check_batch(a, e.handle, op, room)
+            if a.n == 0:
+                return 0
+            e.enqueue_batch(op, a, flags)
+            if e.ring.ready != a.n:
+                return -1
+            failed = e.ring.failed
+            self.batch_taken = e.ring.copy_out()
+            if e.ring.failed == failed:
+                return a.n * a.blocksize
+            return -3
+        finally:
+            _leave(<Queue>self.queue, entries)
 
     def check_batch(self, int op, offsets, buffers, region, blocksize):
         """Check a whole batch, enqueueing nothing (before its first wave)."""
