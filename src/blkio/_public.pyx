@@ -220,24 +220,18 @@ cdef class DeviceFront:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read.  ``chunk`` and
         ``depth``: the pipeline for large reads, as in ``read``."""
-        cdef DeviceCore core = self.core
-        if core is None:
-            raise no_device_error()
-        cdef uint64_t off = as_u64(offset, "offset")
-        cdef uint64_t ck = 0 if chunk is None else core.handle.check_io_chunk(chunk)
-        cdef int dp = 0 if depth is None else check_io_depth(depth)
-        cdef Py_ssize_t entry = core_enter(core)
-        try:
-            return blocking_one(blocking_engine_of(core, entry), READ, off, buf, 0, ck, dp,
-                                guard_thread(&core.handle.guard, entry))
-        finally:
-            core_leave(core, entry)
+        return self._one(READ, offset, buf, 0, chunk, depth)
 
     def write(self, offset, buf, *, bint fua=False, chunk=None, depth=None):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written.
         ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``
         (on a host-managed zoned device the chunks go one at a time, in order)."""
+        return self._one(WRITE, offset, buf, REQ_FUA if fua else 0, chunk, depth)
+
+    cdef object _one(self, int op, object offset, object buf, unsigned int flags,
+                     object chunk, object depth):
+        """readinto and write: one buffer, the hot path (blocking_one)."""
         cdef DeviceCore core = self.core
         if core is None:
             raise no_device_error()
@@ -246,8 +240,7 @@ cdef class DeviceFront:
         cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t entry = core_enter(core)
         try:
-            return blocking_one(blocking_engine_of(core, entry), WRITE, off, buf,
-                                REQ_FUA if fua else 0, ck, dp,
+            return blocking_one(blocking_engine_of(core, entry), op, off, buf, flags, ck, dp,
                                 guard_thread(&core.handle.guard, entry))
         finally:
             core_leave(core, entry)
@@ -890,7 +883,7 @@ cdef class BouncePool:
         cdef BounceSpace space = self._live()
         space.check_open()
         cdef size_t size = space.checked_size(n)
-        cdef Py_ssize_t start = self._try(size)
+        cdef Py_ssize_t start = self._step(size, None)
         if start >= 0:
             return space.array(start, n)
         waiter = AsyncWaiter(asyncio.get_running_loop())
@@ -900,7 +893,7 @@ cdef class BouncePool:
         try:
             while True:
                 space.check_open()
-                start = self._turn(size, waiter)
+                start = self._step(size, waiter)
                 if start >= 0:
                     return space.array(start, n)
                 await waiter.future
@@ -908,16 +901,13 @@ cdef class BouncePool:
             space.fifo_leave(waiter)
             raise
 
-    cdef Py_ssize_t _try(self, size_t size) except -2:
+    cdef Py_ssize_t _step(self, size_t size, object waiter) except -2:
+        """One try for space, inside the device's guard (growing the space
+        maps memory): at once (no ``waiter``), or at the waiter's turn."""
         cdef Py_ssize_t entry = core_enter(self.core)
         try:
-            return self.space.try_acquire(size)
-        finally:
-            core_leave(self.core, entry)
-
-    cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2:
-        cdef Py_ssize_t entry = core_enter(self.core)
-        try:
+            if waiter is None:
+                return self.space.try_acquire(size)
             return self.space.fifo_turn(size, waiter)
         finally:
             core_leave(self.core, entry)
@@ -929,12 +919,13 @@ cdef class BouncePool:
     @property
     def size(self) -> int:
         """Current pool size in bytes."""
-        return self._live().size
+        return self._live().buffer.size
 
     @property
     def in_use(self) -> int:
         """Bytes currently handed out."""
-        return self._live().in_use
+        cdef BounceSpace space = self._live()
+        return space.allocator.used * space.granule
 
     @property
     def granule(self) -> int:
@@ -944,19 +935,22 @@ cdef class BouncePool:
     @property
     def max_size(self) -> int:
         """Upper bound of the pool size in bytes (settable)."""
-        return self._live().max_size
+        return self._live()._max_size
 
     @max_size.setter
     def max_size(self, value):
-        self._live().max_size = value
+        self._live().set_max_size(as_u64(value, "max_size"))
 
     @property
     def waiting(self) -> int:
         """Number of callers waiting for space."""
-        return self._live().waiting
+        return len(self._live().waiters)
 
     def __repr__(self):
-        return repr(self.space) if self.space is not None else "<blkio.BouncePool of no device>"
+        if self.space is None:
+            return "<blkio.BouncePool of no device>"
+        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
+                f"max_size={self.max_size} waiting={self.waiting}>")
 
 
 # ---- the asyncio port ------------------------------------------------------------------
