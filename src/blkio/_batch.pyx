@@ -266,7 +266,17 @@ cdef int _first_problem(HotLimits *lim, int op, BatchArrays a, Py_ssize_t *bad) 
     """The first problem of a batch, its index in ``bad``."""
     cdef Py_ssize_t i
     cdef int problem
-    cdef uint64_t bs = a.blocksize
+    cdef uint64_t bs = a.blocksize, last
+    cdef uint64_t *offs = a.offs
+    if a.boffs == NULL and not lim.can_grow and lim.zoned != 2 and bs <= lim.capacity:
+        # the common batch: whole blocks on a device of fixed size, one
+        # test a request (the slow loop below then says which and why)
+        last = lim.capacity - bs
+        for i in range(a.n):
+            if (offs[i] & lim.request_mask) or offs[i] > last:
+                break
+        else:
+            return NO_PROBLEM
     for i in range(a.n):
         problem = range_problem(lim, a.offs[i], bs)
         if problem == NO_PROBLEM and op == WRITE and lim.zoned == 2:

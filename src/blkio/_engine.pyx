@@ -441,9 +441,9 @@ cdef class QueueEngine:
         return n
 
     cdef int enqueue_batch(self, int op, BatchArrays a, unsigned int flags) except -1:
-        """Enqueue a checked batch and submit it in one GIL-free section.
-        Each request takes a batch slot (its tag and memory, for reap and
-        unregister); libblkio's user_data is the slot index with TAG_BIT."""
+        """Enqueue a checked batch and submit it (one do_io).  Each request
+        takes a batch slot (its tag and memory, for reap and unregister);
+        libblkio's user_data is the slot index with TAG_BIT."""
         cdef Py_ssize_t i, n = a.n
         cdef lb.blkioq *q = self.q
         cdef int got
@@ -456,25 +456,41 @@ cdef class QueueEngine:
         if n == 0:
             return 0
         ring.reserve(n)
-        if n > 64:
-            idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
-            if idx == NULL:
-                raise MemoryError()
-        # Slots are taken with the GIL held (dispatch frees them with it held);
-        # a GIL-free section below only reads this call's own index list.
-        for i in range(n):
-            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-            idx[i] = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
-                               <uintptr_t>addr, bs, flags)
         cdef int held = -1
+        cdef Py_ssize_t slot
         if not self.handle.threaded:
             held = take_queue(self)
         if held >= 0:
-            # One thread: submitting never sleeps long enough to be worth
-            # a GIL release (with threads, io_uring_enter may: release it).
-            got = self._enqueue_slots(op, a, idx, flags, comps)
+            # One thread, the queue ours with the GIL: take each slot and
+            # hand its request over in one pass; submitting never sleeps long
+            # enough to be worth a GIL release (with threads, io_uring_enter
+            # may: the path below releases it).
+            for i in range(n):
+                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+                slot = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                                 <uintptr_t>addr, bs, flags)
+                if op == READ:
+                    lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
+                                   <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
+                else:
+                    lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
+                                    <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
+            self.in_libblkio += n
+            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+            if got > 0:
+                self.in_libblkio -= got
             give_queue(self, held)
         else:
+            if n > 64:
+                idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
+                if idx == NULL:
+                    raise MemoryError()
+            # Slots are taken with the GIL held (dispatch frees them with it
+            # held); the GIL-free section only reads this call's index list.
+            for i in range(n):
+                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+                idx[i] = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                                   <uintptr_t>addr, bs, flags)
             self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
@@ -570,12 +586,13 @@ cdef class QueueEngine:
         cdef int i
         cdef uintptr_t ud
         cdef Completion c
+        cdef BatchRing ring = self.ring
         err = None
+        self.unreaped -= n
         for i in range(n):
             ud = <uintptr_t>comps[i].user_data
-            self.unreaped -= 1
             if ud & TAG_BIT:
-                complete(self.ring, <Py_ssize_t>(ud >> 1), comps[i].ret)
+                complete(ring, <Py_ssize_t>(ud >> 1), comps[i].ret)
                 continue
             c = <Completion><PyObject *>comps[i].user_data
             if c.linked:

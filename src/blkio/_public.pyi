@@ -22,7 +22,6 @@ _BufferLike = ReadableBuffer | np.ndarray[Any, Any]
 _WritableBufferLike = WriteableBuffer | np.ndarray[Any, Any]
 _U8Array = npt.NDArray[np.uint8]
 
-REQ_FUA: int
 ZONE_DTYPE: np.dtype[np.void]
 _Offsets = npt.NDArray[np.integer[Any]] | Iterable[SupportsIndex]
 _FrontT = TypeVar("_FrontT", bound=DeviceFront)

@@ -13,6 +13,7 @@ device core) and leaves.  No pointer work happens above this module.
 """
 
 cimport cython
+from . cimport _libblkio as lb
 cimport numpy as cnp
 from libc.stdint cimport uint64_t, int64_t
 
@@ -35,7 +36,6 @@ import warnings
 
 import numpy as np
 
-from ._checks import REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK
 from ._pool import AsyncWaiter
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
@@ -227,7 +227,7 @@ cdef class DeviceFront:
         ``fua=True`` makes it durable before returning.  Returns bytes written.
         ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``
         (on a host-managed zoned device the chunks go one at a time, in order)."""
-        return self._one(WRITE, offset, buf, REQ_FUA if fua else 0, chunk, depth)
+        return self._one(WRITE, offset, buf, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
 
     cdef object _one(self, int op, object offset, object buf, unsigned int flags,
                      object chunk, object depth):
@@ -253,7 +253,7 @@ cdef class DeviceFront:
     def writev(self, offset, bufs, *, bint fua=False, chunk=None, depth=None):
         """Write the buffers of ``bufs`` back to back at ``offset``.
         Pipelined like ``write``."""
-        return self._vectored(WRITE, offset, bufs, REQ_FUA if fua else 0, chunk, depth)
+        return self._vectored(WRITE, offset, bufs, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
 
     cdef object _vectored(self, int op, object offset, object bufs, unsigned int flags,
                           object chunk, object depth):
@@ -481,7 +481,7 @@ cdef class Queue:
 
     def write(self, offset, buf, *, user_data=None, bint fua=False):
         """Enqueue a write of ``buf``."""
-        return self._enqueue(WRITE, offset, buf, 0, REQ_FUA if fua else 0, user_data, False)
+        return self._enqueue(WRITE, offset, buf, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, False)
 
     def readv(self, offset, bufs, *, user_data=None):
         """Enqueue a vectored read into the buffers of ``bufs``."""
@@ -489,7 +489,7 @@ cdef class Queue:
 
     def writev(self, offset, bufs, *, user_data=None, bint fua=False):
         """Enqueue a vectored write of the buffers of ``bufs``."""
-        return self._enqueue(WRITE, offset, bufs, 0, REQ_FUA if fua else 0, user_data, True)
+        return self._enqueue(WRITE, offset, bufs, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, True)
 
     def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
@@ -594,8 +594,8 @@ cdef class Queue:
     def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None, region=None,
                       blocksize=0):
         """Like ``submit_reads``, for writes."""
-        return self._submit_batch(WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0,
-                                  region, blocksize)
+        return self._submit_batch(WRITE, offsets, buffers, user_data,
+                                  lb.BLKIO_REQ_FUA if fua else 0, region, blocksize)
 
     def reap(self, out, min=0, timeout=None):
         """Fill ``out`` (a structured array with int64 ``user_data`` and int32
@@ -802,7 +802,7 @@ cdef class Queue:
 cdef unsigned int request_flags(object flags) except? 0xFFFFFFFF:
     """``flags`` of Queue.enqueue: REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK or'ed."""
     cdef uint64_t f = as_u64(flags, "flags")
-    if f & ~<uint64_t>(REQ_FUA | REQ_NO_UNMAP | REQ_NO_FALLBACK):
+    if f & ~<uint64_t>(lb.BLKIO_REQ_FUA | lb.BLKIO_REQ_NO_UNMAP | lb.BLKIO_REQ_NO_FALLBACK):
         raise ValueError(f"flags={f:#x}: only blkio.REQ_FUA, REQ_NO_UNMAP and REQ_NO_FALLBACK")
     return <unsigned int>f
 
