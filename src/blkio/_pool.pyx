@@ -190,13 +190,13 @@ cdef class BounceSpace:
             raise self.handle.unusable_error()
         return 0
 
-    def device_closed(self):
+    cdef void device_closed(self) noexcept:
         """The device is gone: waiters wake up and fail (their next turn
         sees no device)."""
         self.handle = None
         self.wake_all()
 
-    def wake_all(self):
+    cdef void wake_all(self) noexcept:
         self._lock()
         try:
             for waiter in self.waiters:
@@ -261,7 +261,7 @@ cdef class BounceSpace:
         return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
                              offset=<Py_ssize_t>(<size_t>start * self.granule))
 
-    def release(self, array):
+    cdef int release(self, object array) except -1:
         """Give back an array of this space (``blkio.BouncePool.release``)."""
         self._lock()
         try:
@@ -269,42 +269,13 @@ cdef class BounceSpace:
             self._wake_head()
         finally:
             self._unlock()
+        return 0
 
-    @property
-    def size(self) -> int:
-        """Current pool size in bytes."""
-        return self.buffer.size
-
-    @property
-    def in_use(self) -> int:
-        """Bytes currently handed out."""
-        return self.allocator.used * self.granule
-
-    @property
-    def granule(self) -> int:
-        """Allocation unit in bytes (a multiple of mem-region-alignment)."""
-        return self.granule
-
-    @property
-    def max_size(self) -> int:
-        """Upper bound of the pool size in bytes (settable)."""
-        return self._max_size
-
-    @max_size.setter
-    def max_size(self, value_arg):
-        cdef size_t value = as_u64(value_arg, "max_size")
+    cdef int set_max_size(self, size_t value) except -1:
         if value < self.granule:
             raise ValueError(f"max_size must be at least {self.granule} bytes")
         self._max_size = self._round(value)
-
-    @property
-    def waiting(self) -> int:
-        """Number of callers waiting for space."""
-        return len(self.waiters)
-
-    def __repr__(self):
-        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
-                f"max_size={self._max_size} waiting={len(self.waiters)}>")
+        return 0
 
 
 @cython.final

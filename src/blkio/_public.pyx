@@ -13,6 +13,7 @@ device core) and leaves.  No pointer work happens above this module.
 """
 
 cimport cython
+from . cimport _libblkio as lb
 cimport numpy as cnp
 from libc.stdint cimport uint64_t, int64_t
 
@@ -20,9 +21,9 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        CLOSE_ZONE, FINISH_ZONE, RESET_ZONE, OPEN_ALL_ZONES, CLOSE_ALL_ZONES,
                        FINISH_ALL_ZONES, RESET_ALL_ZONES, op_in, as_u64, as_index, zero_flags,
                        no_device_error, removed_error, zone_problem, problem_error)
-from ._device cimport DeviceCore, core_enter, core_leave
-from ._engine cimport Completion, QueueEngine, queue_use, queue_unuse
-from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth
+from ._device cimport DeviceCore, core_enter, core_leave, blocking_engine_of
+from ._engine cimport Completion, QueueEngine, queue_use, queue_use_as, queue_unuse
+from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth, guard_thread
 from ._batch cimport BatchArrays, batch_arrays, check_batch
 from ._transfer cimport (Transfer, blocking_io, blocking_one, blocking_zone, zone_completion,
                          enqueue_request, start_async, route_async, wait_for_space)
@@ -35,7 +36,6 @@ import warnings
 
 import numpy as np
 
-from ._checks import REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK
 from ._pool import AsyncWaiter
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
@@ -220,23 +220,18 @@ cdef class DeviceFront:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read.  ``chunk`` and
         ``depth``: the pipeline for large reads, as in ``read``."""
-        cdef DeviceCore core = self.core
-        if core is None:
-            raise no_device_error()
-        cdef uint64_t off = as_u64(offset, "offset")
-        cdef uint64_t ck = 0 if chunk is None else core.handle.check_io_chunk(chunk)
-        cdef int dp = 0 if depth is None else check_io_depth(depth)
-        cdef Py_ssize_t entry = core_enter(core)
-        try:
-            return blocking_one(core.blocking_engine(entry), READ, off, buf, 0, ck, dp)
-        finally:
-            core_leave(core, entry)
+        return self._one(READ, offset, buf, 0, chunk, depth)
 
     def write(self, offset, buf, *, bint fua=False, chunk=None, depth=None):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written.
         ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``
         (on a host-managed zoned device the chunks go one at a time, in order)."""
+        return self._one(WRITE, offset, buf, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
+
+    cdef object _one(self, int op, object offset, object buf, unsigned int flags,
+                     object chunk, object depth):
+        """readinto and write: one buffer, the hot path (blocking_one)."""
         cdef DeviceCore core = self.core
         if core is None:
             raise no_device_error()
@@ -245,8 +240,8 @@ cdef class DeviceFront:
         cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t entry = core_enter(core)
         try:
-            return blocking_one(core.blocking_engine(entry), WRITE, off, buf,
-                                REQ_FUA if fua else 0, ck, dp)
+            return blocking_one(blocking_engine_of(core, entry), op, off, buf, flags, ck, dp,
+                                guard_thread(&core.handle.guard, entry))
         finally:
             core_leave(core, entry)
 
@@ -258,7 +253,7 @@ cdef class DeviceFront:
     def writev(self, offset, bufs, *, bint fua=False, chunk=None, depth=None):
         """Write the buffers of ``bufs`` back to back at ``offset``.
         Pipelined like ``write``."""
-        return self._vectored(WRITE, offset, bufs, REQ_FUA if fua else 0, chunk, depth)
+        return self._vectored(WRITE, offset, bufs, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
 
     cdef object _vectored(self, int op, object offset, object bufs, unsigned int flags,
                           object chunk, object depth):
@@ -425,7 +420,8 @@ cdef inline Py_ssize_t _enter(Queue q) except -1:
     if e.handle.state == ST_BROKEN:
         core_leave(core, dentry)
         e.check_usable()        # fails what it had in flight, raises
-    return dentry * (GUARD_THREADS + 1) + queue_use(e)
+    return dentry * (GUARD_THREADS + 1) + queue_use_as(e, guard_thread(&core.handle.guard,
+                                                                       dentry))
 
 
 cdef inline void _leave(Queue q, Py_ssize_t entries) noexcept:
@@ -485,7 +481,7 @@ cdef class Queue:
 
     def write(self, offset, buf, *, user_data=None, bint fua=False):
         """Enqueue a write of ``buf``."""
-        return self._enqueue(WRITE, offset, buf, 0, REQ_FUA if fua else 0, user_data, False)
+        return self._enqueue(WRITE, offset, buf, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, False)
 
     def readv(self, offset, bufs, *, user_data=None):
         """Enqueue a vectored read into the buffers of ``bufs``."""
@@ -493,7 +489,7 @@ cdef class Queue:
 
     def writev(self, offset, bufs, *, user_data=None, bint fua=False):
         """Enqueue a vectored write of the buffers of ``bufs``."""
-        return self._enqueue(WRITE, offset, bufs, 0, REQ_FUA if fua else 0, user_data, True)
+        return self._enqueue(WRITE, offset, bufs, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, True)
 
     def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
@@ -598,8 +594,8 @@ cdef class Queue:
     def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None, region=None,
                       blocksize=0):
         """Like ``submit_reads``, for writes."""
-        return self._submit_batch(WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0,
-                                  region, blocksize)
+        return self._submit_batch(WRITE, offsets, buffers, user_data,
+                                  lb.BLKIO_REQ_FUA if fua else 0, region, blocksize)
 
     def reap(self, out, min=0, timeout=None):
         """Fill ``out`` (a structured array with int64 ``user_data`` and int32
@@ -806,7 +802,7 @@ cdef class Queue:
 cdef unsigned int request_flags(object flags) except? 0xFFFFFFFF:
     """``flags`` of Queue.enqueue: REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK or'ed."""
     cdef uint64_t f = as_u64(flags, "flags")
-    if f & ~<uint64_t>(REQ_FUA | REQ_NO_UNMAP | REQ_NO_FALLBACK):
+    if f & ~<uint64_t>(lb.BLKIO_REQ_FUA | lb.BLKIO_REQ_NO_UNMAP | lb.BLKIO_REQ_NO_FALLBACK):
         raise ValueError(f"flags={f:#x}: only blkio.REQ_FUA, REQ_NO_UNMAP and REQ_NO_FALLBACK")
     return <unsigned int>f
 
@@ -887,7 +883,7 @@ cdef class BouncePool:
         cdef BounceSpace space = self._live()
         space.check_open()
         cdef size_t size = space.checked_size(n)
-        cdef Py_ssize_t start = self._try(size)
+        cdef Py_ssize_t start = self._step(size, None)
         if start >= 0:
             return space.array(start, n)
         waiter = AsyncWaiter(asyncio.get_running_loop())
@@ -897,7 +893,7 @@ cdef class BouncePool:
         try:
             while True:
                 space.check_open()
-                start = self._turn(size, waiter)
+                start = self._step(size, waiter)
                 if start >= 0:
                     return space.array(start, n)
                 await waiter.future
@@ -905,16 +901,13 @@ cdef class BouncePool:
             space.fifo_leave(waiter)
             raise
 
-    cdef Py_ssize_t _try(self, size_t size) except -2:
+    cdef Py_ssize_t _step(self, size_t size, object waiter) except -2:
+        """One try for space, inside the device's guard (growing the space
+        maps memory): at once (no ``waiter``), or at the waiter's turn."""
         cdef Py_ssize_t entry = core_enter(self.core)
         try:
-            return self.space.try_acquire(size)
-        finally:
-            core_leave(self.core, entry)
-
-    cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2:
-        cdef Py_ssize_t entry = core_enter(self.core)
-        try:
+            if waiter is None:
+                return self.space.try_acquire(size)
             return self.space.fifo_turn(size, waiter)
         finally:
             core_leave(self.core, entry)
@@ -926,12 +919,13 @@ cdef class BouncePool:
     @property
     def size(self) -> int:
         """Current pool size in bytes."""
-        return self._live().size
+        return self._live().buffer.size
 
     @property
     def in_use(self) -> int:
         """Bytes currently handed out."""
-        return self._live().in_use
+        cdef BounceSpace space = self._live()
+        return space.allocator.used * space.granule
 
     @property
     def granule(self) -> int:
@@ -941,19 +935,22 @@ cdef class BouncePool:
     @property
     def max_size(self) -> int:
         """Upper bound of the pool size in bytes (settable)."""
-        return self._live().max_size
+        return self._live()._max_size
 
     @max_size.setter
     def max_size(self, value):
-        self._live().max_size = value
+        self._live().set_max_size(as_u64(value, "max_size"))
 
     @property
     def waiting(self) -> int:
         """Number of callers waiting for space."""
-        return self._live().waiting
+        return len(self._live().waiters)
 
     def __repr__(self):
-        return repr(self.space) if self.space is not None else "<blkio.BouncePool of no device>"
+        if self.space is None:
+            return "<blkio.BouncePool of no device>"
+        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
+                f"max_size={self.max_size} waiting={self.waiting}>")
 
 
 # ---- the asyncio port ------------------------------------------------------------------
@@ -981,6 +978,7 @@ cdef class AsyncPort:
     cdef readonly object queue       # the public Queue of the engine
     cdef list stuck                  # transfers waiting for bounce space, from the last reap
     cdef object listener             # this port's gone_listeners entry
+    cdef readonly Py_ssize_t batch_taken   # completions solo_batch moved into out
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AsyncPort is blkio.aio's; use blkio.aio.open()")
@@ -1001,6 +999,20 @@ cdef class AsyncPort:
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return start_async(self.engine, op, off, buf, vectored, flags, future, n, ck, dp)
+        finally:
+            _leave(<Queue>self.queue, entries)
+
+    def io(self, int op, offset, buf, unsigned int flags, future):
+        """The hot path of ``submit``: a read or write of one buffer of at
+        most a chunk, enqueued resolving ``future``.  None when enqueued;
+        else ``submit``'s answer (a Transfer: a longer request, or one
+        waiting for bounce space)."""
+        if op != READ and op != WRITE:
+            raise ValueError(f"io takes a read or a write, not op {op!r}")
+        cdef uint64_t off = as_u64(offset, "offset")
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            return start_async(self.engine, op, off, buf, False, flags, future, 0, 0, 0)
         finally:
             _leave(<Queue>self.queue, entries)
 
@@ -1066,6 +1078,42 @@ cdef class AsyncPort:
                      blocksize):
         cdef Queue q = <Queue>self.queue
         return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
+
+    def solo_batch(self, int op, offsets, buffers, unsigned int flags, region, blocksize,
+                   out):
+        """The common batch, submitted here when nothing else of the
+        caller's is in flight: it fits the queue's room and ``out``.  Returns
+        its bytes when every request completed during the submission without
+        failure (their completions taken); -1 when it is in flight (tags
+        0..n-1: the caller awaits it); -3 when some failed at once (their
+        completions are in ``out``, the count in ``batch_taken``); -2 when it
+        does not fit (nothing submitted)."""
+        cdef QueueEngine e = self.engine
+        cdef BatchArrays a
+        cdef Py_ssize_t room, failed
+        cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            a = batch_arrays(op, offsets, buffers, None, region, bs)
+            room = e.depth - e.in_libblkio if e.depth else -1
+            if out is not e.ring.out:
+                e.ring.set_out(out)
+            if (room >= 0 and a.n > room) or a.n > e.ring.out_len or e.ring.in_flight \
+                    or e.ring.ready:
+                return -2
+            check_batch(a, e.handle, op, room)
+            if a.n == 0:
+                return 0
+            e.enqueue_batch(op, a, flags)
+            if e.ring.ready != a.n:
+                return -1
+            failed = e.ring.failed
+            self.batch_taken = e.ring.copy_out()
+            if e.ring.failed == failed:
+                return a.n * a.blocksize
+            return -3
+        finally:
+            _leave(<Queue>self.queue, entries)
 
     def check_batch(self, int op, offsets, buffers, region, blocksize):
         """Check a whole batch, enqueueing nothing (before its first wave)."""

@@ -58,8 +58,9 @@ _INDEX_MASK = (1 << _TAG_SHIFT) - 1
 _BATCH_IDS = 1 << 31                # numbers wrap (tags stay positive int64)
 _REAP_DTYPE = np.dtype([("user_data", np.int64), ("ret", np.int32)])
 # A batch that completes during submission does not wait for the loop; such
-# awaits yield to it at least once per this many seconds.
-_SYNC_SLICE = 0.001
+# awaits yield to it once per this many bytes (a count, not a clock: the
+# same program makes the same calls, however fast the machine runs it).
+_SYNC_BYTES = 1 << 20
 
 
 @types.coroutine
@@ -116,7 +117,7 @@ class AsyncDevice:
         self._reap_ud = self._reap_out["user_data"]
         self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
-        self._last_yield = 0.0
+        self._sync_bytes = 0             # completed during submission since the last yield
         self._watch(self._loop)
         self._listen()
 
@@ -295,6 +296,18 @@ class AsyncDevice:
         here); the returned awaitable is a future, not a coroutine (wrap it
         in a coroutine for ``create_task``).  A read longer than a chunk is
         pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
+        if chunk is None and depth is None:
+            # the hot path, inline: one call into the core, no frame but this
+            loop = _running_loop()
+            if loop is self._loop and not self._closed:
+                fut = loop.create_future()
+                t = self._port.io(_READ, offset, buf, 0, fut)
+                if t is not None and self._port.need(t) and not fut.done():
+                    loop.create_task(self._feed(t))     # a piece waits for bounce space
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+                return fut
         return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
 
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
@@ -311,7 +324,20 @@ class AsyncDevice:
               depth: Optional[int] = None) -> Awaitable[int]:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
-        return self._submit(_WRITE, offset, buf, _REQ_FUA if fua else 0, 0, chunk, depth)
+        flags = _REQ_FUA if fua else 0
+        if chunk is None and depth is None:
+            # the hot path, as in readinto
+            loop = _running_loop()
+            if loop is self._loop and not self._closed:
+                fut = loop.create_future()
+                t = self._port.io(_WRITE, offset, buf, flags, fut)
+                if t is not None and self._port.need(t) and not fut.done():
+                    loop.create_task(self._feed(t))     # a piece waits for bounce space
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+                return fut
+        return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any], *, chunk: Optional[int] = None,
               depth: Optional[int] = None) -> Awaitable[int]:
@@ -444,7 +470,18 @@ class AsyncDevice:
         if loop is not self._loop or self._closed:
             self._follow(loop)
         port = self._port
-        offs = _int_array(offsets, "offsets")        # the core's checks, once here
+        solo = -2
+        if not self._batches:
+            # The common case, in the core: the only batch in flight, in one
+            # wave, with the default tags 0..n-1 (batch 0).
+            solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize, self._reap_out)
+            if solo >= 0:
+                self._sync_bytes += solo    # yield now and then: cached reads never wait
+                if self._sync_bytes >= _SYNC_BYTES:
+                    self._sync_bytes = 0
+                    await _yield_once()
+                return solo
+        offs = _int_array(offsets, "offsets")        # the core checked them already
         n = offs.shape[0]
         if not isinstance(buffers, np.ndarray):
             buffers = np.asarray(buffers)
@@ -453,26 +490,14 @@ class AsyncDevice:
         if n == 0:
             return 0
         depth = port.depth
-        if not self._batches and (not depth or n <= depth - port.in_flight) \
-                and n <= len(self._reap_out):
-            # The common case, kept cheap: the only batch in flight, in one
-            # wave, with the core's default tags 0..n-1 (batch 0).
-            port.submit_batch(op, offs, buffers, None, flags, region, blocksize)
-            if port.batch_ready == n:       # all done during submission
-                failed = port.batch_failed
-                port.take_batch(self._reap_out)
-                if port.batch_failed == failed:
-                    now = time.monotonic()  # yield now and then: cached reads never wait
-                    if now - self._last_yield >= _SYNC_SLICE:
-                        self._last_yield = now
-                        await _yield_once()
-                    return n * bs
-                rec = _Batch(n, memory, offs)
-                rec.left = n
-                self._batches[0] = rec
-                self._credit(0, n, self._reap_ud[:n], self._reap_ret[:n])
-                del self._batches[0]
-                raise self._batch_error(op, rec, bs)
+        if solo == -3:                      # some failed during the submission
+            rec = _Batch(n, memory, offs)
+            rec.left = k = port.batch_taken
+            self._batches[0] = rec
+            self._credit(0, k, self._reap_ud[:k], self._reap_ret[:k])
+            del self._batches[0]
+            raise self._batch_error(op, rec, bs)
+        if solo == -1:
             bid, pos = 0, n
         else:
             # all of it before the first wave (each wave is checked again)
@@ -518,11 +543,11 @@ class AsyncDevice:
                     raise self._closed_during_batch(rec)
                 rec.fut = self._loop.create_future()
                 await rec.fut
-                self._last_yield = time.monotonic()
+                self._sync_bytes = 0
             elif error is None:
-                now = time.monotonic()
-                if now - self._last_yield >= _SYNC_SLICE:
-                    self._last_yield = now
+                self._sync_bytes += n * bs
+                if self._sync_bytes >= _SYNC_BYTES:
+                    self._sync_bytes = 0
                     await _yield_once()
         finally:
             if rec.left == 0:
