@@ -1748,6 +1748,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the Python contenders")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--instr", metavar="JSON",
+                   help="bench/instr.py's JSON: its instruction table is "
+                   "printed first and kept in this run's JSON")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="print two runs' ratios and figures side by side")
     args = p.parse_args(argv)
@@ -1876,6 +1879,11 @@ def main(argv: list[str]) -> int:
                         for r in rs] for k, rs in runs.items()},
            "commands": {k: " ".join(rs[0]["cmd"]) for k, rs in runs.items()
                         if rs and "cmd" in rs[0]}}
+    if args.instr:
+        try:
+            doc["instructions"] = json.loads(Path(args.instr).read_text())
+        except (OSError, ValueError) as e:
+            log(f"--instr: no instruction table ({e})")
     js = out / f"bench-{stamp}.json"
     js.write_text(json.dumps(doc, indent=2))
 
@@ -1887,6 +1895,8 @@ def main(argv: list[str]) -> int:
           "sequential and copy rows), interleaved."]
     md += table_lines(cases, summary)
     md += latency_table(summary)
+    if "instructions" in doc:
+        md[:0] = [doc["instructions"]["markdown"]]
     if info.get("qsd_restarts"):
         md += ["", f"Note: qemu-storage-daemon died {info['qsd_restarts']} "
                "time(s) during the run (" +
