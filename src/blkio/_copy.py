@@ -42,8 +42,9 @@ DEFAULT_DEPTH = 32
 # Bytes per copy_file_range call of the kernel copy: a progress step, and
 # how far Ctrl-C may lag.
 KERNEL_CHUNK = 8 * MiB
-# The kernel copy asks the kernel to start writing back what it has copied
-# every this many bytes, so the final flush finds most of it on the disk.
+# The kernel copy of an input in the page cache asks the kernel to start
+# writing back what it has copied every this many bytes, so the final flush
+# finds most of it on the disk.
 WRITEBACK_STEP = 8 * MiB
 # Pages of an input file looked at to tell whether it is in the page cache,
 # and the share of them that must be there for buffered reads.
@@ -307,6 +308,7 @@ class End:
         self.tail_fd = tail_fd
         self.created = False          # output file created by us
         self.orig_size: Optional[int] = None   # output file's size before we extended it
+        self.cached: Optional[float] = None    # input file: share in the page cache at open
 
     def split(self, n: int) -> Tuple[int, int]:
         """A chunk of ``n`` bytes as (bytes through the device, bytes through
@@ -323,6 +325,8 @@ class End:
                              "request_alignment": self.align}
         if self.spec.kind == "file":
             d["direct"] = self.direct
+        if self.cached is not None:
+            d["cached"] = round(self.cached, 3)     # share of the input in the page cache
         return d
 
     def close(self) -> None:
@@ -408,17 +412,18 @@ def open_input(spec: EndSpec, file_direct: str) -> End:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)      # buffered: for the tail
     try:
         _file_kind(spec, os.fstat(fd))
-        if file_direct == "auto":
+        share = cached_share(fd, os.lseek(fd, 0, os.SEEK_END))
+        if file_direct == "auto" and share is not None and share >= CACHED_ENOUGH:
             # O_DIRECT reads bypass the page cache: data that is there
             # would be read from the disk again.
-            share = cached_share(fd, os.lseek(fd, 0, os.SEEK_END))
-            if share is not None and share >= CACHED_ENOUGH:
-                file_direct = "off"
+            file_direct = "off"
         dev, direct = _open_file_device(spec, path, True, file_direct)
     except BaseException:
         os.close(fd)
         raise
-    return End(spec, dev, path=path, direct=direct, tail_fd=fd)
+    end = End(spec, dev, path=path, direct=direct, tail_fd=fd)
+    end.cached = share
+    return end
 
 
 def cached_share(fd: int, size: int, probes: int = CACHE_PROBES) -> Optional[float]:
@@ -859,13 +864,18 @@ class Copier:
 
     def _copy_in_kernel(self, progress: Progress) -> Result:
         """``copy_file_range`` from the input's fd to the output's, in
-        ``KERNEL_CHUNK`` steps, starting the output's writeback every
-        ``WRITEBACK_STEP`` bytes, then one ``fdatasync``.  Past the output's
-        old size (a hole since open_output extended it) holes of the input
-        are skipped.  Raises _NoKernelCopy if the first call is refused."""
+        ``KERNEL_CHUNK`` steps, then one ``fdatasync``.  When the input is
+        in the page cache, the output's writeback is started every
+        ``WRITEBACK_STEP`` bytes, so the disk writes while the copy goes
+        on; when it is not, the disk is left to the reads until the end
+        (writes mixed with them made cold copies slower here).  Past the
+        output's old size (a hole since open_output extended it) holes of
+        the input are skipped.  Raises _NoKernelCopy if the first call is
+        refused."""
         src_fd, dst_fd = self.src.tail_fd, self.dst.tail_fd
         res, length = self.result, self.length
         holes_from = self.dst.orig_size if self.dst.orig_size is not None else length
+        step = WRITEBACK_STEP if (self.src.cached or 0.0) >= CACHED_ENOUGH else length + 1
         res.method = "copy_file_range"
         start = time.monotonic()
         off = kicked = 0
@@ -891,7 +901,7 @@ class Copier:
                     raise OSError(errno.EIO, f"input: the file ended at byte {off}, before "
                                              f"its size when the copy started ({length})")
                 off = res.copied = off + got
-                if off - kicked >= WRITEBACK_STEP:
+                if off - kicked >= step:
                     # POSIX_FADV_DONTNEED starts writeback of the dirty pages
                     # without waiting (and keeps them while they are written).
                     os.posix_fadvise(dst_fd, kicked, off - kicked, os.POSIX_FADV_DONTNEED)
