@@ -9,7 +9,7 @@ Counts, unlike timings, do not swing (two runs agree to a few hundredths of a
 percent), so this is a real check; but they belong to one environment: on a
 machine or software the budget was not measured with, the test skips naming
 the difference -- except with CI=true on the budget's machine type, where it
-fails.  About three minutes (16 runs under valgrind, two at a time); left out
+fails.  About three minutes (12 runs under valgrind, two at a time); left out
 of the sanitizer run and of the wheel's host-suite run.
 """
 
