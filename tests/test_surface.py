@@ -472,6 +472,29 @@ def test_an_async_device_opened_in_one_loop_is_awaited_in_the_next(image):
         asyncio.run(adev.aclose())
 
 
+def test_an_async_device_follows_its_loop_when_completions_come_later(qsd):
+    # On a page-cached file a read completes inside its submit, so the test
+    # above passes even if the completion-fd reader stays on the dead loop;
+    # a vhost-user read completes later, and only the moved reader sees it.
+    daemon = qsd()
+    expect = daemon.source.data[:MiB]
+
+    async def opened():
+        return await blkio.aio.open("virtio-blk-vhost-user", path=daemon.socket)
+
+    async def use(adev):
+        # a bound against a hang (the completion never seen), not a timing
+        out = await asyncio.wait_for(adev.read(0, MiB), 30)
+        assert out.tobytes() == expect
+
+    adev = asyncio.run(opened())
+    try:
+        asyncio.run(use(adev))
+        asyncio.run(use(adev))
+    finally:
+        asyncio.run(adev.aclose())
+
+
 def test_an_async_device_busy_on_a_live_loop_refuses_another(slow_socket):
     import threading
     started, release = threading.Event(), threading.Event()
