@@ -3,9 +3,10 @@
 # QueueEngine: enqueueing (every blkioq_* call of the package), dispatching
 # completions, driving the queue (submit, reap, the sliced waits, the shared
 # wait of several threads), the completion fd, the queue's own guard and
-# removal flags, and abandoning what is in flight when the backend or the
-# queue is gone.  It calls only downward: the handle (state it observes), the
-# bounce space (giving space back), the batch ring and held buffers.
+# removal flags, abandoning what is in flight when the backend or the queue
+# is gone, and resubmitting it on a new queue after a reconnect (resume).
+# It calls only downward: the handle (state it observes), the bounce space
+# (giving space back), the batch ring and held buffers.
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
@@ -15,7 +16,7 @@ from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_lea
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
-from ._batch cimport BatchRing, BatchArrays
+from ._batch cimport BatchRing, BatchArrays, BatchSlot
 from ._checks cimport removed_error
 from ._posix cimport pthread_mutex_t, pthread_cond_t
 
@@ -127,6 +128,7 @@ cdef class QueueEngine:
     cdef void unlink(self, Completion c) noexcept
     cdef object abandon(self, int err, str msg, bint release)
     cdef bint drain(self, double timeout)
+    cdef Py_ssize_t resume(self, blkioq *q) except -1
 
 
 cdef QueueEngine new_engine(DeviceHandle handle, BounceSpace space, blkioq *q, int index,

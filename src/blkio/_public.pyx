@@ -428,6 +428,20 @@ cdef inline Py_ssize_t _enter(Queue q) except -1:
     return dentry * (GUARD_THREADS + 1) + queue_use(e)
 
 
+cdef Py_ssize_t _enter_even_broken(Queue q) except -1:
+    """``_enter`` for what a broken device still does: hand out what failed
+    (the asyncio port's routing of what its backend's hang-up failed)."""
+    cdef DeviceCore core = q.core
+    if core is None:
+        raise no_device_error()
+    cdef Py_ssize_t dentry = core_enter(core)
+    cdef QueueEngine e = q.engine
+    if e.removing or e.q == NULL:
+        core_leave(core, dentry)
+        raise removed_error(e.index)
+    return dentry * (GUARD_THREADS + 1) + queue_use(e)
+
+
 cdef inline void _leave(Queue q, Py_ssize_t entries) noexcept:
     queue_unuse(q.engine, entries % (GUARD_THREADS + 1))
     core_leave(q.core, entries // (GUARD_THREADS + 1))
@@ -1030,9 +1044,14 @@ cdef class AsyncPort:
         cdef QueueEngine e = self.engine
         cdef uint64_t before
         cdef int rounds = 0
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         stuck = []
         try:
+            if e.handle.state == ST_BROKEN:
+                # The backend hung up: what it had in flight failed (abandon);
+                # resolve those futures, submit nothing.
+                route_async(e, self.stuck)
+                return list(self.stuck), False
             while True:
                 e.drive(0, 0.0, None)
                 if not e.ready:
@@ -1072,8 +1091,9 @@ cdef class AsyncPort:
         t.future = None
 
     def take_batch(self, out):
-        """Move completed batch requests into ``out`` (no waiting)."""
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        """Move completed batch requests into ``out`` (no waiting; on a
+        broken device too, for the requests its backend's hang-up failed)."""
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
             if out is not self.engine.ring.out:
                 self.engine.ring.set_out(out)
@@ -1135,3 +1155,44 @@ cdef class AsyncPort:
     @property
     def gone(self):
         return self.queue.removed
+
+    # ---- the backend (vhost-user): its hang-up, and reconnecting --------------------
+
+    @property
+    def backend_fds(self):
+        """The sockets whose hang-up means the backend died (the loop
+        watches duplicates of them)."""
+        return self.core.backend_fds
+
+    @property
+    def reconnects(self):
+        """Does the device reconnect when its backend hangs up?"""
+        return self.engine.handle.reconnect_enabled
+
+    @property
+    def reconnecting(self):
+        return self.engine.handle.reconnecting
+
+    @property
+    def generation(self):
+        """Reconnects so far (names the backend a hang-up is about)."""
+        return self.core.generation
+
+    @property
+    def broken(self):
+        return self.engine.handle.state == ST_BROKEN
+
+    def hang_up(self):
+        """The loop saw the backend hang up, on a device that does not
+        reconnect: everything in flight fails, the device is broken."""
+        cdef Py_ssize_t entry = core_enter(self.core)
+        try:
+            self.core.hang_up()
+        finally:
+            core_leave(self.core, entry)
+
+    def await_reconnect(self, generation):
+        """The loop saw the backend of ``generation`` hang up, on a device
+        that reconnects: run the reconnect, or wait for the one in progress
+        (in an executor thread: it waits, GIL released, for the daemon)."""
+        self.core.recover(generation)

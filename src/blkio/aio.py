@@ -20,6 +20,15 @@ flight, its memory held by the core until its completion arrives.
 Python object per request: the queue's batch path, tagged with the batch's
 number in the high 32 bits of ``user_data``.
 
+The loop also watches the backend's socket (vhost-user: a duplicate of
+it, readable only when the daemon hangs up).  On a hang-up, a device that
+does not reconnect fails everything in flight with EIO at once (blocking
+waits find a dead backend between their slices; the loop would otherwise
+wait forever).  A device opened with ``reconnect=True`` reconnects in an
+executor thread (or its own watcher thread, whichever is first) while the
+loop keeps running: requests made meanwhile wait for it, then everything in
+flight completes as if nothing happened, through the new completion fd.
+
 An AsyncDevice follows the running loop: awaited from another loop while
 nothing is in flight, it moves its reader there (pytest-asyncio's loop per
 test, notebooks); with requests in flight on a live loop it refuses.  Another
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import time
 import types
 import weakref
@@ -42,7 +52,7 @@ import numpy as np
 
 from . import Device, Op, REQ_FUA, open as _open_device
 from ._checks import int_array, write_zeroes_flags
-from ._connect import DEFAULT_CONNECT_TIMEOUT
+from ._connect import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from ._public import async_port
 from ._zones import ZONE_DTYPE, _report_plan
 from .errors import error_for
@@ -116,6 +126,9 @@ class AsyncDevice:
         self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
         self._last_yield = 0.0
+        self._backend: List[int] = []   # duplicates of the backend's sockets (hang-up watch)
+        self._generation = 0            # the port's reconnects when they were duplicated
+        self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
         self._watch(self._loop)
         self._listen()
 
@@ -147,14 +160,36 @@ class AsyncDevice:
         self._fd = os.dup(self._port.fd)
         loop.add_reader(self._fd, self._on_completion_fd)
         self._loop = loop
+        self._watch_backend()
 
-    def _release_fd(self) -> None:
-        self._port.on_gone(None)
+    def _watch_backend(self) -> None:
+        # Duplicates, for the same reason as the completion fd's; readable
+        # only when the peer hangs up (libblkio's own messages are answered
+        # synchronously, and _on_backend checks).
+        self._generation = self._port.generation
+        for fd in self._port.backend_fds:
+            dup = os.dup(fd)
+            self._backend.append(dup)
+            self._loop.add_reader(dup, self._on_backend)
+
+    def _unwatch_backend(self) -> None:
+        for dup in self._backend:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(dup)
+            os.close(dup)
+        self._backend = []
+
+    def _release_completion_fd(self) -> None:
         if self._fd >= 0:
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
+
+    def _release_fd(self) -> None:
+        self._port.on_gone(None)
+        self._release_completion_fd()
+        self._unwatch_backend()
 
     def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Awaited from another loop than the one watching the fd: move
@@ -198,6 +233,53 @@ class AsyncDevice:
         return ValueError(f"the {self.device.driver} device was closed (or its queue removed) "
                           f"while a batch of {rec.n} request(s) was in flight")
 
+    # ---- the backend's hang-up, and reconnecting --------------------------------
+
+    def _on_backend(self) -> None:
+        if not _hung_up(self._backend):
+            return                      # a message for libblkio, not a hang-up
+        self._unwatch_backend()
+        if self._port.reconnects:
+            self._begin_reconnect()
+        else:
+            self._port.hang_up()        # everything in flight fails: route it
+            self._reap()
+
+    def _begin_reconnect(self) -> None:
+        """The backend hung up and the device reconnects: stop calling into
+        it (a call would wait for the reconnect, and so would the loop)
+        until an executor thread has seen the reconnect through."""
+        if self._reconnected is not None or self._closed:
+            return
+        self._reconnected = asyncio.Event()
+        self._unwatch_backend()
+        self._release_completion_fd()   # the old instance's: it signals nothing more
+        self._fd_on = False
+        done = self._loop.run_in_executor(None, self._port.await_reconnect, self._generation)
+        done.add_done_callback(self._end_reconnect)
+
+    def _end_reconnect(self, done: "asyncio.Future[None]") -> None:
+        event, self._reconnected = self._reconnected, None
+        if not done.cancelled() and done.exception() is not None:
+            self._loop.call_exception_handler({"message": "blkio: reconnecting failed",
+                                               "exception": done.exception()})
+        if not self._closed:
+            port = self._port
+            if not (self.device.closed or port.gone or port.broken):
+                self._watch(self._loop)     # the new instance's fds
+            self._reap()                # what completed meanwhile, or failed
+        if event is not None:
+            event.set()
+
+    async def _until_reconnected(self) -> None:
+        """Before calling into the device: wait out a reconnect in progress."""
+        while self._reconnected is not None:
+            await self._reconnected.wait()
+
+    async def _after_reconnect(self, submit: Any) -> Any:
+        await self._until_reconnected()
+        return await submit()
+
     # ---- completions ------------------------------------------------------------
 
     def _on_completion_fd(self) -> None:
@@ -206,6 +288,11 @@ class AsyncDevice:
 
     def _reap(self) -> None:
         port = self._port
+        if self._reconnected is not None:
+            return                      # the reconnect's end reaps
+        if port.reconnecting:
+            self._begin_reconnect()     # seen here before the socket's hang-up
+            return
         try:
             if self._fd_on:          # no fd events while we reap in a loop
                 port.enable_fd(False)
@@ -242,7 +329,7 @@ class AsyncDevice:
         # Runs once per loop iteration in which requests were enqueued: one
         # blkioq_do_io submits them all (QEMU's plug/unplug).
         self._flush_scheduled = False
-        if self._closed:
+        if self._closed or self._reconnected is not None:
             return
         if self.spin_us > 0 and self._port.in_flight:
             deadline = time.perf_counter() + self.spin_us / 1e6
@@ -263,6 +350,7 @@ class AsyncDevice:
         pool = self.device.bounce_pool
         while self._port.need(t):
             try:
+                await self._until_reconnected()
                 bounce = await pool.acquire_async(self._port.need(t))
                 self._port.refill(t, bounce)
             except BaseException as e:
@@ -277,6 +365,9 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
+        if self._reconnected is not None:
+            return loop.create_task(self._after_reconnect(
+                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
         fut = loop.create_future()
         t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
         if t is not None and self._port.need(t) and not fut.done():
@@ -299,6 +390,7 @@ class AsyncDevice:
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
+        await self._until_reconnected()
         if type(nbytes) is int and nbytes == 0:
             out = np.empty(0, np.uint8)
         else:
@@ -342,6 +434,7 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
+        await self._until_reconnected()
         fut = loop.create_future()
         need = self._port.zone(op, offset, zones, fut)
         if need < 0:
@@ -442,6 +535,7 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
+        await self._until_reconnected()
         port = self._port
         offs = int_array(offsets, "offsets")        # the core's checks, once here
         n = offs.shape[0]
@@ -491,11 +585,13 @@ class AsyncDevice:
                 self._reap()            # the solo batch: route what is done, arm the fd
             while pos < n:
                 k = n - pos
+                await self._until_reconnected()
                 if depth:
                     while depth - port.in_flight <= 0:
                         await self._wait_room()
                         if self._closed:
                             raise self._closed_during_batch(rec)
+                        await self._until_reconnected()
                     k = min(k, depth - port.in_flight)
                 tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
                 try:
@@ -639,6 +735,14 @@ class AsyncDevice:
         return f"<blkio.aio.AsyncDevice {self.device!r} queue={self.queue.index}>"
 
 
+def _hung_up(fds: List[int]) -> bool:
+    """Has the peer of one of these sockets hung up?"""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, 0)               # no events asked: only a hang-up or error wakes it
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
 class _Opener:
     """``open(...)`` is both awaitable and an async context manager."""
 
@@ -671,12 +775,16 @@ class _Opener:
 
 def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
          poll_us: Optional[int] = None, queue: int = 0,
-         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> _Opener:
+         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, reconnect: bool = False,
+         reconnect_timeout: Optional[float] = DEFAULT_RECONNECT_TIMEOUT,
+         **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
     Arguments are those of :func:`blkio.open`, plus ``spin_us`` (``poll_us``,
     deprecated) and ``queue``.  The device is opened in the loop's default
     executor, so a vhost-user handshake that waits (``connect_timeout``, as
-    in :func:`blkio.open`) does not block the loop."""
+    in :func:`blkio.open`) does not block the loop; with ``reconnect=True``
+    a daemon restart is waited out there too (``reconnect_timeout``)."""
     return _Opener((driver, path), dict(kwargs, spin_us=spin_us, poll_us=poll_us, queue=queue,
-                                        connect_timeout=connect_timeout))
+                                        connect_timeout=connect_timeout, reconnect=reconnect,
+                                        reconnect_timeout=reconnect_timeout))
