@@ -31,6 +31,7 @@ cdef class DeviceCore:
     cdef object connector          # from the facade: a new instance, connected and started
     cdef object reconnect_timeout  # seconds, or None: no limit
     cdef int monitor_wake          # the backend watcher's wake pipe (write end; -1: none)
+    cdef int reconnect_fd          # an eventfd counting a reconnect's start and end (-1: none)
 
     cdef void after_leave(self) noexcept
     cdef QueueEngine blocking_engine(self, Py_ssize_t entry)
@@ -45,6 +46,7 @@ cdef class DeviceCore:
     cdef str differs(self, object limits, object capacity, object read_only)
     cdef int give_up(self, str why) except -1
     cdef void stop_watching(self) noexcept
+    cdef void tell_reconnect(self) noexcept
 
 
 cdef inline Py_ssize_t core_enter(DeviceCore core) except -1:

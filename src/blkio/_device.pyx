@@ -36,7 +36,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS, Py_buffer
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
-from libc.errno cimport EIO
+from libc.errno cimport EIO, errno
 
 from ._checks cimport (as_u64, as_index, closed_error, no_device_error, unraisable, CANCELLED,
                        BACKEND_HUNG_UP, reconnect_failed)
@@ -44,7 +44,8 @@ from ._engine cimport Completion, new_engine, set_ret
 from ._handle cimport GUARD_THREADS, ST_BROKEN, guard_own, guard_enter
 from ._libblkio cimport blkioq
 from ._memory cimport Buffer, ArenaSlice, owner_of
-from ._posix cimport ECANCELED
+from ._posix cimport ECANCELED, eventfd, EFD_NONBLOCK, EFD_CLOEXEC
+from posix.unistd cimport write as c_write
 
 import os
 import threading
@@ -93,10 +94,10 @@ cdef class DeviceCore:
         self.blocking = []
         self.close_timeout = 10.0
         self.monitor_wake = -1
+        self.reconnect_fd = -1
 
     def __dealloc__(self):
-        if self.monitor_wake >= 0:
-            os.close(self.monitor_wake)     # the watcher thread ends
+        self.stop_watching()
 
     def __reduce__(self):
         raise TypeError("a blkio device core cannot be pickled")
@@ -290,7 +291,7 @@ cdef class DeviceCore:
         (no libblkio call, no lock, no unmap), just stop being usable."""
         cdef QueueEngine e
         self.handle.forget()
-        self.stop_watching()        # the child's copy of the pipe; no thread watches it here
+        self.stop_watching()        # the child's copies of the fds; no thread watches here
         for e in self.engines + self.poll_engines:
             if e is not None:
                 e.q = NULL
@@ -366,6 +367,10 @@ cdef class DeviceCore:
         if not h.backend_fds:
             raise ValueError(f"{h.driver} device has no backend socket to watch; "
                              f"only a daemon's device can reconnect")
+        self.reconnect_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.reconnect_fd < 0:
+            self.reconnect_fd = -1
+            raise OSError(errno, f"eventfd for reconnect notices: {os.strerror(errno)}")
         self.connector = connector
         self.reconnect_timeout = timeout
         h.reconnect_enabled = True
@@ -374,13 +379,29 @@ cdef class DeviceCore:
                          name=f"blkio {h.driver} reconnect").start()
 
     cdef void stop_watching(self) noexcept:
-        """End the backend watcher: it wakes when the pipe's write end closes."""
-        if self.monitor_wake >= 0:
-            try:
-                os.close(self.monitor_wake)
-            except OSError:
-                pass
-            self.monitor_wake = -1
+        """End the backend watcher (it wakes when the pipe's write end
+        closes) and the reconnect notices (a watcher holds its own copy)."""
+        for fd in (self.monitor_wake, self.reconnect_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.monitor_wake = -1
+        self.reconnect_fd = -1
+
+    cdef void tell_reconnect(self) noexcept:
+        """A reconnect began or ended: ``reconnect_fd`` becomes readable
+        (blkio.aio's loop watches a duplicate; the count never fills)."""
+        cdef uint64_t one = 1
+        if self.reconnect_fd >= 0:
+            c_write(self.reconnect_fd, &one, 8)
+
+    @property
+    def reconnect_fd(self):
+        """The eventfd whose count goes up when a reconnect begins and when
+        it ends (-1: the device does not reconnect)."""
+        return self.reconnect_fd
 
     @property
     def generation(self):
@@ -414,6 +435,7 @@ cdef class DeviceCore:
         if not h.backend_dead():
             return
         h.reconnecting = True
+        self.tell_reconnect()
         entry = guard_enter(&h.guard)
         try:
             self.reconnect(1)       # its own entry: the only call of this thread
@@ -430,6 +452,7 @@ cdef class DeviceCore:
         finally:
             h.reconnecting = False
             h.wake_waiters()
+            self.tell_reconnect()
             core_leave(self, entry)
 
     cdef int reconnect(self, Py_ssize_t own) except -1:

@@ -522,7 +522,9 @@ cdef class DeviceHandle:
             with nogil:
                 ret = lb.blkio_map_mem_region(self.b, &r)
             self.ctl_release()
-            if ret < 0:
+            # A device that reconnects keeps memory its dead backend refused:
+            # the reconnect maps every region it holds into the new instance.
+            if ret < 0 and not (self.reconnect_enabled and self.backend_dead()):
                 raise libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
         # The owner reference keeps the memory and its fd alive while mapped:
         # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).

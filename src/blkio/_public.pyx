@@ -959,6 +959,20 @@ cdef class BouncePool:
 
 # ---- the asyncio port ------------------------------------------------------------------
 
+class Reconnecting(Exception):
+    """What the asyncio port's calls raise while the device reconnects,
+    instead of waiting for it at the guard's gate as other calls do: the
+    loop must keep running (blkio.aio waits on the reconnect eventfd)."""
+
+
+cdef inline int _not_reconnecting(AsyncPort port) except -1:
+    # With the GIL held from here into the guard, no reconnect can begin
+    # in between: a call that passes enters without waiting.
+    if port.engine.handle.reconnecting:
+        raise Reconnecting(port.core.driver)
+    return 0
+
+
 def async_port(DeviceFront front, index):
     """The port through which blkio.aio drives queue ``index`` (package-private)."""
     cdef DeviceCore core = front._live()
@@ -999,6 +1013,7 @@ cdef class AsyncPort:
         cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(length, "length")
         cdef uint64_t ck = _chunk(self.core, chunk)
         cdef int dp = _depth(depth)
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return start_async(self.engine, op, off, buf, vectored, flags, future, n, ck, dp)
@@ -1012,6 +1027,7 @@ cdef class AsyncPort:
     def refill(self, Transfer t, bounce):
         """Go on with ``t`` now that ``bounce`` (space acquired for its next
         piece) is there; space it did not use goes back."""
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             if t.future is None or t.future.done():
@@ -1025,6 +1041,7 @@ cdef class AsyncPort:
         """Enqueue a zone request resolving ``future`` with its ret; minus
         the bounce bytes a report waits for (nothing enqueued), else 0."""
         cdef uint64_t off = as_u64(offset, "offset")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             c = zone_completion(self.engine, op, off, zones, TO_FUTURE, future, bounce,
@@ -1044,6 +1061,7 @@ cdef class AsyncPort:
         cdef QueueEngine e = self.engine
         cdef uint64_t before
         cdef int rounds = 0
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         stuck = []
         try:
@@ -1071,11 +1089,13 @@ cdef class AsyncPort:
     def submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags, region,
                      blocksize):
         cdef Queue q = <Queue>self.queue
+        _not_reconnecting(self)
         return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
 
     def check_batch(self, int op, offsets, buffers, region, blocksize):
         """Check a whole batch, enqueueing nothing (before its first wave)."""
         cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         cdef BatchArrays a
         try:
@@ -1093,6 +1113,7 @@ cdef class AsyncPort:
     def take_batch(self, out):
         """Move completed batch requests into ``out`` (no waiting; on a
         broken device too, for the requests its backend's hang-up failed)."""
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
             if out is not self.engine.ring.out:
@@ -1119,6 +1140,7 @@ cdef class AsyncPort:
 
     @property
     def fd(self):
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return self.engine.completion_fd()
@@ -1128,7 +1150,8 @@ cdef class AsyncPort:
     def enable_fd(self, bint value):
         if self.engine.fd_enabled == value:
             return
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
             self.engine.set_fd_enabled(value)
         finally:
@@ -1191,8 +1214,13 @@ cdef class AsyncPort:
         finally:
             core_leave(self.core, entry)
 
-    def await_reconnect(self, generation):
-        """The loop saw the backend of ``generation`` hang up, on a device
-        that reconnects: run the reconnect, or wait for the one in progress
-        (in an executor thread: it waits, GIL released, for the daemon)."""
-        self.core.recover(generation)
+    @property
+    def reconnect_fd(self):
+        """An eventfd readable when a reconnect began or ended (the loop
+        watches a duplicate; -1 when the device does not reconnect)."""
+        return self.core.reconnect_fd
+
+    @property
+    def broken_reason(self):
+        """Why a broken device will not come back (a failed reconnect), or None."""
+        return self.engine.handle.broken_why

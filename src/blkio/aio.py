@@ -20,14 +20,15 @@ flight, its memory held by the core until its completion arrives.
 Python object per request: the queue's batch path, tagged with the batch's
 number in the high 32 bits of ``user_data``.
 
-The loop also watches the backend's socket (vhost-user: a duplicate of
-it, readable only when the daemon hangs up).  On a hang-up, a device that
-does not reconnect fails everything in flight with EIO at once (blocking
-waits find a dead backend between their slices; the loop would otherwise
-wait forever).  A device opened with ``reconnect=True`` reconnects in an
-executor thread (or its own watcher thread, whichever is first) while the
-loop keeps running: requests made meanwhile wait for it, then everything in
-flight completes as if nothing happened, through the new completion fd.
+A vhost-user backend that hangs up is noticed on the loop too.  Without
+``reconnect``, the loop watches the backend's socket (through an epoll set
+that asks for no events: readable only at a hang-up) and fails everything
+in flight with EIO at once.  A device opened with ``reconnect=True``
+reconnects on its own watcher thread and tells its reconnects' start and
+end on an eventfd the loop watches: meanwhile the loop keeps running and
+makes no call into the device (requests made then wait for the reconnect);
+afterwards it watches the new completion fd, and everything that was in
+flight completes as if nothing happened.
 
 An AsyncDevice follows the running loop: awaited from another loop while
 nothing is in flight, it moves its reader there (pytest-asyncio's loop per
@@ -53,7 +54,7 @@ import numpy as np
 from . import Device, Op, REQ_FUA, open as _open_device
 from ._checks import int_array, write_zeroes_flags
 from ._connect import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
-from ._public import async_port
+from ._public import Reconnecting, async_port
 from ._zones import ZONE_DTYPE, _report_plan
 from .errors import error_for
 
@@ -126,8 +127,9 @@ class AsyncDevice:
         self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
         self._last_yield = 0.0
-        self._backend: List[int] = []   # duplicates of the backend's sockets (hang-up watch)
-        self._generation = 0            # the port's reconnects when they were duplicated
+        self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
+        self._events = -1               # a duplicate of the device's reconnect eventfd
+        self._generation = 0            # the device's reconnects when we last looked
         self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
         self._watch(self._loop)
         self._listen()
@@ -153,31 +155,49 @@ class AsyncDevice:
     # ---- the loop ------------------------------------------------------------
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A duplicate: libblkio closes its fd when the device goes, possibly
-        # from another thread, and the loop must never watch a reused number.
+        self._loop = loop
+        self._watch_completions()
+        self._watch_backend()
+
+    def _watch_completions(self) -> None:
+        # A duplicate: libblkio closes its fd when the device goes (or
+        # reconnects), possibly from another thread, and the loop must never
+        # watch a reused number.
         self._port.enable_fd(True)
         self._fd_on = True
         self._fd = os.dup(self._port.fd)
-        loop.add_reader(self._fd, self._on_completion_fd)
-        self._loop = loop
-        self._watch_backend()
+        self._loop.add_reader(self._fd, self._on_completion_fd)
 
     def _watch_backend(self) -> None:
-        # Duplicates, for the same reason as the completion fd's; readable
-        # only when the peer hangs up (libblkio's own messages are answered
-        # synchronously, and _on_backend checks).
-        self._generation = self._port.generation
-        for fd in self._port.backend_fds:
-            dup = os.dup(fd)
-            self._backend.append(dup)
-            self._loop.add_reader(dup, self._on_backend)
+        """A device that reconnects tells its reconnects' start and end on
+        an eventfd (a duplicate is watched: its watcher thread sees the
+        hang-up).  Otherwise the loop watches the backend's sockets through
+        an epoll set of its own that asks for no events: it becomes readable
+        only at a hang-up, libblkio's own messages never wake it, and no
+        flag of the sockets changes (uvloop would make a socket handed to it
+        non-blocking under libblkio)."""
+        port = self._port
+        self._generation = port.generation
+        if port.reconnects:
+            self._events = os.dup(port.reconnect_fd)
+            self._loop.add_reader(self._events, self._on_reconnect_event)
+        elif port.backend_fds:
+            self._backend = select.epoll()
+            for fd in port.backend_fds:
+                self._backend.register(fd, 0)
+            self._loop.add_reader(self._backend.fileno(), self._on_backend)
 
     def _unwatch_backend(self) -> None:
-        for dup in self._backend:
+        if self._backend is not None:
             if not self._loop.is_closed():
-                self._loop.remove_reader(dup)
-            os.close(dup)
-        self._backend = []
+                self._loop.remove_reader(self._backend.fileno())
+            self._backend.close()
+            self._backend = None
+        if self._events >= 0:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._events)
+            os.close(self._events)
+            self._events = -1
 
     def _release_completion_fd(self) -> None:
         if self._fd >= 0:
@@ -236,40 +256,47 @@ class AsyncDevice:
     # ---- the backend's hang-up, and reconnecting --------------------------------
 
     def _on_backend(self) -> None:
-        if not _hung_up(self._backend):
-            return                      # a message for libblkio, not a hang-up
-        self._unwatch_backend()
-        if self._port.reconnects:
-            self._begin_reconnect()
-        else:
-            self._port.hang_up()        # everything in flight fails: route it
-            self._reap()
-
-    def _begin_reconnect(self) -> None:
-        """The backend hung up and the device reconnects: stop calling into
-        it (a call would wait for the reconnect, and so would the loop)
-        until an executor thread has seen the reconnect through."""
-        if self._reconnected is not None or self._closed:
+        """The backend's socket hung up (a device that does not reconnect):
+        everything in flight fails; route it."""
+        if self._backend is None or not self._backend.poll(0):
             return
-        self._reconnected = asyncio.Event()
         self._unwatch_backend()
-        self._release_completion_fd()   # the old instance's: it signals nothing more
-        self._fd_on = False
-        done = self._loop.run_in_executor(None, self._port.await_reconnect, self._generation)
-        done.add_done_callback(self._end_reconnect)
+        self._port.hang_up()
+        self._reap()
 
-    def _end_reconnect(self, done: "asyncio.Future[None]") -> None:
-        event, self._reconnected = self._reconnected, None
-        if not done.cancelled() and done.exception() is not None:
-            self._loop.call_exception_handler({"message": "blkio: reconnecting failed",
-                                               "exception": done.exception()})
-        if not self._closed:
-            port = self._port
-            if not (self.device.closed or port.gone or port.broken):
-                self._watch(self._loop)     # the new instance's fds
-            self._reap()                # what completed meanwhile, or failed
-        if event is not None:
-            event.set()
+    def _on_reconnect_event(self) -> None:
+        try:
+            os.read(self._events, 8)
+        except BlockingIOError:
+            pass
+        self._follow_reconnect()
+
+    def _follow_reconnect(self) -> None:
+        """Keep up with the device's reconnects: while one is in progress
+        the loop makes no call into the device (the port's calls raise
+        Reconnecting instead of waiting); once it is over -- seen or not --
+        the new instance's completion fd is watched and what completed (or
+        failed) meanwhile is routed."""
+        port = self._port
+        if not port.reconnecting and (self._reconnected is not None
+                                      or port.generation != self._generation):
+            event, self._reconnected = self._reconnected, None
+            self._generation = port.generation
+            if not self._closed:
+                self._release_completion_fd()
+                try:
+                    if not (self.device.closed or port.gone or port.broken):
+                        self._watch_completions()
+                except Reconnecting:
+                    pass                    # the next one began: below
+                else:
+                    self._reap()
+            if event is not None:
+                event.set()
+        if port.reconnecting and self._reconnected is None and not self._closed:
+            self._reconnected = asyncio.Event()
+            self._release_completion_fd()   # the old instance's: it signals nothing more
+            self._fd_on = False
 
     async def _until_reconnected(self) -> None:
         """Before calling into the device: wait out a reconnect in progress."""
@@ -280,6 +307,16 @@ class AsyncDevice:
         await self._until_reconnected()
         return await submit()
 
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """A port call from a coroutine: after a reconnect in progress."""
+        while True:
+            if self._reconnected is not None:
+                await self._until_reconnected()
+            try:
+                return fn(*args)
+            except Reconnecting:
+                self._follow_reconnect()
+
     # ---- completions ------------------------------------------------------------
 
     def _on_completion_fd(self) -> None:
@@ -288,10 +325,8 @@ class AsyncDevice:
 
     def _reap(self) -> None:
         port = self._port
-        if self._reconnected is not None:
-            return                      # the reconnect's end reaps
-        if port.reconnecting:
-            self._begin_reconnect()     # seen here before the socket's hang-up
+        if self._reconnected is not None or port.reconnecting:
+            self._follow_reconnect()    # its end reaps
             return
         try:
             if self._fd_on:          # no fd events while we reap in a loop
@@ -314,6 +349,9 @@ class AsyncDevice:
                 # An event on the fd now is spurious (io_uring signals it even
                 # while disabled, for completions reaped during the submit).
                 port.reset_fd(self._fd)
+        except Reconnecting:
+            self._follow_reconnect()    # its end reaps
+            return
         except ValueError:
             if not (self.device.closed or port.gone):
                 raise
@@ -352,7 +390,7 @@ class AsyncDevice:
             try:
                 await self._until_reconnected()
                 bounce = await pool.acquire_async(self._port.need(t))
-                self._port.refill(t, bounce)
+                await self._call(self._port.refill, t, bounce)
             except BaseException as e:
                 self._port.fail(t, e)
                 return
@@ -369,7 +407,12 @@ class AsyncDevice:
             return loop.create_task(self._after_reconnect(
                 lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
         fut = loop.create_future()
-        t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
+        try:
+            t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
+        except Reconnecting:
+            self._follow_reconnect()
+            return loop.create_task(self._after_reconnect(
+                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
         if t is not None and self._port.need(t) and not fut.done():
             loop.create_task(self._feed(t))
         if not self._flush_scheduled:
@@ -390,7 +433,8 @@ class AsyncDevice:
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
-        await self._until_reconnected()
+        if self._reconnected is not None:
+            await self._until_reconnected()
         if type(nbytes) is int and nbytes == 0:
             out = np.empty(0, np.uint8)
         else:
@@ -434,13 +478,12 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
-        await self._until_reconnected()
         fut = loop.create_future()
-        need = self._port.zone(op, offset, zones, fut)
+        need = await self._call(self._port.zone, op, offset, zones, fut)
         if need < 0:
             bounce = await self.device.bounce_pool.acquire_async(-need)
             try:
-                self._port.zone(op, offset, zones, fut, bounce)
+                await self._call(self._port.zone, op, offset, zones, fut, bounce)
             except BaseException:
                 self.device.bounce_pool.release(bounce)
                 raise
@@ -535,7 +578,8 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
-        await self._until_reconnected()
+        if self._reconnected is not None:
+            await self._until_reconnected()
         port = self._port
         offs = int_array(offsets, "offsets")        # the core's checks, once here
         n = offs.shape[0]
@@ -550,10 +594,16 @@ class AsyncDevice:
                 and n <= len(self._reap_out):
             # The common case, kept cheap: the only batch in flight, in one
             # wave, with the core's default tags 0..n-1 (batch 0).
-            port.submit_batch(op, offs, buffers, None, flags, region, blocksize)
-            if port.batch_ready == n:       # all done during submission
+            await self._call(port.submit_batch, op, offs, buffers, None, flags, region, blocksize)
+            done_now = port.batch_ready == n    # all done during submission
+            if done_now:
                 failed = port.batch_failed
-                port.take_batch(self._reap_out)
+                try:
+                    port.take_batch(self._reap_out)
+                except Reconnecting:        # taken after the reconnect, as batch 0's
+                    self._follow_reconnect()
+                    done_now = False
+            if done_now:
                 if port.batch_failed == failed:
                     now = time.monotonic()  # yield now and then: cached reads never wait
                     if now - self._last_yield >= _SYNC_SLICE:
@@ -569,7 +619,7 @@ class AsyncDevice:
             bid, pos = 0, n
         else:
             # all of it before the first wave (each wave is checked again)
-            port.check_batch(op, offs, buffers, region, blocksize)
+            await self._call(port.check_batch, op, offs, buffers, region, blocksize)
             bid = self._next_batch
             while bid in self._batches or bid == 0:   # 0: the solo batch's
                 bid = bid % (_BATCH_IDS - 1) + 1
@@ -585,18 +635,16 @@ class AsyncDevice:
                 self._reap()            # the solo batch: route what is done, arm the fd
             while pos < n:
                 k = n - pos
-                await self._until_reconnected()
                 if depth:
                     while depth - port.in_flight <= 0:
                         await self._wait_room()
                         if self._closed:
                             raise self._closed_during_batch(rec)
-                        await self._until_reconnected()
                     k = min(k, depth - port.in_flight)
                 tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
                 try:
-                    port.submit_batch(op, offs[pos:pos + k], buffers[pos:pos + k], tags, flags,
-                                      region, blocksize)
+                    await self._call(port.submit_batch, op, offs[pos:pos + k],
+                                     buffers[pos:pos + k], tags, flags, region, blocksize)
                 except Exception as e:
                     if rec.left and (self.device.closed or port.gone):
                         raise self._closed_during_batch(rec) from e
@@ -605,7 +653,10 @@ class AsyncDevice:
                 rec.left += k
                 pos += k
                 if port.batch_ready:
-                    self._take_batches()
+                    try:
+                        self._take_batches()
+                    except Reconnecting:
+                        self._follow_reconnect()    # the reconnect's end takes them
                 if rec.left:
                     self._reap()
             if rec.left:
@@ -678,9 +729,10 @@ class AsyncDevice:
         i = rec.fail_index
         offset = int(rec.offsets[i])
         others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
+        why = self._port.broken_reason     # the backend hung up for good
         e = error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
-                                     f"failed{others}")
+                                     f"failed{others}{': ' + why if why else ''}")
         e.index = i                     # type: ignore[attr-defined]
         e.offset = offset               # type: ignore[attr-defined]
         e.failed = rec.nfail            # type: ignore[attr-defined]
@@ -733,14 +785,6 @@ class AsyncDevice:
 
     def __repr__(self) -> str:
         return f"<blkio.aio.AsyncDevice {self.device!r} queue={self.queue.index}>"
-
-
-def _hung_up(fds: List[int]) -> bool:
-    """Has the peer of one of these sockets hung up?"""
-    p = select.poll()
-    for fd in fds:
-        p.register(fd, 0)               # no events asked: only a hang-up or error wakes it
-    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 class _Opener:
