@@ -58,8 +58,9 @@ class Daemon:
     """qemu-storage-daemon exporting ``image`` on ``sock`` (started again on
     the same socket and image after a kill)."""
 
-    def __init__(self, d: str, image: str) -> None:
+    def __init__(self, d: str, image: str, num_queues: int = 1) -> None:
         self.sock, self.image = os.path.join(d, "vhost.sock"), image
+        self.num_queues = num_queues
         self.proc: Optional[subprocess.Popen] = None
         self.env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
@@ -72,7 +73,7 @@ class Daemon:
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
              "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,"
-                         f"addr.path={self.sock},writable=on"],
+                         f"addr.path={self.sock},writable=on,num-queues={self.num_queues}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=self.env)
         deadline = time.monotonic() + HANG
@@ -385,7 +386,8 @@ def run_workload(cfg: Dict[str, Any]) -> Dict[str, Any]:
     d, scenario, cycles = cfg["dir"], cfg["scenario"], cfg["cycles"]
     image = os.path.join(d, "disk.raw")
     make_image(image)
-    daemon = Daemon(d, image)
+    nq = cfg.get("num_queues", 1)
+    daemon = Daemon(d, image, nq)
     daemon.start()
     shadow = Shadow()
     stop = threading.Event()
@@ -406,7 +408,8 @@ def run_workload(cfg: Dict[str, Any]) -> Dict[str, Any]:
             dev = None
             stats = box["dev"].stats
         else:
-            dev = open_when_listening(daemon.sock, reconnect=True, reconnect_timeout=HANG)
+            dev = open_when_listening(daemon.sock, reconnect=True, reconnect_timeout=HANG,
+                                      num_queues=nq)
             start_killer(dev)
             {"blocking": blocking, "queue": queue_qd32, "batch": batch}[scenario](dev, shadow, stop)
             stats = dev.stats

@@ -47,10 +47,11 @@ def _child(tmp_path: Path, scenario: str, **cfg: object) -> dict:
 
 @pytest.mark.parametrize("scenario", ["blocking", "queue", "batch", "aio", "aio_batch"])
 def test_every_acknowledged_write_survives_ten_daemon_restarts(tmp_path, scenario):
-    # blocking: 4 threads (one bouncing plain numpy memory); queue: QD32 with
-    # Completions and user_data; batch: submit_writes/reads and reap;
-    # aio: 16 tasks awaiting single requests; aio_batch: write/read_batch.
-    out = _child(tmp_path, scenario, cycles=CYCLES)
+    # blocking: 4 threads on 2 queues (one bouncing plain numpy memory);
+    # queue: QD32 with Completions and user_data; batch: submit_writes/reads
+    # and reap; aio: 16 tasks awaiting single requests; aio_batch: 3 tasks
+    # awaiting write_batch/read_batch.
+    out = _child(tmp_path, scenario, cycles=CYCLES, num_queues=2 if scenario == "blocking" else 1)
     assert out["reconnects"] == CYCLES
     assert out["resubmitted"] > 0          # requests were in flight at the kills
     assert out["writes"] > CYCLES and out["reads"] > 0

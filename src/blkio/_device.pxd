@@ -44,7 +44,7 @@ cdef class DeviceCore:
     cdef void tell_gone(self, QueueEngine e, list orphans) noexcept
     cdef int reconnect(self, Py_ssize_t own) except -1
     cdef str differs(self, object limits, object capacity, object read_only)
-    cdef int give_up(self, str why) except -1
+    cdef int give_up(self, str why, bint release=*) except -1
     cdef void stop_watching(self) noexcept
     cdef void tell_reconnect(self) noexcept
 

@@ -519,8 +519,11 @@ cdef class DeviceCore:
                     for e, qp in zip(engines, queues):
                         resubmitted += e.resume(<blkioq *><uintptr_t>qp)
                 except BaseException as err:
+                    # The new daemon may hold some of them: their memory stays.
+                    for e in engines:
+                        self.keep_undrained(e)
                     self.give_up(f"{BACKEND_HUNG_UP}; resubmitting after the reconnect failed: "
-                                 f"{err}")
+                                 f"{err}", False)
                     raise
                 h.n_reconnects += 1
                 h.n_resubmitted += resubmitted
@@ -543,16 +546,16 @@ cdef class DeviceCore:
             return "limits differ: " + (", ".join(changed) or repr(limits))
         return None
 
-    cdef int give_up(self, str why) except -1:
+    cdef int give_up(self, str why, bint release=True) except -1:
         """The backend will not come back: the device is broken, everything
-        in flight fails with ``why`` (nothing can touch its memory any more:
-        the daemon that had it is dead)."""
+        in flight fails with ``why``; its memory goes back (``release``)
+        when nothing can touch it any more (the daemon that had it is dead)."""
         cdef DeviceHandle h = self.handle
         cdef QueueEngine e
         h.state = ST_BROKEN
         h.broken_why = why
         for e in self.live_engines():
-            e.abandon(EIO, why, True)
+            e.abandon(EIO, why, release)
         return 0
 
     # ---- queues ----------------------------------------------------------------
