@@ -12,7 +12,7 @@ VPY    := $(VENV)/bin/python
 TOOLS  := build/dist/tools
 SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.h src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
-.PHONY: test test-asan test-wheels dist docs bench bench-full system install clean
+.PHONY: test test-asan test-wheels dist docs bench bench-full bench-instr system install clean
 
 # With PYTEST_ARGS (a selection, while developing) dist/ is not rebuilt and
 # the sanitizer run is left out; the plain command runs everything, the docs
@@ -40,7 +40,8 @@ test-asan: system $(ASAN_VENV)/.installed
 	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -p no:cacheprovider --ignore=tests/test_guest.py \
 	  --ignore=tests/test_typing.py --ignore=tests/test_wheels.py \
 	  --ignore=tests/test_packaging.py --ignore=tests/test_docs.py \
-	  --ignore=tests/test_examples.py -m 'not soak' $(ASAN_PYTEST_ARGS); rc=$$?; \
+	  --ignore=tests/test_examples.py --ignore=tests/test_instr_budget.py \
+	  -m 'not soak' $(ASAN_PYTEST_ARGS); rc=$$?; \
 	if [ -n "$$(ls -A $(ASAN_LOG))" ]; then \
 	  cat $(ASAN_LOG)/*; echo "test-asan: sanitizer reports above"; exit 1; fi; exit $$rc
 
@@ -75,8 +76,23 @@ $(VENV)/.docs-deps: $(VENV)/.build-deps requirements/docs.txt
 	$(VPY) -m pip install -q -r requirements/docs.txt
 	touch $@
 
+# The instruction table of the six API paths comes first (bench/instr.py
+# --main, a few minutes under callgrind; BENCH_INSTR=0 leaves it out), then
+# the timed suite, whose report prints it above its own tables.
+BENCH_INSTR ?= 1
+INSTR_LATEST := bench/results/instr-latest.json
 bench: install $(VENV)/.bench-deps
-	$(VPY) bench/run.py $(BENCH_ARGS)
+	rm -f $(INSTR_LATEST)
+	$(if $(filter 1,$(BENCH_INSTR)),-$(VPY) bench/instr.py --main --latest $(INSTR_LATEST) $(BENCH_INSTR_ARGS))
+	$(VPY) bench/run.py $(if $(filter 1,$(BENCH_INSTR)),--instr $(INSTR_LATEST)) $(BENCH_ARGS)
+
+# User-space instructions per request under callgrind, every path beside the
+# C program doing the same and the Python floor (bench/instr.py; about 15
+# minutes).  BENCH_INSTR_ARGS: --only REGEX, --repeat 2, --profile DIR,
+# --docs (docs/instructions.md), --budgeted --write-budget (the budget that
+# tests/test_instr_budget.py holds).
+bench-instr: install
+	$(VPY) bench/instr.py $(BENCH_INSTR_ARGS)
 
 bench-full: install $(VENV)/.bench-deps
 	$(VPY) bench/run.py --full $(BENCH_ARGS)

@@ -300,9 +300,9 @@ def short_cases(size: int) -> list[Case]:
     """The cases every goal needs, and a few references beside them."""
     F, V = "file", "vhost"
     spec: list[tuple[Workload, list[str]]] = [
-        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK, PY_CALL]),
+        (Workload(F, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK, PY_CALL, FIO]),
         (Workload(F, "randread", K4, 32),
-         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH]),
+         [C_BENCH, B_BATCH, PING, PING_UV, B_AIO, B_AIO_UV, B_AIO_BATCH, FIO]),
         (Workload(F, "randread", K4, 32, threads=2), [C_BENCH, B_BATCH]),
         (Workload(V, "randread", K4, 1), [C_BENCH, C_REF, B_BLOCK]),
         (Workload(V, "randread", K4, 32), [C_BENCH, B_BATCH, B_QUEUE_NP]),
@@ -1028,6 +1028,7 @@ class Env:
                         "--invalidate=0"]       # the page cache stays warm
             if wl.is_read:
                 cmd.append("--readonly")
+            cmd += fio_percentile_args()
             return Command(cmd, min(bs, MiB), "fio")
         kind, extra = PEERS[c]
         cmd = [self.py, str(HERE / "contenders.py"), kind, *common, *extra]
@@ -1118,7 +1119,8 @@ def parse_output(cmd: Command, stdout: str, wall: float,
             "iops": part["iops"], "runtime_ms": part["runtime"],
             "bw_bytes": part["bw_bytes"],
             "clat_mean_us": round(part.get("clat_ns", {}).get("mean", 0)
-                                  / 1000, 3)}
+                                  / 1000, 3),
+            **fio_percentiles(part)}
     agg = dict(data["aggregate"])
     if "cpu" in data:       # blkio's and the Python peers' own CPU figure
         agg["cpu_us_per_request"] = data["cpu"]["us_per_request"]
@@ -1250,6 +1252,7 @@ def summarize(cases: list[Case], runs: dict[str, list[dict]]) -> dict:
             entry["own_mbps_median"] = round(statistics.median(own), 1)
         if not case.wl.bulk:
             entry.update(cpu_figures(rs))
+            entry.update(latency_figures(rs))
         if good:
             entry.update(iops_median=statistics.median(good),
                          iops_min=min(good), iops_max=max(good))
@@ -1288,6 +1291,113 @@ def cpu_figures(rs: list[dict]) -> dict:
         if vs:
             out[name] = round(statistics.median(vs), 3)
     return out
+
+
+# --------------------------------------------------------------------------
+# latency percentiles beside fio's (issue 33)
+
+#: the percentiles kept from every run that reports them (blkio's lat_us
+#: keys; fio's clat and lat percentiles under the same names)
+LAT_KEYS = ("p50", "p99")
+#: (the workload, the blkio API timed at its depth) of the percentile rows
+LATENCY_ROWS = ((Workload("file", "randread", K4, 1), B_BLOCK),
+                (Workload("file", "randread", K4, 32), B_BATCH))
+
+
+def fio_percentile_args() -> list[str]:
+    """fio reports completion latency (clat: from the request's submission
+    to its completion) and total latency (lat: from before the submit call
+    on, as blkio times a request) at these percentiles."""
+    return ["--clat_percentiles=1", "--lat_percentiles=1",
+            "--percentile_list=50:90:99:99.9:99.99"]
+
+
+def fio_percentiles(part: dict) -> dict:
+    """fio's clat and lat p50/p99 from one direction of its JSON, in µs."""
+    out = {}
+    for kind in ("clat", "lat"):
+        pct = part.get(f"{kind}_ns", {}).get("percentile", {})
+        for key in LAT_KEYS:
+            v = pct.get(f"{float(key[1:]):.6f}")
+            if v is not None:
+                out[f"{kind}_{key}_us"] = round(v / 1000, 3)
+    return out
+
+
+def latency_figures(rs: list[dict]) -> dict:
+    """Medians over the good repetitions of a case's latency percentiles:
+    blkio's ``lat_us`` (every request timed), fio's clat and lat."""
+    found: dict[str, list[float]] = {}
+    for r in rs:
+        if not r.get("ok"):
+            continue
+        raw = r.get("raw", {})
+        for key in LAT_KEYS:
+            figures = {f"lat_{key}_us": raw.get("lat_us", {}).get(key)}
+            if "clat_p50_us" in raw:         # fio: clat and lat
+                figures = {f"clat_{key}_us": raw.get(f"clat_{key}_us"),
+                           f"lat_{key}_us": raw.get(f"lat_{key}_us")}
+            for name, v in figures.items():
+                if v is not None:
+                    found.setdefault(name, []).append(v)
+    return {f"{name}_median": round(statistics.median(vs), 3)
+            for name, vs in found.items() if vs}
+
+
+def latency_rows(summary: dict) -> list[dict]:
+    """blkio's p50/p99 beside fio's at 4 KiB randread QD1 and QD32, same
+    file, with the ratios blkio / fio (below 1: blkio's requests complete
+    sooner)."""
+    rows = []
+    for wl, contender in LATENCY_ROWS:
+        b = summary.get(Case(wl, contender).key)
+        f = summary.get(Case(wl, FIO).key)
+        if not b or not f:
+            continue
+        row = {"workload": wl.key, "blkio": contender}
+        for key in LAT_KEYS:
+            ours = b.get(f"lat_{key}_us_median")
+            row[f"blkio_{key}_us"] = ours
+            for kind in ("clat", "lat"):
+                theirs = f.get(f"{kind}_{key}_us_median")
+                row[f"fio_{kind}_{key}_us"] = theirs
+                row[f"ratio_{kind}_{key}"] = (round(ours / theirs, 3)
+                                              if ours and theirs else None)
+        rows.append(row)
+    return rows
+
+
+def latency_table(summary: dict) -> list[str]:
+    """The percentile rows, as a markdown table (none if not run)."""
+    rows = latency_rows(summary)
+    if not rows:
+        return []
+
+    def us(v) -> str:
+        return f"{v:.1f}" if v is not None else "-"
+
+    def ratio(v) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
+    lines = ["", "### 4 KiB random read latency (µs), page-cached file: blkio "
+             "beside fio io_uring", "",
+             "blkio times every request from before its submit call to its "
+             "reap (fio's lat); fio's clat starts after the submit call. "
+             "C blkio-bench reports no percentiles.", "",
+             "| iodepth | blkio API | blkio p50 | fio clat p50 | fio lat p50 | "
+             "p50 / clat | p50 / lat | blkio p99 | fio clat p99 | fio lat p99 | "
+             "p99 / clat | p99 / lat |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        depth = r["workload"].split("/qd")[1].split("/")[0]
+        lines.append(
+            f"| {depth} | {r['blkio']} | {us(r['blkio_p50_us'])} | "
+            f"{us(r['fio_clat_p50_us'])} | {us(r['fio_lat_p50_us'])} | "
+            f"{ratio(r['ratio_clat_p50'])} | {ratio(r['ratio_lat_p50'])} | "
+            f"{us(r['blkio_p99_us'])} | {us(r['fio_clat_p99_us'])} | "
+            f"{us(r['fio_lat_p99_us'])} | {ratio(r['ratio_clat_p99'])} | "
+            f"{ratio(r['ratio_lat_p99'])} |")
+    return lines
 
 
 def fmt_iops(v: float) -> str:
@@ -1638,6 +1748,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the Python contenders")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--instr", metavar="JSON",
+                   help="bench/instr.py's JSON: its instruction table is "
+                   "printed first and kept in this run's JSON")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="print two runs' ratios and figures side by side")
     args = p.parse_args(argv)
@@ -1760,11 +1873,17 @@ def main(argv: list[str]) -> int:
     evaluated = [g for g in evaluated
                  if g["numerator"] in run_keys or args.full or not args.only]
     doc = {"machine": info, "results": summary, "goals": evaluated,
+           "latency_vs_fio": latency_rows(summary),
            "ratios": {g["name"]: g.get("ratio") for g in evaluated},
            "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "cmd"}
                         for r in rs] for k, rs in runs.items()},
            "commands": {k: " ".join(rs[0]["cmd"]) for k, rs in runs.items()
                         if rs and "cmd" in rs[0]}}
+    if args.instr:
+        try:
+            doc["instructions"] = json.loads(Path(args.instr).read_text())
+        except (OSError, ValueError) as e:
+            log(f"--instr: no instruction table ({e})")
     js = out / f"bench-{stamp}.json"
     js.write_text(json.dumps(doc, indent=2))
 
@@ -1775,6 +1894,9 @@ def main(argv: list[str]) -> int:
           f"{runtime} s each (one call of {_size(size, True)} for the "
           "sequential and copy rows), interleaved."]
     md += table_lines(cases, summary)
+    md += latency_table(summary)
+    if "instructions" in doc:
+        md[:0] = [doc["instructions"]["markdown"]]
     if info.get("qsd_restarts"):
         md += ["", f"Note: qemu-storage-daemon died {info['qsd_restarts']} "
                "time(s) during the run (" +

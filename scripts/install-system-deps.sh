@@ -8,8 +8,9 @@
 set -euo pipefail
 
 PACKAGES=(libblkio1 libblkio-dev pkg-config gcc make python3-dev python3-venv
-          # tests and benchmarks: vhost-user backend, loop devices, fio
-          qemu-system-common qemu-utils fio util-linux
+          # tests and benchmarks: vhost-user backend, loop devices, fio,
+          # callgrind (the instruction budget, tests/test_instr_budget.py)
+          qemu-system-common qemu-utils fio util-linux valgrind
           # guest VM for nvme / vfio-pci / vhost-vdpa tests (tests/guest)
           qemu-system-x86 busybox-static cpio kmod iproute2)
 # Everything the suite needs is a command or a pkg-config module; check those
@@ -18,7 +19,7 @@ have_all() {
     pkg-config --exists 'blkio >= 1.3.0' 2>/dev/null || return 1
     [ -f /usr/share/doc/libblkio-dev/examples/blkio-bench.c ] ||
         [ -f /usr/share/doc/libblkio-dev/examples/blkio-bench.c.gz ] || return 1
-    for cmd in qemu-storage-daemon qemu-img fio losetup gcc make qemu-system-x86_64 cpio depmod vdpa; do
+    for cmd in qemu-storage-daemon qemu-img fio losetup gcc make qemu-system-x86_64 cpio depmod vdpa valgrind; do
         command -v "$cmd" >/dev/null || return 1
     done
     [ -x /bin/busybox ] || return 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from test_cli import STAT_KEYS, _blkio, _bench_json
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -314,7 +315,7 @@ def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path, monkeypatch):
     # The like-for-like contender of the copy to vhost-user: the suite's
     # daemon exports the copy target over NBD too, and qemu-img's command
     # (the options) writes the input there, byte for byte.
-    from conftest import require, tool_env, write_image
+    from conftest import tool_env, write_image
     require(shutil.which("qemu-storage-daemon"), "qemu-storage-daemon is not installed")
     require(shutil.which("qemu-img"), "qemu-img is not installed")
     # The daemon inherits our environment: not the sanitizer runtimes that
@@ -357,3 +358,37 @@ def test_cpu_figures_per_request_and_the_daemons_share():
     assert got["daemon_busy"] == pytest.approx((0.8 + 0.5) / 2)
     assert got["daemon_cpu_us_per_request"] == pytest.approx((8.0 + 2.5) / 2)
     assert run.cpu_figures([{"ok": True, "iops": 1.0, "runtime": 1, "raw": {}}]) == {}
+
+
+# ---------------------------------------------------------------------------
+# make bench: the percentile rows beside fio
+
+
+def test_bench_suite_puts_blkio_percentiles_beside_fio(tmp_path):
+    import argparse
+    suite = run
+    require(shutil.which("fio"), "fio is not installed")
+    env = suite.Env(argparse.Namespace(size=16, python=sys.executable), tmp_path)
+    with open(env.image, "wb") as f:
+        f.write(os.urandom(16 << 20))
+    cases = [suite.Case(wl, c) for wl, blkio_api in suite.LATENCY_ROWS
+             for c in (blkio_api, suite.FIO)]
+    assert set(c.key for c in cases) <= {c.key for c in suite.short_cases(1 << 30)}
+    runs = {}
+    for case in cases:
+        cmd = env.command(case, 1)
+        if case.contender == suite.FIO:
+            assert "--lat_percentiles=1" in cmd.argv and f"--filename={env.image}" in cmd.argv
+        r = suite.run_case(env, case, 1)
+        assert r["ok"], r
+        runs[case.key] = [r]
+    rows = suite.latency_rows(suite.summarize(cases, runs))
+    assert [r["blkio"] for r in rows] == [suite.B_BLOCK, suite.B_BATCH]
+    for r in rows:
+        for key in ("p50", "p99"):
+            ours, clat, lat = r[f"blkio_{key}_us"], r[f"fio_clat_{key}_us"], r[f"fio_lat_{key}_us"]
+            assert ours > 0 and clat > 0 and lat >= clat
+            assert r[f"ratio_clat_{key}"] == round(ours / clat, 3)
+            assert r[f"ratio_lat_{key}"] == round(ours / lat, 3)
+    table = "\n".join(suite.latency_table(suite.summarize(cases, runs)))
+    assert "| 1 | blkio blocking |" in table and "| 32 | blkio batch |" in table

@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-# The keys print_stats() writes in libblkio's examples/blkio-bench.c, in order.
+# The keys print_stats() writes in libblkio's examples/blkio-bench.c, in order,
+# and ours: the latency percentiles (issue 33).
 STAT_KEYS = ["kiops", "gips", "min_lat_us", "mean_lat_us", "max_lat_us", "calls",
-             "min_completions", "mean_completions", "max_completions"]
+             "min_completions", "mean_completions", "max_completions", "lat_us"]
+LAT_KEYS = ["p50", "p90", "p99", "p99.9", "p99.99", "max"]
 APIS = ["batch", "queue", "blocking", "asyncio"]
 
 
@@ -25,9 +27,10 @@ def _blkio(cwd, *args, timeout=60):
 
 def _check_stats(stats, where):
     assert list(stats) == STAT_KEYS, f"{where}: keys {list(stats)}"
-    for key in STAT_KEYS:
+    for key in STAT_KEYS[:-1]:
         assert isinstance(stats[key], (int, float)) and not isinstance(stats[key], bool), \
             f"{where}.{key} = {stats[key]!r}"
+    assert list(stats["lat_us"]) == LAT_KEYS, f"{where}.lat_us = {stats['lat_us']!r}"
     assert isinstance(stats["calls"], int)
     assert stats["calls"] > 0 and stats["kiops"] > 0
 
@@ -87,6 +90,10 @@ def test_bench_num_threads_2_reports_two_threads(tmp_path, image, api):
     assert agg["calls"] == sum(t["calls"] for t in res["threads"])
     assert agg["min_lat_us"] == min(t["min_lat_us"] for t in res["threads"])
     assert agg["max_lat_us"] == max(t["max_lat_us"] for t in res["threads"])
+    assert agg["lat_us"]["max"] == max(t["lat_us"]["max"] for t in res["threads"])
+    # the aggregate's percentiles are those of both threads' requests together
+    assert min(t["lat_us"]["p50"] for t in res["threads"]) <= agg["lat_us"]["p50"] \
+        <= max(t["lat_us"]["p50"] for t in res["threads"])
 
 
 def test_bench_no_progress_line_when_stderr_piped(tmp_path, image):
@@ -98,7 +105,7 @@ def test_bench_no_progress_line_when_stderr_piped(tmp_path, image):
 
 def test_bench_bad_property_prints_clear_error_and_exits_nonzero(tmp_path, image):
     proc = _blkio(tmp_path, "bench", "--runtime=1", "io_uring", f"path={image.path}", "bogus-prop=1")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stdout == ""
     assert "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -114,7 +121,7 @@ def test_info_prints_json_with_capacity(tmp_path, image):
 
 def test_info_bad_property_prints_clear_error_and_exits_nonzero(tmp_path, image):
     proc = _blkio(tmp_path, "info", "io_uring", f"path={image.path}", "bogus-prop=1")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stdout == ""
     assert "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

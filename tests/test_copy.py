@@ -342,6 +342,47 @@ def test_missing_input_file_is_one_line_exit_1(tmp_path):
     proc = _copy(tmp_path, f"--input-file={tmp_path / 'nope'}", f"--output-file={out}")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "No such file" in proc.stderr and not out.exists()
+    assert proc.stderr.count(str(tmp_path / "nope")) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("progress", ["none", "lines"])
+def test_the_summary_line_is_printed_whatever_the_progress_mode(tmp_path, make_image, progress):
+    img = make_image(3 * MiB)
+    out = tmp_path / "out.raw"
+    proc = _copy(tmp_path, f"--input-file={img.path}", f"--output-file={out}",
+                 f"--progress={progress}")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"python -m blkio copy: copied 3145728 bytes \(3\.0 MiB\) in [\d.]+ s "
+                        r"\([\d.]+ MiB/s\)", last), proc.stderr
+    if progress == "none":
+        assert proc.stderr.count("\n") == 1
+
+
+def test_bar_and_summary_give_the_same_rate(tmp_path, slow_socket):
+    """The bar's last rate is the copy's average, flush included, in MiB/s:
+    the summary's figure (8 MiB of zeroes into the 4 MiB/s export)."""
+    require(importlib.util.find_spec("tqdm"), "tqdm is not installed (pip install 'blkio[cli]')")
+    src = tmp_path / "zeroes.raw"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+    master, slave = pty.openpty()
+    proc = _spawn(tmp_path, [f"--input-file={src}", "--output-blkio=virtio-blk-vhost-user",
+                             f"path={slow_socket}"], slave)
+    os.close(slave)
+    try:
+        text = _read_until(master, lambda s: "MiB/s)" in s, 60)
+    finally:
+        proc.wait(30)
+        os.close(master)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == 0, text
+    bars = re.findall(r"8\.00M/8\.00M \[[\d:<]+, ([\d.]+) MiB/s\]", text)
+    summary = re.search(r"copied 8388608 bytes \(8\.0 MiB\) in [\d.]+ s \(([\d.]+) MiB/s\)", text)
+    assert bars and summary, text
+    # the same figure, but for the last digit's rounding
+    assert abs(float(bars[-1]) - float(summary.group(1))) <= 0.1 + 1e-9, text
 
 
 def test_read_error_mid_copy_exits_1_and_says_how_far_it_got(tmp_path, make_image, qsd):
@@ -445,8 +486,9 @@ def _pty_progress(tmp_path, slow_socket, pre: str, done: Callable[[str], bool]) 
 
 def test_progress_bar_with_rate_and_eta_on_a_tty(tmp_path, slow_socket):
     require(importlib.util.find_spec("tqdm"), "tqdm is not installed (pip install 'blkio[cli]')")
-    # tqdm: "copy:  9%|▉  | 6.00M/64.0M [00:01<00:13, 4.19MB/s]", redrawn with \r
-    bar = re.compile(r"copy:\s+\d+%\|[^|\r]*\| [\d.]+M/64\.0M \[\d\d:\d\d<\d\d:\d\d, +[\d.]+MB/s\]")
+    # tqdm: "copy:  9%|▉  | 6.00M/64.0M [00:01<00:13, 4.0 MiB/s]", redrawn with \r
+    bar = re.compile(r"copy:\s+\d+%\|[^|\r]*\| [\d.]+M/64\.0M \[\d\d:\d\d<\d\d:\d\d, "
+                     r"[\d.]+ MiB/s\]")
     text = _pty_progress(tmp_path, slow_socket, "", lambda s: len(bar.findall(s)) >= 3)
     assert len(bar.findall(text)) >= 3, text
     assert "\r" in text
@@ -531,3 +573,31 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, slow_socket):
     assert "Traceback" not in stderr.decode()
     assert "interrupted again: stopped at once" in stderr.decode().splitlines()[-1]
     assert json.loads(stdout)["interrupted"] is True
+
+
+# ---- every side says whether it bypassed the page cache; --connect-timeout ----
+
+def test_json_says_direct_for_blkio_sides_too(tmp_path, qsd, make_image):
+    src = make_image(4 * MiB)
+    daemon = qsd(size=4 * MiB)
+    out = _ok(_copy(tmp_path, "--json", f"--input-blkio=io_uring", f"path={src.path}", "direct=0",
+                    "--output-blkio=virtio-blk-vhost-user", f"path={daemon.socket}"))
+    assert out["input"]["direct"] is False, out
+    assert out["output"]["direct"] is True, out
+
+
+def test_connect_timeout_bounds_every_command_on_a_busy_export(tmp_path, qsd, make_image):
+    import blkio
+    daemon = qsd(size=4 * MiB)
+    with blkio.open("virtio-blk-vhost-user", path=daemon.socket):    # the export's one client
+        for argv in (["info", "virtio-blk-vhost-user", f"path={daemon.socket}"],
+                     ["bench", "--runtime=1", "virtio-blk-vhost-user", f"path={daemon.socket}"],
+                     ["copy", f"--input-blkio=virtio-blk-vhost-user", f"path={daemon.socket}",
+                      f"--output-file={tmp_path / 'out.raw'}"]):
+            proc = subprocess.run([sys.executable, "-m", "blkio", *argv, "--connect-timeout", "0.5"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                  env=_env())
+            assert proc.returncode == 1, (argv, proc.returncode, proc.stderr)
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert "one client at a time" in proc.stderr or "timed out" in proc.stderr.lower(), \
+                (argv, proc.stderr)

@@ -215,11 +215,12 @@ def test_host_suite_passes_against_the_wheel(wheel_venv, hidden, tmp_path, capsy
     assert not (suite / "blkio").exists() and not (suite / "src").exists()
     proc = hidden.run(
         [wheel_venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         # this module, the source-checkout checks and the bench harness's
-         # tests (bench/ is not in the wheel) test the checkout; the guest VM
-         # suite runs in the main run
+         # this module, the source-checkout checks, the bench harness's
+         # tests and budget and the docs' (bench/ and docs/ are not in the
+         # wheel) test the checkout; the guest VM suite runs in the main run
          "--ignore=tests/test_wheels.py", "--ignore=tests/test_packaging.py",
-         "--ignore=tests/test_bench_suite.py",
+         "--ignore=tests/test_bench_suite.py", "--ignore=tests/test_docs.py",
+         "--ignore=tests/test_examples.py", "--ignore=tests/test_instr_budget.py",
          "--ignore=tests/test_guest.py"],
         cwd=suite, env={"BLKIO_SKIP_GUEST": "1"}, timeout=3600)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

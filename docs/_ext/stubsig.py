@@ -37,6 +37,8 @@ ALIASES = {
     "_BufferLike": "collections.abc.Buffer",
     "_WritableBufferLike": "collections.abc.Buffer",
     "_U8Array": "numpy.typing.NDArray[numpy.uint8]",
+    # batch offsets and tags: any integer array or sequence (a numpy array is one)
+    "_Offsets": "collections.abc.Iterable[int]",
     "_DeviceT": "blkio.Device",
 }
 

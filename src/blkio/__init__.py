@@ -128,23 +128,25 @@ class Device(_DeviceFront, _ZonedMixin):
 
     def get(self, name: str) -> Union[bool, int, str]:
         """Read a libblkio property (``"num-entries"`` or ``"num_entries"``)."""
-        self._ensure_open()
-        spec = _lookup(self.driver, name)
-        if self.state not in spec.readable:
-            raise ValueError(f"property {spec.name!r} of driver {self.driver!r} is not readable "
-                             f"when the device is {self.state} (readable: "
-                             f"{', '.join(sorted(spec.readable)) or 'never'})")
+        spec = self._spec_now(name, writing=False)
         return _core_of(self).get(spec.name, spec.type)
 
     def set(self, name: str, value: Union[bool, int, str]) -> None:
         """Write a libblkio property, in a state where libblkio allows it."""
-        self._ensure_open()
-        spec = _writable_spec(self.driver, name)
-        if self.state not in spec.writable:
-            raise ValueError(f"property {spec.name!r} of driver {self.driver!r} can only be set "
-                             f"when the device is {'/'.join(sorted(spec.writable))}; "
-                             f"it is {self.state}")
+        spec = self._spec_now(name, writing=True)
         _core_of(self).set(spec.name, spec.type, _check_value(self.driver, spec, value))
+
+    def _spec_now(self, name: str, writing: bool) -> PropertySpec:
+        """The catalogue's entry for ``name``, if it can be read (or written)
+        in the device's present state."""
+        self._ensure_open()
+        spec = _writable_spec(self.driver, name) if writing else _lookup(self.driver, name)
+        states = spec.writable if writing else spec.readable
+        if self.state not in states:
+            raise ValueError(f"property {spec.name!r} of driver {self.driver!r} can only be "
+                             f"{'set' if writing else 'read'} when the device is "
+                             f"{'/'.join(sorted(states)) or 'never'}; it is {self.state}")
+        return spec
 
     def properties(self) -> Dict[str, Union[bool, int, str]]:
         """Every property readable in the current state, by libblkio name."""
@@ -403,8 +405,12 @@ def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]
             raise ValueError(f"property {name!r} of driver {driver!r} takes an int >= 0, got {value!r}")
     if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
         raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
-    if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int) or fd < 0):
-        raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor")
+    if fd is not None and (isinstance(fd, bool) or not isinstance(fd, int)):
+        raise TypeError(f"property 'fd' of driver {driver!r} takes an int (an open file "
+                        f"descriptor), not {type(fd).__name__}")
+    if fd is not None and not 0 <= fd < 2**31:
+        raise ValueError(f"property 'fd' of driver {driver!r} takes an open file descriptor, "
+                         f"got {fd}")
     _connect.check_connect_timeout(connect_timeout)
     return path
 

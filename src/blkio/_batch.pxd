@@ -37,9 +37,6 @@ cdef class BatchRing:
     cdef Py_ssize_t out_stride, out_len, off_user_data, off_ret
 
     cdef int reserve(self, Py_ssize_t n) except -1
-    cdef Py_ssize_t take_slot(self, int op, uint64_t offset, int64_t tag, uintptr_t addr,
-                              uint64_t length, unsigned int flags) noexcept
-    cdef void complete(self, Py_ssize_t slot, int ret) noexcept
     cdef void fail_all(self, int err) noexcept
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end) noexcept
     cdef int set_out(self, object out) except -1
@@ -61,6 +58,40 @@ cdef class BatchArrays:
     cdef uint64_t memory_len
     cdef uint64_t blocksize
     cdef void release(self) noexcept
+
+
+cdef inline Py_ssize_t take_slot(BatchRing r, int op, uint64_t offset, int64_t tag,
+                                 uintptr_t addr, uint64_t length, unsigned int flags) noexcept:
+    """A slot for one request (``reserve`` made room; GIL held).  Inline:
+    every batch request takes one."""
+    cdef Py_ssize_t s = r.free_head
+    cdef BatchSlot *slot = &r.slots[s]
+    r.free_head = slot.next
+    r.nfree -= 1
+    slot.tag = tag
+    slot.addr = addr
+    slot.length = length
+    slot.offset = offset
+    slot.op = op
+    slot.flags = flags
+    r.in_flight += 1
+    return s
+
+
+cdef inline void complete(BatchRing r, Py_ssize_t s, int ret) noexcept:
+    """The request of slot ``s`` completed with ``ret``: its (tag, ret)
+    joins the ring and the slot is free again."""
+    cdef Py_ssize_t at = r.head + r.ready
+    if at >= r.ring_cap:
+        at -= r.ring_cap
+    r.tags[at] = r.slots[s].tag
+    r.rets[at] = ret
+    r.ready += 1
+    r.in_flight -= 1
+    r.slots[s].length = 0
+    r.slots[s].next = r.free_head
+    r.free_head = s
+    r.nfree += 1
 
 
 cdef BatchArrays batch_arrays(int op, object offsets, object buffers, object user_data,

@@ -92,42 +92,13 @@ cdef class BatchRing:
         self.head = 0
         return 0
 
-    cdef Py_ssize_t take_slot(self, int op, uint64_t offset, int64_t tag, uintptr_t addr,
-                              uint64_t length, unsigned int flags) noexcept:
-        """A slot for one request (``reserve`` made room; GIL held)."""
-        cdef Py_ssize_t s = self.free_head
-        cdef BatchSlot *slot = &self.slots[s]
-        self.free_head = slot.next
-        self.nfree -= 1
-        slot.tag = tag
-        slot.addr = addr
-        slot.length = length
-        slot.offset = offset
-        slot.op = op
-        slot.flags = flags
-        self.in_flight += 1
-        return s
-
-    cdef void complete(self, Py_ssize_t s, int ret) noexcept:
-        """The request of slot ``s`` completed with ``ret``: its (tag, ret)
-        joins the ring and the slot is free again."""
-        cdef Py_ssize_t at = (self.head + self.ready) % self.ring_cap
-        self.tags[at] = self.slots[s].tag
-        self.rets[at] = ret
-        self.ready += 1
-        self.in_flight -= 1
-        self.slots[s].length = 0
-        self.slots[s].next = self.free_head
-        self.free_head = s
-        self.nfree += 1
-
     cdef void fail_all(self, int err) noexcept:
         """Every request in flight completes with -err (its backend is gone,
         or its queue): nothing can touch its memory any more."""
         cdef Py_ssize_t i
         for i in range(self.slots_cap):
             if self.slots[i].length:
-                self.complete(i, -err)
+                complete(self, i, -err)
 
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end) noexcept:
         """Requests in flight whose memory overlaps [start, end)."""
@@ -295,7 +266,17 @@ cdef int _first_problem(HotLimits *lim, int op, BatchArrays a, Py_ssize_t *bad) 
     """The first problem of a batch, its index in ``bad``."""
     cdef Py_ssize_t i
     cdef int problem
-    cdef uint64_t bs = a.blocksize
+    cdef uint64_t bs = a.blocksize, last
+    cdef uint64_t *offs = a.offs
+    if a.boffs == NULL and not lim.can_grow and lim.zoned != 2 and bs <= lim.capacity:
+        # the common batch: whole blocks on a device of fixed size, one
+        # test a request (the slow loop below then says which and why)
+        last = lim.capacity - bs
+        for i in range(a.n):
+            if (offs[i] & lim.request_mask) or offs[i] > last:
+                break
+        else:
+            return NO_PROBLEM
     for i in range(a.n):
         problem = range_problem(lim, a.offs[i], bs)
         if problem == NO_PROBLEM and op == WRITE and lim.zoned == 2:

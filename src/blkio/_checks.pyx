@@ -78,46 +78,46 @@ cdef int zone_problem(HotLimits *lim, int op, uint64_t offset) noexcept nogil:
     return NO_PROBLEM
 
 
+# The message of each problem, written once.  Fields: name (the request),
+# at ("offset N", or "offsets[i] = N" in a batch), where, offset, length,
+# driver, the limits (alignment, capacity, max_transfer, buf_alignment,
+# zone_size, nr_zones), end (the zone boundary), zone_start.
+_MESSAGES = {
+    MISALIGNED: "{name}: {at} and length {length} must be multiples of request-alignment "
+                "({alignment}) on {driver}",
+    PAST_END: "{name}: {length} bytes at {at} pass the end of the device (capacity {capacity})",
+    TOO_LONG: "{name} of {length} bytes exceeds max-transfer ({max_transfer}); split it, or "
+              "use the Device's blocking methods, which split",
+    READ_ONLY: "{name} refused: device is read-only ({driver})",
+    CROSSES_ZONE: "{name} of {length} bytes at {at} crosses the zone boundary at {end} (zone "
+                  "size {zone_size} bytes): writes to a host-managed zoned device must stay "
+                  "inside one zone (split them there, or use Device.zone_writer)",
+    NOT_ZONED: "{name}: the {driver} device is not zoned (zoned model 'none'); zone requests "
+               "need a zoned device, such as an NVMe ZNS namespace on nvme-io_uring",
+    NOT_IN_DEVICE: "{name}: {at} is not inside the device (capacity {capacity}: {nr_zones} "
+                   "zones of {zone_size} bytes)",
+    NOT_ZONE_START: "{name}: {at} is not the start of a zone (zone size {zone_size} bytes; the "
+                    "zone holding it starts at {zone_start})",
+    BUF_PAST_REGION: "{where} = {offset} + {length} passes the end of region",
+    BUF_MISALIGNED: "{where} = {offset} is not aligned to buf-alignment ({buf_alignment})",
+}
+
+
 cdef object problem_error(int problem, str driver, HotLimits *lim, int op, uint64_t offset,
                           uint64_t length, str where=None):
     """The exception for ``problem`` of a request (``where``: which one of a
     batch, e.g. "offsets[3]")."""
-    name = OP_NAMES[op] if op_in(op, READ, RESET_ALL_ZONES) else "request"
-    at = f"{where} = {offset}" if where else f"offset {offset}"
-    if problem == MISALIGNED:
-        return ValueError(f"{name}: {at} and length {length} must be multiples of "
-                          f"request-alignment ({lim.request_alignment}) on {driver}")
-    if problem == PAST_END:
-        return ValueError(f"{name}: {length} bytes at {at} pass the end of the device "
-                          f"(capacity {lim.capacity})")
-    if problem == TOO_LONG:
-        return ValueError(f"{name} of {length} bytes exceeds max-transfer ({lim.max_transfer}); "
-                          f"split it, or use the Device's blocking methods, which split")
+    cdef uint64_t zs = lim.zone_size or 1
+    text = _MESSAGES.get(problem, "{name}: problem {problem}").format(
+        name=OP_NAMES[op] if op_in(op, READ, RESET_ALL_ZONES) else "request",
+        at=f"{where} = {offset}" if where else f"offset {offset}", where=where,
+        offset=offset, length=length, driver=driver, problem=problem,
+        alignment=lim.request_alignment, capacity=lim.capacity, max_transfer=lim.max_transfer,
+        buf_alignment=lim.buf_alignment, zone_size=lim.zone_size, nr_zones=lim.nr_zones,
+        end=offset - offset % zs + zs, zone_start=offset - offset % zs)
     if problem == READ_ONLY:
-        return ReadOnlyError(9, f"{name} refused: device is read-only ({driver})")
-    cdef uint64_t zs = lim.zone_size
-    if problem == CROSSES_ZONE:
-        end = offset - offset % zs + zs
-        return ValueError(f"{name} of {length} bytes at {at} crosses the zone boundary at "
-                          f"{end} (zone size {zs} bytes): writes to a host-managed zoned "
-                          f"device must stay inside one zone (split them there, or use "
-                          f"Device.zone_writer)")
-    if problem == NOT_ZONED:
-        return ValueError(f"{name}: the {driver} device is not zoned (zoned model 'none'); "
-                          f"zone requests need a zoned device, such as an NVMe ZNS namespace "
-                          f"on nvme-io_uring")
-    if problem == NOT_IN_DEVICE:
-        return ValueError(f"{name}: {at} is not inside the device (capacity {lim.capacity}: "
-                          f"{lim.nr_zones} zones of {zs} bytes)")
-    if problem == NOT_ZONE_START:
-        return ValueError(f"{name}: {at} is not the start of a zone (zone size {zs} bytes; "
-                          f"the zone holding it starts at {offset - offset % zs})")
-    if problem == BUF_PAST_REGION:
-        return ValueError(f"{where} = {offset} + {length} passes the end of region")
-    if problem == BUF_MISALIGNED:
-        return ValueError(f"{where} = {offset} is not aligned to buf-alignment "
-                          f"({lim.buf_alignment})")
-    return ValueError(f"{name}: problem {problem}")
+        return ReadOnlyError(9, text)
+    return ValueError(text)
 
 
 cdef int check_request(str driver, HotLimits *lim, int op, uint64_t offset,

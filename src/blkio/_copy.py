@@ -28,9 +28,13 @@ import numpy as np
 
 import blkio
 
-from ._cliprops import PropertyError, parse_properties
+from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE,
+                        SuggestingParser, connect_timeout_type, int_type, open_failure,
+                        program_name, seconds_type)
+from ._cliprops import PropertyError, check_driver, check_properties, parse_properties
+from ._sizes import format_bytes as _fmt_bytes, size_type
 
-PROG = "python -m blkio copy"
+PROG = "blkio copy"
 MiB = 1 << 20
 DEFAULT_BLOCKSIZE = 1 * MiB       # as dd bs=1M; 2 and 4 MiB copied no faster here
 # Chunks in flight.  8 (qemu-img convert -m 8) copied a 1 GiB raw file to
@@ -39,8 +43,8 @@ DEFAULT_BLOCKSIZE = 1 * MiB       # as dd bs=1M; 2 and 4 MiB copied no faster he
 # 2026-12-05); 32 MiB of memory at the default blocksize.
 DEFAULT_DEPTH = 32
 
-USAGE = f"""\
-{PROG} --input-blkio=DRIVER PROPERTY=VALUE ... | --input-file=PATH
+USAGE = """\
+{prog} --input-blkio=DRIVER PROPERTY=VALUE ... | --input-file=PATH
        --output-blkio=DRIVER PROPERTY=VALUE ... | --output-file=PATH
        [--blocksize=BYTES] [--depth=N] [--sparse] [--verify] [--json]
        [--progress=auto|bar|lines|none] [--progress-interval=SECONDS]
@@ -57,8 +61,12 @@ block device through the io_uring driver, with O_DIRECT where the file system
 allows it (--file-direct); a missing output file is created and a shorter one
 extended to the input's size (never truncated).  A file input whose size is
 not a multiple of the output device's block size is padded with zeroes on the
-device.  Exit status: 0 copied, 1 I/O error or verify mismatch, 2 bad command
-line or spec (nothing written), 130 interrupted (Ctrl-C)."""
+device.  Progress goes to stderr (a bar or lines, --progress) and, at the end,
+one summary line: bytes, seconds and the rate, the final flush included (the
+bar shows the same average rate).  Sizes take K, M, G (binary: 1M is 1 MiB;
+KiB, MiB also work).  Exit status: 0 copied, 1 I/O error, device missing or
+verify mismatch, 2 bad command line or spec (nothing written), 130
+interrupted (Ctrl-C)."""
 
 
 class SpecError(Exception):
@@ -82,21 +90,30 @@ class EndSpec:
     kind: str                    # "blkio" or "file"
     name: str                    # the driver (blkio) or the path (file)
     props: List[str] = dataclasses.field(default_factory=list)
+    connect_timeout: Optional[float] = 30.0     # --connect-timeout, for blkio.open
 
     @property
     def option(self) -> str:
         return f"--{self.role}-{self.kind}={self.name}"
 
+    @property
+    def where(self) -> str:
+        """The option and, for a device, its path: what open errors name."""
+        paths = [p.partition("=")[2] for p in self.props if p.startswith("path=")]
+        return f"{self.option} path={paths[-1]}" if paths else self.option
+
     def open_kwargs(self) -> Dict[str, Any]:
         """The properties as ``blkio.open`` keywords (``path`` kept a str)."""
         try:
             kwargs = parse_properties(self.props)
+            check_properties(self.name, kwargs)
         except PropertyError as e:
             raise SpecError(f"{self.option}: {e}") from None
         for item in self.props:
             name, _, value = item.partition("=")
             if name == "path":
                 kwargs["path"] = value
+        kwargs.setdefault("connect_timeout", self.connect_timeout)
         return kwargs
 
 
@@ -114,49 +131,14 @@ class Options:
     file_direct: str
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(SuggestingParser):
     def error(self, message: str) -> Any:        # one line, not argparse's usage block
-        raise SpecError(message)
+        raise SpecError(self.hint(message))
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
-    return v
-
-
-def _size(s: str) -> int:
-    """``1048576``, ``1M``, ``256K``, ``2MiB`` -> bytes."""
-    text = s.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = 1
-    if text and text[-1] in "KMG":
-        scale = 1 << (10 * ("KMG".index(text[-1]) + 1))
-        text = text[:-1]
-    try:
-        v = int(text, 0) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {s!r}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, usage=USAGE, description=DESCRIPTION, allow_abbrev=False,
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, usage=USAGE.format(prog=prog), description=DESCRIPTION,
+                allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ends = p.add_argument_group("input and output (one of each, input first)")
     ends.add_argument("--input-blkio", metavar="DRIVER", help="a libblkio device: the "
@@ -166,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "driver, then its PROPERTY=VALUE arguments")
     ends.add_argument("--output-file", metavar="PATH", help="a regular file (created or "
                       "extended as needed) or block device")
-    p.add_argument("--blocksize", type=_size, metavar="BYTES",
-                   help="bytes per request (K/M suffixes; default: 1 MiB, or the devices' "
+    p.add_argument("--blocksize", type=size_type(), metavar="BYTES",
+                   help="bytes per request (K/M/G suffixes; default: 1 MiB, or the devices' "
                         "optimal-io-size if larger, within max-transfer; a multiple of "
                         "both devices' request-alignment)")
-    p.add_argument("--depth", type=_positive_int, metavar="N",
+    p.add_argument("--depth", type=int_type(), metavar="N",
                    help=f"chunks in flight, each a read then a write (default: {DEFAULT_DEPTH})")
     p.add_argument("--sparse", action="store_true",
                    help="write all-zero chunks as write-zeroes requests (holes on files)")
@@ -182,25 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress on stderr: a bar (needs tqdm: pip install 'blkio[cli]'), "
                         "periodic lines, or nothing; auto: a bar when stderr is a terminal "
                         "and tqdm is installed, else lines (default: auto)")
-    p.add_argument("--progress-interval", type=_positive_float, default=2.0, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=seconds_type, default=2.0, metavar="SECONDS",
                    help="seconds between progress lines (default: 2)")
     p.add_argument("--file-direct", choices=("auto", "on", "off"), default="auto",
                    help="O_DIRECT for --input-file/--output-file: auto uses it where the file "
                         "system accepts it (default: auto)")
+    p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
+                   metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
     return p
 
 
 # Options that take their value as the next argument, so the tokenizer below
 # does not mistake it for a property.
-_VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct"}
+_VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct",
+                  "--connect-timeout"}
 _END_OPTIONS = {"--input-blkio", "--input-file", "--output-blkio", "--output-file"}
 
 
-def parse_args(argv: Sequence[str]) -> Options:
+def parse_args(argv: Sequence[str], prog: str = PROG) -> Options:
     """Split ``argv`` as blkio-copy does: PROPERTY=VALUE arguments belong to
     the ``--input-blkio`` or ``--output-blkio`` before them; the rest goes to
     argparse.  Raises SpecError (or SystemExit for ``--help``)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     ends: Dict[str, EndSpec] = {}
     rest: List[str] = []
     i = 0
@@ -222,9 +207,11 @@ def parse_args(argv: Sequence[str]) -> Options:
                     raise SpecError("--output-* must come after an --input-* option")
                 if not value:
                     raise SpecError(f"{name} needs a value")
-                if kind == "blkio" and value not in blkio.DRIVERS:
-                    raise SpecError(f"{name}={value}: unknown driver; libblkio drivers are: "
-                                    f"{', '.join(blkio.DRIVERS)}")
+                if kind == "blkio":
+                    try:
+                        check_driver(value)
+                    except PropertyError as e:
+                        raise SpecError(f"{name}={value}: {e}") from None
                 ends[role] = EndSpec(role, kind, value)
                 continue
             rest.append(tok)
@@ -245,6 +232,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise SpecError("missing --input-blkio or --input-file")
     if "output" not in ends:
         raise SpecError("missing --output-blkio or --output-file")
+    for end in ends.values():
+        end.connect_timeout = args.connect_timeout
     return Options(ends["input"], ends["output"], args.blocksize, args.depth, args.sparse,
                    args.verify, args.json, args.progress, args.progress_interval,
                    args.file_direct)
@@ -256,14 +245,6 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def _round_up(n: int, a: int) -> int:
     return -(-n // a) * a
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"      # not reached
 
 
 class End:
@@ -298,6 +279,11 @@ class End:
                              "request_alignment": self.align}
         if self.spec.kind == "file":
             d["direct"] = self.direct
+        else:
+            # the driver's own word where it has one; virtio-blk drivers
+            # always bypass the host's page cache
+            props = self.dev.properties()
+            d["direct"] = bool(props.get("direct", True))
         return d
 
     def close(self) -> None:
@@ -476,7 +462,20 @@ def choose_geometry(src: End, dst: End, length: int, blocksize: Optional[int],
 
 
 class Progress:
-    """Progress on a stream: ``update(done)`` with bytes done so far."""
+    """Progress on a stream: ``update(done)`` with bytes done so far.  Its
+    rate is the average since ``begin()`` (the copy's start), in MiB/s: the
+    figure of the summary line."""
+
+    start = 0.0
+
+    def begin(self) -> None:
+        """The copy starts now."""
+        self.start = time.monotonic()
+
+    def rate(self, done: int) -> float:
+        """Bytes per second since the start."""
+        elapsed = time.monotonic() - self.start
+        return done / elapsed if elapsed > 0 else 0.0
 
     def update(self, done: int) -> None:
         raise NotImplementedError
@@ -495,7 +494,7 @@ class LineProgress(Progress):
 
     def __init__(self, label: str, total: int, stream: TextIO, interval: float) -> None:
         self.label, self.total, self.stream, self.interval = label, total, stream, interval
-        self.start = time.monotonic()
+        self.begin()
         self.next_at = self.start + interval
 
     def update(self, done: int) -> None:
@@ -503,8 +502,7 @@ class LineProgress(Progress):
         if now < self.next_at:
             return
         self.next_at = now + self.interval
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = self.rate(done)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         pct = 100.0 * done / self.total if self.total else 100.0
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
@@ -513,7 +511,9 @@ class LineProgress(Progress):
 
 
 class BarProgress(Progress):
-    """tqdm's bar (rate and ETA included)."""
+    """tqdm's bar, with ETA and our rate (tqdm's own rate is an average in
+    decimal units whatever the divisor: it read 1.46 GB/s beside a summary's
+    822 MiB/s)."""
 
     def __init__(self, label: str, total: int, stream: TextIO, tqdm: Any) -> None:
         try:
@@ -525,16 +525,23 @@ class BarProgress(Progress):
         fallback = shutil.get_terminal_size()
         width: Dict[str, Any] = ({"dynamic_ncols": True} if sized else
                                  {"ncols": fallback.columns, "nrows": fallback.lines})
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
         self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                        file=stream, leave=True, **width)
+                        bar_format=fmt, file=stream, leave=True, **width)
         self.done = 0
+        self.begin()
+
+    def _show_rate(self) -> None:
+        self.bar.set_postfix_str(f"{self.rate(self.done) / MiB:.1f} MiB/s", refresh=False)
 
     def update(self, done: int) -> None:
         if done > self.done:
-            self.bar.update(done - self.done)
             self.done = done
+            self._show_rate()
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
+        self._show_rate()        # the last one: the summary's, flush included
         self.bar.close()
 
 
@@ -812,20 +819,24 @@ class Copier:
         p = self.pipeline = Pipeline({src.queue: "input", dst.queue: "output"}, self.depth,
                                      self.should_stop)
         p.on_done = on_done
-        start = time.monotonic()
+        progress.begin()
+        start = progress.start
         error: Optional[Exception] = None
         try:
-            p.run(self.nchunks, self.bs, self.length, read_step, on_error)
-        except Exception as e:             # I/O errors: flush what was written first
-            error = e
+            try:
+                p.run(self.nchunks, self.bs, self.length, read_step, on_error)
+            except Exception as e:             # I/O errors: flush what was written first
+                error = e
+            finally:
+                # A second Ctrl-C (KeyboardInterrupt) passes through with the count.
+                res.copied = min(p.done_below * self.bs, self.length)
+            try:
+                self._finish_output()
+            except OSError as e:
+                error = error or e
         finally:
-            # A second Ctrl-C (KeyboardInterrupt) passes through with the count.
-            res.copied = min(p.done_below * self.bs, self.length)
+            # closed after the flush: the bar's last rate is the summary's
             progress.close()
-        try:
-            self._finish_output()
-        except OSError as e:
-            error = error or e
         res.seconds = time.monotonic() - start
         if error is not None:
             raise error
@@ -942,38 +953,43 @@ def _summary(opts: Options, src: End, dst: End, c: Copier) -> Dict[str, Any]:
     }
 
 
-def _say(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+def _sayer(prog: str) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        print(f"{prog}: {msg}", file=sys.stderr, flush=True)
+    return say
 
 
-def main(argv: Sequence[str]) -> int:
-    """Run ``python -m blkio copy ARGS``; returns the exit status."""
+def main(argv: Sequence[str], prog: Optional[str] = None) -> int:
+    """Run ``blkio copy ARGS``; returns the exit status.  ``prog``: the name
+    messages show (default: as invoked)."""
+    prog = prog if prog is not None else f"{program_name()} copy"
+    say = _sayer(prog)
     try:
-        return _main(argv)
+        return _main(argv, prog, say)
     except KeyboardInterrupt:        # Ctrl-C outside the copy itself (closing, printing)
-        _say("interrupted")
-        return 130
+        say("interrupted")
+        return EXIT_INTERRUPTED
 
 
-def _main(argv: Sequence[str]) -> int:
+def _main(argv: Sequence[str], prog: str, say: Callable[[str], None]) -> int:
     try:
-        opts = parse_args(argv)
+        opts = parse_args(argv, prog)
     except SpecError as e:
-        _say(str(e))
-        return 2
+        say(str(e))
+        return EXIT_USAGE
     ident_in = _identity(opts.input)
     if ident_in is not None and ident_in == _identity(opts.output):
-        _say(f"{opts.input.option} and {opts.output.option} are the same file or device")
-        return 2
+        say(f"{opts.input.option} and {opts.output.option} are the same file or device")
+        return EXIT_USAGE
     src: Optional[End] = None
     dst: Optional[End] = None
     copier: Optional[Copier] = None
     try:
-        side = opts.input.option
+        side = opts.input.where
         try:
             src = open_input(opts.input, opts.file_direct)
             length = src.dev.capacity
-            side = opts.output.option
+            side = opts.output.where
             dst = open_output(opts.output, length, opts.file_direct)
             try:
                 bs, depth = choose_geometry(src, dst, length, opts.blocksize, opts.depth)
@@ -982,16 +998,16 @@ def _main(argv: Sequence[str]) -> int:
                 dst = None
                 raise
         except SpecError as e:
-            _say(str(e))
-            return 2
+            say(str(e))
+            return EXIT_USAGE
         except KeyboardInterrupt:
-            _say("interrupted before copying anything")
-            return 130
+            say("interrupted before copying anything")
+            return EXIT_INTERRUPTED
         except OSError as e:
-            _say(f"{side}: {e}")
-            return 1
+            say(open_failure(side, e))
+            return EXIT_FAILURE
         copier = Copier(src, dst, length, bs, depth, sparse=opts.sparse)
-        return _run(opts, src, dst, copier)
+        return _run(opts, src, dst, copier, say)
     finally:
         if copier is not None:
             copier.close()
@@ -1000,7 +1016,8 @@ def _main(argv: Sequence[str]) -> int:
                 end.close()
 
 
-def _run(opts: Options, src: End, dst: End, copier: Copier) -> int:
+def _run(opts: Options, src: End, dst: End, copier: Copier,
+         say: Callable[[str], None]) -> int:
     res = copier.result
     status = 0
     phase = "copy"
@@ -1016,36 +1033,36 @@ def _run(opts: Options, src: End, dst: End, copier: Copier) -> int:
                                                 opts.progress_interval))
             except Interrupted:
                 res.interrupted = True
-                _say(f"interrupted during the {phase}: the first {res.copied} bytes "
-                     f"({_fmt_bytes(res.copied)}, {_pct(res)} of {_fmt_bytes(res.length)}) "
-                     f"are copied{' and flushed' if res.flushed else ''}; every request in "
-                     f"flight was waited for")
-                status = 130
+                say(f"interrupted during the {phase}: the first {res.copied} bytes "
+                    f"({_fmt_bytes(res.copied)}, {_pct(res)} of {_fmt_bytes(res.length)}) "
+                    f"are copied{' and flushed' if res.flushed else ''}; every request in "
+                    f"flight was waited for")
+                status = EXIT_INTERRUPTED
         except KeyboardInterrupt:
             p = copier.pipeline
             res.interrupted = True
             if p is not None:
                 res.copied = min(p.done_below * copier.bs, res.length)
-            _say(f"interrupted again: stopped at once; the first {res.copied} bytes "
-                 f"({_fmt_bytes(res.copied)}) are copied, not flushed; closing the devices "
-                 f"waits for the requests in flight")
-            status = 130
+            say(f"interrupted again: stopped at once; the first {res.copied} bytes "
+                f"({_fmt_bytes(res.copied)}) are copied, not flushed; closing the devices "
+                f"waits for the requests in flight")
+            status = EXIT_INTERRUPTED
         except VerifyError as e:
             res.verified = False
-            _say(str(e))
-            status = 1
+            say(str(e))
+            status = EXIT_FAILURE
         except OSError as e:
-            _say(f"{e}; the first {res.copied} bytes ({_fmt_bytes(res.copied)}) are copied"
-                 f"{' and flushed' if res.flushed else ''}")
-            status = 1
+            say(f"{e}; the first {res.copied} bytes ({_fmt_bytes(res.copied)}) are copied"
+                f"{' and flushed' if res.flushed else ''}")
+            status = EXIT_FAILURE
     if opts.json:
         print(json.dumps(_summary(opts, src, dst, copier)))
-    if status == 0 and opts.progress != "none":
+    if status == 0:          # the summary, whatever --progress says
         rate = res.copied / res.seconds / MiB if res.seconds > 0 else 0.0
         zeroes = f", {res.zero_chunks} zero chunk(s) as write-zeroes" if opts.sparse else ""
         check = ", verified" if res.verified else ""
-        _say(f"copied {res.copied} bytes ({_fmt_bytes(res.copied)}) in {res.seconds:.2f} s "
-             f"({rate:.1f} MiB/s){zeroes}{check}")
+        say(f"copied {res.copied} bytes ({_fmt_bytes(res.copied)}) in {res.seconds:.2f} s "
+            f"({rate:.1f} MiB/s){zeroes}{check}")
     return status
 
 

@@ -59,3 +59,11 @@ cdef inline void core_leave(DeviceCore core, Py_ssize_t entry) noexcept:
     handle_leave(h, entry)
     if h.closing or core.removals_pending:
         core.after_leave()
+
+
+cdef inline QueueEngine blocking_engine_of(DeviceCore core, Py_ssize_t entry):
+    """DeviceCore.blocking_engine, with the common case of one queue inline."""
+    cdef list qs = core.blocking
+    if qs is not None and len(qs) == 1:
+        return <QueueEngine>qs[0]
+    return core.blocking_engine(entry)

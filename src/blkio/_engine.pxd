@@ -12,13 +12,13 @@ from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
 from posix.time cimport timespec
 from ._libblkio cimport blkioq, blkio_completion
-from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_leave
+from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_enter_as, guard_leave
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
-from ._batch cimport BatchRing, BatchArrays, BatchSlot
+from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slot, complete
 from ._checks cimport removed_error
-from ._posix cimport pthread_mutex_t, pthread_cond_t
+from ._posix cimport pthread_mutex_t, pthread_cond_t, pthread_mutex_trylock, pthread_mutex_unlock
 
 
 # Where a completion goes once dispatched.
@@ -43,6 +43,7 @@ cdef class Completion:
     cdef unsigned int flags
     cdef int route
     cdef bint done
+    cdef bint linked         # in its queue's in-flight list (the hot path links lazily)
     cdef HeldBuffers views   # caller memory this request reads into / writes from
     cdef object array        # or the numpy array it uses unexported (the hot paths)
     cdef iovec *user_iov     # the caller segments this request covers
@@ -79,6 +80,8 @@ cdef class QueueEngine:
     cdef readonly Py_ssize_t depth  # the driver's queue depth (num-entries / queue-size), 0: unknown
     cdef pthread_mutex_t lock       # libblkio queues are not thread-safe
     cdef bint lock_ready
+    cdef Py_ssize_t nogil_users     # threads in a GIL-free section that takes the lock
+                                    # (changed with the GIL held: see take_queue)
     # Blocking calls of several threads on one queue: one of them (the
     # leader) sleeps on the completion fd, the others on this condition.
     cdef bint leader
@@ -108,14 +111,18 @@ cdef class QueueEngine:
 
     cdef int check_usable(self) except -1
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end)
-    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=*) except -1
+    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=*,
+                         bint lazy_link=*) except -1
     cdef int _enqueue_locked(self, Completion c, void *ud, bint reap,
                              blkio_completion *comps) noexcept nogil
     cdef int _enqueue_wait_locked(self, Completion c, void *ud, blkio_completion *comps,
                                   timespec *ts) noexcept nogil
     cdef int enqueue_batch(self, int op, BatchArrays a, unsigned int flags) except -1
+    cdef int _enqueue_slots(self, int op, BatchArrays a, Py_ssize_t *idx, unsigned int flags,
+                            blkio_completion *comps) noexcept nogil
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
-    cdef int collect_locked(self, blkio_completion *comps) except -1
+    cdef int collect(self, blkio_completion *comps, int held) except -1
+    cdef void link(self, Completion c) noexcept
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1
     cdef bint drive_slice(self, double seconds) except -1
     cdef int wait_shared(self, Completion until) except -1
@@ -143,7 +150,36 @@ cdef inline Py_ssize_t queue_use(QueueEngine e) except -1:
     return guard_enter(&e.guard)
 
 
+cdef inline Py_ssize_t queue_use_as(QueueEngine e, unsigned long tid) except -1:
+    """queue_use for the thread ``tid`` (the calling one, looked up already)."""
+    if e.removing or e.q == NULL:
+        raise removed_error(e.index)
+    return guard_enter_as(&e.guard, tid)
+
+
 cdef inline void queue_unuse(QueueEngine e, Py_ssize_t entry) noexcept:
     guard_leave(&e.guard, entry)
     if e.removing:
         e.handle.wake_waiters()     # a remover may be waiting for this call
+
+
+# ---- the queue's lock, taken with the GIL held --------------------------------
+# Every GIL-free section that takes a queue's lock counts itself in
+# ``nogil_users`` (with the GIL, before and after).  A thread holding the GIL
+# that sees no such section knows no other thread can hold the lock -- one
+# holding the GIL now would be itself, and a GIL holder always releases the
+# lock before it can release the GIL -- so it skips the lock: the common case
+# of one thread per queue pays no mutex.
+
+cdef inline int take_queue(QueueEngine e) noexcept:
+    """With the GIL held: 0 when the queue is ours without its lock, 1 when
+    its lock was free and is now ours, -1 when another thread holds it."""
+    if e.nogil_users == 0:
+        return 0
+    return 1 if pthread_mutex_trylock(&e.lock) == 0 else -1
+
+
+cdef inline void give_queue(QueueEngine e, int held) noexcept:
+    """Undo take_queue (``held`` 1: unlock)."""
+    if held == 1:
+        pthread_mutex_unlock(&e.lock)

@@ -323,18 +323,17 @@ cdef class QueueEngine:
 
     # ---- enqueue: the one place that hands requests to libblkio ----------
 
-    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=False) except -1:
+    cdef int enqueue_one(self, Completion c, bint reap, bint wait_first=False,
+                         bint lazy_link=False) except -1:
         """Hand ``c`` to libblkio and submit it; with ``reap``, take what is
         already complete.  ``wait_first``: the caller waits for ``c`` next
         (``drive``), so a call alone on its queue while other threads run
         also sleeps a first short slice in the same GIL-free section as the
         submit: with threads every GIL release hands the GIL over, and
-        taking it back is a wait of its own (one a request instead of two)."""
-        # Link first: the list holds the reference libblkio's user_data borrows.
-        c.next = self.head
-        if self.head is not None:
-            self.head.prev = c
-        self.head = c
+        taking it back is a wait of its own (one a request instead of two).
+        ``lazy_link`` (with ``reap``): a caller that holds ``c`` itself lets
+        it into the in-flight list only if it is still in flight after the
+        submit (nothing else can look at the list while the GIL is held)."""
         self.unreaped += 1
         self.handle.n_requests += 1
         self.n_requests += 1
@@ -343,14 +342,21 @@ cdef class QueueEngine:
         cdef bint waited = False
         cdef timespec ts
         cdef lb.blkio_completion comps[NCOMPS]
+        cdef int held = -1
         # With several threads, the submit releases the GIL even when the
         # queue is free: io_uring_enter may sleep on an O_DIRECT file.
-        if self.handle.threaded or pthread_mutex_trylock(&self.lock) != 0:
+        if not self.handle.threaded:
+            held = take_queue(self)
+        if held < 0 or not (lazy_link and reap):
+            # the list holds the reference libblkio's user_data borrows
+            self.link(c)
+        if held < 0:
             if wait_first:
                 wait_first = (self.handle.threaded and self.guard.users == 1
                               and self.handle.spin_ns == 0 and not self.is_poll_queue)
                 if wait_first:
                     _set_timeout(&ts, SHARE_CHECK)
+            self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
                 if wait_first:
@@ -359,20 +365,26 @@ cdef class QueueEngine:
                 else:
                     n = self._enqueue_locked(c, ud, reap, comps)
                 pthread_mutex_unlock(&self.lock)
+            self.nogil_users -= 1
         else:
-            # One thread only, lock free: this call never sleeps (min_completions
-            # is 0), and releasing the GIL would cost more than the call itself.
+            # One thread only, the queue ours: this call never sleeps
+            # (min_completions is 0), and releasing the GIL would cost more
+            # than the call itself.
             n = self._enqueue_locked(c, ud, reap, comps)
-            pthread_mutex_unlock(&self.lock)
+            give_queue(self, held)
         if reap:
             if waited and (n == -EINTR or n == -ETIME):
                 # the caller's drive() goes on waiting (and raises for Ctrl-C)
                 if n == -EINTR:
                     PyErr_CheckSignals()
                 return 0
-            if n < 0:
-                raise libblkio_error(n, "blkioq_do_io")
-            self.dispatch(comps, n)
+            try:
+                if n < 0:
+                    raise libblkio_error(n, "blkioq_do_io")
+                self.dispatch(comps, n)
+            finally:
+                if not c.done and not c.linked:
+                    self.link(c)        # still in flight: the list holds it now
         return 0
 
     cdef int _enqueue_wait_locked(self, Completion c, void *ud, lb.blkio_completion *comps,
@@ -436,9 +448,9 @@ cdef class QueueEngine:
         return n
 
     cdef int enqueue_batch(self, int op, BatchArrays a, unsigned int flags) except -1:
-        """Enqueue a checked batch and submit it in one GIL-free section.
-        Each request takes a batch slot (its tag and memory, for reap and
-        unregister); libblkio's user_data is the slot index with TAG_BIT."""
+        """Enqueue a checked batch and submit it (one do_io).  Each request
+        takes a batch slot (its tag and memory, for reap and unregister);
+        libblkio's user_data is the slot index with TAG_BIT."""
         cdef Py_ssize_t i, n = a.n
         cdef lb.blkioq *q = self.q
         cdef int got
@@ -451,31 +463,47 @@ cdef class QueueEngine:
         if n == 0:
             return 0
         ring.reserve(n)
-        if n > 64:
-            idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
-            if idx == NULL:
-                raise MemoryError()
-        # Slots are taken with the GIL held (dispatch frees them with it held);
-        # the GIL-free section below only reads this call's own index list.
-        for i in range(n):
-            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-            idx[i] = ring.take_slot(op, a.offs[i], a.tags[i] if a.tags != NULL else i,
-                                    <uintptr_t>addr, bs, flags)
-        with nogil:
-            pthread_mutex_lock(&self.lock)
+        cdef int held = -1
+        cdef Py_ssize_t slot
+        if not self.handle.threaded:
+            held = take_queue(self)
+        if held >= 0:
+            # One thread, the queue ours with the GIL: take each slot and
+            # hand its request over in one pass; submitting never sleeps long
+            # enough to be worth a GIL release (with threads, io_uring_enter
+            # may: the path below releases it).
             for i in range(n):
                 addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+                slot = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                                 <uintptr_t>addr, bs, flags)
                 if op == READ:
                     lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
-                                   <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+                                   <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
                 else:
                     lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
-                                    <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+                                    <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
             self.in_libblkio += n
             got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
             if got > 0:
                 self.in_libblkio -= got
-            pthread_mutex_unlock(&self.lock)
+            give_queue(self, held)
+        else:
+            if n > 64:
+                idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
+                if idx == NULL:
+                    raise MemoryError()
+            # Slots are taken with the GIL held (dispatch frees them with it
+            # held); the GIL-free section only reads this call's index list.
+            for i in range(n):
+                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+                idx[i] = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
+                                   <uintptr_t>addr, bs, flags)
+            self.nogil_users += 1
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                got = self._enqueue_slots(op, a, idx, flags, comps)
+                pthread_mutex_unlock(&self.lock)
+            self.nogil_users -= 1
         if idx != &stack_idx[0]:
             PyMem_Free(idx)
         self.unreaped += n
@@ -486,7 +514,40 @@ cdef class QueueEngine:
         self.dispatch(comps, got)
         return 0
 
+    cdef int _enqueue_slots(self, int op, BatchArrays a, Py_ssize_t *idx, unsigned int flags,
+                            lb.blkio_completion *comps) noexcept nogil:
+        """Hand a batch's requests to libblkio and submit them (the queue
+        ours); returns what do_io returned."""
+        cdef Py_ssize_t i
+        cdef lb.blkioq *q = self.q
+        cdef uint64_t bs = a.blocksize
+        cdef char *addr
+        cdef int got
+        for i in range(a.n):
+            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+            if op == READ:
+                lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
+                               <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+            else:
+                lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
+                                <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
+        self.in_libblkio += a.n
+        got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+        if got > 0:
+            self.in_libblkio -= got
+        return got
+
+    cdef void link(self, Completion c) noexcept:
+        """Into the in-flight list, which holds the reference libblkio's
+        user_data borrows (and what close, unregister and abandon look at)."""
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        c.linked = True
+
     cdef void unlink(self, Completion c) noexcept:
+        c.linked = False
         if c.prev is not None:
             c.prev.next = c.next
         else:
@@ -532,15 +593,17 @@ cdef class QueueEngine:
         cdef int i
         cdef uintptr_t ud
         cdef Completion c
+        cdef BatchRing ring = self.ring
         err = None
+        self.unreaped -= n
         for i in range(n):
             ud = <uintptr_t>comps[i].user_data
-            self.unreaped -= 1
             if ud & TAG_BIT:
-                self.ring.complete(<Py_ssize_t>(ud >> 1), comps[i].ret)
+                complete(ring, <Py_ssize_t>(ud >> 1), comps[i].ret)
                 continue
             c = <Completion><PyObject *>comps[i].user_data
-            self.unlink(c)
+            if c.linked:
+                self.unlink(c)
             c.ret = comps[i].ret
             if c.route != INTERNAL:      # a blocking call's own: Python never sees it
                 c.ret_obj = c.ret
@@ -562,13 +625,14 @@ cdef class QueueEngine:
             raise err
         return 0
 
-    cdef int collect_locked(self, lb.blkio_completion *comps) except -1:
-        """With the queue's lock held: submit what is queued and take what is
-        done without waiting; releases the lock, dispatches, returns the count."""
+    cdef int collect(self, lb.blkio_completion *comps, int held) except -1:
+        """With the queue ours (``held`` from take_queue, 1 for a lock
+        taken): submit what is queued and take what is done without waiting;
+        gives the queue back, dispatches, returns the count."""
         cdef int n = lb.blkioq_do_io(self.q, comps, 0, NCOMPS, NULL)
         if n > 0:
             self.in_libblkio -= n
-        pthread_mutex_unlock(&self.lock)
+        give_queue(self, held)
         if n < 0:
             raise libblkio_error(n, "blkioq_do_io")
         self.dispatch(comps, n)
@@ -585,23 +649,30 @@ cdef class QueueEngine:
         cdef lb.blkioq *q = self.q
         cdef bint interruptible = not self.is_poll_queue
         cdef int64_t spin_ns = self.handle.spin_ns, spin_end
+        cdef int held
         if until is None and min_completions <= 0:
             # Non-blocking: submit, and reap what is already there.
             while True:
-                if pthread_mutex_trylock(&self.lock) != 0:
+                held = take_queue(self)
+                if held < 0:
+                    self.nogil_users += 1
                     with nogil:
                         pthread_mutex_lock(&self.lock)
-                n = self.collect_locked(comps)
+                    self.nogil_users -= 1       # the lock is ours, with the GIL
+                    held = 1
+                n = self.collect(comps, held)
                 got += n
                 if n < NCOMPS:
                     return got
-        if until is None and self.in_libblkio > 0 and pthread_mutex_trylock(&self.lock) == 0:
-            # What is done already, keeping the GIL: when that is enough (a
-            # page-cached batch completes inside its submit), no GIL-free
-            # section -- with threads, each one is a GIL hand-off.
-            got = self.collect_locked(comps)
-            if got >= min_completions:
-                return got
+        if until is None and self.in_libblkio > 0:
+            held = take_queue(self)
+            if held >= 0:
+                # What is done already, keeping the GIL: when that is enough
+                # (a page-cached batch completes inside its submit), no
+                # GIL-free section -- with threads, each one is a GIL hand-off.
+                got = self.collect(comps, held)
+                if got >= min_completions:
+                    return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         cdef double max_slice = WAIT_SLICE
         if self.handle.threaded or self.handle.reconnect_enabled:
@@ -632,6 +703,7 @@ cdef class QueueEngine:
             else:
                 slice_ = min(max_slice, deadline - time.monotonic())
             _set_timeout(&ts, slice_)
+            self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
                 q = self.q          # a reconnect replaces it (while this call is parked)
@@ -658,6 +730,7 @@ cdef class QueueEngine:
                 if n > 0:
                     self.in_libblkio -= n
                 pthread_mutex_unlock(&self.lock)
+            self.nogil_users -= 1
             if n >= 0:
                 got += n
                 self.dispatch(comps, n)
@@ -752,11 +825,15 @@ cdef class QueueEngine:
     # ---- the completion fd ------------------------------------------------
 
     cdef int set_fd_enabled(self, bint value) except -1:
-        if pthread_mutex_trylock(&self.lock) != 0:
+        cdef int held = take_queue(self)
+        if held < 0:
+            self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
+            self.nogil_users -= 1       # the lock is ours, with the GIL
+            held = 1
         lb.blkioq_set_completion_fd_enabled(self.q, value)
-        pthread_mutex_unlock(&self.lock)
+        give_queue(self, held)
         self.fd_enabled = value
         return 0
 
@@ -769,10 +846,12 @@ cdef class QueueEngine:
         and fail with EAGAIN when another thread drained it first."""
         cdef uint64_t counter
         cdef ssize_t r
+        self.nogil_users += 1
         with nogil:
             pthread_mutex_lock(&self.lock)
             r = read(fd, &counter, 8)       # non-blocking: libblkio made it so
             pthread_mutex_unlock(&self.lock)
+        self.nogil_users -= 1
         return r == 8
 
     cdef list take(self, object max):
@@ -817,9 +896,13 @@ cdef class QueueEngine:
         cdef Completion c = self.head
         cdef Py_ssize_t i, n = 0
         cdef int got
-        if pthread_mutex_trylock(&self.lock) != 0:
+        cdef int held = take_queue(self)
+        if held < 0:
+            self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
+            self.nogil_users -= 1       # the lock is ours, with the GIL
+            held = 1
         self.q = q
         if self.fd_enabled:
             lb.blkioq_set_completion_fd_enabled(q, True)
@@ -844,7 +927,7 @@ cdef class QueueEngine:
         got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
         if got > 0:
             self.in_libblkio -= got
-        pthread_mutex_unlock(&self.lock)
+        give_queue(self, held)
         if got < 0:
             raise libblkio_error(got, "blkioq_do_io")
         self.dispatch(comps, got)

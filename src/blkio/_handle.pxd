@@ -38,7 +38,16 @@ cdef inline Py_ssize_t guard_enter(Guard *g) noexcept:
     (an entry never used goes to a new thread before one that is merely
     idle), so a device's entry is also the thread's index for its blocking
     queue."""
-    cdef unsigned long me = PyThread_get_thread_ident()
+    return guard_enter_as(g, PyThread_get_thread_ident())
+
+
+cdef inline unsigned long guard_thread(Guard *g, Py_ssize_t entry) noexcept:
+    """The thread of an entry guard_enter returned (its id, looked up once)."""
+    return g.tid[entry] if entry < GUARD_THREADS else PyThread_get_thread_ident()
+
+
+cdef inline Py_ssize_t guard_enter_as(Guard *g, unsigned long me) noexcept:
+    """guard_enter for the thread ``me`` (the calling one, looked up already)."""
     cdef Py_ssize_t i
     g.users += 1
     for i in range(GUARD_THREADS):

@@ -3,6 +3,7 @@
 # numpy arrays).  It knows nothing of devices and never calls libblkio.
 
 cdef size_t PAGE
+cdef size_t MAX_BYTES
 
 
 cdef class Buffer:

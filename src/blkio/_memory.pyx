@@ -22,6 +22,9 @@ from ._posix cimport memfd_create, MFD_CLOEXEC, ftruncate, sysconf, _SC_PAGESIZE
 import os
 
 PAGE = <size_t>sysconf(_SC_PAGESIZE)
+# Larger than any mapping can be (a 64-bit user address space): sizes past
+# it are refused before rounding to pages could wrap around.
+MAX_BYTES = <size_t>1 << 56
 
 
 @cython.final
@@ -35,12 +38,14 @@ cdef class Buffer:
     unmaps it on close, and the arrays stay valid.
     """
 
-    def __cinit__(self, nbytes_arg, *, str name="blkio-buffer"):
+    def __cinit__(self, nbytes_arg, *, str name not None="blkio-buffer"):
         self.addr = NULL
         self.fd = -1
         cdef size_t nbytes = as_u64(nbytes_arg, "nbytes")
         if nbytes == 0:
             raise ValueError("Buffer size must be positive")
+        if nbytes > MAX_BYTES:
+            raise ValueError(f"Buffer size {nbytes} is more than a process can map")
         self.nbytes = nbytes
         self.size = (nbytes + PAGE - 1) // PAGE * PAGE
         cdef bytes bname = name.encode()

@@ -33,6 +33,10 @@ cdef class BounceSpace:
     cdef void release_range(self, Py_ssize_t start, Buffer buffer)
     cdef Py_ssize_t start_of(self, object array, size_t nbytes) except -1
     cdef object array(self, Py_ssize_t start, size_t nbytes)
+    cdef int release(self, object array) except -1
+    cdef int set_max_size(self, size_t value) except -1
+    cdef void device_closed(self) noexcept
+    cdef void wake_all(self) noexcept
 
 
 cdef class Arena:

@@ -19,7 +19,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uintptr_t
 
 from ._checks cimport as_u64, closed_error
-from ._memory cimport ArenaSlice
+from ._memory cimport ArenaSlice, MAX_BYTES
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock)
 
@@ -132,6 +132,9 @@ cdef class BounceSpace:
             self._unlock()
 
     cdef size_t checked_size(self, size_t nbytes) except? 0:
+        if nbytes > self._max_size:         # before rounding, which could wrap
+            raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
+                             f"max_size of {self._max_size} bytes")
         cdef size_t size = self._round(nbytes)
         if size > self._max_size:
             raise ValueError(f"bounce buffer of {nbytes} bytes exceeds the pool's "
@@ -191,13 +194,13 @@ cdef class BounceSpace:
             raise self.handle.unusable_error()
         return 0
 
-    def device_closed(self):
+    cdef void device_closed(self) noexcept:
         """The device is gone: waiters wake up and fail (their next turn
         sees no device)."""
         self.handle = None
         self.wake_all()
 
-    def wake_all(self):
+    cdef void wake_all(self) noexcept:
         self._lock()
         try:
             for waiter in self.waiters:
@@ -262,7 +265,7 @@ cdef class BounceSpace:
         return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
                              offset=<Py_ssize_t>(<size_t>start * self.granule))
 
-    def release(self, array):
+    cdef int release(self, object array) except -1:
         """Give back an array of this space (``blkio.BouncePool.release``)."""
         self._lock()
         try:
@@ -270,42 +273,13 @@ cdef class BounceSpace:
             self._wake_head()
         finally:
             self._unlock()
+        return 0
 
-    @property
-    def size(self) -> int:
-        """Current pool size in bytes."""
-        return self.buffer.size
-
-    @property
-    def in_use(self) -> int:
-        """Bytes currently handed out."""
-        return self.allocator.used * self.granule
-
-    @property
-    def granule(self) -> int:
-        """Allocation unit in bytes (a multiple of mem-region-alignment)."""
-        return self.granule
-
-    @property
-    def max_size(self) -> int:
-        """Upper bound of the pool size in bytes (settable)."""
-        return self._max_size
-
-    @max_size.setter
-    def max_size(self, value_arg):
-        cdef size_t value = as_u64(value_arg, "max_size")
+    cdef int set_max_size(self, size_t value) except -1:
         if value < self.granule:
             raise ValueError(f"max_size must be at least {self.granule} bytes")
         self._max_size = self._round(value)
-
-    @property
-    def waiting(self) -> int:
-        """Number of callers waiting for space."""
-        return len(self.waiters)
-
-    def __repr__(self):
-        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
-                f"max_size={self._max_size} waiting={len(self.waiters)}>")
+        return 0
 
 
 @cython.final
@@ -323,6 +297,8 @@ cdef class Arena:
         self.chunk_size = chunk_size
 
     cpdef object alloc(self, size_t nbytes):
+        if nbytes > MAX_BYTES:
+            raise ValueError(f"alloc of {nbytes} bytes: more than a process can map")
         cdef size_t g = self.granule
         cdef size_t count = (nbytes + g - 1) // g
         cdef Py_ssize_t start

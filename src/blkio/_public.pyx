@@ -13,6 +13,7 @@ device core) and leaves.  No pointer work happens above this module.
 """
 
 cimport cython
+from . cimport _libblkio as lb
 cimport numpy as cnp
 from libc.stdint cimport uint64_t, int64_t
 
@@ -20,9 +21,9 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        CLOSE_ZONE, FINISH_ZONE, RESET_ZONE, OPEN_ALL_ZONES, CLOSE_ALL_ZONES,
                        FINISH_ALL_ZONES, RESET_ALL_ZONES, op_in, as_u64, as_index, zero_flags,
                        no_device_error, removed_error, zone_problem, problem_error)
-from ._device cimport DeviceCore, core_enter, core_leave
-from ._engine cimport Completion, QueueEngine, queue_use, queue_unuse
-from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth
+from ._device cimport DeviceCore, core_enter, core_leave, blocking_engine_of
+from ._engine cimport Completion, QueueEngine, queue_use, queue_use_as, queue_unuse
+from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth, guard_thread
 from ._batch cimport BatchArrays, batch_arrays, check_batch
 from ._transfer cimport (Transfer, blocking_io, blocking_one, blocking_zone, zone_completion,
                          enqueue_request, start_async, route_async, wait_for_space)
@@ -35,7 +36,6 @@ import warnings
 
 import numpy as np
 
-from ._checks import REQ_FUA
 from ._pool import AsyncWaiter
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
@@ -220,23 +220,18 @@ cdef class DeviceFront:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (any writable
         contiguous buffer); returns the number of bytes read.  ``chunk`` and
         ``depth``: the pipeline for large reads, as in ``read``."""
-        cdef DeviceCore core = self.core
-        if core is None:
-            raise no_device_error()
-        cdef uint64_t off = as_u64(offset, "offset")
-        cdef uint64_t ck = 0 if chunk is None else core.handle.check_io_chunk(chunk)
-        cdef int dp = 0 if depth is None else check_io_depth(depth)
-        cdef Py_ssize_t entry = core_enter(core)
-        try:
-            return blocking_one(core.blocking_engine(entry), READ, off, buf, 0, ck, dp)
-        finally:
-            core_leave(core, entry)
+        return self._one(READ, offset, buf, 0, chunk, depth)
 
     def write(self, offset, buf, *, bint fua=False, chunk=None, depth=None):
         """Write ``buf`` (any contiguous buffer, bytes included) at ``offset``;
         ``fua=True`` makes it durable before returning.  Returns bytes written.
         ``chunk`` and ``depth``: the pipeline for large writes, as in ``read``
         (on a host-managed zoned device the chunks go one at a time, in order)."""
+        return self._one(WRITE, offset, buf, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
+
+    cdef object _one(self, int op, object offset, object buf, unsigned int flags,
+                     object chunk, object depth):
+        """readinto and write: one buffer, the hot path (blocking_one)."""
         cdef DeviceCore core = self.core
         if core is None:
             raise no_device_error()
@@ -245,8 +240,8 @@ cdef class DeviceFront:
         cdef int dp = 0 if depth is None else check_io_depth(depth)
         cdef Py_ssize_t entry = core_enter(core)
         try:
-            return blocking_one(core.blocking_engine(entry), WRITE, off, buf,
-                                REQ_FUA if fua else 0, ck, dp)
+            return blocking_one(blocking_engine_of(core, entry), op, off, buf, flags, ck, dp,
+                                guard_thread(&core.handle.guard, entry))
         finally:
             core_leave(core, entry)
 
@@ -258,7 +253,7 @@ cdef class DeviceFront:
     def writev(self, offset, bufs, *, bint fua=False, chunk=None, depth=None):
         """Write the buffers of ``bufs`` back to back at ``offset``.
         Pipelined like ``write``."""
-        return self._vectored(WRITE, offset, bufs, REQ_FUA if fua else 0, chunk, depth)
+        return self._vectored(WRITE, offset, bufs, lb.BLKIO_REQ_FUA if fua else 0, chunk, depth)
 
     cdef object _vectored(self, int op, object offset, object bufs, unsigned int flags,
                           object chunk, object depth):
@@ -335,7 +330,7 @@ cdef class DeviceFront:
             self.core.close(float(timeout))
 
 
-def bind(DeviceFront front, DeviceCore core):
+def bind(DeviceFront front not None, DeviceCore core not None):
     """Give a new blkio.Device its core (``blkio.open`` does, once)."""
     if front.core is not None:
         raise ValueError("this device already has its core")
@@ -343,7 +338,7 @@ def bind(DeviceFront front, DeviceCore core):
     core.set_front(front)
 
 
-def zone_request(DeviceFront front, int op, offset=0, zones=None):
+def zone_request(DeviceFront front not None, int op, offset=0, zones=None):
     """One zone request on the calling thread's queue, waited for (GIL
     released); returns its ``ret`` (the zones filled in, for a report).
     For blkio._zones, which gives it its public forms."""
@@ -356,7 +351,7 @@ def zone_request(DeviceFront front, int op, offset=0, zones=None):
         core_leave(core, entry)
 
 
-def check_zone(DeviceFront front, int op, offset):
+def check_zone(DeviceFront front not None, int op, offset):
     """Raise what is wrong with a zone request of ``op`` at ``offset`` (a
     device that is not zoned, an offset that is not a zone start...)."""
     cdef DeviceCore core = front._live()
@@ -367,13 +362,13 @@ def check_zone(DeviceFront front, int op, offset):
         raise problem_error(problem, h.driver, &h.lim, op, off, 0)
 
 
-def add_queue(DeviceFront front, bint poll):
+def add_queue(DeviceFront front not None, bint poll):
     """A new queue of the device (the facade checked can-add-queues)."""
     cdef DeviceCore core = front._live()
     return _queue_of(core, core.add_queue(poll))
 
 
-def remove_queue(DeviceFront front, Queue queue, double timeout):
+def remove_queue(DeviceFront front not None, Queue queue not None, double timeout):
     """Remove ``queue`` from the device (see ``Device.remove_queue``)."""
     cdef DeviceCore core = front._live()
     if queue.core is not core or queue.engine is None:
@@ -381,7 +376,7 @@ def remove_queue(DeviceFront front, Queue queue, double timeout):
     core.remove_queue(queue.engine, timeout)
 
 
-def large_io_plan(DeviceFront front, nbytes, chunk=None, depth=None, bint write=False):
+def large_io_plan(DeviceFront front not None, nbytes, chunk=None, depth=None, bint write=False):
     """How a read (or write) of ``nbytes`` is cut: (chunk bytes, pieces in
     flight), or (nbytes, 1) when it goes as one request (for tests and tools)."""
     cdef DeviceCore core = front._live()
@@ -393,7 +388,7 @@ def large_io_plan(DeviceFront front, nbytes, chunk=None, depth=None, bint write=
     return ck, (1 if write and h.lim.zoned == 2 else dp)
 
 
-def core_of(DeviceFront front):
+def core_of(DeviceFront front not None):
     """The core of a blkio.Device, for the facade's own modules."""
     if front.core is None:
         raise no_device_error()
@@ -414,9 +409,9 @@ cdef Queue _queue_of(DeviceCore core, QueueEngine e):
 cdef inline Py_ssize_t _enter(Queue q) except -1:
     """The device's guard, then the queue's; refuses a closed device, a
     removed queue and a broken backend.  Returns both entries, packed."""
-    cdef DeviceCore core = q.core
-    if core is None:
+    if q is None or q.core is None:
         raise no_device_error()
+    cdef DeviceCore core = q.core
     cdef Py_ssize_t dentry = core_enter(core)
     cdef QueueEngine e = q.engine
     if e.removing or e.q == NULL:
@@ -425,7 +420,8 @@ cdef inline Py_ssize_t _enter(Queue q) except -1:
     if e.handle.state == ST_BROKEN:
         core_leave(core, dentry)
         e.check_usable()        # fails what it had in flight, raises
-    return dentry * (GUARD_THREADS + 1) + queue_use(e)
+    return dentry * (GUARD_THREADS + 1) + queue_use_as(e, guard_thread(&core.handle.guard,
+                                                                       dentry))
 
 
 cdef Py_ssize_t _enter_even_broken(Queue q) except -1:
@@ -478,7 +474,7 @@ cdef class Queue:
         finally:
             _leave(self, entries)
 
-    def enqueue(self, op, offset=0, buf=None, length=0, unsigned int flags=0,
+    def enqueue(self, op, offset=0, buf=None, length=0, flags=0,
                 user_data=None, bint vectored=False):
         """Enqueue one request of any kind without waiting for it: ``op``
         (an ``Op``: READ .. FLUSH), ``offset`` and ``buf`` (a buffer, or a
@@ -490,8 +486,8 @@ cdef class Queue:
         if not op_in(code, READ, FLUSH):
             raise ValueError(f"unknown op {op!r} (Op.READ .. Op.FLUSH; zone requests: "
                              f"enqueue_zone)")
-        return self._enqueue(<int>code, offset, buf, as_u64(length, "length"), flags,
-                             user_data, vectored)
+        return self._enqueue(<int>code, offset, buf, as_u64(length, "length"),
+                             request_flags(flags), user_data, vectored)
 
     def read(self, offset, buf, *, user_data=None):
         """Enqueue a read into ``buf`` (a writable contiguous buffer)."""
@@ -499,7 +495,7 @@ cdef class Queue:
 
     def write(self, offset, buf, *, user_data=None, bint fua=False):
         """Enqueue a write of ``buf``."""
-        return self._enqueue(WRITE, offset, buf, 0, REQ_FUA if fua else 0, user_data, False)
+        return self._enqueue(WRITE, offset, buf, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, False)
 
     def readv(self, offset, bufs, *, user_data=None):
         """Enqueue a vectored read into the buffers of ``bufs``."""
@@ -507,7 +503,7 @@ cdef class Queue:
 
     def writev(self, offset, bufs, *, user_data=None, bint fua=False):
         """Enqueue a vectored write of the buffers of ``bufs``."""
-        return self._enqueue(WRITE, offset, bufs, 0, REQ_FUA if fua else 0, user_data, True)
+        return self._enqueue(WRITE, offset, bufs, 0, lb.BLKIO_REQ_FUA if fua else 0, user_data, True)
 
     def write_zeroes(self, offset, length, *, user_data=None, bint fua=False,
                      bint may_unmap=True, bint no_fallback=False):
@@ -612,8 +608,8 @@ cdef class Queue:
     def submit_writes(self, offsets, buffers, *, bint fua=False, user_data=None, region=None,
                       blocksize=0):
         """Like ``submit_reads``, for writes."""
-        return self._submit_batch(WRITE, offsets, buffers, user_data, REQ_FUA if fua else 0,
-                                  region, blocksize)
+        return self._submit_batch(WRITE, offsets, buffers, user_data,
+                                  lb.BLKIO_REQ_FUA if fua else 0, region, blocksize)
 
     def reap(self, out, min=0, timeout=None):
         """Fill ``out`` (a structured array with int64 ``user_data`` and int32
@@ -646,7 +642,7 @@ cdef class Queue:
     def failed(self) -> int:
         """Batch completions reaped with ret < 0 so far (check ``ret`` in
         ``out`` for which)."""
-        return self.engine.ring.failed
+        return self.engine.ring.failed if self.engine is not None else 0
 
     # ---- zoned devices ------------------------------------------------------------
 
@@ -817,6 +813,14 @@ cdef class Queue:
         return f"<blkio.Queue {kind} {self.engine.index} in_flight={self.engine.unreaped}>"
 
 
+cdef unsigned int request_flags(object flags) except? 0xFFFFFFFF:
+    """``flags`` of Queue.enqueue: REQ_FUA, REQ_NO_UNMAP, REQ_NO_FALLBACK or'ed."""
+    cdef uint64_t f = as_u64(flags, "flags")
+    if f & ~<uint64_t>(lb.BLKIO_REQ_FUA | lb.BLKIO_REQ_NO_UNMAP | lb.BLKIO_REQ_NO_FALLBACK):
+        raise ValueError(f"flags={f:#x}: only blkio.REQ_FUA, REQ_NO_UNMAP and REQ_NO_FALLBACK")
+    return <unsigned int>f
+
+
 cdef double _seconds(object timeout) except? -2.0:
     """A wait's timeout in seconds (-1: none)."""
     if timeout is None:
@@ -862,6 +866,11 @@ cdef class BouncePool:
         raise TypeError("a blkio.BouncePool cannot be pickled: it is memory mapped into a "
                         "device of this process")
 
+    cdef BounceSpace _live(self):
+        if self.space is None or self.core is None:
+            raise no_device_error()
+        return self.space
+
     def acquire(self, nbytes, timeout=None):
         """A uint8 array of ``nbytes`` of pool memory (mapped into the device).
 
@@ -871,7 +880,7 @@ cdef class BouncePool:
         """
         cdef uint64_t n = as_u64(nbytes, "nbytes")
         cdef double t = _seconds(timeout)
-        self.space.check_open()
+        self._live().check_open()
         cdef Py_ssize_t entry = core_enter(self.core)   # growing the pool maps memory
         cdef Py_ssize_t start
         try:
@@ -885,10 +894,10 @@ cdef class BouncePool:
         blocking the event loop.  Returns the array."""
         import asyncio
         cdef uint64_t n = as_u64(nbytes, "nbytes")
-        cdef BounceSpace space = self.space
+        cdef BounceSpace space = self._live()
         space.check_open()
         cdef size_t size = space.checked_size(n)
-        cdef Py_ssize_t start = self._try(size)
+        cdef Py_ssize_t start = self._step(size, None)
         if start >= 0:
             return space.array(start, n)
         waiter = AsyncWaiter(asyncio.get_running_loop())
@@ -898,7 +907,7 @@ cdef class BouncePool:
         try:
             while True:
                 space.check_open()
-                start = self._turn(size, waiter)
+                start = self._step(size, waiter)
                 if start >= 0:
                     return space.array(start, n)
                 await waiter.future
@@ -906,55 +915,56 @@ cdef class BouncePool:
             space.fifo_leave(waiter)
             raise
 
-    cdef Py_ssize_t _try(self, size_t size) except -2:
+    cdef Py_ssize_t _step(self, size_t size, object waiter) except -2:
+        """One try for space, inside the device's guard (growing the space
+        maps memory): at once (no ``waiter``), or at the waiter's turn."""
         cdef Py_ssize_t entry = core_enter(self.core)
         try:
-            return self.space.try_acquire(size)
-        finally:
-            core_leave(self.core, entry)
-
-    cdef Py_ssize_t _turn(self, size_t size, object waiter) except -2:
-        cdef Py_ssize_t entry = core_enter(self.core)
-        try:
+            if waiter is None:
+                return self.space.try_acquire(size)
             return self.space.fifo_turn(size, waiter)
         finally:
             core_leave(self.core, entry)
 
     def release(self, array):
         """Give back an array from ``acquire``."""
-        self.space.release(array)
+        self._live().release(array)
 
     @property
     def size(self) -> int:
         """Current pool size in bytes."""
-        return self.space.size
+        return self._live().buffer.size
 
     @property
     def in_use(self) -> int:
         """Bytes currently handed out."""
-        return self.space.in_use
+        cdef BounceSpace space = self._live()
+        return space.allocator.used * space.granule
 
     @property
     def granule(self) -> int:
         """Allocation unit in bytes (a multiple of mem-region-alignment)."""
-        return self.space.granule
+        return self._live().granule
 
     @property
     def max_size(self) -> int:
         """Upper bound of the pool size in bytes (settable)."""
-        return self.space.max_size
+        return self._live()._max_size
 
     @max_size.setter
     def max_size(self, value):
-        self.space.max_size = value
+        self._live().set_max_size(as_u64(value, "max_size"))
 
     @property
     def waiting(self) -> int:
         """Number of callers waiting for space."""
-        return self.space.waiting
+        return len(self._live().waiters)
 
     def __repr__(self):
-        return repr(self.space)
+        if self.space is None:
+            return "<blkio.BouncePool of no device>"
+        return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
+                f"max_size={self.max_size} waiting={self.waiting}>")
 
 
 # ---- the asyncio port ------------------------------------------------------------------
@@ -973,7 +983,7 @@ cdef inline int _not_reconnecting(AsyncPort port) except -1:
     return 0
 
 
-def async_port(DeviceFront front, index):
+def async_port(DeviceFront front not None, index):
     """The port through which blkio.aio drives queue ``index`` (package-private)."""
     cdef DeviceCore core = front._live()
     cdef QueueEngine e = core.engine_at(as_index(index, "queue"), False)
@@ -996,6 +1006,7 @@ cdef class AsyncPort:
     cdef readonly object queue       # the public Queue of the engine
     cdef list stuck                  # transfers waiting for bounce space, from the last reap
     cdef object listener             # this port's gone_listeners entry
+    cdef readonly Py_ssize_t batch_taken   # completions solo_batch moved into out
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AsyncPort is blkio.aio's; use blkio.aio.open()")
@@ -1020,11 +1031,26 @@ cdef class AsyncPort:
         finally:
             _leave(<Queue>self.queue, entries)
 
-    def need(self, Transfer t):
+    def io(self, int op, offset, buf, unsigned int flags, future):
+        """The hot path of ``submit``: a read or write of one buffer of at
+        most a chunk, enqueued resolving ``future``.  None when enqueued;
+        else ``submit``'s answer (a Transfer: a longer request, or one
+        waiting for bounce space)."""
+        if op != READ and op != WRITE:
+            raise ValueError(f"io takes a read or a write, not op {op!r}")
+        cdef uint64_t off = as_u64(offset, "offset")
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            return start_async(self.engine, op, off, buf, False, flags, future, 0, 0, 0)
+        finally:
+            _leave(<Queue>self.queue, entries)
+
+    def need(self, Transfer t not None):
         """Bounce bytes ``t`` waits for before its next piece (0: none)."""
         return t.need
 
-    def refill(self, Transfer t, bounce):
+    def refill(self, Transfer t not None, bounce):
         """Go on with ``t`` now that ``bounce`` (space acquired for its next
         piece) is there; space it did not use goes back."""
         _not_reconnecting(self)
@@ -1092,6 +1118,43 @@ cdef class AsyncPort:
         _not_reconnecting(self)
         return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
 
+    def solo_batch(self, int op, offsets, buffers, unsigned int flags, region, blocksize,
+                   out):
+        """The common batch, submitted here when nothing else of the
+        caller's is in flight: it fits the queue's room and ``out``.  Returns
+        its bytes when every request completed during the submission without
+        failure (their completions taken); -1 when it is in flight (tags
+        0..n-1: the caller awaits it); -3 when some failed at once (their
+        completions are in ``out``, the count in ``batch_taken``); -2 when it
+        does not fit (nothing submitted)."""
+        cdef QueueEngine e = self.engine
+        cdef BatchArrays a
+        cdef Py_ssize_t room, failed
+        cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        try:
+            a = batch_arrays(op, offsets, buffers, None, region, bs)
+            room = e.depth - e.in_libblkio if e.depth else -1
+            if out is not e.ring.out:
+                e.ring.set_out(out)
+            if (room >= 0 and a.n > room) or a.n > e.ring.out_len or e.ring.in_flight \
+                    or e.ring.ready:
+                return -2
+            check_batch(a, e.handle, op, room)
+            if a.n == 0:
+                return 0
+            e.enqueue_batch(op, a, flags)
+            if e.ring.ready != a.n:
+                return -1
+            failed = e.ring.failed
+            self.batch_taken = e.ring.copy_out()
+            if e.ring.failed == failed:
+                return a.n * a.blocksize
+            return -3
+        finally:
+            _leave(<Queue>self.queue, entries)
+
     def check_batch(self, int op, offsets, buffers, region, blocksize):
         """Check a whole batch, enqueueing nothing (before its first wave)."""
         cdef uint64_t bs = as_u64(blocksize, "blocksize")
@@ -1104,7 +1167,7 @@ cdef class AsyncPort:
         finally:
             _leave(<Queue>self.queue, entries)
 
-    def fail(self, Transfer t, exc):
+    def fail(self, Transfer t not None, exc):
         """End ``t`` with ``exc`` (its bounce space could not be had)."""
         if t.future is not None and not t.future.done():
             t.future.set_exception(exc)

@@ -52,7 +52,7 @@ cdef object failure_error(Completion c, str what, bint read_only)
 cdef object blocking_io(QueueEngine e, int op, uint64_t offset, uint64_t length,
                         HeldBuffers views, unsigned int flags, uint64_t chunk=*, int depth=*)
 cdef object blocking_one(QueueEngine e, int op, uint64_t offset, object buf,
-                         unsigned int flags, uint64_t chunk=*, int depth=*)
+                         unsigned int flags, uint64_t chunk, int depth, unsigned long tid)
 cdef Completion zone_completion(QueueEngine e, int op, uint64_t offset, object zones,
                                 int route, object user_data, object bounce, bint nowait)
 cdef object blocking_zone(QueueEngine e, int op, uint64_t offset, object zones)

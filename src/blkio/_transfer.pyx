@@ -33,7 +33,7 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES,
                        OPEN_ALL_ZONES, NO_PROBLEM, TOO_LONG, HotLimits, check_request,
                        zone_problem, problem_error, range_problem, request_error, CANCELLED)
 from ._engine cimport (Route, TO_CALLER, INTERNAL, TO_FUTURE, TO_TRANSFER, new_completion,
-                       queue_use, queue_unuse)
+                       queue_use, queue_use_as, queue_unuse)
 from ._handle cimport GUARD_THREADS, ST_STARTED
 from ._held cimport hold_buffers, array_memory, view_flags, slice_iov, gather
 from ._posix cimport ENOTSUP, ECANCELED
@@ -377,15 +377,12 @@ cdef object blocking_io(QueueEngine e, int op, uint64_t offset, uint64_t length,
 
 
 cdef object blocking_one(QueueEngine e, int op, uint64_t offset, object buf,
-                         unsigned int flags, uint64_t chunk=0, int depth=0):
-    """One buffer, blocking (inside the device's guard): the hot path.  When
-    the request needs no split and no bounce, it goes straight from the
-    caller's buffer with a recycled Completion; anything else takes the
-    general path."""
-    cdef Py_ssize_t entry = queue_use(e)
-    # the guard has just looked up this thread's id: reuse it
-    cdef unsigned long tid = (e.guard.tid[entry] if entry < GUARD_THREADS
-                              else PyThread_get_thread_ident())
+                         unsigned int flags, uint64_t chunk, int depth, unsigned long tid):
+    """One buffer, blocking (inside the device's guard, entered by thread
+    ``tid``): the hot path.  When the request needs no split and no bounce,
+    it goes straight from the caller's buffer with a recycled Completion;
+    anything else takes the general path."""
+    cdef Py_ssize_t entry = queue_use_as(e, tid)
     try:
         return _blocking_one_on(e, op, offset, buf, flags, chunk, depth, tid)
     finally:
@@ -451,7 +448,7 @@ cdef object _blocking_one_on(QueueEngine e, int op, uint64_t offset, object buf,
     c.iov = &c.iov1
     c.iovcnt = 1
     try:
-        e.enqueue_one(c, True, True)
+        e.enqueue_one(c, True, True, True)
         if not c.done:
             e.drive(0, -1.0, c)
     finally:
@@ -547,19 +544,24 @@ cdef object blocking_zone(QueueEngine e, int op, uint64_t offset, object zones):
         queue_unuse(e, entry)
 
 
-# ---- the queue API's per-request path ---------------------------------------------------
+# ---- one request of the queue API or of asyncio ------------------------------------------
 
-cdef object enqueue_request(QueueEngine e, int op, uint64_t offset, object buf, bint vectored,
-                            unsigned int flags, object user_data, uint64_t length):
-    """Check and enqueue one request for the caller to reap (inside the
-    queue's guard); returns its length."""
+cdef Completion single_request(QueueEngine e, int op, uint64_t offset, object buf,
+                               bint vectored, unsigned int flags, int route, object user_data,
+                               uint64_t length, uint64_t longest, bint nowait,
+                               uint64_t *length_out):
+    """Check one request and make its Completion: the caller's memory held
+    (an exact numpy array without an export), direct or bounced.  None,
+    with ``length_out`` set, when a read or write is longer than ``longest``
+    (0: no bound) or, with ``nowait``, when bounce space is not free now."""
     cdef DeviceHandle h = e.handle
     cdef HeldBuffers views = None
     cdef object array = None
     cdef iovec one
     cdef iovec *iov = NULL
     cdef int iovcnt = 0
-    if op == READ or op == WRITE:
+    cdef bint data = op == READ or op == WRITE
+    if data:
         if not vectored and array_memory(buf, op == READ, &one):
             array = buf         # no HeldBuffers: the Completion holds the array
             iov = &one
@@ -570,19 +572,29 @@ cdef object enqueue_request(QueueEngine e, int op, uint64_t offset, object buf, 
             iov = views.iov
             iovcnt = views.n
             length = views.total
+    length_out[0] = length
     check_request(h.driver, &h.lim, op, offset, length)
-    if (op == READ or op == WRITE) and h.lim.max_transfer and length > h.lim.max_transfer:
+    if data and longest and length > longest:
+        return None
+    return prepare(e, op, offset, length, views, array, iov, iovcnt, flags, route, user_data,
+                   None, nowait)
+
+
+cdef object enqueue_request(QueueEngine e, int op, uint64_t offset, object buf, bint vectored,
+                            unsigned int flags, object user_data, uint64_t length):
+    """Check and enqueue one request for the caller to reap (inside the
+    queue's guard); returns its length."""
+    cdef DeviceHandle h = e.handle
+    cdef Completion c = single_request(e, op, offset, buf, vectored, flags, TO_CALLER,
+                                       user_data, length, h.lim.max_transfer, False, &length)
+    if c is None:
         raise problem_error(TOO_LONG, h.driver, &h.lim, op, offset, length)
-    cdef Completion c = prepare(e, op, offset, length, views, array, iov, iovcnt, flags,
-                                TO_CALLER, user_data, None, False)
     e.enqueue_one(c, False)
     if length != e.spare_len or e.spare_len_obj is None:
         e.spare_len = length         # an int object less per request
         e.spare_len_obj = length
     return e.spare_len_obj
 
-
-# ---- asyncio: the same transfers, driven from the event loop ------------------------------
 
 cdef object start_async(QueueEngine e, int op, uint64_t offset, object buf, bint vectored,
                         unsigned int flags, object future, uint64_t length, uint64_t chunk,
@@ -592,40 +604,28 @@ cdef object start_async(QueueEngine e, int op, uint64_t offset, object buf, bint
     went as one request; else its Transfer, whose ``need`` says the bounce
     bytes its next piece waits for (the caller awaits them, then refills)."""
     cdef DeviceHandle h = e.handle
-    cdef HeldBuffers views = None
-    cdef object array = None
-    cdef iovec one
-    cdef iovec *iov = NULL
-    cdef int iovcnt = 0
-    cdef Completion c
     cdef bint data = op == READ or op == WRITE
+    cdef uint64_t longest = chunk or h.policy.io_chunk
+    if h.lim.max_transfer and h.lim.max_transfer < longest:
+        longest = h.lim.max_transfer
+    cdef Completion c = None
     if data:
-        if not vectored and array_memory(buf, op == READ, &one):
-            array = buf
-            iov = &one
-            iovcnt = 1
-            length = one.iov_len
-        else:
-            views = hold_buffers(buf, op == READ, not vectored)
-            iov = views.iov
-            iovcnt = views.n
-            length = views.total
-    check_request(h.driver, &h.lim, op, offset, length)
-    if (data and length and length <= (chunk or h.policy.io_chunk)
-            and (h.lim.max_transfer == 0 or length <= h.lim.max_transfer)):
         # the hot path: one request, resolved by route_async
-        c = prepare(e, op, offset, length, views, array, iov, iovcnt, flags, TO_FUTURE,
-                    future, None, True)
-        if c is not None:
+        c = single_request(e, op, offset, buf, vectored, flags, TO_FUTURE, future, length,
+                           longest, True, &length)
+        if c is not None and length:
             e.enqueue_one(c, False)
             return None
-    if data and views is None:
-        views = hold_buffers(buf, op == READ, True)
-    cdef Transfer t = new_transfer(e, op, offset, length, views, flags, chunk, depth, True)
-    t.future = future
+    else:
+        check_request(h.driver, &h.lim, op, offset, length)
     if length == 0 and op != FLUSH:
         future.set_result(0)
         return None
+    # longer than a chunk, waiting for bounce space, or not a read or write
+    cdef Transfer t = new_transfer(e, op, offset, length,
+                                   hold_buffers(buf, op == READ, not vectored) if data else None,
+                                   flags, chunk, depth, True)
+    t.future = future
     t.fill()
     return t
 

@@ -51,16 +51,18 @@ from typing import Any, Awaitable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import Device, Op, REQ_FUA, open as _open_device
-from ._checks import int_array, write_zeroes_flags
-from ._connect import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
-from ._public import Reconnecting, async_port
-from ._zones import ZONE_DTYPE, _report_plan
-from .errors import error_for
+# (imported under private names: this module's public names are __all__'s)
+from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_device
+from ._checks import int_array as _int_array, write_zeroes_flags as _write_zeroes_flags
+from ._connect import (DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT,
+                       DEFAULT_RECONNECT_TIMEOUT as _DEFAULT_RECONNECT_TIMEOUT)
+from ._public import Reconnecting as _Reconnecting, async_port as _async_port
+from ._zones import ZONE_DTYPE as _ZONE_DTYPE, _report_plan
+from .errors import error_for as _error_for
 
 __all__ = ["AsyncDevice", "open"]
 
-_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = Op.READ, Op.WRITE, Op.WRITE_ZEROES, Op.DISCARD, Op.FLUSH
+_READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
 
 # A batch request's user_data: its batch's number << 32 | its index in the batch.
 _TAG_SHIFT = 32
@@ -68,8 +70,9 @@ _INDEX_MASK = (1 << _TAG_SHIFT) - 1
 _BATCH_IDS = 1 << 31                # numbers wrap (tags stay positive int64)
 _REAP_DTYPE = np.dtype([("user_data", np.int64), ("ret", np.int32)])
 # A batch that completes during submission does not wait for the loop; such
-# awaits yield to it at least once per this many seconds.
-_SYNC_SLICE = 0.001
+# awaits yield to it once per this many bytes (a count, not a clock: the
+# same program makes the same calls, however fast the machine runs it).
+_SYNC_BYTES = 1 << 20
 
 
 @types.coroutine
@@ -101,9 +104,9 @@ class AsyncDevice:
     more CPU; QEMU's poll handler does the same).
     """
 
-    def __init__(self, device: Device, queue: int = 0, *, spin_us: int = 0,
+    def __init__(self, device: _Device, queue: int = 0, *, spin_us: int = 0,
                  poll_us: Optional[int] = None) -> None:
-        if not isinstance(device, Device):
+        if not isinstance(device, _Device):
             raise TypeError(f"AsyncDevice drives a blkio.Device, not {type(device).__name__}")
         if poll_us is not None:
             import warnings
@@ -112,7 +115,7 @@ class AsyncDevice:
         if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
             raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
         self.device = device
-        self._port = async_port(device, queue)
+        self._port = _async_port(device, queue)
         self.queue = self._port.queue
         self.spin_us = spin_us
         self._loop = _running_loop()
@@ -126,7 +129,7 @@ class AsyncDevice:
         self._reap_ud = self._reap_out["user_data"]
         self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
-        self._last_yield = 0.0
+        self._sync_bytes = 0             # completed during submission since the last yield
         self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
         self._events = -1               # a duplicate of the device's reconnect eventfd
         self._generation = 0            # the device's reconnects when we last looked
@@ -218,7 +221,7 @@ class AsyncDevice:
             raise ValueError(f"{self.device.driver} device is closed")
         if self._port.in_flight and not self._loop.is_closed():
             raise ValueError(f"this AsyncDevice has {self._port.in_flight} request(s) in flight "
-                             f"on another event loop; await them there first (or detach())")
+                             f"on another event loop; await them there first")
         self._release_fd()
         self._flush_scheduled = False
         self._room = None
@@ -287,7 +290,7 @@ class AsyncDevice:
                 try:
                     if not (self.device.closed or port.gone or port.broken):
                         self._watch_completions()
-                except Reconnecting:
+                except _Reconnecting:
                     pass                    # the next one began: below
                 else:
                     self._reap()
@@ -314,7 +317,7 @@ class AsyncDevice:
                 await self._until_reconnected()
             try:
                 return fn(*args)
-            except Reconnecting:
+            except _Reconnecting:
                 self._follow_reconnect()
 
     # ---- completions ------------------------------------------------------------
@@ -349,7 +352,7 @@ class AsyncDevice:
                 # An event on the fd now is spurious (io_uring signals it even
                 # while disabled, for completions reaped during the submit).
                 port.reset_fd(self._fd)
-        except Reconnecting:
+        except _Reconnecting:
             self._follow_reconnect()    # its end reaps
             return
         except ValueError:
@@ -409,7 +412,7 @@ class AsyncDevice:
         fut = loop.create_future()
         try:
             t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
-        except Reconnecting:
+        except _Reconnecting:
             self._follow_reconnect()
             return loop.create_task(self._after_reconnect(
                 lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
@@ -428,6 +431,22 @@ class AsyncDevice:
         here); the returned awaitable is a future, not a coroutine (wrap it
         in a coroutine for ``create_task``).  A read longer than a chunk is
         pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
+        if chunk is None and depth is None:
+            # the hot path, inline: one call into the core, no frame but this
+            loop = _running_loop()
+            if loop is self._loop and not self._closed and self._reconnected is None:
+                fut = loop.create_future()
+                try:
+                    t = self._port.io(_READ, offset, buf, 0, fut)
+                except _Reconnecting:
+                    self._follow_reconnect()
+                    return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
+                if t is not None and self._port.need(t) and not fut.done():
+                    loop.create_task(self._feed(t))     # a piece waits for bounce space
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+                return fut
         return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
 
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
@@ -446,7 +465,24 @@ class AsyncDevice:
               depth: Optional[int] = None) -> Awaitable[int]:
         """Write ``buf`` at ``offset``; awaits the count.  Pipelined like
         ``readinto`` when longer than a chunk."""
-        return self._submit(_WRITE, offset, buf, REQ_FUA if fua else 0, 0, chunk, depth)
+        flags = _REQ_FUA if fua else 0
+        if chunk is None and depth is None:
+            # the hot path, as in readinto
+            loop = _running_loop()
+            if loop is self._loop and not self._closed and self._reconnected is None:
+                fut = loop.create_future()
+                try:
+                    t = self._port.io(_WRITE, offset, buf, flags, fut)
+                except _Reconnecting:
+                    self._follow_reconnect()
+                    return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
+                if t is not None and self._port.need(t) and not fut.done():
+                    loop.create_task(self._feed(t))     # a piece waits for bounce space
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+                return fut
+        return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any], *, chunk: Optional[int] = None,
               depth: Optional[int] = None) -> Awaitable[int]:
@@ -456,13 +492,13 @@ class AsyncDevice:
     def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False,
                chunk: Optional[int] = None, depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored write (split and pipelined like ``write``); awaits the count."""
-        return self._submit(_WRITE, offset, bufs, REQ_FUA if fua else 0, 0, chunk, depth, True)
+        return self._submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
         """Write ``length`` zero bytes at ``offset``."""
         await self._submit(_WRITE_ZEROES, offset, None,
-                           write_zeroes_flags(fua, may_unmap, no_fallback), length)
+                           _write_zeroes_flags(fua, may_unmap, no_fallback), length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
@@ -492,13 +528,13 @@ class AsyncDevice:
 
     async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
         """Report zones from the one holding ``offset`` (see
-        ``Device.report_zones``): a numpy array of ``blkio.ZONE_DTYPE``."""
+        ``Device.report_zones``): a numpy array of ``blkio._ZONE_DTYPE``."""
         pos, left, per_request = _report_plan(self.device, offset, nr_zones)
         parts = []
         while left > 0:
             n = min(left, per_request)
-            zones = self.device.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
-            got = await self._zone(Op.REPORT_ZONES, pos, zones)
+            zones = self.device.alloc(n * _ZONE_DTYPE.itemsize).view(_ZONE_DTYPE)
+            got = await self._zone(_Op.REPORT_ZONES, pos, zones)
             parts.append(zones[:got])
             if got < n or got == 0:
                 break
@@ -506,39 +542,39 @@ class AsyncDevice:
             pos = int(zones[got - 1]["start"]) + int(zones[got - 1]["len"])
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, ZONE_DTYPE)
+        return np.concatenate(parts) if parts else np.empty(0, _ZONE_DTYPE)
 
     async def open_zone(self, offset: int) -> None:
         """Open the zone starting at ``offset`` explicitly."""
-        await self._zone(Op.OPEN_ZONE, offset)
+        await self._zone(_Op.OPEN_ZONE, offset)
 
     async def close_zone(self, offset: int) -> None:
         """Close the open zone starting at ``offset``."""
-        await self._zone(Op.CLOSE_ZONE, offset)
+        await self._zone(_Op.CLOSE_ZONE, offset)
 
     async def finish_zone(self, offset: int) -> None:
         """Finish the zone starting at ``offset`` (it becomes FULL)."""
-        await self._zone(Op.FINISH_ZONE, offset)
+        await self._zone(_Op.FINISH_ZONE, offset)
 
     async def reset_zone(self, offset: int) -> None:
         """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
-        await self._zone(Op.RESET_ZONE, offset)
+        await self._zone(_Op.RESET_ZONE, offset)
 
     async def open_all_zones(self) -> None:
         """Open every CLOSED zone."""
-        await self._zone(Op.OPEN_ALL_ZONES)
+        await self._zone(_Op.OPEN_ALL_ZONES)
 
     async def close_all_zones(self) -> None:
         """Close every open zone."""
-        await self._zone(Op.CLOSE_ALL_ZONES)
+        await self._zone(_Op.CLOSE_ALL_ZONES)
 
     async def finish_all_zones(self) -> None:
         """Finish every open or closed zone."""
-        await self._zone(Op.FINISH_ALL_ZONES)
+        await self._zone(_Op.FINISH_ALL_ZONES)
 
     async def reset_all_zones(self) -> None:
         """Reset every zone that is not EMPTY."""
-        await self._zone(Op.RESET_ALL_ZONES)
+        await self._zone(_Op.RESET_ALL_ZONES)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -571,7 +607,7 @@ class AsyncDevice:
         """Write row i of ``buffers`` at ``offsets[i]`` for every i; awaits the
         bytes written.  As ``read_batch`` otherwise (``fua``: each write is
         durable when it completes)."""
-        return self._batch(_WRITE, offsets, buffers, REQ_FUA if fua else 0, region, blocksize)
+        return self._batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region, blocksize)
 
     async def _batch(self, op: int, offsets: Any, buffers: Any, flags: int, region: Any,
                      blocksize: int) -> int:
@@ -581,7 +617,22 @@ class AsyncDevice:
         if self._reconnected is not None:
             await self._until_reconnected()
         port = self._port
-        offs = int_array(offsets, "offsets")        # the core's checks, once here
+        solo = -2
+        if not self._batches:
+            # The common case, in the core: the only batch in flight, in one
+            # wave, with the default tags 0..n-1 (batch 0).
+            try:
+                solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize,
+                                       self._reap_out)
+            except _Reconnecting:
+                self._follow_reconnect()    # the general path below waits it out
+            if solo >= 0:
+                self._sync_bytes += solo    # yield now and then: cached reads never wait
+                if self._sync_bytes >= _SYNC_BYTES:
+                    self._sync_bytes = 0
+                    await _yield_once()
+                return solo
+        offs = _int_array(offsets, "offsets")        # the core checked them already
         n = offs.shape[0]
         if not isinstance(buffers, np.ndarray):
             buffers = np.asarray(buffers)
@@ -590,32 +641,14 @@ class AsyncDevice:
         if n == 0:
             return 0
         depth = port.depth
-        if not self._batches and (not depth or n <= depth - port.in_flight) \
-                and n <= len(self._reap_out):
-            # The common case, kept cheap: the only batch in flight, in one
-            # wave, with the core's default tags 0..n-1 (batch 0).
-            await self._call(port.submit_batch, op, offs, buffers, None, flags, region, blocksize)
-            done_now = port.batch_ready == n    # all done during submission
-            if done_now:
-                failed = port.batch_failed
-                try:
-                    port.take_batch(self._reap_out)
-                except Reconnecting:        # taken after the reconnect, as batch 0's
-                    self._follow_reconnect()
-                    done_now = False
-            if done_now:
-                if port.batch_failed == failed:
-                    now = time.monotonic()  # yield now and then: cached reads never wait
-                    if now - self._last_yield >= _SYNC_SLICE:
-                        self._last_yield = now
-                        await _yield_once()
-                    return n * bs
-                rec = _Batch(n, memory, offs)
-                rec.left = n
-                self._batches[0] = rec
-                self._credit(0, n, self._reap_ud[:n], self._reap_ret[:n])
-                del self._batches[0]
-                raise self._batch_error(op, rec, bs)
+        if solo == -3:                      # some failed during the submission
+            rec = _Batch(n, memory, offs)
+            rec.left = k = port.batch_taken
+            self._batches[0] = rec
+            self._credit(0, k, self._reap_ud[:k], self._reap_ret[:k])
+            del self._batches[0]
+            raise self._batch_error(op, rec, bs)
+        if solo == -1:
             bid, pos = 0, n
         else:
             # all of it before the first wave (each wave is checked again)
@@ -655,7 +688,7 @@ class AsyncDevice:
                 if port.batch_ready:
                     try:
                         self._take_batches()
-                    except Reconnecting:
+                    except _Reconnecting:
                         self._follow_reconnect()    # the reconnect's end takes them
                 if rec.left:
                     self._reap()
@@ -664,11 +697,11 @@ class AsyncDevice:
                     raise self._closed_during_batch(rec)
                 rec.fut = self._loop.create_future()
                 await rec.fut
-                self._last_yield = time.monotonic()
+                self._sync_bytes = 0
             elif error is None:
-                now = time.monotonic()
-                if now - self._last_yield >= _SYNC_SLICE:
-                    self._last_yield = now
+                self._sync_bytes += n * bs
+                if self._sync_bytes >= _SYNC_BYTES:
+                    self._sync_bytes = 0
                     await _yield_once()
         finally:
             if rec.left == 0:
@@ -730,9 +763,9 @@ class AsyncDevice:
         offset = int(rec.offsets[i])
         others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
         why = self._port.broken_reason     # the backend hung up for good
-        e = error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
-                                     f"offset {offset} (request {i} of a batch of {rec.n}) "
-                                     f"failed{others}{': ' + why if why else ''}")
+        e = _error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
+                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
+                                      f"failed{others}{': ' + why if why else ''}")
         e.index = i                     # type: ignore[attr-defined]
         e.offset = offset               # type: ignore[attr-defined]
         e.failed = rec.nfail            # type: ignore[attr-defined]
@@ -819,8 +852,8 @@ class _Opener:
 
 def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
          poll_us: Optional[int] = None, queue: int = 0,
-         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, reconnect: bool = False,
-         reconnect_timeout: Optional[float] = DEFAULT_RECONNECT_TIMEOUT,
+         connect_timeout: Optional[float] = _DEFAULT_CONNECT_TIMEOUT, reconnect: bool = False,
+         reconnect_timeout: Optional[float] = _DEFAULT_RECONNECT_TIMEOUT,
          **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).

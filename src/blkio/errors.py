@@ -71,6 +71,12 @@ __all__ += sorted(cls.__name__ for cls in _CLASS_BY_BASE.values())
 
 def error_for(code: int, message: str, filename: Optional[str] = None) -> Error:
     """The ``Error`` for a positive errno ``code`` and a message."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise TypeError(f"an errno is an int, not {type(code).__name__}")
+    if not 0 < code < 4096:
+        raise ValueError(f"{code} is not an errno")
+    if not isinstance(message, str):
+        raise TypeError(f"message must be a str, not {type(message).__name__}")
     cls = ERRNO_CLASSES.get(code, Error)
     reason = os.strerror(code)
     if not message:

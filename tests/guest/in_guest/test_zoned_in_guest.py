@@ -127,7 +127,7 @@ def test_plain_namespace_is_not_zoned(blkio, nvme_path):
         got = {name: dev.get(name) for name in ZONED_PROPERTIES}
         assert got == {"zoned": 0, "max-open-zones": 0, "max-active-zones": 0, "zone-size": 0,
                        "nr-zones": 0, "append-support": False, "zone-append-max-bytes": 0}
-        assert dev.zoned == "none" and not dev.zone_info.zoned
+        assert dev.zoned is False and not dev.zone_info.zoned
         calls = (lambda: dev.report_zones(), lambda: dev.open_zone(0), lambda: dev.close_zone(0),
                  lambda: dev.finish_zone(0), lambda: dev.reset_zone(0),
                  lambda: dev.open_all_zones(), lambda: dev.close_all_zones(),
