@@ -472,7 +472,7 @@ def run_copy(cfg: Dict[str, Any]) -> Dict[str, Any]:
         k.start()
         try:
             rc = cli.main(["copy", f"--input-file={src}", f"--output-blkio={DRIVER}",
-                           f"path={daemon.sock}", "reconnect=on", f"reconnect-timeout={HANG:g}",
+                           f"path={daemon.sock}", "--reconnect", f"--reconnect-timeout={HANG:g}",
                            "--blocksize=64K", "--depth=4", "--sparse", "--verify",
                            "--progress=none"])
             state["done"] = True
