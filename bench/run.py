@@ -96,7 +96,8 @@ class Workload:
               "vhost": "virtio-blk-vhost-user (qemu-storage-daemon)",
               "cold": "O_DIRECT file, page cache dropped before each run",
               "copy": "raw file -> raw file, O_DIRECT both sides",
-              "vcopy": "raw file -> virtio-blk-vhost-user"}[self.backend]
+              "vcopy": "raw file -> virtio-blk-vhost-user",
+              **PLAIN_COPY_TITLES}[self.backend]
         if self.rw == "copy":
             return f"copy {_size(self.bs, True)} - {bk}"
         if self.backend == "cold":
@@ -168,6 +169,14 @@ B_BIG_NP = "blkio one call numpy-mem"          # plain numpy memory
 B_BIG_KNOBS = f"blkio 8 MiB calls depth={SEQ_DEPTH} chunk=1M"
 B_COPY = "blkio copy"
 B_COPY_BLKIO = "blkio copy --input-blkio/--output-blkio"
+# plain file copies as people run them (issue 30, item 5; plain_copy_* below)
+DD_FSYNC = "dd bs=1M conv=fsync"
+QEMU_IMG_WB = "qemu-img convert -t writeback"
+PLAIN_COPY_CONTENDERS = (QEMU_IMG_WB, DD_FSYNC, B_COPY)
+PLAIN_COPY_TITLES = {
+    "warmcopy": "file in the page cache -> new file, flushed",
+    "coldcopy": "file -> new file, flushed, every cache dropped before each run"}
+PLAIN_COPY_SMALL = 256 * MiB
 
 # python -m blkio bench: (api, buffers, extra options)
 BLKIO_BENCH = {
@@ -195,7 +204,7 @@ PEERS = {
 NEEDS = {B_AIO_BATCH: "aio_batch", B_AIO_UV: "uvloop", PING_UV: "uvloop",
          LIBURING: "liburing", B_COPY: "copy", B_COPY_BLKIO: "copy",
          QEMU_IMG: "qemu-img", QEMU_IMG_NBD: "qemu-img", DD: "dd",
-         C_COPY: "c_copy",
+         C_COPY: "c_copy", DD_FSYNC: "dd", QEMU_IMG_WB: "qemu-img",
          **{f: "fio" for f in (FIO, *FIO_QD.values())}}
 
 
@@ -212,6 +221,8 @@ def contenders_for(wl: Workload) -> list[str]:
         return [QEMU_IMG, DD, C_COPY, B_COPY, B_COPY_BLKIO]
     if wl.backend == "vcopy":
         return [QEMU_IMG_NBD, C_COPY, B_COPY]
+    if wl.backend in PLAIN_COPY_TITLES:
+        return list(PLAIN_COPY_CONTENDERS)
     if wl.bs >= MiB:                  # sequential 1 MiB
         out = [C_BENCH]
         if wl.backend != "vhost":
@@ -316,6 +327,7 @@ def short_cases(size: int) -> list[Case]:
         (Workload("copy", "copy", size, 0), [QEMU_IMG, DD, B_COPY]),
         (Workload("vcopy", "copy", size, 0), [QEMU_IMG_NBD, B_COPY]),
     ]
+    spec += [(wl, list(PLAIN_COPY_CONTENDERS)) for wl in plain_copy_workloads(size)]
     # the O_DIRECT write rows run in the full suite
     for wl in thread_workloads(rws=("randread",)) + thread_workloads(
             backends=("vhost",), rws=("randwrite",)):
@@ -343,6 +355,7 @@ def full_cases(size: int) -> list[Case]:
     wls.append(Workload("vhost", "randread", K4, 32, threads=2))
     wls += [wl for wl in thread_workloads() if wl not in wls]
     wls += bulk_workloads(size)
+    wls += plain_copy_workloads(size)
     return [Case(wl, c) for wl in wls for c in contenders_for(wl)]
 
 
@@ -444,6 +457,7 @@ def goals(size: int) -> list[Goal]:
     # say what the disk allows a copier, dd included.
     disk = Serial((tuple(_k(cr, f) for f in FIO_QD.values()),
                    tuple(_k(cw, f) for f in FIO_QD.values())))
+    out += plain_copy_goals(size)
     for who, key in (("copy", _k(cp, B_COPY)), ("dd", _k(cp, DD))):
         out.append(Goal(
             f"{who} raw -> raw / its floor: the best fio {_size(size, True)} "
@@ -1040,6 +1054,8 @@ class Env:
         return Command([*cmd, str(path)], bs, "bench")
 
     def copy_command(self, wl: Workload, c: str) -> Command | str:
+        if wl.backend in PLAIN_COPY_TITLES:
+            return plain_copy_command(self, wl, c)
         src, dst = str(self.cold), str(self.copy_out)
         if wl.backend == "vcopy":
             assert self.qsd is not None
@@ -1062,11 +1078,12 @@ class Env:
                             f"--output-blkio={out_blkio[0]}", *out_blkio[1:]],
                            wl.bs, "wall")
         if c == B_COPY:
-            # --input-file/--output-file: O_DIRECT through io_uring where
-            # the file system allows it (the copy command's default)
+            # --input-file/--output-file with O_DIRECT through io_uring, as
+            # the others here (by default a file to a file is copied by the
+            # kernel through the page cache: the plain_copy rows)
             return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
-                            f"--input-file={src}", f"--output-file={dst}"],
-                           wl.bs, "wall")
+                            "--file-direct=on", f"--input-file={src}",
+                            f"--output-file={dst}"], wl.bs, "wall")
         if c == B_COPY_BLKIO:
             return Command([self.py, "-m", "blkio", "copy", *COPY_OPTS,
                             "--input-blkio=io_uring", f"path={src}",
@@ -1086,6 +1103,94 @@ class Env:
         return Command([str(self.c_copy), "--input-blkio=io_uring",
                         f"path={src}", "direct=true", "--output-blkio=io_uring",
                         f"path={dst}", "direct=true"], wl.bs, "wall")
+
+
+# --------------------------------------------------------------------------
+# plain file copies as people run them (issue 30, item 5): a file in the page
+# cache ("warm") or with every cache dropped first ("cold") copied to a new
+# file and flushed, by blkio copy's defaults and by dd and qemu-img doing the
+# same; whole commands, process start included.
+
+
+def plain_copy_workloads(size: int) -> list[Workload]:
+    """256 MiB warm, and the suite's size warm and cold (cold first: it
+    drops the caches the warm rows then load again)."""
+    out = [Workload("coldcopy", "copy", size, 0), Workload("warmcopy", "copy", size, 0)]
+    if size != PLAIN_COPY_SMALL:
+        out.append(Workload("warmcopy", "copy", PLAIN_COPY_SMALL, 0))
+    return out
+
+
+def plain_copy_goals(size: int) -> list[Goal]:
+    small = Workload("warmcopy", "copy", PLAIN_COPY_SMALL, 0)
+    out = [Goal("copy 256 MiB page-cached file -> new file / dd bs=1M conv=fsync "
+                "(wall time within 1.5x)", 30, _k(small, B_COPY), _k(small, DD_FSYNC),
+                1 / 1.5)]
+    for wl in plain_copy_workloads(size)[:2]:
+        state = "page-cached" if wl.backend == "warmcopy" else "cold (caches dropped)"
+        out.append(Goal(f"copy {_size(size, True)} {state} file -> new file / best of "
+                        "dd bs=1M conv=fsync, qemu-img convert -t writeback", 30,
+                        _k(wl, B_COPY), (_k(wl, DD_FSYNC), _k(wl, QEMU_IMG_WB)), 1.0))
+    return out
+
+
+def plain_copy_source(env: Env, wl: Workload) -> Path:
+    return env.tmpdir / f"plain-copy-{wl.bs >> 20}M.img"
+
+
+def make_plain_copy_sources(env: Env, cases: Sequence[Case]) -> None:
+    for wl in {c.wl for c in cases if c.wl.backend in PLAIN_COPY_TITLES}:
+        src = plain_copy_source(env, wl)
+        if not src.exists():
+            make_image(src, wl.bs, cache=False)
+
+
+def plain_copy_command(env: Env, wl: Workload, c: str) -> Command | str:
+    src, dst = plain_copy_source(env, wl), env.tmpdir / "plain-copy-out.img"
+    if c == DD_FSYNC:
+        return Command(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync"],
+                       wl.bs, "wall")
+    if c == QEMU_IMG_WB:
+        # -t writeback: flushed at the end (its default cache mode never is)
+        return Command(["qemu-img", "convert", "-f", "raw", "-O", "raw", "-t",
+                        "writeback", str(src), str(dst)], wl.bs, "wall")
+    if c == B_COPY:
+        # the console script, as people type it, where there is one
+        script = Path(env.py).parent / "blkio"
+        cmd = [str(script)] if script.exists() else [env.py, "-m", "blkio"]
+        return Command([*cmd, "copy", *COPY_OPTS, f"--input-file={src}",
+                        f"--output-file={dst}"], wl.bs, "wall")
+    return f"{c} is not a plain copy contender"
+
+
+def drop_all_caches() -> bool:
+    """echo 3 > /proc/sys/vm/drop_caches (after a sync); False where that
+    is not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def prepare_plain_copy(env: Env, wl: Workload) -> None:
+    """A new output every time; the source (and for warm rows every
+    contender's program and libraries) in the page cache, or nothing."""
+    (env.tmpdir / "plain-copy-out.img").unlink(missing_ok=True)
+    src = plain_copy_source(env, wl)
+    if wl.backend == "coldcopy":
+        if not drop_all_caches():
+            env.missing.setdefault("drop_caches", "/proc/sys/vm/drop_caches is not "
+                                   "writable: cold copies dropped only the source's pages")
+            drop_cache(src)
+        return
+    os.sync()
+    warm(src)
+    for argv in (["dd", "--version"], ["qemu-img", "--version"],
+                 [env.py, "-c", "import blkio._copy"]):
+        subprocess.run(argv, capture_output=True, cwd=env.tmpdir)
 
 
 # blkio copy: no progress output (qemu-img without -p prints none either);
@@ -1151,7 +1256,9 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
         cache_before = resident(env.image)
         if cache_before is None or cache_before < 1.0:
             warm(env.image)
-    if wl.backend == "cold" or wl.rw == "copy":
+    if wl.backend in PLAIN_COPY_TITLES:
+        prepare_plain_copy(env, wl)
+    elif wl.backend == "cold" or wl.rw == "copy":
         drop_cache(env.cold)
         if wl.rw == "copy":
             drop_cache(env.copy_out)
@@ -1199,7 +1306,7 @@ def run_case(env: Env, case: Case, runtime: int) -> dict:
     except (ValueError, KeyError, IndexError) as e:
         return {"ok": False, "error": f"unparsable output ({e})", "cmd": argv,
                 "wall": wall}
-    if case.contender == DD:
+    if case.contender in (DD, DD_FSYNC):
         m = re.search(r"copied, ([\d.]+) s", r.stderr)
         if m:
             raw["dd_own_seconds"] = float(m.group(1))
@@ -1431,6 +1538,8 @@ def reference(wl: Workload, summary: dict) -> tuple[Optional[str],
     blkio-bench; for the one-call rows the best fio; for copies qemu-img."""
     if wl.backend == "cold":
         names: Sequence[str] = list(FIO_QD.values())
+    elif wl.backend in PLAIN_COPY_TITLES:
+        names = [DD_FSYNC, QEMU_IMG_WB]
     elif wl.rw == "copy":
         names = [QEMU_IMG] if wl.backend == "copy" else [C_COPY]
     else:
@@ -1811,6 +1920,7 @@ def main(argv: list[str]) -> int:
         if backends & {"copy", "vcopy", "vhost"}:
             # the daemon exports it (for vcopy) whenever it runs
             make_image(env.copy_out, size, cache=False)
+        make_plain_copy_sources(env, cases)
         if backends & {"vhost", "vcopy"}:
             env.qsd = StorageDaemon(env.image, env.copy_out, tmpdir)
             try:

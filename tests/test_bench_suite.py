@@ -345,6 +345,31 @@ def test_qemu_img_copies_into_the_daemons_nbd_export(tmp_path, monkeypatch):
         env.qsd.stop()
 
 
+@pytest.mark.parametrize("backend, contenders", [
+    ("warmcopy", list(run.PLAIN_COPY_CONTENDERS)),
+    ("coldcopy", [run.B_COPY]),        # each cold run drops every cache: one is enough
+])
+def test_plain_copy_rows_copy_the_source_to_a_new_file(tmp_path, backend, contenders):
+    # The issue-30 copy rows as the suite runs them (a new output each time,
+    # the source warm, or every cache dropped): each contender's command
+    # copies the source byte for byte; blkio copy's defaults take the
+    # kernel copy and report their own timing.
+    from conftest import require
+    require(shutil.which("qemu-img"), "qemu-img is not installed")
+    env = _env(tmp_path)
+    wl = run.Workload(backend, "copy", 8 << 20, 0)
+    cases = [run.Case(wl, c) for c in contenders]
+    run.make_plain_copy_sources(env, cases)
+    src = run.plain_copy_source(env, wl).read_bytes()
+    for case in cases:
+        r = run.run_case(env, case, 1)
+        assert r["ok"], r
+        assert (tmp_path / "plain-copy-out.img").read_bytes() == src, case.contender
+        if case.contender == run.B_COPY:
+            assert r["raw"]["own_seconds"] > 0
+            assert any(a.startswith("--input-file=") for a in r["cmd"])
+
+
 def test_cpu_figures_per_request_and_the_daemons_share():
     # blkio reports its own timed run's CPU; for C the child's whole CPU
     # time (getrusage) counts; the daemon's share is of the run's seconds.

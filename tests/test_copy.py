@@ -5,7 +5,10 @@ not the source tree) and is checked byte for byte against the source with
 os.pread: between every pair of plain file / io_uring / vhost-user (and a
 loop device), with --sparse and --verify, with a short file padded on a
 device, with bad specs (exit 2, nothing written), with progress on a pty and
-on a pipe, and with Ctrl-C in the middle of a throttled copy.
+on a pipe, and with Ctrl-C in the middle of a throttled copy.  File to file
+goes through the kernel (copy_file_range) unless told otherwise; an input
+file is read buffered or with O_DIRECT by what the page cache holds: both
+are tried with the file in the page cache and out of it.
 """
 
 from __future__ import annotations
@@ -123,7 +126,12 @@ def test_copy_between_every_pair_is_byte_for_byte(tmp_path, make_image, qsd, in_
     dst = _target(out_kind, tmp_path, make_image, qsd, SIZE)
     res = _ok(_copy(tmp_path, *src.args, *dst.args, "--json"))
     assert res["bytes"] == res["input_bytes"] == SIZE
-    assert res["chunks"] == 36 and res["blocksize"] == MiB and res["depth"] == 32
+    if in_kind == out_kind == "file":
+        assert res["method"] == "copy_file_range"
+        assert (res["chunks"], res["blocksize"], res["depth"]) == (5, 8 * MiB, 1)
+    else:
+        assert res["method"] == "pipeline"
+        assert res["chunks"] == 36 and res["blocksize"] == MiB and res["depth"] == 32
     assert res["interrupted"] is False and res["zero_chunks"] == 0
     assert res["bounced_bytes"] == 0      # one Buffer mapped into both devices
     assert dst.read(0, SIZE) == src.image.data
@@ -180,7 +188,9 @@ def test_short_file_is_padded_with_zeroes_to_the_device_block(tmp_path, make_ima
 def test_file_to_file_keeps_the_exact_size_through_o_direct(tmp_path, make_image):
     short = make_image(MiB + 1000)
     out = tmp_path / "out.raw"
-    res = _ok(_copy(tmp_path, f"--input-file={short.path}", f"--output-file={out}", "--json"))
+    res = _ok(_copy(tmp_path, f"--input-file={short.path}", f"--output-file={out}", "--json",
+                    "--file-direct=on"))
+    assert res["method"] == "pipeline"
     assert res["output"]["direct"] is True and res["input"]["direct"] is True
     assert _read(out) == short.data
 
@@ -207,6 +217,252 @@ def test_empty_input_file_copies_nothing(tmp_path, make_image):
     out = tmp_path / "out"
     res = _ok(_copy(tmp_path, f"--input-file={empty}", f"--output-file={out}", "--json"))
     assert res["bytes"] == 0 and out.read_bytes() == b""
+
+
+# ---------------------------------------------------------------------------
+# the data path: the kernel copy of file to file, and input files read from
+# the page cache or with O_DIRECT by what the page cache holds
+
+#: not a multiple of 512 bytes nor of a page, more than one kernel chunk (8 MiB)
+ODD = 9 * MiB + 4096 + 1000
+
+
+def _evict(path) -> None:
+    """Take ``path`` out of the page cache (a cold file, without dropping
+    every cache on the machine)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        # twice: the first pass can miss pages still in another CPU's LRU batch
+        for _ in range(2):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _warm(path) -> None:
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
+def _cache(path, state: str) -> None:
+    (_warm if state == "warm" else _evict)(path)
+
+
+def _sparse_file(path: Path, size: int, extents: List[Tuple[int, int]]) -> bytes:
+    """A file of ``size`` bytes, holes but for random bytes at each
+    (offset, length) of ``extents``; returns its bytes."""
+    data = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in extents:
+            chunk = os.urandom(n)
+            f.seek(off)
+            f.write(chunk)
+            data[off:off + n] = chunk
+        f.flush()
+        os.fsync(f.fileno())
+    return bytes(data)
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("size", [1000, ODD])
+def test_file_to_file_is_copied_by_the_kernel_byte_for_byte(tmp_path, make_image, cache, size):
+    img = make_image(size)
+    _cache(img.path, cache)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={img.path}", f"--output-file={out}", "--json"))
+    assert res["method"] == "copy_file_range" and res["bytes"] == size
+    assert res["output"]["direct"] is False and res["bounced_bytes"] == 0
+    assert _read(out) == img.data
+
+
+def test_kernel_copy_keeps_the_holes_of_a_sparse_input_in_a_new_output(tmp_path):
+    src = tmp_path / "sparse.raw"
+    size = 40 * MiB + 1000                     # ends in a hole
+    data = _sparse_file(src, size, [(0, MiB), (17 * MiB + 512, MiB + 1000)])
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={src}", f"--output-file={out}", "--json"))
+    assert res["method"] == "copy_file_range" and res["bytes"] == size
+    assert _read(out) == data
+    assert os.stat(out).st_blocks * 512 <= 4 * MiB          # about the 2 MiB of data
+
+
+def test_kernel_copy_writes_zeroes_where_the_input_has_holes_over_old_data(tmp_path, make_image):
+    """Below the output's old size the holes of the input are copied as
+    zeroes; past it (the extended part) they may stay holes."""
+    old = make_image(8 * MiB, "existing.raw")
+    src = tmp_path / "sparse.raw"
+    data = _sparse_file(src, 20 * MiB, [(2 * MiB, MiB), (12 * MiB, 4096)])
+    res = _ok(_copy(tmp_path, f"--input-file={src}", f"--output-file={old.path}", "--json"))
+    assert res["method"] == "copy_file_range"
+    assert _read(old.path) == data
+
+
+def test_kernel_copy_into_a_longer_file_leaves_the_rest(tmp_path, make_image):
+    src, out = make_image(ODD), make_image(ODD + 3 * MiB, "longer.raw")
+    _evict(src.path)
+    res = _ok(_copy(tmp_path, f"--input-file={src.path}", f"--output-file={out.path}",
+                    "--json"))
+    assert res["method"] == "copy_file_range"
+    after = _read(out.path)
+    assert after[:ODD] == src.data and after[ODD:] == out.data[ODD:]
+
+
+@pytest.mark.parametrize("option", ["--offload=off", "--sparse", "--blocksize=1M", "--depth=8",
+                                    "--file-direct=on"])
+def test_options_of_the_pipeline_keep_file_to_file_in_the_pipeline(tmp_path, make_image,
+                                                                   option):
+    img = make_image(ODD)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, f"--input-file={img.path}", f"--output-file={out}", "--json",
+                    option))
+    assert res["method"] == "pipeline"
+    assert _read(out) == img.data
+
+
+def test_file_to_a_file_on_another_file_system_goes_through_the_pipeline(tmp_path, make_image):
+    shm = Path("/dev/shm")
+    require(shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev,
+            "/dev/shm is not a file system of its own here")
+    img = make_image(ODD)
+    out = shm / f"blkio-copy-test-{os.getpid()}.raw"
+    try:
+        res = _ok(_copy(tmp_path, f"--input-file={img.path}", f"--output-file={out}", "--json"))
+        assert res["method"] == "pipeline"
+        assert _read(out) == img.data
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _copy_with(tmp_path, pre: str, *args) -> subprocess.CompletedProcess:
+    """The copy command in a child whose ``os`` functions ``pre`` replaced:
+    how a kernel without copy_file_range, or a disk that fills up, looks."""
+    code = f"import os, errno, time\n{pre}\nimport sys\nfrom blkio.cli import main\n" \
+           f"sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "copy", *map(str, args)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=_env())
+
+
+def test_a_refused_copy_file_range_falls_back_to_the_pipeline(tmp_path, make_image):
+    img = make_image(ODD)
+    out = tmp_path / "out.raw"
+    pre = ("def refuse(*a):\n"
+           "    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))\n"
+           "os.copy_file_range = refuse")
+    res = _ok(_copy_with(tmp_path, pre, f"--input-file={img.path}", f"--output-file={out}",
+                         "--json"))
+    assert res["method"] == "pipeline"
+    assert _read(out) == img.data
+
+
+def test_kernel_copy_error_midway_flushes_and_says_how_far_it_got(tmp_path, make_image):
+    """The third copy_file_range call fails with ENOSPC."""
+    img = make_image(ODD + 16 * MiB)
+    out = tmp_path / "out.raw"
+    pre = ("real, calls = os.copy_file_range, [0]\n"
+           "def full(*a):\n"
+           "    calls[0] += 1\n"
+           "    if calls[0] == 3:\n"
+           "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+           "    return real(*a)\n"
+           "os.copy_file_range = full")
+    proc = _copy_with(tmp_path, pre, f"--input-file={img.path}", f"--output-file={out}",
+                      "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert f"copy_file_range of {8 * MiB} bytes at offset {16 * MiB}: " in last, last
+    assert "No space left on device" in last
+    assert f"the first {16 * MiB} bytes" in last and "flushed" in last
+    assert json.loads(proc.stdout)["bytes"] == 16 * MiB
+    assert _read(out, 0, 16 * MiB) == img.data[:16 * MiB]
+
+
+def test_ctrl_c_during_a_kernel_copy_waits_flushes_and_says_how_far_it_got(tmp_path,
+                                                                             make_image):
+    """Each 8 MiB copy_file_range call made to take 0.3 s; Ctrl-C after two
+    progress lines."""
+    img = make_image(64 * MiB)
+    out = tmp_path / "out.raw"
+    pre = ("import os, time; real = os.copy_file_range; "
+           "os.copy_file_range = lambda *a: (time.sleep(0.3), real(*a))[1]; ")
+    proc = _spawn(tmp_path, [f"--input-file={img.path}", f"--output-file={out}", "--json",
+                             "--progress=lines", "--progress-interval=0.2"], subprocess.PIPE,
+                  pre=pre)
+    assert proc.stderr is not None and proc.stdout is not None
+    lines = re.compile(r"copy: [\d.]+ MiB of 64\.0 MiB")
+    _read_until(proc.stderr.fileno(), lambda s: len(lines.findall(s)) >= 2, 30)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    last = stderr.decode().splitlines()[-1]
+    m = re.search(r"interrupted during the copy: the first (\d+) bytes .* are copied and "
+                  r"flushed", last)
+    assert m, last
+    copied = int(m.group(1))
+    assert 0 < copied < 64 * MiB and copied % (8 * MiB) == 0
+    assert json.loads(stdout)["method"] == "copy_file_range"
+    assert _read(out, 0, copied) == img.data[:copied]
+
+
+def test_cached_share_tells_a_file_in_the_page_cache_from_one_out_of_it(tmp_path, make_image):
+    from blkio._copy import cached_share
+    img = make_image(ODD)
+    fd = os.open(img.path, os.O_RDONLY)
+    try:
+        _warm(img.path)
+        share = cached_share(fd, img.size)
+        require(share is not None, "RWF_NOWAIT reads are not supported here (kernel or file "
+                                   "system)")
+        assert share == 1.0
+        _evict(img.path)
+        assert cached_share(fd, img.size) == 0.0
+        assert cached_share(fd, 0) is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("out_kind", ["file", "vhost-user"])
+def test_an_input_file_is_read_from_the_page_cache_when_it_is_there(tmp_path, make_image, qsd,
+                                                                    out_kind, cache):
+    """Through the pipeline (file to file with --offload=off): buffered
+    reads when the file is in the page cache, O_DIRECT when it is not."""
+    src = make_image(ODD)
+    dst = _target(out_kind, tmp_path, make_image, qsd, ODD)
+    _cache(src.path, cache)
+    res = _ok(_copy(tmp_path, f"--input-file={src.path}", *dst.args, "--offload=off",
+                    "--json"))
+    assert res["method"] == "pipeline"
+    assert res["input"]["direct"] is (cache == "cold")
+    assert dst.read(0, ODD) == src.data
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_sparse_input_file_to_vhost_user_reads_its_holes_as_zeroes(tmp_path, make_image, qsd,
+                                                                    cache):
+    src = tmp_path / "sparse.raw"
+    data = _sparse_file(src, ODD, [(MiB + 4096, 2 * MiB), (ODD - 1000, 1000)])
+    _cache(src, cache)
+    dst = _target("vhost-user", tmp_path, make_image, qsd, ODD)
+    res = _ok(_copy(tmp_path, f"--input-file={src}", *dst.args, "--json"))
+    assert res["bytes"] == ODD
+    assert dst.read(0, ODD) == data
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_vhost_user_to_file_byte_for_byte(tmp_path, make_image, qsd, cache):
+    """The daemon's file warm or cold; the output a new file of an odd size's
+    device (the export is padded to 512 bytes)."""
+    img = make_image(ODD + 24)              # a multiple of 512
+    _cache(img.path, cache)
+    src = _source("vhost-user", img, qsd)
+    out = tmp_path / "out.raw"
+    res = _ok(_copy(tmp_path, *src.args, f"--output-file={out}", "--json"))
+    assert res["method"] == "pipeline" and res["bytes"] == img.size
+    assert _read(out) == img.data
 
 
 # ---------------------------------------------------------------------------

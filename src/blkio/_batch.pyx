@@ -23,6 +23,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_FORMAT,
                              PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE)
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
+from libc.stdint cimport UINT64_MAX
 
 import numpy as np
 
@@ -268,10 +269,10 @@ cdef int _first_problem(HotLimits *lim, int op, BatchArrays a, Py_ssize_t *bad) 
     cdef int problem
     cdef uint64_t bs = a.blocksize, last
     cdef uint64_t *offs = a.offs
-    if a.boffs == NULL and not lim.can_grow and lim.zoned != 2 and bs <= lim.capacity:
-        # the common batch: whole blocks on a device of fixed size, one
-        # test a request (the slow loop below then says which and why)
-        last = lim.capacity - bs
+    if a.boffs == NULL and lim.zoned != 2 and (lim.can_grow or bs <= lim.capacity):
+        # the common batch: one test a request (the loop below then says
+        # which failed and why)
+        last = UINT64_MAX - bs if lim.can_grow else lim.capacity - bs
         for i in range(a.n):
             if (offs[i] & lim.request_mask) or offs[i] > last:
                 break

@@ -3,10 +3,12 @@
 This module owns the copy command: its command line (the ``--input-*`` /
 ``--output-*`` syntax of libblkio's example program, plus our options), how
 the two ends are opened (devices with ``blkio.open``, plain files through the
-io_uring driver), the pipeline (a ring of aligned slots in one
-``blkio.Buffer`` mapped into both devices, reads and writes in flight on both
-at once), ``--sparse``, ``--verify``, the final flush, progress, the JSON
-summary and Ctrl-C.  It uses only blkio's public API.
+io_uring driver, buffered or O_DIRECT by what the page cache holds), the
+pipeline (a ring of aligned slots in one ``blkio.Buffer`` mapped into both
+devices, reads and writes in flight on both at once), the kernel copy of a
+regular file to a regular file (``copy_file_range``), ``--sparse``,
+``--verify``, the final flush, progress, the JSON summary and Ctrl-C.  It
+uses only blkio's public API.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
+import gc
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -38,19 +39,28 @@ from ._sizes import format_bytes as _fmt_bytes, size_type
 
 PROG = "blkio copy"
 MiB = 1 << 20
-DEFAULT_BLOCKSIZE = 1 * MiB       # as dd bs=1M; 2 and 4 MiB copied no faster here
-# Chunks in flight.  8 (qemu-img convert -m 8) copied a 1 GiB raw file to
-# another, O_DIRECT, about a tenth slower than 32 on this machine's disk
-# (median 1.60 s against 1.40 s, 32 faster in 17 of 24 interleaved rounds,
-# 2026-12-05); 32 MiB of memory at the default blocksize.
+DEFAULT_BLOCKSIZE = 1 * MiB       # as dd bs=1M (2 and 4 MiB copied no faster: bench history)
+# Chunks in flight: 32 copied O_DIRECT files faster than qemu-img's 8 (the
+# rounds are in docs/bench-history.md); 32 MiB at the default blocksize.
 DEFAULT_DEPTH = 32
+# Bytes per copy_file_range call of the kernel copy: a progress step, and
+# how far Ctrl-C may lag.
+KERNEL_CHUNK = 8 * MiB
+# The kernel copy of an input in the page cache asks the kernel to start
+# writing back what it has copied every this many bytes, so the final flush
+# finds most of it on the disk.
+WRITEBACK_STEP = 8 * MiB
+# Pages of an input file looked at to tell whether it is in the page cache,
+# and the share of them that must be there for buffered reads.
+CACHE_PROBES = 64
+CACHED_ENOUGH = 0.5
 
 USAGE = """\
 {prog} --input-blkio=DRIVER PROPERTY=VALUE ... | --input-file=PATH
        --output-blkio=DRIVER PROPERTY=VALUE ... | --output-file=PATH
        [--blocksize=BYTES] [--depth=N] [--sparse] [--verify] [--json]
        [--progress=auto|bar|lines|none] [--progress-interval=SECONDS]
-       [--file-direct=auto|on|off]"""
+       [--file-direct=auto|on|off] [--offload=auto|off]"""
 
 DESCRIPTION = """\
 Copy a libblkio device or a file to another, with several reads and writes in
@@ -59,9 +69,13 @@ copies 128 KiB at a time, one request at a time).  The input's whole size is
 copied to the start of the output.  Properties follow the --input-blkio or
 --output-blkio they belong to, as libblkio spells them (path=/dev/sdb
 direct=1 num-entries=256).  --input-file/--output-file open a regular file or
-block device through the io_uring driver, with O_DIRECT where the file system
-allows it (--file-direct); a missing output file is created and a shorter one
-extended to the input's size (never truncated).  A file input whose size is
+block device through the io_uring driver (--file-direct: an input file whose
+data is mostly in the page cache is read from there, others with O_DIRECT
+where the file system allows it); a missing output file is created and a
+shorter one extended to the input's size (never truncated).  A regular file
+copied to a regular file on the same file system is copied by the kernel
+(copy_file_range: no libblkio device does that I/O; --offload=off for the
+libblkio pipeline).  A file input whose size is
 not a multiple of the output device's block size is padded with zeroes on the
 device.  Progress goes to stderr (a bar or lines, --progress) and, at the end,
 one summary line: bytes, seconds and the rate, the final flush included (the
@@ -136,6 +150,7 @@ class Options:
     progress: str
     progress_interval: float
     file_direct: str
+    offload: str = "auto"
 
 
 class _Parser(SuggestingParser):
@@ -174,20 +189,28 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--progress-interval", type=seconds_type, default=2.0, metavar="SECONDS",
                    help="seconds between progress lines (default: 2)")
     p.add_argument("--file-direct", choices=("auto", "on", "off"), default="auto",
-                   help="O_DIRECT for --input-file/--output-file: auto uses it where the file "
-                        "system accepts it (default: auto)")
+                   help="O_DIRECT for --input-file/--output-file: auto reads an input whose "
+                        "data is mostly in the page cache from there, and uses O_DIRECT "
+                        "otherwise where the file system accepts it (default: auto)")
     p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
                    metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
     p.add_argument("--reconnect", action="store_true", help=RECONNECT_HELP)
     p.add_argument("--reconnect-timeout", type=connect_timeout_type, default=30.0,
                    metavar="SECONDS", help=RECONNECT_TIMEOUT_HELP)
+    p.add_argument("--offload", choices=("auto", "off"), default="auto",
+                   help="auto: a regular file to a regular file on the same file system, "
+                        "without --sparse, --blocksize, --depth or --file-direct=on, is "
+                        "copied by the kernel "
+                        "(copy_file_range: a reflink or server-side copy where the file "
+                        "system can, else a page-cache copy; not through libblkio); "
+                        "off: always the libblkio pipeline (default: auto)")
     return p
 
 
 # Options that take their value as the next argument, so the tokenizer below
 # does not mistake it for a property.
 _VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct",
-                  "--connect-timeout", "--reconnect-timeout"}
+                  "--connect-timeout", "--reconnect-timeout", "--offload"}
 _END_OPTIONS = {"--input-blkio", "--input-file", "--output-blkio", "--output-file"}
 
 
@@ -248,7 +271,7 @@ def parse_args(argv: Sequence[str], prog: str = PROG) -> Options:
         end.reconnect_timeout = args.reconnect_timeout
     return Options(ends["input"], ends["output"], args.blocksize, args.depth, args.sparse,
                    args.verify, args.json, args.progress, args.progress_interval,
-                   args.file_direct)
+                   args.file_direct, args.offload)
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +298,7 @@ class End:
         self.tail_fd = tail_fd
         self.created = False          # output file created by us
         self.orig_size: Optional[int] = None   # output file's size before we extended it
+        self.cached: Optional[float] = None    # input file: share in the page cache at open
 
     def split(self, n: int) -> Tuple[int, int]:
         """A chunk of ``n`` bytes as (bytes through the device, bytes through
@@ -296,6 +320,8 @@ class End:
             # always bypass the host's page cache
             props = self.dev.properties()
             d["direct"] = bool(props.get("direct", True))
+        if self.cached is not None:
+            d["cached"] = round(self.cached, 3)     # share of the input in the page cache
         return d
 
     def close(self) -> None:
@@ -381,11 +407,49 @@ def open_input(spec: EndSpec, file_direct: str) -> End:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)      # buffered: for the tail
     try:
         _file_kind(spec, os.fstat(fd))
+        share = cached_share(fd, os.lseek(fd, 0, os.SEEK_END))
+        if file_direct == "auto" and share is not None and share >= CACHED_ENOUGH:
+            # O_DIRECT reads bypass the page cache: data that is there
+            # would be read from the disk again.
+            file_direct = "off"
         dev, direct = _open_file_device(spec, path, True, file_direct)
     except BaseException:
         os.close(fd)
         raise
-    return End(spec, dev, path=path, direct=direct, tail_fd=fd)
+    end = End(spec, dev, path=path, direct=direct, tail_fd=fd)
+    end.cached = share
+    return end
+
+
+def cached_share(fd: int, size: int, probes: int = CACHE_PROBES) -> Optional[float]:
+    """The share of ``probes`` pages spread over the first ``size`` bytes of
+    ``fd`` that are in the page cache, or None when the kernel cannot say.
+
+    Each page is probed with a one-byte ``RWF_NOWAIT`` read, which fails
+    with EAGAIN rather than wait for the disk.  Readahead is off meanwhile
+    (``POSIX_FADV_RANDOM`` on ``fd``), so a page not there costs one page
+    read in the background, not a readahead window."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    npages = -(-size // page)
+    n = min(probes, npages)
+    if n <= 0:
+        return None
+    one = bytearray(1)
+    hits = 0
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        try:
+            for i in range(n):
+                try:
+                    hits += os.preadv(fd, [one], (2 * i + 1) * npages // (2 * n) * page,
+                                      os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass
+        finally:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+    except (OSError, AttributeError):   # no RWF_NOWAIT here (kernel, file system, libc)
+        return None
+    return hits / n
 
 
 def open_output(spec: EndSpec, length: int, file_direct: str) -> End:
@@ -534,6 +598,7 @@ class BarProgress(Progress):
             sized = False
         # A terminal that reports no size (a fresh pty: 0 x 0) would get no
         # bar at all from tqdm: give it the usual 80 x 24 instead.
+        import shutil
         fallback = shutil.get_terminal_size()
         width: Dict[str, Any] = ({"dynamic_ncols": True} if sized else
                                  {"ncols": fallback.columns, "nrows": fallback.lines})
@@ -740,6 +805,7 @@ class Result:
     interrupted: bool = False
     flushed: bool = False
     in_flight_abandoned: int = 0
+    method: str = "pipeline"     # or "copy_file_range" (Copier.copy says why)
 
 
 class Copier:
@@ -748,10 +814,12 @@ class Copier:
     both devices (zero copy on every driver)."""
 
     def __init__(self, src: End, dst: End, length: int, blocksize: int, depth: int, *,
-                 sparse: bool = False, should_stop: Callable[[], bool] = lambda: False) -> None:
+                 sparse: bool = False, should_stop: Callable[[], bool] = lambda: False,
+                 offload: bool = False) -> None:
         self.src, self.dst = src, dst
         self.length, self.bs, self.depth = length, blocksize, depth
         self.sparse = sparse
+        self.offload = offload
         self.should_stop = should_stop
         self.nchunks = -(-length // blocksize)
         self.result = Result(length)
@@ -787,6 +855,94 @@ class Copier:
     # -- copy ---------------------------------------------------------------
 
     def copy(self, progress: Progress) -> Result:
+        """Copy everything: in the kernel where ``kernel_copy_possible``,
+        else through the pipeline; then flush the output."""
+        if self.kernel_copy_possible():
+            try:
+                return self._copy_in_kernel(progress)
+            except _NoKernelCopy:
+                pass                   # nothing written: the pipeline does it all
+        return self._copy_pipeline(progress)
+
+    def kernel_copy_possible(self) -> bool:
+        """Offload asked for, no --sparse (the kernel would write zeroes as
+        data), and both ends regular files on one file system, opened by
+        path: then ``copy_file_range`` copies without a buffer of ours, a
+        reflink or a server-side copy where the file system can, and writes
+        into the output's page cache otherwise (no O_DIRECT: the final
+        flush writes it out)."""
+        if not self.offload or self.sparse or self.length == 0:
+            return False
+        if self.src.tail_fd < 0 or self.dst.tail_fd < 0:
+            return False
+        a, b = os.fstat(self.src.tail_fd), os.fstat(self.dst.tail_fd)
+        return stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode) and a.st_dev == b.st_dev
+
+    def _copy_in_kernel(self, progress: Progress) -> Result:
+        """``copy_file_range`` from the input's fd to the output's, in
+        ``KERNEL_CHUNK`` steps, then one ``fdatasync``.  When the input is
+        in the page cache, the output's writeback is started every
+        ``WRITEBACK_STEP`` bytes, so the disk writes while the copy goes
+        on; when it is not, the disk is left to the reads until the end
+        (writes mixed with them made cold copies slower here).  Past the
+        output's old size (a hole since open_output extended it) holes of
+        the input are skipped.  Raises _NoKernelCopy if the first call is
+        refused."""
+        src_fd, dst_fd = self.src.tail_fd, self.dst.tail_fd
+        res, length = self.result, self.length
+        holes_from = self.dst.orig_size if self.dst.orig_size is not None else length
+        step = WRITEBACK_STEP if (self.src.cached or 0.0) >= CACHED_ENOUGH else length + 1
+        res.method = "copy_file_range"
+        start = time.monotonic()
+        off = kicked = 0
+        error: Optional[Exception] = None
+        try:
+            while off < length and not self.should_stop():
+                n = min(KERNEL_CHUNK, length - off)
+                if off >= holes_from:
+                    data = _seek(src_fd, off, os.SEEK_DATA, length)
+                    if data > off:
+                        off = res.copied = data
+                        continue
+                    n = min(n, _seek(src_fd, off, os.SEEK_HOLE, length) - off)
+                try:
+                    got = os.copy_file_range(src_fd, dst_fd, n, off, off)
+                except OSError as e:
+                    if off == 0 and e.errno in _NO_KERNEL_COPY:
+                        res.method = "pipeline"
+                        raise _NoKernelCopy() from e
+                    raise OSError(e.errno, f"copy_file_range of {n} bytes at offset {off}: "
+                                           f"{e.strerror}") from None
+                if got == 0:
+                    raise OSError(errno.EIO, f"input: the file ended at byte {off}, before "
+                                             f"its size when the copy started ({length})")
+                off = res.copied = off + got
+                if off - kicked >= step:
+                    # POSIX_FADV_DONTNEED starts writeback of the dirty pages
+                    # without waiting (and keeps them while they are written).
+                    os.posix_fadvise(dst_fd, kicked, off - kicked, os.POSIX_FADV_DONTNEED)
+                    kicked = off
+                progress.update(off)
+        except _NoKernelCopy:
+            raise
+        except Exception as e:             # I/O errors: flush what was written first
+            error = e
+        finally:
+            progress.close()
+        try:
+            os.fdatasync(dst_fd)
+            res.flushed = True
+        except OSError as e:
+            error = error or e
+        res.seconds = time.monotonic() - start
+        if error is not None:
+            raise error
+        if self.should_stop() and off < length:
+            res.interrupted = True
+            raise Interrupted()
+        return res
+
+    def _copy_pipeline(self, progress: Progress) -> Result:
         ring = self._ring(self.depth)
         src, dst, res = self.src, self.dst, self.result
         max_zeroes = dst.limits.max_write_zeroes_len
@@ -905,6 +1061,25 @@ class Copier:
         self._rings.clear()
 
 
+class _NoKernelCopy(Exception):
+    """copy_file_range refused the first chunk: use the pipeline."""
+
+
+# What copy_file_range says when it cannot copy between these files at all.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _seek(fd: int, off: int, whence: int, end: int) -> int:
+    """``lseek`` with SEEK_DATA/SEEK_HOLE, capped at ``end`` (ENXIO: none
+    left before the end of the file)."""
+    try:
+        return min(os.lseek(fd, off, whence), end)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return end
+        raise
+
+
 class VerifyError(Exception):
     def __init__(self, offset: int) -> None:
         super().__init__(f"verify: the output differs from the input at byte {offset}")
@@ -945,7 +1120,7 @@ class _StopOnSigint:
 def _summary(opts: Options, src: End, dst: End, c: Copier) -> Dict[str, Any]:
     r = c.result
     seconds = r.seconds if r.seconds > 0 else 1e-9
-    return {
+    out: Dict[str, Any] = {
         "bytes": r.copied,
         "seconds": round(r.seconds, 6),
         "mib_per_s": round(r.copied / seconds / MiB, 1),
@@ -959,10 +1134,15 @@ def _summary(opts: Options, src: End, dst: End, c: Copier) -> Dict[str, Any]:
         "verified": r.verified,
         "verify_seconds": round(r.verify_seconds, 6) if opts.verify else None,
         "interrupted": r.interrupted,
+        "method": r.method,
         "bounced_bytes": src.dev.stats.bounced_bytes + dst.dev.stats.bounced_bytes,
         "input": src.describe(),
         "output": dst.describe(),
     }
+    if r.method == "copy_file_range":     # the devices were open, the kernel copied
+        out.update(chunks=-(-r.length // KERNEL_CHUNK), blocksize=KERNEL_CHUNK, depth=1)
+        out["input"]["direct"] = out["output"]["direct"] = False
+    return out
 
 
 def _sayer(prog: str) -> Callable[[str], None]:
@@ -976,6 +1156,10 @@ def main(argv: Sequence[str], prog: Optional[str] = None) -> int:
     messages show (default: as invoked)."""
     prog = prog if prog is not None else f"{program_name()} copy"
     say = _sayer(prog)
+    # Everything imported so far lives until the process exits: leave it
+    # out of the cyclic collector's passes, during the copy and at exit
+    # (where they are most of what the interpreter's teardown costs).
+    gc.freeze()
     try:
         return _main(argv, prog, say)
     except KeyboardInterrupt:        # Ctrl-C outside the copy itself (closing, printing)
@@ -1018,7 +1202,9 @@ def _main(argv: Sequence[str], prog: str, say: Callable[[str], None]) -> int:
         except OSError as e:
             say(open_failure(side, e))
             return EXIT_FAILURE
-        copier = Copier(src, dst, length, bs, depth, sparse=opts.sparse)
+        copier = Copier(src, dst, length, bs, depth, sparse=opts.sparse,
+                        offload=(opts.offload == "auto" and opts.file_direct != "on"
+                                 and opts.blocksize is None and opts.depth is None))
         return _run(opts, src, dst, copier, say)
     finally:
         if copier is not None:
@@ -1068,6 +1254,7 @@ def _run(opts: Options, src: End, dst: End, copier: Copier,
                 f"{' and flushed' if res.flushed else ''}")
             status = EXIT_FAILURE
     if opts.json:
+        import json
         print(json.dumps(_summary(opts, src, dst, copier)))
     if status == 0:          # the summary, whatever --progress says
         rate = res.copied / res.seconds / MiB if res.seconds > 0 else 0.0

@@ -16,7 +16,7 @@ from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_ent
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
-from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slot, complete
+from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slots, complete
 from ._checks cimport removed_error
 from ._posix cimport pthread_mutex_t, pthread_cond_t, pthread_mutex_trylock, pthread_mutex_unlock
 

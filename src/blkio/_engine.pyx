@@ -451,53 +451,32 @@ cdef class QueueEngine:
         """Enqueue a checked batch and submit it (one do_io).  Each request
         takes a batch slot (its tag and memory, for reap and unregister);
         libblkio's user_data is the slot index with TAG_BIT."""
-        cdef Py_ssize_t i, n = a.n
-        cdef lb.blkioq *q = self.q
+        cdef Py_ssize_t n = a.n
         cdef int got
         cdef Py_ssize_t stack_idx[64]
         cdef Py_ssize_t *idx = &stack_idx[0]
-        cdef uint64_t bs = a.blocksize
-        cdef char *addr
         cdef lb.blkio_completion comps[NCOMPS]
         cdef BatchRing ring = self.ring
         if n == 0:
             return 0
         ring.reserve(n)
+        if n > 64:
+            idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
+            if idx == NULL:
+                raise MemoryError()
+        # Slots are taken with the GIL held (dispatch frees them with it
+        # held); a GIL-free section only reads this call's index list.
+        take_slots(ring, op, a, flags, idx)
         cdef int held = -1
-        cdef Py_ssize_t slot
         if not self.handle.threaded:
             held = take_queue(self)
         if held >= 0:
-            # One thread, the queue ours with the GIL: take each slot and
-            # hand its request over in one pass; submitting never sleeps long
-            # enough to be worth a GIL release (with threads, io_uring_enter
-            # may: the path below releases it).
-            for i in range(n):
-                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-                slot = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
-                                 <uintptr_t>addr, bs, flags)
-                if op == READ:
-                    lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
-                                   <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
-                else:
-                    lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
-                                    <void *>((<uintptr_t>slot << 1) | TAG_BIT), flags)
-            self.in_libblkio += n
-            got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
-            if got > 0:
-                self.in_libblkio -= got
+            # One thread, the queue ours with the GIL: submitting never sleeps
+            # long enough to be worth a GIL release (with threads,
+            # io_uring_enter may: the path below releases it).
+            got = self._enqueue_slots(op, a, idx, flags, comps)
             give_queue(self, held)
         else:
-            if n > 64:
-                idx = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
-                if idx == NULL:
-                    raise MemoryError()
-            # Slots are taken with the GIL held (dispatch frees them with it
-            # held); the GIL-free section only reads this call's index list.
-            for i in range(n):
-                addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
-                idx[i] = take_slot(ring, op, a.offs[i], a.tags[i] if a.tags != NULL else i,
-                                   <uintptr_t>addr, bs, flags)
             self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
@@ -518,20 +497,24 @@ cdef class QueueEngine:
                             lb.blkio_completion *comps) noexcept nogil:
         """Hand a batch's requests to libblkio and submit them (the queue
         ours); returns what do_io returned."""
-        cdef Py_ssize_t i
+        # the arrays in locals: libblkio's calls could change any field
+        cdef Py_ssize_t i, n = a.n
         cdef lb.blkioq *q = self.q
         cdef uint64_t bs = a.blocksize
+        cdef uint64_t *offs = a.offs
+        cdef uint64_t *boffs = a.boffs
+        cdef char *base = a.base
         cdef char *addr
         cdef int got
-        for i in range(a.n):
-            addr = a.base + (a.boffs[i] if a.boffs != NULL else <uint64_t>i * bs)
+        for i in range(n):
+            addr = base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)
             if op == READ:
-                lb.blkioq_read(q, a.offs[i], <void *>addr, bs,
+                lb.blkioq_read(q, offs[i], <void *>addr, bs,
                                <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
             else:
-                lb.blkioq_write(q, a.offs[i], <void *>addr, bs,
+                lb.blkioq_write(q, offs[i], <void *>addr, bs,
                                 <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
-        self.in_libblkio += a.n
+        self.in_libblkio += n
         got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
         if got > 0:
             self.in_libblkio -= got
