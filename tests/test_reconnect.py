@@ -58,8 +58,8 @@ def test_every_acknowledged_write_survives_ten_daemon_restarts(tmp_path, scenari
 
 
 def test_blkio_copy_verify_finishes_across_a_daemon_restart(tmp_path):
-    # `blkio copy --verify` onto the export, reconnect=on as an output
-    # property; the daemon killed and restarted in the middle of each copy.
+    # `blkio copy --reconnect --verify` onto the export; the daemon killed
+    # and restarted in the middle of each copy.
     out = _child(tmp_path, "copy", cycles=CYCLES)
     assert out["copies"] == CYCLES
     assert out["mid_copy"] >= CYCLES // 2, out      # not a vacuous race
