@@ -18,7 +18,8 @@ from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
 from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slots, complete
 from ._checks cimport removed_error
-from ._posix cimport pthread_mutex_t, pthread_cond_t, pthread_mutex_trylock, pthread_mutex_unlock
+from ._posix cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_lock, pthread_mutex_trylock,
+                     pthread_mutex_unlock)
 
 
 # Where a completion goes once dispatched.
@@ -177,6 +178,19 @@ cdef inline int take_queue(QueueEngine e) noexcept:
     if e.nogil_users == 0:
         return 0
     return 1 if pthread_mutex_trylock(&e.lock) == 0 else -1
+
+
+cdef inline int hold_queue(QueueEngine e) noexcept:
+    """take_queue, waiting (GIL released) while another thread holds the
+    lock; returns what give_queue takes (0 or 1)."""
+    cdef int held = take_queue(e)
+    if held < 0:
+        e.nogil_users += 1
+        with nogil:
+            pthread_mutex_lock(&e.lock)
+        e.nogil_users -= 1      # the lock is ours, with the GIL
+        held = 1
+    return held
 
 
 cdef inline void give_queue(QueueEngine e, int held) noexcept:

@@ -636,13 +636,7 @@ cdef class QueueEngine:
         if until is None and min_completions <= 0:
             # Non-blocking: submit, and reap what is already there.
             while True:
-                held = take_queue(self)
-                if held < 0:
-                    self.nogil_users += 1
-                    with nogil:
-                        pthread_mutex_lock(&self.lock)
-                    self.nogil_users -= 1       # the lock is ours, with the GIL
-                    held = 1
+                held = hold_queue(self)
                 n = self.collect(comps, held)
                 got += n
                 if n < NCOMPS:
@@ -808,13 +802,7 @@ cdef class QueueEngine:
     # ---- the completion fd ------------------------------------------------
 
     cdef int set_fd_enabled(self, bint value) except -1:
-        cdef int held = take_queue(self)
-        if held < 0:
-            self.nogil_users += 1
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-            self.nogil_users -= 1       # the lock is ours, with the GIL
-            held = 1
+        cdef int held = hold_queue(self)
         lb.blkioq_set_completion_fd_enabled(self.q, value)
         give_queue(self, held)
         self.fd_enabled = value
@@ -879,13 +867,7 @@ cdef class QueueEngine:
         cdef Completion c = self.head
         cdef Py_ssize_t i, n = 0
         cdef int got
-        cdef int held = take_queue(self)
-        if held < 0:
-            self.nogil_users += 1
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-            self.nogil_users -= 1       # the lock is ours, with the GIL
-            held = 1
+        cdef int held = hold_queue(self)
         self.q = q
         if self.fd_enabled:
             lb.blkioq_set_completion_fd_enabled(q, True)
