@@ -66,6 +66,8 @@ class Stats(NamedTuple):
     bounced_requests: int  #: of which went through the bounce pool
     bounced_bytes: int   #: bytes copied through the bounce pool
     split_requests: int  #: pieces of requests split at max-transfer / bounce size
+    reconnects: int = 0  #: times the device reconnected to a restarted backend (``reconnect=True``)
+    resubmitted: int = 0  #: requests in flight at a hang-up, handed to the new connection
 
 
 def _check_value(driver: str, spec: PropertySpec, value: Any) -> Any:
@@ -257,6 +259,8 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
          num_queues: int = 1, num_poll_queues: int = 0, spin_us: int = 0,
          poll_us: Optional[int] = None,
          connect_timeout: Optional[float] = _connect.DEFAULT_CONNECT_TIMEOUT,
+         reconnect: bool = False,
+         reconnect_timeout: Optional[float] = _connect.DEFAULT_RECONNECT_TIMEOUT,
          **properties: Any) -> Device:
     """Create, connect and start a libblkio device; returns a :class:`Device`.
 
@@ -283,33 +287,34 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
     listens on ``ConnectionRefusedError``.  The other drivers wait for no
     peer when connecting (vhost-vdpa and vfio-pci refuse a device in use
     with EBUSY at once), so the timeout does not apply to them.
+
+    ``reconnect=True`` (virtio-blk-vhost-user only) survives a restart of
+    the backend daemon: when it hangs up, the device waits up to
+    ``reconnect_timeout`` seconds (default 30; ``None``: no limit) for the
+    socket to come back, connects a new libblkio instance with the same
+    properties, maps the same memory and resubmits every request that had
+    not completed; calls in progress and new calls wait meanwhile, and see
+    their requests complete.  Past the timeout everything in flight fails
+    with EIO and the device is broken, as without ``reconnect``.  What a
+    restart can lose (a daemon's own write cache) is in the drivers guide,
+    "Daemon restarts".  ``Device.stats`` counts ``reconnects`` and
+    ``resubmitted`` requests.
     """
     if poll_us is not None:
         _warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
         spin_us = poll_us
     path = _check_arguments(driver, path, fd, direct, num_queues, num_poll_queues, spin_us,
                             connect_timeout)
-    staged = _stage_properties(driver, properties)
+    reconnect_timeout = _connect.check_reconnect(driver, reconnect, reconnect_timeout)
+    bring_up = _BringUp(driver, path, fd, direct, read_only, num_queues, num_poll_queues,
+                        _stage_properties(driver, properties))
     dev = Device(_opener=_OPENER, path=path)
     core = _DeviceCore()
     _bind(dev, core)
     try:
-        core.create(driver)
-        if read_only:
-            core.set("read-only", "bool", True)   # must precede connect
-        for spec, value in staged["created"]:
-            core.set(spec.name, spec.type, value)
-        backend_fds = _connect.CONNECT[driver](core, driver, path, fd, direct, connect_timeout)
-        if num_poll_queues and not core.get("supports-poll-queues", "bool"):
-            raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
-                             f"(supports-poll-queues is false); use num_poll_queues=0")
-        core.set("num-queues", "int", num_queues)
-        core.set("num-poll-queues", "int", num_poll_queues)
-        for spec, value in staged["connected"]:
-            core.set(spec.name, spec.type, value)
-        core.start()
+        backend_fds = bring_up(core, connect_timeout)
         # Capacity is read once here: on vhost-user it is a daemon round trip.
-        limits = _read_limits(dev._get_named, _connect.max_transfer_cap(driver, path))
+        limits = bring_up.limits(core)
         dev._limits = limits
         depth = DRIVER_FACTS[driver].queue_depth_property
         core.configure(limits, core.get("capacity", "uint64"), core.get("read-only", "bool"),
@@ -318,10 +323,64 @@ def open(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]] = None, *,
                                      dev.capacity, limits.request_alignment)
         dev._set_zone_info(zone_info)
         dev.spin_us = spin_us
+        if reconnect:
+            core.enable_reconnect(bring_up.reconnector(), reconnect_timeout)
         return dev
     except BaseException:
         core.close()
         raise
+
+
+class _BringUp:
+    """How ``open()`` brings an instance up -- create, the typed property
+    writes of each stage, the driver's connect, start -- kept so that a
+    device that reconnects brings up the next instance the same way."""
+
+    def __init__(self, driver: str, path: Optional[str], fd: Optional[int],
+                 direct: Optional[bool], read_only: bool, num_queues: int,
+                 num_poll_queues: int, staged: Dict[str, list]) -> None:
+        self.driver, self.path, self.fd, self.direct = driver, path, fd, direct
+        self.read_only, self.num_queues, self.num_poll_queues = read_only, num_queues, num_poll_queues
+        self.staged = staged
+
+    def __call__(self, core: _DeviceCore, connect_timeout: Optional[float]) -> tuple:
+        """Create, connect and start ``core``; returns its backend fds."""
+        driver, path = self.driver, self.path
+        core.create(driver)
+        if self.read_only:
+            core.set("read-only", "bool", True)   # must precede connect
+        for spec, value in self.staged["created"]:
+            core.set(spec.name, spec.type, value)
+        backend_fds = _connect.CONNECT[driver](core, driver, path, self.fd, self.direct,
+                                               connect_timeout)
+        if self.num_poll_queues and not core.get("supports-poll-queues", "bool"):
+            raise ValueError(f"driver {driver!r} does not support poll queues for {path!r} "
+                             f"(supports-poll-queues is false); use num_poll_queues=0")
+        core.set("num-queues", "int", self.num_queues)
+        core.set("num-poll-queues", "int", self.num_poll_queues)
+        for spec, value in self.staged["connected"]:
+            core.set(spec.name, spec.type, value)
+        core.start()
+        return backend_fds
+
+    def limits(self, core: _DeviceCore) -> Limits:
+        return _read_limits(lambda name: core.get(name, _lookup(self.driver, name).type),
+                            _connect.max_transfer_cap(self.driver, self.path))
+
+    def reconnector(self) -> Any:
+        """The connector a device that reconnects is given (see
+        ``DeviceCore.enable_reconnect``): a new core brought up within the
+        seconds it is given, with what its checks compare."""
+        def connect(seconds: float) -> tuple:
+            core = _DeviceCore()
+            try:
+                fds = self(core, seconds)
+                return (core, fds, self.limits(core), core.get("capacity", "uint64"),
+                        core.get("read-only", "bool"))
+            except BaseException:
+                core.close()
+                raise
+        return connect
 
 
 def _check_arguments(driver: str, path: Optional[Union[str, "_os.PathLike[str]"]],

@@ -104,7 +104,8 @@ cdef object forked_error(str driver, int pid)
 cdef object not_started_error(str driver, str state)
 cdef object removed_error(int index)
 cdef object no_device_error()
-cdef object broken_error(str driver, Py_ssize_t in_flight)
+cdef object broken_error(str driver, Py_ssize_t in_flight, str why=*)
+cdef str reconnect_failed(object timeout, object cause, bint timed_out)
 cdef str BACKEND_HUNG_UP
 cdef str CANCELLED
 

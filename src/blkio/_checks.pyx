@@ -154,10 +154,26 @@ cdef object no_device_error():
                       "Device.queue(), devices with blkio.open())")
 
 
-cdef object broken_error(str driver, Py_ssize_t in_flight):
+cdef object broken_error(str driver, Py_ssize_t in_flight, str why=None):
+    """EIO for a device whose backend is gone: ``why`` it is gone for good
+    (a reconnect that failed), else that it hung up."""
+    if why is None:
+        why = BACKEND_HUNG_UP
     if in_flight < 0:
-        return Error(5, f"{driver}: {BACKEND_HUNG_UP}; close the device")
-    return Error(5, f"{driver}: {BACKEND_HUNG_UP} with {in_flight} request(s) in flight")
+        return Error(5, f"{driver}: {why}; close the device")
+    return Error(5, f"{driver}: {why} with {in_flight} request(s) in flight")
+
+
+cdef str reconnect_failed(object timeout, object cause, bint timed_out):
+    """Why a device that reconnects gave up: no backend answered in time
+    (``cause``: the last attempt's error), or the one that answered is not
+    the same device (``cause`` says what differs)."""
+    if not timed_out:
+        return f"{BACKEND_HUNG_UP}, and the backend that answered the reconnect differs ({cause})"
+    if timeout is None:
+        return f"{BACKEND_HUNG_UP} and could not be reconnected ({cause})"
+    return (f"{BACKEND_HUNG_UP} and did not come back within reconnect_timeout={timeout:g} s "
+            f"(last attempt: {cause})")
 
 
 # ---- libblkio's errors ---------------------------------------------------------

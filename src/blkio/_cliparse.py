@@ -75,6 +75,13 @@ def connect_timeout_type(text: str) -> "float | None":
 CONNECT_TIMEOUT_HELP = ("seconds to wait for a vhost-user backend to answer (an export serves "
                         "one client at a time); inf waits without limit (default: 30)")
 
+#: The help of --reconnect and --reconnect-timeout (blkio copy).
+RECONNECT_HELP = ("vhost-user devices survive a restart of their daemon: requests in flight "
+                  "are resubmitted once its socket is back (see 'Daemon restarts' in the "
+                  "drivers guide)")
+RECONNECT_TIMEOUT_HELP = ("with --reconnect, seconds to wait for a daemon to come back before "
+                          "the copy fails; inf waits without limit (default: 30)")
+
 
 def open_failure(what: str, error: BaseException) -> str:
     """The message for ``what`` (a device and its path, or a copy side)

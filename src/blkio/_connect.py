@@ -5,7 +5,8 @@ connect function per driver family (io_uring; nvme-io_uring; the virtio-blk
 family, with fd passing, the EINVAL retry for libblkio <= 1.3 and, where
 the path is a backend daemon's socket (vhost-user), the connect bounded by
 ``connect_timeout`` and the backend's sockets to watch), the table that
-picks one by driver, and the driver's max-transfer cap.  The socket itself
+picks one by driver, the driver's max-transfer cap, and which drivers may
+``reconnect``.  The socket itself
 (what it is, who waits on it, cutting a handshake) is ``_vhost_socket``'s.
 What differs between drivers is read from ``_drivers.DRIVER_FACTS``, never
 from a driver name.
@@ -28,14 +29,19 @@ from ._vhost_socket import Handshake, check_connect_timeout
 if TYPE_CHECKING:
     from ._device import DeviceCore
 
-__all__ = ["CONNECT", "DEFAULT_CONNECT_TIMEOUT", "check_arguments", "check_connect_timeout",
-           "max_transfer_cap"]
+__all__ = ["CONNECT", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_RECONNECT_TIMEOUT", "check_arguments",
+           "check_connect_timeout", "check_reconnect", "max_transfer_cap"]
 
 #: open()'s default ``connect_timeout`` (seconds): ample for a backend that
 #: answers late (a socket-activated daemon starting, a previous client of a
 #: one-client export disconnecting), short enough that a busy export is an
 #: error, not a hang.
 DEFAULT_CONNECT_TIMEOUT = 30.0
+
+#: open()'s default ``reconnect_timeout`` (seconds): a daemon restarted by a
+#: service manager or an upgrade is back within seconds; a device that waits
+#: longer holds every caller's requests for that long before failing them.
+DEFAULT_RECONNECT_TIMEOUT = 30.0
 
 #: A connect function: (device, driver, path, user fd, direct, connect
 #: timeout in seconds or None) -> the device's backend fds.  Called when the
@@ -60,6 +66,20 @@ def check_arguments(driver: str, path: Optional[str], fd: Optional[int],
     if fd is not None and not facts.fd_instead_of_path:
         raise ValueError(f"driver {driver!r}: pass 'path'; blkio opens it and passes an fd "
                          f"itself where libblkio accepts one")
+
+
+def check_reconnect(driver: str, reconnect: object, timeout: object) -> Optional[float]:
+    """open()'s ``reconnect`` (a bool, True only where the path is a
+    daemon's socket: there is nothing to reconnect to elsewhere) and
+    ``reconnect_timeout`` (seconds, or None); returns the timeout."""
+    if not isinstance(reconnect, bool):
+        raise TypeError(f"reconnect takes a bool, got {type(reconnect).__name__}")
+    seconds = check_connect_timeout(timeout, "reconnect_timeout")
+    if reconnect and not DRIVER_FACTS[driver].path_is_daemon_socket:
+        daemons = ", ".join(d for d in DRIVERS if DRIVER_FACTS[d].path_is_daemon_socket)
+        raise ValueError(f"reconnect=True: driver {driver!r} has no backend daemon to reconnect "
+                         f"to (drivers that have one: {daemons})")
+    return seconds
 
 
 def max_transfer_cap(driver: str, path: Optional[str]) -> int:

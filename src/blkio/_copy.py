@@ -30,8 +30,10 @@ import numpy as np
 import blkio
 
 from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE,
-                        SuggestingParser, connect_timeout_type, int_type, open_failure,
-                        program_name, seconds_type)
+                        RECONNECT_HELP, RECONNECT_TIMEOUT_HELP, SuggestingParser,
+                        connect_timeout_type, int_type, open_failure, program_name,
+                        seconds_type)
+from ._drivers import DRIVER_FACTS
 from ._cliprops import PropertyError, check_driver, check_properties, parse_properties
 from ._sizes import format_bytes as _fmt_bytes, size_type
 
@@ -105,6 +107,8 @@ class EndSpec:
     name: str                    # the driver (blkio) or the path (file)
     props: List[str] = dataclasses.field(default_factory=list)
     connect_timeout: Optional[float] = 30.0     # --connect-timeout, for blkio.open
+    reconnect: bool = False                     # --reconnect (where the path is a daemon's socket)
+    reconnect_timeout: Optional[float] = 30.0   # --reconnect-timeout
 
     @property
     def option(self) -> str:
@@ -128,6 +132,9 @@ class EndSpec:
             if name == "path":
                 kwargs["path"] = value
         kwargs.setdefault("connect_timeout", self.connect_timeout)
+        if self.reconnect and DRIVER_FACTS[self.name].path_is_daemon_socket:
+            kwargs["reconnect"] = True
+            kwargs["reconnect_timeout"] = self.reconnect_timeout
         return kwargs
 
 
@@ -187,6 +194,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "otherwise where the file system accepts it (default: auto)")
     p.add_argument("--connect-timeout", type=connect_timeout_type, default=30.0,
                    metavar="SECONDS", help=CONNECT_TIMEOUT_HELP)
+    p.add_argument("--reconnect", action="store_true", help=RECONNECT_HELP)
+    p.add_argument("--reconnect-timeout", type=connect_timeout_type, default=30.0,
+                   metavar="SECONDS", help=RECONNECT_TIMEOUT_HELP)
     p.add_argument("--offload", choices=("auto", "off"), default="auto",
                    help="auto: a regular file to a regular file on the same file system, "
                         "without --sparse, --blocksize, --depth or --file-direct=on, is "
@@ -200,7 +210,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 # Options that take their value as the next argument, so the tokenizer below
 # does not mistake it for a property.
 _VALUE_OPTIONS = {"--blocksize", "--depth", "--progress", "--progress-interval", "--file-direct",
-                  "--connect-timeout", "--offload"}
+                  "--connect-timeout", "--reconnect-timeout", "--offload"}
 _END_OPTIONS = {"--input-blkio", "--input-file", "--output-blkio", "--output-file"}
 
 
@@ -257,6 +267,8 @@ def parse_args(argv: Sequence[str], prog: str = PROG) -> Options:
         raise SpecError("missing --output-blkio or --output-file")
     for end in ends.values():
         end.connect_timeout = args.connect_timeout
+        end.reconnect = args.reconnect
+        end.reconnect_timeout = args.reconnect_timeout
     return Options(ends["input"], ends["output"], args.blocksize, args.depth, args.sparse,
                    args.verify, args.json, args.progress, args.progress_interval,
                    args.file_direct, args.offload)

@@ -1,10 +1,12 @@
 # The device core: one device's parts (the handle, its queue engines, the
 # alloc arena and the bounce space) and the one state machine of its
 # lifetime -- entering and leaving calls, close and shutdown, queue removal,
-# a dead backend, the child of a fork() -- with the lifecycle primitives the
-# facade drives (create, properties, connect, start, configure) and memory
-# registration.  The public objects (``_public``) hold it; it never calls up
-# and never parses user options.
+# a dead backend and the reconnect after it, the child of a fork() -- with
+# the lifecycle primitives the facade drives (create, properties, connect,
+# start, configure) and memory registration.  The public objects
+# (``_public``) hold it; it never parses user options and never calls up,
+# save one thing: the connector ``open(reconnect=True)`` gives it, which
+# brings up a new instance the way open() brought up the first.
 
 from ._handle cimport DeviceHandle, handle_enter, handle_leave
 from ._pool cimport Arena, BounceSpace
@@ -24,6 +26,12 @@ cdef class DeviceCore:
     cdef double close_timeout
     cdef bint destroy_pending      # close() ran inside a call: the last to leave finishes it
     cdef Py_ssize_t removals_pending
+    # reconnecting (open(reconnect=True)): see recover()
+    cdef object limits             # the blkio.Limits of the first instance, which later ones must match
+    cdef object connector          # from the facade: a new instance, connected and started
+    cdef object reconnect_timeout  # seconds, or None: no limit
+    cdef int monitor_wake          # the backend watcher's wake pipe (write end; -1: none)
+    cdef int reconnect_fd          # an eventfd counting a reconnect's start and end (-1: none)
 
     cdef void after_leave(self) noexcept
     cdef QueueEngine blocking_engine(self, Py_ssize_t entry)
@@ -34,6 +42,11 @@ cdef class DeviceCore:
     cdef int keep_undrained(self, QueueEngine e) except -1
     cdef list orphans(self, QueueEngine e, int kept)
     cdef void tell_gone(self, QueueEngine e, list orphans) noexcept
+    cdef int reconnect(self, Py_ssize_t own) except -1
+    cdef str differs(self, object limits, object capacity, object read_only)
+    cdef int give_up(self, str why, bint release=*) except -1
+    cdef void stop_watching(self) noexcept
+    cdef void tell_reconnect(self) noexcept
 
 
 cdef inline Py_ssize_t core_enter(DeviceCore core) except -1:

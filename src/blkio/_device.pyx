@@ -16,23 +16,42 @@ device it interrupted), the last call to leave does (``after_leave``);
 of the handle that engines observe (``_engine``); in the child of a fork()
 ``close()`` releases nothing of the parent's.  Everything here calls
 downward: handle, engines, bounce space, arena.
+
+Reconnecting (``open(reconnect=True)``, vhost-user): a thread of the core
+sleeps in poll(2) on the backend's sockets, which report nothing but a
+hang-up, and runs ``recover`` when one comes: new calls wait at the guard's
+gate; the connector -- the one thing from above the core calls, given by
+``open()``: it brings up a new instance with the same typed property writes
+as the first -- is retried until ``reconnect_timeout``; the new instance
+must be the same device (capacity, limits); once every call inside is parked
+between its wait slices, the old queues are reaped, every memory region is
+mapped into the new instance, the handle and the engines take the new
+instance and queues, every request still in flight is resubmitted
+(``QueueEngine.resume``) and the old instance is destroyed.  Past the
+timeout the device is broken as without reconnecting: everything in flight
+fails with EIO, saying why.
 """
 
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS, Py_buffer
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
-from libc.errno cimport EIO
+from libc.errno cimport EIO, errno
 
-from ._checks cimport (as_u64, as_index, closed_error, no_device_error, unraisable, CANCELLED)
+from ._checks cimport (as_u64, as_index, closed_error, no_device_error, unraisable, CANCELLED,
+                       BACKEND_HUNG_UP, reconnect_failed)
 from ._engine cimport Completion, new_engine, set_ret
-from ._handle cimport GUARD_THREADS, ST_BROKEN, guard_own
+from ._handle cimport GUARD_THREADS, ST_BROKEN, guard_own, guard_enter
 from ._libblkio cimport blkioq
 from ._memory cimport Buffer, ArenaSlice, owner_of
-from ._posix cimport ECANCELED
+from ._posix cimport ECANCELED, eventfd, EFD_NONBLOCK, EFD_CLOEXEC
+from posix.unistd cimport write as c_write
 
+import os
+import threading
 import time
 import warnings
+import weakref
 
 from ._handle import State
 
@@ -44,6 +63,13 @@ kept_for_the_kernel = []
 # close() and remove_queue() wait for calls to leave a little longer than a
 # wait slice of the engine (0.1 s), so that a wait in progress can notice.
 cdef double LEAVE_SLACK = 0.25
+# A reconnect's connect attempts: each is cut after this many seconds (a
+# close() meanwhile waits for the attempt in progress); between them a pause
+# that starts short (a restarted daemon creates its socket a moment before
+# it listens: the first connect may be refused) and doubles up to a bound.
+cdef double CONNECT_ATTEMPT = 1.0
+cdef double RETRY_FIRST = 0.001
+cdef double RETRY_MAX = 0.01
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
 
@@ -67,6 +93,11 @@ cdef class DeviceCore:
         self.poll_engines = []
         self.blocking = []
         self.close_timeout = 10.0
+        self.monitor_wake = -1
+        self.reconnect_fd = -1
+
+    def __dealloc__(self):
+        self.stop_watching()
 
     def __reduce__(self):
         raise TypeError("a blkio device core cannot be pickled")
@@ -105,6 +136,7 @@ cdef class DeviceCore:
         cdef blkioq *q
         cdef int i
         h.configure(limits, capacity, read_only, backend_fds)
+        self.limits = limits
         granule = h.granule
         self.arena = Arena(h, granule, 64 << 20)
         self.space = BounceSpace(h, granule, 1 << 20, 256 << 20)
@@ -150,7 +182,8 @@ cdef class DeviceCore:
     @property
     def stats(self):
         cdef DeviceHandle h = self.handle
-        return (h.n_requests, h.n_bounced, h.bounced_bytes, h.n_split)
+        return (h.n_requests, h.n_bounced, h.bounced_bytes, h.n_split, h.n_reconnects,
+                h.n_resubmitted)
 
     # ---- the state machine ------------------------------------------------------
 
@@ -193,6 +226,7 @@ cdef class DeviceCore:
             return
         h.closing = True
         self.close_timeout = drain_timeout
+        h.wake_waiters()            # calls parked while the device reconnects
         if self.space is not None:
             self.space.wake_all()
         if not h.wait_guard(&h.guard, own, drain_timeout + LEAVE_SLACK) or own:
@@ -209,6 +243,7 @@ cdef class DeviceCore:
         cdef QueueEngine e
         if h.b == NULL:
             return 0
+        self.stop_watching()
         h.draining = True
         interrupted = None
         engines = [e for e in self.engines + self.poll_engines if e is not None]
@@ -256,6 +291,7 @@ cdef class DeviceCore:
         (no libblkio call, no lock, no unmap), just stop being usable."""
         cdef QueueEngine e
         self.handle.forget()
+        self.stop_watching()        # the child's copies of the fds; no thread watches here
         for e in self.engines + self.poll_engines:
             if e is not None:
                 e.q = NULL
@@ -300,6 +336,227 @@ cdef class DeviceCore:
             except BaseException:
                 unraisable(listener)
         e.gone_listeners = []
+
+    # ---- the backend hung up ------------------------------------------------------
+
+    def hang_up(self):
+        """The backend's socket reported a hang-up (``blkio.aio`` watches it
+        on the loop; blocking waits find it between slices themselves):
+        without a reconnect, fail everything in flight and break the device.
+        Nothing happens unless the backend is really gone."""
+        cdef DeviceHandle h = self.handle
+        cdef QueueEngine e
+        if (h.closing or h.b == NULL or h.forked() or h.state == ST_BROKEN
+                or h.reconnect_enabled or not h.backend_dead()):
+            return
+        h.state = ST_BROKEN
+        for e in self.live_engines():
+            e.abandon(EIO, BACKEND_HUNG_UP, True)
+
+    def enable_reconnect(self, connector, timeout):
+        """Reconnect when the backend hangs up (``open(reconnect=True)``).
+
+        ``connector(seconds)`` brings up a new instance as ``open()`` did
+        the first, within ``seconds``, and returns ``(core, backend_fds,
+        limits, capacity, read_only)``: a new ``DeviceCore``, created,
+        connected and started, not configured.  It raises OSError when the
+        backend is not there (yet).  ``timeout``: seconds a reconnect may
+        take, or None.  A thread of the device watches the backend's
+        sockets from now on and runs ``recover`` on a hang-up."""
+        cdef DeviceHandle h = self.handle
+        if not h.backend_fds:
+            raise ValueError(f"{h.driver} device has no backend socket to watch; "
+                             f"only a daemon's device can reconnect")
+        self.reconnect_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.reconnect_fd < 0:
+            self.reconnect_fd = -1
+            raise OSError(errno, f"eventfd for reconnect notices: {os.strerror(errno)}")
+        self.connector = connector
+        self.reconnect_timeout = timeout
+        h.reconnect_enabled = True
+        wake, self.monitor_wake = os.pipe()
+        threading.Thread(target=_watch_backend, args=(weakref.ref(self), wake), daemon=True,
+                         name=f"blkio {h.driver} reconnect").start()
+
+    cdef void stop_watching(self) noexcept:
+        """End the backend watcher (it wakes when the pipe's write end
+        closes) and the reconnect notices (a watcher holds its own copy)."""
+        for fd in (self.monitor_wake, self.reconnect_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.monitor_wake = -1
+        self.reconnect_fd = -1
+
+    cdef void tell_reconnect(self) noexcept:
+        """A reconnect began or ended: ``reconnect_fd`` becomes readable
+        (blkio.aio's loop watches a duplicate; the count never fills)."""
+        cdef uint64_t one = 1
+        if self.reconnect_fd >= 0:
+            c_write(self.reconnect_fd, &one, 8)
+
+    @property
+    def reconnect_fd(self):
+        """The eventfd whose count goes up when a reconnect begins and when
+        it ends (-1: the device does not reconnect)."""
+        return self.reconnect_fd
+
+    @property
+    def generation(self):
+        """Reconnects so far: what ``recover`` is given, to name the hang-up
+        it is called for."""
+        return self.handle.n_reconnects
+
+    @property
+    def reconnecting(self):
+        return self.handle.reconnecting
+
+    @property
+    def backend_fds(self):
+        return self.handle.backend_fds
+
+    def recover(self, uint64_t generation):
+        """Reconnect after the backend of ``generation`` (reconnects so far)
+        hung up, or wait for the reconnect already in progress.  Runs on the
+        backend watcher thread (or blkio.aio's executor, whichever sees the
+        hang-up first); returns once the device works again, or is broken,
+        or closing.  The reconnect counts as a call inside the device, so
+        that close() waits for it (and it gives up when close() begins)."""
+        cdef DeviceHandle h = self.handle
+        cdef Py_ssize_t entry
+        if (self.connector is None or h.closing or h.b == NULL or h.forked()
+                or h.state == ST_BROKEN or h.n_reconnects != generation):
+            return
+        if h.reconnecting:
+            h.wait_reconnected(0)
+            return
+        if not h.backend_dead():
+            return
+        h.reconnecting = True
+        self.tell_reconnect()
+        entry = guard_enter(&h.guard)
+        try:
+            self.reconnect(1)       # its own entry: the only call of this thread
+        except BaseException as e:
+            # A failure of our own (the backend's are handled inside): the
+            # device must not be left half-switched; everything fails.
+            if h.state != ST_BROKEN:
+                try:
+                    self.give_up(f"{BACKEND_HUNG_UP} and reconnecting failed: "
+                                 f"{type(e).__name__}: {e}")
+                except BaseException:
+                    pass
+            unraisable(self, e)
+        finally:
+            h.reconnecting = False
+            h.wake_waiters()
+            self.tell_reconnect()
+            core_leave(self, entry)
+
+    cdef int reconnect(self, Py_ssize_t own) except -1:
+        """The sequence of ``recover`` (the gate is shut: no new call enters)."""
+        cdef DeviceHandle h = self.handle
+        cdef DeviceCore fresh
+        cdef QueueEngine e
+        cdef blkioq *q
+        cdef list engines, queues
+        cdef bint quiet = False
+        cdef Py_ssize_t resubmitted = 0
+        timeout = self.reconnect_timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        pause = RETRY_FIRST
+        last = None
+        while True:
+            if h.closing:
+                return 0                # close() fails what is in flight
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self.give_up(reconnect_failed(timeout, last or "none finished in time",
+                                                     True))
+            try:
+                fresh, fds, limits, capacity, read_only = self.connector(min(left, CONNECT_ATTEMPT))
+            except OSError as err:
+                last = err
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                pause = min(2 * pause, RETRY_MAX)
+                continue
+            try:
+                why = self.differs(limits, capacity, read_only)
+                if why is not None:
+                    return self.give_up(reconnect_failed(timeout, why, False))
+                if not quiet:
+                    # Every call inside parked between its slices: none holds
+                    # a pointer into the old instance any more.
+                    quiet = h.wait_quiet(own, deadline)
+                    if not quiet:
+                        if h.closing:
+                            return 0
+                        return self.give_up(reconnect_failed(
+                            timeout, "calls inside the device did not stop", True))
+                    # Completions the daemon posted before it died: successes.
+                    for e in self.live_engines():
+                        e.drive(0, 0.0, None)
+                engines = self.live_engines()
+                queues = []
+                for e in engines:
+                    q = fresh.handle.get_queue(e.index, e.is_poll_queue)
+                    if q == NULL:
+                        return self.give_up(reconnect_failed(
+                            timeout, f"it has no {'poll ' if e.is_poll_queue else ''}queue "
+                                     f"{e.index}", False))
+                    queues.append(<uintptr_t>q)
+                try:
+                    h.map_regions_into(fresh.handle)
+                except OSError as err:
+                    last = err          # it died again: start over
+                    continue
+                # The switch: from here the old instance is fresh's, to destroy.
+                h.take_instance(fresh.handle)
+                h.backend_fds = tuple(fds)
+                try:
+                    for e, qp in zip(engines, queues):
+                        resubmitted += e.resume(<blkioq *><uintptr_t>qp)
+                except BaseException as err:
+                    # The new daemon may hold some of them: their memory stays.
+                    for e in engines:
+                        self.keep_undrained(e)
+                    self.give_up(f"{BACKEND_HUNG_UP}; resubmitting after the reconnect failed: "
+                                 f"{err}", False)
+                    raise
+                h.n_reconnects += 1
+                h.n_resubmitted += resubmitted
+                return 0
+            finally:
+                fresh.close(0.0)        # the new instance on failure, the old one after the switch
+
+    cdef str differs(self, object limits, object capacity, object read_only):
+        """What makes the instance a reconnect found another device than
+        the first (None: the same capacity, read-only flag and limits)."""
+        cdef DeviceHandle h = self.handle
+        if capacity != h.lim.capacity:
+            return f"capacity {capacity} bytes, was {h.lim.capacity}"
+        if bool(read_only) != h.lim.read_only:
+            return f"read-only is {bool(read_only)}, was {bool(h.lim.read_only)}"
+        if limits != self.limits:
+            names = getattr(self.limits, "__dataclass_fields__", None) or ()
+            changed = [f"{n} {getattr(limits, n, None)} (was {getattr(self.limits, n)})"
+                       for n in names if getattr(limits, n, None) != getattr(self.limits, n)]
+            return "limits differ: " + (", ".join(changed) or repr(limits))
+        return None
+
+    cdef int give_up(self, str why, bint release=True) except -1:
+        """The backend will not come back: the device is broken, everything
+        in flight fails with ``why``; its memory goes back (``release``)
+        when nothing can touch it any more (the daemon that had it is dead)."""
+        cdef DeviceHandle h = self.handle
+        cdef QueueEngine e
+        h.state = ST_BROKEN
+        h.broken_why = why
+        for e in self.live_engines():
+            e.abandon(EIO, why, release)
+        return 0
 
     # ---- queues ----------------------------------------------------------------
 
@@ -484,3 +741,39 @@ cdef class DeviceCore:
             return True
         finally:
             core_leave(self, entry)
+
+
+def _watch_backend(core_ref, int wake):
+    """The backend watcher of a device that reconnects (its own thread):
+    sleeps in poll(2) on the backend's sockets, which report nothing but a
+    hang-up, and on the wake pipe, which ``shutdown`` closes; runs the
+    reconnect on a hang-up.  Holds the device only weakly."""
+    import select
+    cdef DeviceCore core
+    cdef DeviceHandle h
+    try:
+        while True:
+            core = core_ref()
+            if core is None:
+                return
+            h = core.handle
+            if h.closing or h.b == NULL or h.forked() or h.state == ST_BROKEN:
+                return
+            fds = h.backend_fds
+            generation = h.n_reconnects
+            core = None
+            h = None
+            p = select.poll()
+            p.register(wake, select.POLLIN)
+            for fd in fds:
+                p.register(fd, 0)
+            events = p.poll()
+            if any(fd == wake or ev & select.POLLNVAL for fd, ev in events):
+                return
+            core = core_ref()
+            if core is None:
+                return
+            core.recover(generation)
+            core = None
+    finally:
+        os.close(wake)

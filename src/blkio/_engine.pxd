@@ -3,9 +3,10 @@
 # QueueEngine: enqueueing (every blkioq_* call of the package), dispatching
 # completions, driving the queue (submit, reap, the sliced waits, the shared
 # wait of several threads), the completion fd, the queue's own guard and
-# removal flags, and abandoning what is in flight when the backend or the
-# queue is gone.  It calls only downward: the handle (state it observes), the
-# bounce space (giving space back), the batch ring and held buffers.
+# removal flags, abandoning what is in flight when the backend or the queue
+# is gone, and resubmitting it on a new queue after a reconnect (resume).
+# It calls only downward: the handle (state it observes), the bounce space
+# (giving space back), the batch ring and held buffers.
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
@@ -15,9 +16,10 @@ from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_ent
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
-from ._batch cimport BatchRing, BatchArrays, take_slots, complete
+from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slots, complete
 from ._checks cimport removed_error
-from ._posix cimport pthread_mutex_t, pthread_cond_t, pthread_mutex_trylock, pthread_mutex_unlock
+from ._posix cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_lock, pthread_mutex_trylock,
+                     pthread_mutex_unlock)
 
 
 # Where a completion goes once dispatched.
@@ -134,6 +136,7 @@ cdef class QueueEngine:
     cdef void unlink(self, Completion c) noexcept
     cdef object abandon(self, int err, str msg, bint release)
     cdef bint drain(self, double timeout)
+    cdef Py_ssize_t resume(self, blkioq *q) except -1
 
 
 cdef QueueEngine new_engine(DeviceHandle handle, BounceSpace space, blkioq *q, int index,
@@ -175,6 +178,19 @@ cdef inline int take_queue(QueueEngine e) noexcept:
     if e.nogil_users == 0:
         return 0
     return 1 if pthread_mutex_trylock(&e.lock) == 0 else -1
+
+
+cdef inline int hold_queue(QueueEngine e) noexcept:
+    """take_queue, waiting (GIL released) while another thread holds the
+    lock; returns what give_queue takes (0 or 1)."""
+    cdef int held = take_queue(e)
+    if held < 0:
+        e.nogil_users += 1
+        with nogil:
+            pthread_mutex_lock(&e.lock)
+        e.nogil_users -= 1      # the lock is ours, with the GIL
+        held = 1
+    return held
 
 
 cdef inline void give_queue(QueueEngine e, int held) noexcept:

@@ -7,13 +7,15 @@ requests to libblkio (every ``blkioq_*`` call of the package is here),
 dispatches completions (to their caller, to the batch ring, or to whoever
 routes them: ``Route``), drives the queue -- submit, reap, waits cut into
 slices that notice Ctrl-C, a closing device, a removed queue and a dead
-backend -- and lets several threads wait on one queue without holding its
-lock (``wait_shared``).  When the backend or the queue is gone, ``abandon``
-completes everything in flight with an error (one routine for both).
+backend (and park while the device reconnects) -- and lets several threads
+wait on one queue without holding its lock (``wait_shared``).  When the
+backend or the queue is gone, ``abandon`` completes everything in flight
+with an error (one routine for both); after a reconnect, ``resume`` hands
+everything in flight to the new instance's queue.
 
 It calls only downward: the handle (whose state it observes), the bounce
 space (to give space back), the batch ring and held buffers.  The device core
-(``_device``) creates engines and drives their removal; the transfer engine
+(``_device``) creates engines and drives their removal and reconnects; the transfer engine
 (``_transfer``) and the public ``Queue`` (``_public``) call into them.
 """
 
@@ -278,6 +280,8 @@ cdef class QueueEngine:
         cdef DeviceHandle h = self.handle
         if h.draining or self.draining:
             return 0
+        if h.reconnecting:
+            h.park()            # until the instance and this queue are replaced
         if h.closing or h.forked():
             raise h.unusable_error()
         if self.removing:
@@ -285,14 +289,17 @@ cdef class QueueEngine:
         if h.state == ST_BROKEN:
             inflight = self.unreaped
             self.abandon(EIO, BACKEND_HUNG_UP, True)
-            raise broken_error(h.driver, inflight)
+            raise h.broken(inflight)
         return 0
 
     cdef int hung_up(self) except -1:
         """The backend is gone: every queue of the device fails what it has
         in flight (nothing can touch that memory any more) and the device
-        refuses further I/O."""
+        refuses further I/O -- unless the device reconnects: then the wait
+        goes on, and parks once the device core's reconnect has begun."""
         cdef DeviceHandle h = self.handle
+        if h.reconnect_enabled and h.state != ST_BROKEN:
+            return 0
         inflight = self.unreaped
         h.state = ST_BROKEN
         for e in h.engines:
@@ -629,13 +636,7 @@ cdef class QueueEngine:
         if until is None and min_completions <= 0:
             # Non-blocking: submit, and reap what is already there.
             while True:
-                held = take_queue(self)
-                if held < 0:
-                    self.nogil_users += 1
-                    with nogil:
-                        pthread_mutex_lock(&self.lock)
-                    self.nogil_users -= 1       # the lock is ours, with the GIL
-                    held = 1
+                held = hold_queue(self)
                 n = self.collect(comps, held)
                 got += n
                 if n < NCOMPS:
@@ -651,9 +652,10 @@ cdef class QueueEngine:
                     return got
         deadline = time.monotonic() + timeout if timeout >= 0 else None
         cdef double max_slice = WAIT_SLICE
-        if self.handle.threaded:
+        if self.handle.threaded or self.handle.reconnect_enabled:
             # Another thread may come to this queue while we sleep holding its
-            # lock: look again soon (wait_shared then takes over).
+            # lock: look again soon (wait_shared then takes over).  A reconnect
+            # waits for the waits in progress to park: soon, too.
             max_slice = SHARE_CHECK
         while True:
             if until is not None:
@@ -681,6 +683,7 @@ cdef class QueueEngine:
             self.nogil_users += 1
             with nogil:
                 pthread_mutex_lock(&self.lock)
+                q = self.q          # a reconnect replaces it (while this call is parked)
                 # Other threads may have reaped meanwhile: never ask libblkio
                 # for more than is outstanding (it answers EINVAL).
                 if want > self.in_libblkio:
@@ -751,15 +754,16 @@ cdef class QueueEngine:
         cdef int fd, r, err
         cdef pollfd pfd
         cdef timespec ts
-        cdef int slice_ms = <int>(WAIT_SLICE * 1000)
+        cdef int slice_ms = <int>((SHARE_CHECK if self.handle.reconnect_enabled else WAIT_SLICE)
+                                  * 1000)
         if not self.fd_enabled:
             self.set_fd_enabled(True)
-        fd = lb.blkioq_get_completion_fd(self.q)
         while True:
             self.drive(0, 0.0, None)            # submit, reap what is there
             if until.done:
                 return 0
             self.check_usable()
+            fd = lb.blkioq_get_completion_fd(self.q)    # a new one after a reconnect
             if not self.leader:
                 self.leader = True
                 pfd.fd = fd
@@ -798,13 +802,7 @@ cdef class QueueEngine:
     # ---- the completion fd ------------------------------------------------
 
     cdef int set_fd_enabled(self, bint value) except -1:
-        cdef int held = take_queue(self)
-        if held < 0:
-            self.nogil_users += 1
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-            self.nogil_users -= 1       # the lock is ours, with the GIL
-            held = 1
+        cdef int held = hold_queue(self)
         lb.blkioq_set_completion_fd_enabled(self.q, value)
         give_queue(self, held)
         self.fd_enabled = value
@@ -853,3 +851,49 @@ cdef class QueueEngine:
                 return False
         return True
 
+    # ---- a reconnect (the device core drives it) ------------------------------
+
+    cdef Py_ssize_t resume(self, lb.blkioq *q) except -1:
+        """Go on with queue ``q`` of a new instance (the old one died with its
+        backend, and every call inside is parked): hand it every request
+        still in flight, and submit them.  Batch requests go first (they are
+        all in flight at once: no order among them), then the others in the
+        order they were submitted -- so a flush comes after every write
+        submitted before it.  Their memory is where it was, mapped into the
+        new instance.  Returns how many were handed over."""
+        cdef lb.blkio_completion comps[NCOMPS]
+        cdef BatchRing ring = self.ring
+        cdef BatchSlot *slot
+        cdef Completion c = self.head
+        cdef Py_ssize_t i, n = 0
+        cdef int got
+        cdef int held = hold_queue(self)
+        self.q = q
+        if self.fd_enabled:
+            lb.blkioq_set_completion_fd_enabled(q, True)
+        for i in range(ring.slots_cap):
+            slot = &ring.slots[i]
+            if slot.length == 0:
+                continue
+            if slot.op == READ:
+                lb.blkioq_read(q, slot.offset, <void *>slot.addr, slot.length,
+                               <void *>((<uintptr_t>i << 1) | TAG_BIT), slot.flags)
+            else:
+                lb.blkioq_write(q, slot.offset, <void *>slot.addr, slot.length,
+                                <void *>((<uintptr_t>i << 1) | TAG_BIT), slot.flags)
+            n += 1
+        self.in_libblkio = n
+        while c is not None and c.next is not None:     # the oldest is last
+            c = c.next
+        while c is not None:
+            self._enqueue_locked(c, <void *>c, False, comps)
+            n += 1
+            c = c.prev
+        got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
+        if got > 0:
+            self.in_libblkio -= got
+        give_queue(self, held)
+        if got < 0:
+            raise libblkio_error(got, "blkioq_do_io")
+        self.dispatch(comps, got)
+        return n

@@ -1,6 +1,6 @@
 # The device handle: the one owner of a ``blkio *`` -- its state (which
-# queues and waits observe: started, broken, closing, the process it belongs
-# to), its limits as a C struct for the request path, typed property access,
+# queues and waits observe: started, broken, closing, reconnecting, the
+# process it belongs to), its limits as a C struct for the request path, typed property access,
 # memory-region map/unmap with the table of memory the device holds, and the
 # counters of the lifetime guard.  It may not parse user options, knows
 # nothing of requests, and never calls up: the device core (``_device``)
@@ -134,6 +134,13 @@ cdef class DeviceHandle:
     cdef bint threaded             # a second thread did blocking I/O: always release the GIL
     # counters (Device.stats)
     cdef uint64_t n_requests, n_bounced, bounced_bytes, n_split
+    # reconnecting after the backend hung up (the device core drives it):
+    # new calls wait at the gate, waits in progress park between slices
+    cdef bint reconnect_enabled    # a hang-up starts a reconnect (else: broken at once)
+    cdef bint reconnecting         # a reconnect is in progress
+    cdef Py_ssize_t parked         # calls inside that wait for it to end (the reconnect waits for them)
+    cdef str broken_why            # why a broken device will not come back, or None
+    cdef uint64_t n_reconnects, n_resubmitted
 
     cdef object unusable_error(self)
     cdef bint forked(self) noexcept
@@ -156,17 +163,26 @@ cdef class DeviceHandle:
     cdef int add_queue(self, bint poll) except -1
     cdef int remove_queue(self, int index, bint poll) except -1
     cdef bint backend_dead(self)
+    cdef object broken(self, Py_ssize_t in_flight)
+    cdef int park(self) except -1
+    cdef int wait_reconnected(self, Py_ssize_t waiting) except -1
+    cdef bint wait_quiet(self, Py_ssize_t own, double deadline)
+    cdef int map_regions_into(self, DeviceHandle other) except -1
+    cdef void take_instance(self, DeviceHandle other) noexcept
     cdef void _table_insert(self, uintptr_t start, uintptr_t end) except *
     cdef void _table_remove(self, uintptr_t start) noexcept
     cdef void destroy(self) noexcept
 
 
+cdef Py_ssize_t handle_enter_slow(DeviceHandle h) except -1
+
+
 cdef inline Py_ssize_t handle_enter(DeviceHandle h) except -1:
     """Enter the device's guard: refuses a closing device and a device of
-    the parent process after fork(), counts the call.  Returns the entry
-    for handle_leave."""
-    if h.closing or h.b == NULL or h.pid != blkio_current_pid:
-        raise h.unusable_error()
+    the parent process after fork(), waits while the device reconnects,
+    counts the call.  Returns the entry for handle_leave."""
+    if h.closing or h.b == NULL or h.pid != blkio_current_pid or h.reconnecting:
+        return handle_enter_slow(h)
     return guard_enter(&h.guard)
 
 

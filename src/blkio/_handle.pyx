@@ -41,11 +41,18 @@ queue's own guard in ``_engine``):
   queues) are serialised by ``ctl_lock``: libblkio's vhost-user connection is
   corrupted by two threads reading properties at once.  Queues have their
   own locks for the data path.
+* While the device reconnects (``reconnecting``: the device core replaces
+  the instance after its vhost-user backend hung up), entering waits at the
+  gate instead of failing (``handle_enter_slow``), and waits in progress
+  ``park`` between their slices; the reconnect swaps the instance only once
+  every call inside is parked (``wait_quiet``), so no call holds a pointer
+  into the old one.  ``close()`` ends the waits of both.
 """
 
 import enum
 import time
 
+from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memset
@@ -148,7 +155,7 @@ cdef class DeviceHandle:
         if self.closing or self.b == NULL or self.forked():
             raise self.unusable_error()
         if self.state == ST_BROKEN:
-            raise broken_error(self.driver, -1)
+            raise self.broken(-1)
         if self.state != ST_STARTED:
             raise not_started_error(self.driver, _STATES[<int>self.state].value)
         return 0
@@ -188,6 +195,99 @@ cdef class DeviceHandle:
             else:
                 pthread_mutex_unlock(&self.guard_mutex)
         return True
+
+    # ---- reconnecting: the gate and the parked calls ---------------------------
+
+    cdef object broken(self, Py_ssize_t in_flight):
+        """The EIO of a broken device: its backend hung up (and, after a
+        failed reconnect, why it will not come back)."""
+        return broken_error(self.driver, in_flight if self.broken_why is None else -1,
+                            self.broken_why)
+
+    cdef int park(self) except -1:
+        """A wait of a call inside the device, between its slices, while the
+        device reconnects: wait until the reconnect is over (or the device
+        closing).  Ctrl-C raises here; the call's request stays in flight
+        and is resubmitted with the others."""
+        cdef Py_ssize_t n = guard_own(&self.guard)
+        self.wait_reconnected(n if n > 0 else 1)
+        return 0
+
+    cdef int wait_reconnected(self, Py_ssize_t waiting) except -1:
+        """Wait (GIL released, in slices that run signal handlers) until no
+        reconnect is in progress or the device is closing.  ``waiting``:
+        the calls of this thread inside the device, counted as parked so
+        that the reconnect does not wait for them."""
+        cdef timespec ts
+        self.parked += waiting
+        if waiting:
+            self.wake_waiters()         # the reconnect may be waiting for this one
+        try:
+            while self.reconnecting and not self.closing:
+                realtime_after(&ts, 0.1)
+                pthread_mutex_lock(&self.guard_mutex)
+                if self.reconnecting and not self.closing:
+                    with nogil:
+                        pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                        pthread_mutex_unlock(&self.guard_mutex)
+                else:
+                    pthread_mutex_unlock(&self.guard_mutex)
+                PyErr_CheckSignals()
+        finally:
+            self.parked -= waiting
+        return 0
+
+    cdef bint wait_quiet(self, Py_ssize_t own, double deadline):
+        """The reconnect (``own``: its calls inside) waits until every other
+        call inside is parked; False when the device is closing or the
+        ``deadline`` (time.monotonic) passed first.  Parking wakes it;
+        leaving does not, hence the short slices."""
+        cdef timespec ts
+        cdef double left
+        while self.guard.users - own > self.parked:
+            left = deadline - time.monotonic()
+            if self.closing or left <= 0:
+                return False
+            realtime_after(&ts, left if left < 0.005 else 0.005)
+            pthread_mutex_lock(&self.guard_mutex)
+            if self.guard.users - own > self.parked:
+                with nogil:
+                    pthread_cond_timedwait(&self.guard_cond, &self.guard_mutex, &ts)
+                    pthread_mutex_unlock(&self.guard_mutex)
+            else:
+                pthread_mutex_unlock(&self.guard_mutex)
+        return not self.closing
+
+    cdef int map_regions_into(self, DeviceHandle other) except -1:
+        """Map every region this device maps with libblkio into ``other``'s
+        instance too, with the same values (a reconnect: the new instance
+        reaches the same memory, which this device keeps holding)."""
+        cdef lb.blkio_mem_region r
+        cdef Region region
+        cdef int ret
+        for addr, region in self.regions.items():
+            if not region.mapped:
+                continue
+            memset(&r, 0, sizeof(r))
+            r.addr = <void *><uintptr_t>addr
+            r.len = region.length
+            r.fd = region.fd
+            r.fd_offset = region.fd_offset
+            other.ctl_acquire()
+            with nogil:
+                ret = lb.blkio_map_mem_region(other.b, &r)
+            other.ctl_release()
+            if ret < 0:
+                raise libblkio_error(ret, f"blkio_map_mem_region({region.length} bytes at "
+                                          f"{addr:#x}) on reconnect")
+        return 0
+
+    cdef void take_instance(self, DeviceHandle other) noexcept:
+        """Swap instances with ``other`` (a reconnect: this device goes on
+        with the new one, ``other`` is left holding the old one to destroy)."""
+        cdef lb.blkio *b = self.b
+        self.b = other.b
+        other.b = b
 
     def wait_destroyed(self, double timeout):
         """Wait (GIL released) until another thread finished destroying."""
@@ -422,7 +522,9 @@ cdef class DeviceHandle:
             with nogil:
                 ret = lb.blkio_map_mem_region(self.b, &r)
             self.ctl_release()
-            if ret < 0:
+            # A device that reconnects keeps memory its dead backend refused:
+            # the reconnect maps every region it holds into the new instance.
+            if ret < 0 and not (self.reconnect_enabled and self.backend_dead()):
                 raise libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
         # The owner reference keeps the memory and its fd alive while mapped:
         # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).
@@ -557,6 +659,17 @@ cdef class DeviceHandle:
             if c_poll(&p, 1, 0) > 0 and (p.revents & (POLLHUP | POLLERR)):
                 return True
         return False
+
+
+cdef Py_ssize_t handle_enter_slow(DeviceHandle h) except -1:
+    """``handle_enter`` when the fast way is barred: wait while the device
+    reconnects (a call of this thread already inside -- a signal handler's
+    -- counts as parked meanwhile), then enter, or raise why no call may."""
+    while h.reconnecting and not h.closing and not h.forked():
+        h.wait_reconnected(guard_own(&h.guard))
+    if h.closing or h.b == NULL or h.forked():
+        raise h.unusable_error()
+    return guard_enter(&h.guard)
 
 
 cdef int check_io_depth(object depth) except 0:

@@ -24,7 +24,7 @@ cdef class BounceSpace:
     cdef size_t _round(self, size_t nbytes)
     cdef Py_ssize_t _try_locked(self, size_t size) except -2
     cdef size_t checked_size(self, size_t nbytes) except? 0
-    cdef int check_open(self) except -1
+    cdef int check_open(self, bint inside=*) except -1
     cdef Py_ssize_t try_acquire(self, size_t size) except -2
     cdef Py_ssize_t fifo_enter(self, size_t size, object waiter) except -2
     cdef Py_ssize_t fifo_turn(self, size_t size, object waiter) except -2

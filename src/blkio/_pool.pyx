@@ -183,9 +183,13 @@ cdef class BounceSpace:
         finally:
             self._unlock()
 
-    cdef int check_open(self) except -1:
+    cdef int check_open(self, bint inside=False) except -1:
+        """Between a waiter's turns: the device may be gone (raises); a
+        waiter ``inside`` the device's guard parks while it reconnects."""
         if self.handle is None:
             raise closed_error(None)
+        if inside and self.handle.reconnecting:
+            self.handle.park()
         if self.handle.closing or self.handle.forked():
             raise self.handle.unusable_error()
         return 0

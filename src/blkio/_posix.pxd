@@ -1,6 +1,6 @@
 # POSIX declarations the core needs that Cython's own libc/posix packages
-# lack: pthread mutexes and condition variables, clocks, poll(2), memfd and
-# the errnos libblkio returns.  Declarations only; no module of its own.
+# lack: pthread mutexes and condition variables, clocks, poll(2), memfd,
+# eventfd and the errnos libblkio returns.  Declarations only; no module of its own.
 
 from libc.stdint cimport int64_t
 from posix.time cimport timespec
@@ -42,6 +42,11 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     int memfd_create(const char *name, unsigned int flags)
     unsigned int MFD_CLOEXEC
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
 
 cdef extern from "<unistd.h>" nogil:
     int ftruncate(int fd, long length)

@@ -424,6 +424,20 @@ cdef inline Py_ssize_t _enter(Queue q) except -1:
                                                                        dentry))
 
 
+cdef Py_ssize_t _enter_even_broken(Queue q) except -1:
+    """``_enter`` for what a broken device still does: hand out what failed
+    (the asyncio port's routing of what its backend's hang-up failed)."""
+    cdef DeviceCore core = q.core
+    if core is None:
+        raise no_device_error()
+    cdef Py_ssize_t dentry = core_enter(core)
+    cdef QueueEngine e = q.engine
+    if e.removing or e.q == NULL:
+        core_leave(core, dentry)
+        raise removed_error(e.index)
+    return dentry * (GUARD_THREADS + 1) + queue_use(e)
+
+
 cdef inline void _leave(Queue q, Py_ssize_t entries) noexcept:
     queue_unuse(q.engine, entries % (GUARD_THREADS + 1))
     core_leave(q.core, entries // (GUARD_THREADS + 1))
@@ -955,6 +969,20 @@ cdef class BouncePool:
 
 # ---- the asyncio port ------------------------------------------------------------------
 
+class Reconnecting(Exception):
+    """What the asyncio port's calls raise while the device reconnects,
+    instead of waiting for it at the guard's gate as other calls do: the
+    loop must keep running (blkio.aio waits on the reconnect eventfd)."""
+
+
+cdef inline int _not_reconnecting(AsyncPort port) except -1:
+    # With the GIL held from here into the guard, no reconnect can begin
+    # in between: a call that passes enters without waiting.
+    if port.engine.handle.reconnecting:
+        raise Reconnecting(port.core.driver)
+    return 0
+
+
 def async_port(DeviceFront front not None, index):
     """The port through which blkio.aio drives queue ``index`` (package-private)."""
     cdef DeviceCore core = front._live()
@@ -996,6 +1024,7 @@ cdef class AsyncPort:
         cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(length, "length")
         cdef uint64_t ck = _chunk(self.core, chunk)
         cdef int dp = _depth(depth)
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return start_async(self.engine, op, off, buf, vectored, flags, future, n, ck, dp)
@@ -1010,6 +1039,7 @@ cdef class AsyncPort:
         if op != READ and op != WRITE:
             raise ValueError(f"io takes a read or a write, not op {op!r}")
         cdef uint64_t off = as_u64(offset, "offset")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return start_async(self.engine, op, off, buf, False, flags, future, 0, 0, 0)
@@ -1023,6 +1053,7 @@ cdef class AsyncPort:
     def refill(self, Transfer t not None, bounce):
         """Go on with ``t`` now that ``bounce`` (space acquired for its next
         piece) is there; space it did not use goes back."""
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             if t.future is None or t.future.done():
@@ -1036,6 +1067,7 @@ cdef class AsyncPort:
         """Enqueue a zone request resolving ``future`` with its ret; minus
         the bounce bytes a report waits for (nothing enqueued), else 0."""
         cdef uint64_t off = as_u64(offset, "offset")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             c = zone_completion(self.engine, op, off, zones, TO_FUTURE, future, bounce,
@@ -1055,9 +1087,15 @@ cdef class AsyncPort:
         cdef QueueEngine e = self.engine
         cdef uint64_t before
         cdef int rounds = 0
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         stuck = []
         try:
+            if e.handle.state == ST_BROKEN:
+                # The backend hung up: what it had in flight failed (abandon);
+                # resolve those futures, submit nothing.
+                route_async(e, self.stuck)
+                return list(self.stuck), False
             while True:
                 e.drive(0, 0.0, None)
                 if not e.ready:
@@ -1077,6 +1115,7 @@ cdef class AsyncPort:
     def submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags, region,
                      blocksize):
         cdef Queue q = <Queue>self.queue
+        _not_reconnecting(self)
         return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
 
     def solo_batch(self, int op, offsets, buffers, unsigned int flags, region, blocksize,
@@ -1092,6 +1131,7 @@ cdef class AsyncPort:
         cdef BatchArrays a
         cdef Py_ssize_t room, failed
         cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             a = batch_arrays(op, offsets, buffers, None, region, bs)
@@ -1118,6 +1158,7 @@ cdef class AsyncPort:
     def check_batch(self, int op, offsets, buffers, region, blocksize):
         """Check a whole batch, enqueueing nothing (before its first wave)."""
         cdef uint64_t bs = as_u64(blocksize, "blocksize")
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         cdef BatchArrays a
         try:
@@ -1133,8 +1174,10 @@ cdef class AsyncPort:
         t.future = None
 
     def take_batch(self, out):
-        """Move completed batch requests into ``out`` (no waiting)."""
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        """Move completed batch requests into ``out`` (no waiting; on a
+        broken device too, for the requests its backend's hang-up failed)."""
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
             if out is not self.engine.ring.out:
                 self.engine.ring.set_out(out)
@@ -1160,6 +1203,7 @@ cdef class AsyncPort:
 
     @property
     def fd(self):
+        _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter(<Queue>self.queue)
         try:
             return self.engine.completion_fd()
@@ -1169,7 +1213,8 @@ cdef class AsyncPort:
     def enable_fd(self, bint value):
         if self.engine.fd_enabled == value:
             return
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
+        _not_reconnecting(self)
+        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
             self.engine.set_fd_enabled(value)
         finally:
@@ -1196,3 +1241,49 @@ cdef class AsyncPort:
     @property
     def gone(self):
         return self.queue.removed
+
+    # ---- the backend (vhost-user): its hang-up, and reconnecting --------------------
+
+    @property
+    def backend_fds(self):
+        """The sockets whose hang-up means the backend died (the loop
+        watches duplicates of them)."""
+        return self.core.backend_fds
+
+    @property
+    def reconnects(self):
+        """Does the device reconnect when its backend hangs up?"""
+        return self.engine.handle.reconnect_enabled
+
+    @property
+    def reconnecting(self):
+        return self.engine.handle.reconnecting
+
+    @property
+    def generation(self):
+        """Reconnects so far (names the backend a hang-up is about)."""
+        return self.core.generation
+
+    @property
+    def broken(self):
+        return self.engine.handle.state == ST_BROKEN
+
+    def hang_up(self):
+        """The loop saw the backend hang up, on a device that does not
+        reconnect: everything in flight fails, the device is broken."""
+        cdef Py_ssize_t entry = core_enter(self.core)
+        try:
+            self.core.hang_up()
+        finally:
+            core_leave(self.core, entry)
+
+    @property
+    def reconnect_fd(self):
+        """An eventfd readable when a reconnect began or ended (the loop
+        watches a duplicate; -1 when the device does not reconnect)."""
+        return self.core.reconnect_fd
+
+    @property
+    def broken_reason(self):
+        """Why a broken device will not come back (a failed reconnect), or None."""
+        return self.engine.handle.broken_why

@@ -95,7 +95,7 @@ cdef Py_ssize_t wait_for_space(BounceSpace space, QueueEngine e, size_t nbytes,
     deadline = time.monotonic() + timeout if timeout >= 0 else None
     try:
         while True:
-            space.check_open()
+            space.check_open(True)
             start = space.fifo_turn(size, waiter)
             if start >= 0:
                 return start
@@ -320,6 +320,8 @@ cdef void _settle_interrupted(QueueEngine e, Transfer t):
     buffers through their Completions until the queue reaps them."""
     cdef Completion c
     cdef double deadline = time.monotonic() + SETTLE_TIMEOUT, left
+    if e.handle.reconnecting:
+        return      # nothing completes before the reconnect is over
     for i in range(t.head, len(t.inflight)):
         c = <Completion>t.inflight[i]
         left = deadline - time.monotonic()

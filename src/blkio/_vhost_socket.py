@@ -38,16 +38,17 @@ __all__ = ["Handshake", "check_connect_timeout", "check_socket_path", "connected
 POLL_INTERVAL = 0.05
 
 
-def check_connect_timeout(timeout: object) -> Optional[float]:
-    """``connect_timeout`` as seconds, or None for no limit (TypeError, ValueError)."""
+def check_connect_timeout(timeout: object, name: str = "connect_timeout") -> Optional[float]:
+    """``connect_timeout`` (or the timeout ``name``) as seconds, or None for
+    no limit (TypeError, ValueError)."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"connect_timeout takes seconds (a real number) or None, "
+        raise TypeError(f"{name} takes seconds (a real number) or None, "
                         f"got {type(timeout).__name__}")
     timeout = float(timeout)
     if not timeout > 0:
-        raise ValueError(f"connect_timeout must be > 0 seconds (None: no limit), got {timeout!r}")
+        raise ValueError(f"{name} must be > 0 seconds (None: no limit), got {timeout!r}")
     return None if math.isinf(timeout) else timeout
 
 

@@ -20,6 +20,16 @@ flight, its memory held by the core until its completion arrives.
 Python object per request: the queue's batch path, tagged with the batch's
 number in the high 32 bits of ``user_data``.
 
+A vhost-user backend that hangs up is noticed on the loop too.  Without
+``reconnect``, the loop watches the backend's socket (through an epoll set
+that asks for no events: readable only at a hang-up) and fails everything
+in flight with EIO at once.  A device opened with ``reconnect=True``
+reconnects on its own watcher thread and tells its reconnects' start and
+end on an eventfd the loop watches: meanwhile the loop keeps running and
+makes no call into the device (requests made then wait for the reconnect);
+afterwards it watches the new completion fd, and everything that was in
+flight completes as if nothing happened.
+
 An AsyncDevice follows the running loop: awaited from another loop while
 nothing is in flight, it moves its reader there (pytest-asyncio's loop per
 test, notebooks); with requests in flight on a live loop it refuses.  Another
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import time
 import types
 import weakref
@@ -43,8 +54,9 @@ import numpy as np
 # (imported under private names: this module's public names are __all__'s)
 from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_device
 from ._checks import int_array as _int_array, write_zeroes_flags as _write_zeroes_flags
-from ._connect import DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT
-from ._public import async_port as _async_port
+from ._connect import (DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT,
+                       DEFAULT_RECONNECT_TIMEOUT as _DEFAULT_RECONNECT_TIMEOUT)
+from ._public import Reconnecting as _Reconnecting, async_port as _async_port
 from ._zones import ZONE_DTYPE as _ZONE_DTYPE, _report_plan
 from .errors import error_for as _error_for
 
@@ -118,6 +130,10 @@ class AsyncDevice:
         self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
         self._sync_bytes = 0             # completed during submission since the last yield
+        self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
+        self._events = -1               # a duplicate of the device's reconnect eventfd
+        self._generation = 0            # the device's reconnects when we last looked
+        self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
         self._watch(self._loop)
         self._listen()
 
@@ -142,21 +158,61 @@ class AsyncDevice:
     # ---- the loop ------------------------------------------------------------
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A duplicate: libblkio closes its fd when the device goes, possibly
-        # from another thread, and the loop must never watch a reused number.
+        self._loop = loop
+        self._watch_completions()
+        self._watch_backend()
+
+    def _watch_completions(self) -> None:
+        # A duplicate: libblkio closes its fd when the device goes (or
+        # reconnects), possibly from another thread, and the loop must never
+        # watch a reused number.
         self._port.enable_fd(True)
         self._fd_on = True
         self._fd = os.dup(self._port.fd)
-        loop.add_reader(self._fd, self._on_completion_fd)
-        self._loop = loop
+        self._loop.add_reader(self._fd, self._on_completion_fd)
 
-    def _release_fd(self) -> None:
-        self._port.on_gone(None)
+    def _watch_backend(self) -> None:
+        """A device that reconnects tells its reconnects' start and end on
+        an eventfd (a duplicate is watched: its watcher thread sees the
+        hang-up).  Otherwise the loop watches the backend's sockets through
+        an epoll set of its own that asks for no events: it becomes readable
+        only at a hang-up, libblkio's own messages never wake it, and no
+        flag of the sockets changes (uvloop would make a socket handed to it
+        non-blocking under libblkio)."""
+        port = self._port
+        self._generation = port.generation
+        if port.reconnects:
+            self._events = os.dup(port.reconnect_fd)
+            self._loop.add_reader(self._events, self._on_reconnect_event)
+        elif port.backend_fds:
+            self._backend = select.epoll()
+            for fd in port.backend_fds:
+                self._backend.register(fd, 0)
+            self._loop.add_reader(self._backend.fileno(), self._on_backend)
+
+    def _unwatch_backend(self) -> None:
+        if self._backend is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._backend.fileno())
+            self._backend.close()
+            self._backend = None
+        if self._events >= 0:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._events)
+            os.close(self._events)
+            self._events = -1
+
+    def _release_completion_fd(self) -> None:
         if self._fd >= 0:
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
+
+    def _release_fd(self) -> None:
+        self._port.on_gone(None)
+        self._release_completion_fd()
+        self._unwatch_backend()
 
     def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Awaited from another loop than the one watching the fd: move
@@ -200,6 +256,70 @@ class AsyncDevice:
         return ValueError(f"the {self.device.driver} device was closed (or its queue removed) "
                           f"while a batch of {rec.n} request(s) was in flight")
 
+    # ---- the backend's hang-up, and reconnecting --------------------------------
+
+    def _on_backend(self) -> None:
+        """The backend's socket hung up (a device that does not reconnect):
+        everything in flight fails; route it."""
+        if self._backend is None or not self._backend.poll(0):
+            return
+        self._unwatch_backend()
+        self._port.hang_up()
+        self._reap()
+
+    def _on_reconnect_event(self) -> None:
+        try:
+            os.read(self._events, 8)
+        except BlockingIOError:
+            pass
+        self._follow_reconnect()
+
+    def _follow_reconnect(self) -> None:
+        """Keep up with the device's reconnects: while one is in progress
+        the loop makes no call into the device (the port's calls raise
+        Reconnecting instead of waiting); once it is over -- seen or not --
+        the new instance's completion fd is watched and what completed (or
+        failed) meanwhile is routed."""
+        port = self._port
+        if not port.reconnecting and (self._reconnected is not None
+                                      or port.generation != self._generation):
+            event, self._reconnected = self._reconnected, None
+            self._generation = port.generation
+            if not self._closed:
+                self._release_completion_fd()
+                try:
+                    if not (self.device.closed or port.gone or port.broken):
+                        self._watch_completions()
+                except _Reconnecting:
+                    pass                    # the next one began: below
+                else:
+                    self._reap()
+            if event is not None:
+                event.set()
+        if port.reconnecting and self._reconnected is None and not self._closed:
+            self._reconnected = asyncio.Event()
+            self._release_completion_fd()   # the old instance's: it signals nothing more
+            self._fd_on = False
+
+    async def _until_reconnected(self) -> None:
+        """Before calling into the device: wait out a reconnect in progress."""
+        while self._reconnected is not None:
+            await self._reconnected.wait()
+
+    async def _after_reconnect(self, submit: Any) -> Any:
+        await self._until_reconnected()
+        return await submit()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """A port call from a coroutine: after a reconnect in progress."""
+        while True:
+            if self._reconnected is not None:
+                await self._until_reconnected()
+            try:
+                return fn(*args)
+            except _Reconnecting:
+                self._follow_reconnect()
+
     # ---- completions ------------------------------------------------------------
 
     def _on_completion_fd(self) -> None:
@@ -208,6 +328,9 @@ class AsyncDevice:
 
     def _reap(self) -> None:
         port = self._port
+        if self._reconnected is not None or port.reconnecting:
+            self._follow_reconnect()    # its end reaps
+            return
         try:
             if self._fd_on:          # no fd events while we reap in a loop
                 port.enable_fd(False)
@@ -229,6 +352,9 @@ class AsyncDevice:
                 # An event on the fd now is spurious (io_uring signals it even
                 # while disabled, for completions reaped during the submit).
                 port.reset_fd(self._fd)
+        except _Reconnecting:
+            self._follow_reconnect()    # its end reaps
+            return
         except ValueError:
             if not (self.device.closed or port.gone):
                 raise
@@ -244,7 +370,7 @@ class AsyncDevice:
         # Runs once per loop iteration in which requests were enqueued: one
         # blkioq_do_io submits them all (QEMU's plug/unplug).
         self._flush_scheduled = False
-        if self._closed:
+        if self._closed or self._reconnected is not None:
             return
         if self.spin_us > 0 and self._port.in_flight:
             deadline = time.perf_counter() + self.spin_us / 1e6
@@ -265,8 +391,9 @@ class AsyncDevice:
         pool = self.device.bounce_pool
         while self._port.need(t):
             try:
+                await self._until_reconnected()
                 bounce = await pool.acquire_async(self._port.need(t))
-                self._port.refill(t, bounce)
+                await self._call(self._port.refill, t, bounce)
             except BaseException as e:
                 self._port.fail(t, e)
                 return
@@ -279,8 +406,16 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
+        if self._reconnected is not None:
+            return loop.create_task(self._after_reconnect(
+                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
         fut = loop.create_future()
-        t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
+        try:
+            t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
+        except _Reconnecting:
+            self._follow_reconnect()
+            return loop.create_task(self._after_reconnect(
+                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
         if t is not None and self._port.need(t) and not fut.done():
             loop.create_task(self._feed(t))
         if not self._flush_scheduled:
@@ -299,9 +434,13 @@ class AsyncDevice:
         if chunk is None and depth is None:
             # the hot path, inline: one call into the core, no frame but this
             loop = _running_loop()
-            if loop is self._loop and not self._closed:
+            if loop is self._loop and not self._closed and self._reconnected is None:
                 fut = loop.create_future()
-                t = self._port.io(_READ, offset, buf, 0, fut)
+                try:
+                    t = self._port.io(_READ, offset, buf, 0, fut)
+                except _Reconnecting:
+                    self._follow_reconnect()
+                    return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
                 if t is not None and self._port.need(t) and not fut.done():
                     loop.create_task(self._feed(t))     # a piece waits for bounce space
                 if not self._flush_scheduled:
@@ -313,6 +452,8 @@ class AsyncDevice:
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
+        if self._reconnected is not None:
+            await self._until_reconnected()
         if type(nbytes) is int and nbytes == 0:
             out = np.empty(0, np.uint8)
         else:
@@ -328,9 +469,13 @@ class AsyncDevice:
         if chunk is None and depth is None:
             # the hot path, as in readinto
             loop = _running_loop()
-            if loop is self._loop and not self._closed:
+            if loop is self._loop and not self._closed and self._reconnected is None:
                 fut = loop.create_future()
-                t = self._port.io(_WRITE, offset, buf, flags, fut)
+                try:
+                    t = self._port.io(_WRITE, offset, buf, flags, fut)
+                except _Reconnecting:
+                    self._follow_reconnect()
+                    return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
                 if t is not None and self._port.need(t) and not fut.done():
                     loop.create_task(self._feed(t))     # a piece waits for bounce space
                 if not self._flush_scheduled:
@@ -370,11 +515,11 @@ class AsyncDevice:
         if loop is not self._loop or self._closed:
             self._follow(loop)
         fut = loop.create_future()
-        need = self._port.zone(op, offset, zones, fut)
+        need = await self._call(self._port.zone, op, offset, zones, fut)
         if need < 0:
             bounce = await self.device.bounce_pool.acquire_async(-need)
             try:
-                self._port.zone(op, offset, zones, fut, bounce)
+                await self._call(self._port.zone, op, offset, zones, fut, bounce)
             except BaseException:
                 self.device.bounce_pool.release(bounce)
                 raise
@@ -469,12 +614,18 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
+        if self._reconnected is not None:
+            await self._until_reconnected()
         port = self._port
         solo = -2
         if not self._batches:
             # The common case, in the core: the only batch in flight, in one
             # wave, with the default tags 0..n-1 (batch 0).
-            solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize, self._reap_out)
+            try:
+                solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize,
+                                       self._reap_out)
+            except _Reconnecting:
+                self._follow_reconnect()    # the general path below waits it out
             if solo >= 0:
                 self._sync_bytes += solo    # yield now and then: cached reads never wait
                 if self._sync_bytes >= _SYNC_BYTES:
@@ -501,7 +652,7 @@ class AsyncDevice:
             bid, pos = 0, n
         else:
             # all of it before the first wave (each wave is checked again)
-            port.check_batch(op, offs, buffers, region, blocksize)
+            await self._call(port.check_batch, op, offs, buffers, region, blocksize)
             bid = self._next_batch
             while bid in self._batches or bid == 0:   # 0: the solo batch's
                 bid = bid % (_BATCH_IDS - 1) + 1
@@ -525,8 +676,8 @@ class AsyncDevice:
                     k = min(k, depth - port.in_flight)
                 tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
                 try:
-                    port.submit_batch(op, offs[pos:pos + k], buffers[pos:pos + k], tags, flags,
-                                      region, blocksize)
+                    await self._call(port.submit_batch, op, offs[pos:pos + k],
+                                     buffers[pos:pos + k], tags, flags, region, blocksize)
                 except Exception as e:
                     if rec.left and (self.device.closed or port.gone):
                         raise self._closed_during_batch(rec) from e
@@ -535,7 +686,10 @@ class AsyncDevice:
                 rec.left += k
                 pos += k
                 if port.batch_ready:
-                    self._take_batches()
+                    try:
+                        self._take_batches()
+                    except _Reconnecting:
+                        self._follow_reconnect()    # the reconnect's end takes them
                 if rec.left:
                     self._reap()
             if rec.left:
@@ -608,9 +762,10 @@ class AsyncDevice:
         i = rec.fail_index
         offset = int(rec.offsets[i])
         others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
+        why = self._port.broken_reason     # the backend hung up for good
         e = _error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
-                                     f"offset {offset} (request {i} of a batch of {rec.n}) "
-                                     f"failed{others}")
+                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
+                                      f"failed{others}{': ' + why if why else ''}")
         e.index = i                     # type: ignore[attr-defined]
         e.offset = offset               # type: ignore[attr-defined]
         e.failed = rec.nfail            # type: ignore[attr-defined]
@@ -697,12 +852,16 @@ class _Opener:
 
 def open(driver: str, path: Optional[str] = None, *, spin_us: int = 0,
          poll_us: Optional[int] = None, queue: int = 0,
-         connect_timeout: Optional[float] = _DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> _Opener:
+         connect_timeout: Optional[float] = _DEFAULT_CONNECT_TIMEOUT, reconnect: bool = False,
+         reconnect_timeout: Optional[float] = _DEFAULT_RECONNECT_TIMEOUT,
+         **kwargs: Any) -> _Opener:
     """Open a device for asyncio: ``async with blkio.aio.open(...) as adev``
     (or ``adev = await blkio.aio.open(...)`` and ``await adev.aclose()``).
     Arguments are those of :func:`blkio.open`, plus ``spin_us`` (``poll_us``,
     deprecated) and ``queue``.  The device is opened in the loop's default
     executor, so a vhost-user handshake that waits (``connect_timeout``, as
-    in :func:`blkio.open`) does not block the loop."""
+    in :func:`blkio.open`) does not block the loop; with ``reconnect=True``
+    a daemon restart is waited out there too (``reconnect_timeout``)."""
     return _Opener((driver, path), dict(kwargs, spin_us=spin_us, poll_us=poll_us, queue=queue,
-                                        connect_timeout=connect_timeout))
+                                        connect_timeout=connect_timeout, reconnect=reconnect,
+                                        reconnect_timeout=reconnect_timeout))
