@@ -131,20 +131,26 @@ cdef class BatchRing:
     cdef Py_ssize_t copy_out(self) noexcept:
         """Move up to ``len(out)`` completions from the ring into ``out``."""
         cdef Py_ssize_t k = self.ready if self.ready < self.out_len else self.out_len
-        cdef Py_ssize_t i, j = self.head
+        cdef Py_ssize_t i, j = self.head, cap = self.ring_cap, failed = 0
         cdef char *row = self.out_base
+        # the fields in locals: a store into ``out`` could alias any of them
+        cdef int64_t *tags = self.tags
+        cdef int *rets = self.rets
+        cdef Py_ssize_t off_user_data = self.off_user_data, off_ret = self.off_ret
+        cdef Py_ssize_t stride = self.out_stride
         for i in range(k):
             # memcpy: fields of a packed structured dtype may be misaligned
-            memcpy(row + self.off_user_data, &self.tags[j], sizeof(int64_t))
-            memcpy(row + self.off_ret, &self.rets[j], sizeof(int))
-            if self.rets[j] < 0:
-                self.failed += 1
-            row += self.out_stride
+            memcpy(row + off_user_data, &tags[j], sizeof(int64_t))
+            memcpy(row + off_ret, &rets[j], sizeof(int))
+            if rets[j] < 0:
+                failed += 1
+            row += stride
             j += 1
-            if j == self.ring_cap:
+            if j == cap:
                 j = 0
         self.head = j
         self.ready -= k
+        self.failed += failed
         return k
 
 
