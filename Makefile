@@ -29,7 +29,7 @@ test: install $(VENV)/.docs-deps $(if $(PYTEST_ARGS),,dist)
 # off (CPython's own allocations would drown them); PYTHONMALLOC=malloc makes
 # Python objects visible to ASan.  The guest suite and mypy run only above,
 # and so do the CLIs' and bench harness's tests: Python over the same API,
-# whose core paths the API modules drive here (halves this run's time).
+# whose core paths the API modules drive here.
 ASAN_VENV := .venv-asan
 ASAN_LOG  := $(CURDIR)/build/asan-reports
 ASAN_ENV  := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \

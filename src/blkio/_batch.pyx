@@ -216,19 +216,19 @@ cdef BatchArrays batch_arrays(int op, object offsets, object buffers, object use
     cdef BatchArrays a = BatchArrays.__new__(BatchArrays)
     cdef Py_buffer probe
     cdef bint indexed = region is not None
-    keep = []
-    if not batch_array(offsets, &probe, 1, b'L', False):
+    # converted arrays are kept alive with the views (a list only then: the
+    # usual batch is exact arrays, and this runs on every submit)
+    if not batch_array(offsets, &a.offsets_view, 1, b'L', False):
         offsets = int_array(offsets, "offsets", False)
-        keep.append(offsets)
+        a.keep = [offsets]
+        _view(offsets, &a.offsets_view, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
+    a.has_offsets = True
     if user_data is not None and not batch_array(user_data, &probe, 1, b'l', False):
         user_data = int_array(user_data, "user_data", True)
-        keep.append(user_data)
+        a.keep = [user_data] if a.keep is None else a.keep + [user_data]
     if indexed and not batch_array(buffers, &probe, 1, b'L', False):
         buffers = int_array(buffers, "buffers (offsets into region)", False)
-        keep.append(buffers)
-    a.keep = keep
-    _view(offsets, &a.offsets_view, 1, b"LQ", False, "offsets (a 1-D uint64 array)")
-    a.has_offsets = True
+        a.keep = [buffers] if a.keep is None else a.keep + [buffers]
     # whole literals, not a concatenation: this runs on every call
     if indexed:
         _view(region, &a.memory_view, 1, b"B", op == READ,
