@@ -196,18 +196,19 @@ class AsyncDevice:
                 self._loop.remove_reader(self._backend.fileno())
             self._backend.close()
             self._backend = None
-        if self._events >= 0:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(self._events)
-            os.close(self._events)
-            self._events = -1
+        self._events = self._close_reader(self._events)
 
     def _release_completion_fd(self) -> None:
-        if self._fd >= 0:
+        self._fd = self._close_reader(self._fd)
+
+    def _close_reader(self, fd: int) -> int:
+        """Stop watching ``fd`` (our own descriptor, -1: none) and close it;
+        returns -1 for the attribute that held it."""
+        if fd >= 0:
             if not self._loop.is_closed():
-                self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+                self._loop.remove_reader(fd)
+            os.close(fd)
+        return -1
 
     def _release_fd(self) -> None:
         self._port.on_gone(None)
