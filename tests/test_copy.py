@@ -435,6 +435,18 @@ def test_ctrl_c_during_a_kernel_copy_waits_flushes_and_says_how_far_it_got(tmp_p
     assert _read(out, 0, copied) == img.data[:copied]
 
 
+def test_resident_pages_refuses_an_offset_off_a_page(image):
+    from blkio._memory import resident_pages
+    fd = os.open(image.path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="page-aligned"):
+            resident_pages(fd, [512])
+        with pytest.raises(ValueError, match="page-aligned"):
+            resident_pages(fd, [-4096])
+    finally:
+        os.close(fd)
+
+
 def test_cached_share_tells_a_file_in_the_page_cache_from_one_out_of_it(tmp_path, make_image):
     from blkio._copy import cached_share
     img = make_image(ODD)
@@ -442,11 +454,13 @@ def test_cached_share_tells_a_file_in_the_page_cache_from_one_out_of_it(tmp_path
     try:
         _warm(img.path)
         share = cached_share(fd, img.size)
-        require(share is not None, "RWF_NOWAIT reads are not supported here (kernel or file "
-                                   "system)")
+        require(share is not None, "this file system cannot mmap a file (mincore needs it)")
         assert share == 1.0
         _evict(img.path)
         assert cached_share(fd, img.size) == 0.0
+        # the probe reads nothing: a cold file stays cold (a read probe,
+        # even RWF_NOWAIT, starts readahead and warms what it measures)
+        assert _resident_pages(fd, img.size) == 0
         assert cached_share(fd, 0) is None
     finally:
         os.close(fd)

@@ -33,8 +33,9 @@ from ._cliparse import (CONNECT_TIMEOUT_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EX
                         RECONNECT_HELP, RECONNECT_TIMEOUT_HELP, SuggestingParser,
                         connect_timeout_type, int_type, open_failure, program_name,
                         seconds_type)
-from ._drivers import DRIVER_FACTS
 from ._cliprops import PropertyError, check_driver, check_properties, parse_properties
+from ._drivers import DRIVER_FACTS
+from ._memory import resident_pages
 from ._sizes import format_bytes as _fmt_bytes, size_type
 
 PROG = "blkio copy"
@@ -425,29 +426,21 @@ def cached_share(fd: int, size: int, probes: int = CACHE_PROBES) -> Optional[flo
     """The share of ``probes`` pages spread over the first ``size`` bytes of
     ``fd`` that are in the page cache, or None when the kernel cannot say.
 
-    Each page is probed with a one-byte ``RWF_NOWAIT`` read, which fails
-    with EAGAIN rather than wait for the disk.  Readahead is off meanwhile
-    (``POSIX_FADV_RANDOM`` on ``fd``), so a page not there costs one page
-    read in the background, not a readahead window."""
+    mincore(2) answers without reading (``_memory.resident_pages``), but
+    only to the file's owner or a caller that may write it (or root): for
+    anyone else it would call every page absent, so that is None too."""
     page = os.sysconf("SC_PAGE_SIZE")
     npages = -(-size // page)
     n = min(probes, npages)
     if n <= 0:
         return None
-    one = bytearray(1)
-    hits = 0
+    st = os.fstat(fd)
+    if (os.geteuid() not in (0, st.st_uid)
+            and not os.access(f"/proc/self/fd/{fd}", os.W_OK)):
+        return None
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        try:
-            for i in range(n):
-                try:
-                    hits += os.preadv(fd, [one], (2 * i + 1) * npages // (2 * n) * page,
-                                      os.RWF_NOWAIT)
-                except BlockingIOError:
-                    pass
-        finally:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
-    except (OSError, AttributeError):   # no RWF_NOWAIT here (kernel, file system, libc)
+        hits = resident_pages(fd, [(2 * i + 1) * npages // (2 * n) * page for i in range(n)])
+    except OSError:                     # no mmap on this file system
         return None
     return hits / n
 

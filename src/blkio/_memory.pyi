@@ -1,5 +1,5 @@
 # Type stubs for blkio._memory (see _memory.pyx).
-from typing import final
+from typing import Iterable, final
 
 @final
 class Buffer:
@@ -34,3 +34,5 @@ class ArenaSlice:
     def buffer(self) -> Buffer: ...
     @property
     def offset(self) -> int: ...
+
+def resident_pages(fd: int, offsets: Iterable[int]) -> int: ...

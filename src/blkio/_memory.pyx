@@ -4,6 +4,7 @@
 driver that needs a memory-region fd (vhost-user) can map it.
 ``RangeAllocator`` is a first-fit allocator in O(log n) used by the alloc
 arena and the bounce pool (single granules on a faster bitmap path); ``ArenaSlice`` is one allocation, viewed by numpy.
+``resident_pages`` asks mincore(2) which pages of a file are in the page cache.
 This module knows nothing of devices and never calls libblkio (the modules
 that map memory into a device are ``_handle`` and ``_pool``).
 """
@@ -13,7 +14,7 @@ from cpython.buffer cimport PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport calloc, free
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport mmap, munmap, mincore, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.unistd cimport close as c_close
 
 from ._checks cimport as_u64
@@ -388,3 +389,35 @@ cdef object owner_of(object obj):
         obj = nxt
         seen += 1
     return None
+
+
+def resident_pages(int fd, offsets):
+    """How many of the pages at ``offsets`` (page-aligned byte offsets into
+    the file ``fd``, open for reading) are in the page cache.
+
+    Each page is mapped alone and asked with mincore(2), which reads
+    nothing: a read probe, even with RWF_NOWAIT, starts the read it cannot
+    wait for, so it warms the very pages it measures.  The kernel answers
+    for pages not mapped here only to a caller that owns the file or may
+    write it; for anyone else every page looks absent.  OSError when a page
+    cannot be mapped (a file system without mmap)."""
+    cdef size_t page = PAGE
+    cdef unsigned char vec
+    cdef void *addr
+    cdef long long off
+    cdef Py_ssize_t hits = 0
+    for o in offsets:
+        off = o
+        if off < 0 or off % page:
+            raise ValueError(f"resident_pages: offset {o} is not a page-aligned offset")
+        addr = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, off)
+        if addr == MAP_FAILED:
+            raise OSError(errno, os.strerror(errno))
+        vec = 0
+        if mincore(addr, page, &vec) != 0:
+            err = errno
+            munmap(addr, page)
+            raise OSError(err, os.strerror(err))
+        munmap(addr, page)
+        hits += vec & 1
+    return hits
