@@ -429,6 +429,11 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
     quotas = [limit // depth + (j < limit % depth) if limit else sys.maxsize
               for j in range(depth)]
 
+    def progress(j: int, c: int) -> None:      # every 256 requests of a worker
+        counts[j] = c
+        st.progress = sum(counts)
+        st.maybe_fold(time.perf_counter())
+
     async def worker(j: int) -> None:
         buf = bufs[j]
         c = 0
@@ -445,9 +450,7 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                 w += is_write
                 c += 1
                 if c & 255 == 0:
-                    counts[j] = c
-                    st.progress = sum(counts)
-                    st.maybe_fold(time.perf_counter())
+                    progress(j, c)
             writes[j] = w
         elif K is None:
             for off in stream:
@@ -458,9 +461,7 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                 rec(pc() - t0)
                 c += 1
                 if c & 255 == 0:
-                    counts[j] = c
-                    st.progress = sum(counts)
-                    st.maybe_fold(time.perf_counter())
+                    progress(j, c)
         else:
             for off in stream:
                 if stop[0] or c >= quota:
@@ -473,9 +474,7 @@ async def aio_workers(op: Callable[[int, Any], Any], bufs: Any,
                     await op(off, buf)
                 c += 1
                 if c & 255 == 0:
-                    counts[j] = c
-                    st.progress = sum(counts)
-                    st.maybe_fold(time.perf_counter())
+                    progress(j, c)
         counts[j] = c
 
     loop = asyncio.get_running_loop()
@@ -667,16 +666,11 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
             fn, off, slot_rec[j], slot_w[j] = nxt()
             tsub[j] = t
             fn(off, rows[j], user_data=j)
-        count = calls = 0
-        while True:
-            comps = wait(1) if poll is None else poll()
+        count = 0
+        reaps = _Reaps((lambda: wait(1)) if poll is None else poll, clock)
+        for comps in reaps:
             now = pc()
-            calls += 1
             n = len(comps)
-            if n == 0:
-                if clock.over():
-                    break
-                continue
             st.comp(n)
             for c in comps:
                 if c.ret:
@@ -688,9 +682,9 @@ def run_queue(dev, wl: Workload, thread: int, st: Stats, args,
                 tsub[j] = now
                 fn(off, rows[j], user_data=j)
             count += n
-            if clock.tick(calls, count, j):
+            if clock.tick(reaps.calls, count, j):
                 break
-        clock.finish(count, calls)
+        clock.finish(count, reaps.calls)
         st.op_counts[WRITE] = writes
         st.op_counts[READ] = count - writes
         _drain_queue(wait, D)
@@ -754,6 +748,29 @@ def _raise_failed(rets: np.ndarray, n: int) -> None:
     bad = int(np.flatnonzero(rets[:n])[0])
     err = -int(rets[bad])
     raise OSError(err, f"I/O request failed: {os.strerror(err)}")
+
+
+class _Reaps:
+    """A mixed loop's reaps: each non-empty result of ``fetch()`` (a reap's
+    count, or a list of completions) until the clock's time is over;
+    ``calls`` counts every fetch, empty ones too.  (The plain loops keep
+    this inline: theirs are the loops the instruction budget holds.)"""
+
+    def __init__(self, fetch: Callable[[], Any], clock: "InflightClock"):
+        self.fetch, self.clock = fetch, clock
+        self.calls = 0
+
+    def __iter__(self) -> "_Reaps":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            got = self.fetch()
+            self.calls += 1
+            if got:
+                return got
+            if self.clock.over():
+                raise StopIteration
 
 
 def _drain_batch(reap, out: np.ndarray, inflight: int) -> None:
@@ -917,12 +934,9 @@ def run_batch_mixed(dev, q, wl: Workload, thread: int, st: Stats, args,
     table, L = _batch_table(wl, thread)
     wtab = wl.writes(thread, len(table))
     out = np.zeros(D, dtype=batch_dtype())
-    ud = out["user_data"]
-    rets = out["ret"]
     t_sub = np.zeros(D, dtype=np.int64)
     slot_write = np.zeros(D, dtype=bool)
     rec_r, rec_w = st.recs[READ], st.recs[WRITE]
-    min_reap = 0 if wl.poll else 1
     pc = time.perf_counter_ns
     writes = 0
 
@@ -945,19 +959,15 @@ def run_batch_mixed(dev, q, wl: Workload, thread: int, st: Stats, args,
     clock = InflightClock(st, wl, sample=False)
     issue(np.arange(D, dtype=np.int64), 0, pc())
     pos = D % L
-    count = calls = 0
-    while True:
-        n = reap(out, min=min_reap)
-        calls += 1
-        if n == 0:
-            if clock.over():
-                break
-            continue
+    count = 0
+    min_reap = 0 if wl.poll else 1
+    reaps = _Reaps(lambda: reap(out, min=min_reap), clock)
+    for n in reaps:
         now = pc()
         st.comp(n)
         if q.failed:
-            _raise_failed(rets, n)
-        tags = ud[:n].copy()
+            _raise_failed(out["ret"], n)
+        tags = out["user_data"][:n].copy()
         lat = now - t_sub[tags]
         w = slot_write[tags]
         nw = int(np.count_nonzero(w))
@@ -971,9 +981,9 @@ def run_batch_mixed(dev, q, wl: Workload, thread: int, st: Stats, args,
             pos = 0
         issue(tags, pos, now)
         pos += n
-        if clock.tick(calls, count, 0):
+        if clock.tick(reaps.calls, count, 0):
             break
-    clock.finish(count, calls)
+    clock.finish(count, reaps.calls)
     st.op_counts[WRITE] = writes
     st.op_counts[READ] = count - writes
     _drain_batch(reap, out, D)
