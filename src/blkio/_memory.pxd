@@ -59,3 +59,4 @@ cdef class ArenaSlice:
 
 
 cdef object owner_of(object obj)
+cdef object bytes_array(object owner, char *addr, size_t nbytes)

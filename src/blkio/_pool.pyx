@@ -19,7 +19,7 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uintptr_t
 
 from ._checks cimport as_u64, closed_error
-from ._memory cimport ArenaSlice, MAX_BYTES
+from ._memory cimport ArenaSlice, MAX_BYTES, bytes_array
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
                       pthread_mutex_trylock, pthread_mutex_unlock)
 
@@ -27,7 +27,6 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
 
 class ThreadWaiter:
     __slots__ = ("event",)
@@ -262,8 +261,7 @@ cdef class BounceSpace:
         return start
 
     cdef object array(self, Py_ssize_t start, size_t nbytes):
-        return np.frombuffer(self.buffer, dtype=np.uint8, count=<Py_ssize_t>nbytes,
-                             offset=<Py_ssize_t>(<size_t>start * self.granule))
+        return bytes_array(self.buffer, self.buffer.addr + <size_t>start * self.granule, nbytes)
 
     cdef int release(self, object array) except -1:
         """Give back an array of this space (``blkio.BouncePool.release``)."""
@@ -323,4 +321,4 @@ cdef class Arena:
         s.nbytes = nbytes
         s.allocator = ra
         s.granule = self.granule
-        return np.frombuffer(s, dtype=np.uint8)
+        return bytes_array(s, buf.addr + s.offset, nbytes)

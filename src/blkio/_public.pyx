@@ -210,8 +210,9 @@ cdef class DeviceFront:
                 blocking_io(core.blocking_engine(entry), READ, off, 0, None, 0)  # the checks
                 return np.empty(0, dtype=np.uint8)
             out = core.arena.alloc(n)
-            blocking_io(core.blocking_engine(entry), READ, off, n, hold_buffers(out, True, True),
-                        0, ck, dp)
+            # readinto's path: one recycled Completion where no split is needed
+            blocking_one(blocking_engine_of(core, entry), READ, off, out, 0, ck, dp,
+                         guard_thread(&core.handle.guard, entry))
             return out
         finally:
             core_leave(core, entry)
