@@ -1701,8 +1701,9 @@ def plot(summary: dict, cases: list[Case], path: Path) -> bool:
             name = f"{wl.backend} {wl.rw}: {c.contender}"
             thread_lines.setdefault(name, []).append((wl.threads, *m))
         elif wl.bulk and wl.depth == 0:
-            label = {"cold": f"{wl.rw}", "copy": "copy", "vcopy": "copy->vhost"
-                     }[wl.backend]
+            label = {"cold": f"{wl.rw}", "copy": "copy", "vcopy": "copy->vhost",
+                     "coldcopy": f"cold copy {_size(wl.bs, True)}",
+                     "warmcopy": f"warm copy {_size(wl.bs, True)}"}[wl.backend]
             bars.append((f"{label}: {c.contender}", m[0] * wl.bs / MB,
                          m[1] * wl.bs / MB, m[2] * wl.bs / MB))
     thread_lines = {k: v for k, v in thread_lines.items() if len(v) > 1}
