@@ -3,11 +3,12 @@
 ``DeviceCore`` owns the handle (the libblkio instance), the queue engines
 (in a ``QueueTable``: by index and kind, and which one each thread's
 blocking calls use), the alloc arena, the bounce space and, on a device that
-reconnects, its ``Reconnector`` (``_reconnect``).  The facade (``blkio.open``) drives its
-lifecycle primitives -- create, properties, connect, start, configure -- and
-the public objects of ``_public`` (``Device``'s compiled base, ``Queue``,
-``BouncePool``, the asyncio port) hold it and enter its guard for every call
-(``core_enter``/``core_leave`` in the ``.pxd``).
+reconnects, its ``Reconnector`` (``_reconnect``).  The facade
+(``blkio.open``) drives its lifecycle primitives -- create, properties,
+connect, start, configure -- and the public objects of ``_public``
+(``Device``'s compiled base, ``Queue``, ``BouncePool``, the asyncio port)
+hold it and enter its guard for every call (``core_enter``/``core_leave`` in
+the ``.pxd``).
 
 The state machine, in one place: a call enters (refused once the device is
 closing, or in the child of a fork()), and leaves; ``close()`` marks the
