@@ -320,7 +320,7 @@ cdef int check_batch(BatchArrays a, DeviceHandle h, int op, Py_ssize_t room) exc
         raise ValueError(f"blocksize {bs} exceeds max-transfer ({lim.max_transfer})")
     if <uintptr_t>a.base % ba or bs % ba:
         raise ValueError(f"buffers must be aligned to buf-alignment ({ba})")
-    if not h.in_range(<uintptr_t>a.base, <size_t>a.memory_len):
+    if not h.regions.covers(<uintptr_t>a.base, <size_t>a.memory_len):
         raise ValueError("buffers must lie in memory from Device.alloc() or "
                          "Device.register() (the batch API never copies)")
     # Without the GIL only for big batches: for a few dozen requests the

@@ -1,24 +1,37 @@
-# The device core: one device's parts (the handle, its queue engines, the
-# alloc arena and the bounce space) and the one state machine of its
-# lifetime -- entering and leaving calls, close and shutdown, queue removal,
-# a dead backend and the reconnect after it, the child of a fork() -- with
-# the lifecycle primitives the facade drives (create, properties, connect,
-# start, configure) and memory registration.  The public objects
-# (``_public``) hold it; it never parses user options and never calls up,
-# save one thing: the connector ``open(reconnect=True)`` gives it, which
-# brings up a new instance the way open() brought up the first.
+# The device core: one device's parts (the handle, its queue engines in a
+# QueueTable, the alloc arena, the bounce space, the Reconnector of a device
+# that reconnects) and the one state machine of its lifetime -- entering and
+# leaving calls, close and shutdown, queue removal, a dead backend, the
+# child of a fork() -- with the lifecycle primitives the facade drives
+# (create, properties, connect, start, configure) and memory registration.
+# The public objects (``_public``) hold it; it never parses user options and
+# never calls up, save one thing: the connector ``open(reconnect=True)``
+# gives it (``_reconnect`` calls it), which brings up a new instance the way
+# open() brought up the first.
 
 from ._handle cimport DeviceHandle, handle_enter, handle_leave
 from ._pool cimport Arena, BounceSpace
 from ._engine cimport QueueEngine
+from ._reconnect cimport Reconnector
+
+
+cdef class QueueTable:
+    cdef list regular              # regular queues by index (None where removed)
+    cdef list poll                 # poll queues by index (None where removed)
+    cdef list blocking             # the engines blocking calls use, by the thread's entry
+    cdef QueueEngine for_blocking(self, Py_ssize_t entry, str driver)
+    cdef QueueEngine at(self, Py_ssize_t index, bint poll)
+    cdef list live(self)
+    cdef Py_ssize_t first_depth(self)
+    cdef int put(self, QueueEngine e) except -1
+    cdef int drop(self, QueueEngine e) except -1
+    cdef list clear(self)
 
 
 cdef class DeviceCore:
     cdef object __weakref__
-    cdef DeviceHandle handle
-    cdef list engines              # regular queues by index (None where removed)
-    cdef list poll_engines
-    cdef list blocking             # the engines blocking calls use, by the thread's entry
+    cdef readonly DeviceHandle handle  # readonly: a reconnect reads a new core's
+    cdef QueueTable queues
     cdef Arena arena
     cdef BounceSpace space
     cdef object pool_api           # the public BouncePool of the space (made once)
@@ -26,12 +39,10 @@ cdef class DeviceCore:
     cdef double close_timeout
     cdef bint destroy_pending      # close() ran inside a call: the last to leave finishes it
     cdef Py_ssize_t removals_pending
+    cdef object limits             # the blkio.Limits configure() was given
     # reconnecting (open(reconnect=True)): see recover()
-    cdef object limits             # the blkio.Limits of the first instance, which later ones must match
-    cdef object connector          # from the facade: a new instance, connected and started
-    cdef object reconnect_timeout  # seconds, or None: no limit
+    cdef Reconnector reconnector   # None: the device does not reconnect
     cdef int monitor_wake          # the backend watcher's wake pipe (write end; -1: none)
-    cdef int reconnect_fd          # an eventfd counting a reconnect's start and end (-1: none)
 
     cdef void after_leave(self) noexcept
     cdef QueueEngine blocking_engine(self, Py_ssize_t entry)
@@ -39,14 +50,9 @@ cdef class DeviceCore:
     cdef int finish_remove(self, QueueEngine e) except -1
     cdef int shutdown(self) except -1
     cdef void forget(self) noexcept
-    cdef int keep_undrained(self, QueueEngine e) except -1
     cdef list orphans(self, QueueEngine e, int kept)
     cdef void tell_gone(self, QueueEngine e, list orphans) noexcept
-    cdef int reconnect(self, Py_ssize_t own) except -1
-    cdef str differs(self, object limits, object capacity, object read_only)
-    cdef int give_up(self, str why, bint release=*) except -1
     cdef void stop_watching(self) noexcept
-    cdef void tell_reconnect(self) noexcept
 
 
 cdef inline Py_ssize_t core_enter(DeviceCore core) except -1:
@@ -63,7 +69,7 @@ cdef inline void core_leave(DeviceCore core, Py_ssize_t entry) noexcept:
 
 cdef inline QueueEngine blocking_engine_of(DeviceCore core, Py_ssize_t entry):
     """DeviceCore.blocking_engine, with the common case of one queue inline."""
-    cdef list qs = core.blocking
+    cdef list qs = core.queues.blocking
     if qs is not None and len(qs) == 1:
         return <QueueEngine>qs[0]
     return core.blocking_engine(entry)

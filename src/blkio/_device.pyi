@@ -6,14 +6,19 @@ import numpy as np
 import numpy.typing as npt
 
 from ._engine import QueueEngine
-from ._handle import State
+from ._handle import DeviceHandle, State
 from ._limits import Limits
 
 kept_for_the_kernel: list[Any]
 
 @final
+class QueueTable: ...
+
+@final
 class DeviceCore:
     def __new__(cls) -> DeviceCore: ...
+    @property
+    def handle(self) -> DeviceHandle: ...
     # Lifecycle primitives the facade drives (blkio/__init__.py, _connect.py)
     def create(self, driver: str) -> None: ...
     @overload

@@ -1,11 +1,14 @@
 """The device core: one device's parts and the one state machine of its lifetime.
 
-``DeviceCore`` owns the handle (the libblkio instance), the queue engines,
-the alloc arena and the bounce space.  The facade (``blkio.open``) drives its
-lifecycle primitives -- create, properties, connect, start, configure -- and
-the public objects of ``_public`` (``Device``'s compiled base, ``Queue``,
-``BouncePool``, the asyncio port) hold it and enter its guard for every call
-(``core_enter``/``core_leave`` in the ``.pxd``).
+``DeviceCore`` owns the handle (the libblkio instance), the queue engines
+(in a ``QueueTable``: by index and kind, and which one each thread's
+blocking calls use), the alloc arena, the bounce space and, on a device that
+reconnects, its ``Reconnector`` (``_reconnect``).  The facade
+(``blkio.open``) drives its lifecycle primitives -- create, properties,
+connect, start, configure -- and the public objects of ``_public``
+(``Device``'s compiled base, ``Queue``, ``BouncePool``, the asyncio port)
+hold it and enter its guard for every call (``core_enter``/``core_leave`` in
+the ``.pxd``).
 
 The state machine, in one place: a call enters (refused once the device is
 closing, or in the child of a fork()), and leaves; ``close()`` marks the
@@ -19,33 +22,25 @@ downward: handle, engines, bounce space, arena.
 
 Reconnecting (``open(reconnect=True)``, vhost-user): a thread of the core
 sleeps in poll(2) on the backend's sockets, which report nothing but a
-hang-up, and runs ``recover`` when one comes: new calls wait at the guard's
-gate; the connector -- the one thing from above the core calls, given by
-``open()``: it brings up a new instance with the same typed property writes
-as the first -- is retried until ``reconnect_timeout``; the new instance
-must be the same device (capacity, limits); once every call inside is parked
-between its wait slices, the old queues are reaped, every memory region is
-mapped into the new instance, the handle and the engines take the new
-instance and queues, every request still in flight is resubmitted
-(``QueueEngine.resume``) and the old instance is destroyed.  Past the
-timeout the device is broken as without reconnecting: everything in flight
-fails with EIO, saying why.
+hang-up, and runs ``recover`` when one comes: it shuts the guard's gate (new
+calls wait there), enters the guard as a call of its own (so that close()
+waits for it) and runs the ``Reconnector``'s sequence, which swaps the
+instance under the device or breaks it.
 """
 
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS, Py_buffer
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
-from libc.errno cimport EIO, errno
+from libc.errno cimport EIO
 
-from ._checks cimport (as_u64, as_index, closed_error, no_device_error, unraisable, CANCELLED,
-                       BACKEND_HUNG_UP, reconnect_failed)
-from ._engine cimport Completion, new_engine, set_ret
+from ._checks cimport unraisable, CANCELLED, BACKEND_HUNG_UP
+from ._engine cimport new_engine
 from ._handle cimport GUARD_THREADS, ST_BROKEN, guard_own, guard_enter
 from ._libblkio cimport blkioq
 from ._memory cimport Buffer, ArenaSlice, owner_of
-from ._posix cimport ECANCELED, eventfd, EFD_NONBLOCK, EFD_CLOEXEC
-from posix.unistd cimport write as c_write
+from ._posix cimport ECANCELED
+from ._reconnect cimport new_reconnector
 
 import os
 import threading
@@ -53,23 +48,12 @@ import time
 import warnings
 import weakref
 
+from ._engine import kept_for_the_kernel   # what requests that never completed held
 from ._handle import State
-
-#: What requests that never completed were holding (close or remove_queue
-#: gave up waiting for them): the device may still write that memory, so it
-#: is never given back.
-kept_for_the_kernel = []
 
 # close() and remove_queue() wait for calls to leave a little longer than a
 # wait slice of the engine (0.1 s), so that a wait in progress can notice.
 cdef double LEAVE_SLACK = 0.25
-# A reconnect's connect attempts: each is cut after this many seconds (a
-# close() meanwhile waits for the attempt in progress); between them a pause
-# that starts short (a restarted daemon creates its socket a moment before
-# it listens: the first connect may be refused) and doubles up to a bound.
-cdef double CONNECT_ATTEMPT = 1.0
-cdef double RETRY_FIRST = 0.001
-cdef double RETRY_MAX = 0.01
 
 cnp.import_array()     # numpy's C API: _held's inline helpers use it
 
@@ -84,17 +68,84 @@ cdef void _warn_kept(DeviceHandle h, int kept):
 
 
 @cython.final
+cdef class QueueTable:
+    """A device's queue engines (internal): regular and poll queues by
+    index (None where removed; trailing holes trimmed), and the engines
+    blocking calls use, one per thread while there are enough."""
+
+    def __cinit__(self):
+        self.regular = []
+        self.poll = []
+        self.blocking = []
+
+    cdef QueueEngine for_blocking(self, Py_ssize_t entry, str driver):
+        """The queue of a thread's blocking calls: each thread (by its entry
+        in the device's guard) gets one of its own while the device has
+        enough, and threads beyond that share (``QueueEngine.wait_shared``)."""
+        cdef list qs = self.blocking
+        cdef Py_ssize_t n = len(qs)
+        if n == 1:
+            return <QueueEngine>qs[0]
+        if n == 0:
+            raise ValueError(f"{driver} device has no queue left for blocking I/O "
+                             f"(num_queues=0, or its queues were removed)")
+        if entry >= GUARD_THREADS:        # a thread the guard does not track
+            entry = threading.get_ident() % n
+        return <QueueEngine>qs[entry % n]
+
+    cdef QueueEngine at(self, Py_ssize_t index, bint poll):
+        lst = self.poll if poll else self.regular
+        kind = "poll queue" if poll else "queue"
+        if not 0 <= index < len(lst) or lst[index] is None:
+            raise IndexError(f"{kind} {index} does not exist or was removed "
+                             f"({len(lst)} {kind} slot(s))")
+        return lst[index]
+
+    cdef list live(self):
+        return [e for e in self.regular + self.poll if e is not None]
+
+    cdef Py_ssize_t first_depth(self):
+        """The queue depth of regular queue 0 (what a new queue gets), 0: unknown."""
+        if self.regular and self.regular[0] is not None:
+            return (<QueueEngine>self.regular[0]).depth
+        return 0
+
+    cdef int put(self, QueueEngine e) except -1:
+        lst = self.poll if e.is_poll_queue else self.regular
+        while len(lst) <= e.index:
+            lst.append(None)
+        lst[e.index] = e
+        if not e.is_poll_queue:
+            self.blocking.append(e)
+        return 0
+
+    cdef int drop(self, QueueEngine e) except -1:
+        lst = self.poll if e.is_poll_queue else self.regular
+        lst[e.index] = None
+        if e in self.blocking:
+            self.blocking.remove(e)
+        while lst and lst[len(lst) - 1] is None:
+            lst.pop()
+        return 0
+
+    cdef list clear(self):
+        """Forget every queue (the device is gone); returns the live ones."""
+        live = self.live()
+        self.regular = []
+        self.poll = []
+        self.blocking = []
+        return live
+
+
+@cython.final
 cdef class DeviceCore:
     """One device's parts and lifetime (internal: ``blkio.open`` makes it)."""
 
     def __cinit__(self):
         self.handle = DeviceHandle()
-        self.engines = []
-        self.poll_engines = []
-        self.blocking = []
+        self.queues = QueueTable()
         self.close_timeout = 10.0
         self.monitor_wake = -1
-        self.reconnect_fd = -1
 
     def __dealloc__(self):
         self.stop_watching()
@@ -140,16 +191,15 @@ cdef class DeviceCore:
         granule = h.granule
         self.arena = Arena(h, granule, 64 << 20)
         self.space = BounceSpace(h, granule, 1 << 20, 256 << 20)
-        for poll, lst in ((False, self.engines), (True, self.poll_engines)):
+        for poll in (False, True):
             i = 0
             while True:
                 q = h.get_queue(i, poll)
                 if q == NULL:
                     break
-                lst.append(new_engine(h, self.space, q, i, poll, depth))
+                self.queues.put(new_engine(h, self.space, q, i, poll, depth))
                 i += 1
-        self.blocking = list(self.engines)
-        h.engines = self.engines + self.poll_engines
+        h.engines = self.queues.live()
 
     def configure_zones(self, int model, uint64_t zone_size, uint64_t nr_zones):
         """Copy the validated zone geometry to C for the request checks."""
@@ -160,7 +210,6 @@ cdef class DeviceCore:
 
     def set_front(self, front):
         """The blkio.Device of this core, weakly (``Queue.device``)."""
-        import weakref
         self.front = weakref.ref(front)
 
     # ---- state ---------------------------------------------------------------
@@ -193,8 +242,8 @@ cdef class DeviceCore:
         inside a call of the same thread, or one that gave up waiting)."""
         cdef QueueEngine e
         if self.removals_pending:
-            for e in list(self.engines) + list(self.poll_engines):
-                if e is not None and e.remove_pending and e.guard.users == 0:
+            for e in self.queues.live():
+                if e.remove_pending and e.guard.users == 0:
                     e.remove_pending = False
                     self.removals_pending -= 1
                     try:
@@ -246,7 +295,7 @@ cdef class DeviceCore:
         self.stop_watching()
         h.draining = True
         interrupted = None
-        engines = [e for e in self.engines + self.poll_engines if e is not None]
+        engines = self.queues.live()
         deadline = time.monotonic() + self.close_timeout
         if h.state != ST_BROKEN and not h.backend_dead():
             for e in engines:
@@ -255,7 +304,7 @@ cdef class DeviceCore:
                 except BaseException as err:      # Ctrl-C: stop draining, still close
                     interrupted = err
                     break
-        kept = [self.keep_undrained(e) for e in engines]
+        kept = [e.keep_undrained() for e in engines]
         try:
             h.unmap_all()
         finally:
@@ -264,12 +313,9 @@ cdef class DeviceCore:
             # collector with requests and mappings still in it.
             h.destroy()
             orphans = [self.orphans(e, k) for e, k in zip(engines, kept)]
-            for e in engines:
+            for e in self.queues.clear():
                 e.q = NULL
                 e.removed = True
-            self.engines = []
-            self.poll_engines = []
-            self.blocking = []
             h.engines = []
             # Break the reference cycles through the device so that memory (and
             # its memfd) nobody views is freed now, not by the cyclic collector.
@@ -292,32 +338,10 @@ cdef class DeviceCore:
         cdef QueueEngine e
         self.handle.forget()
         self.stop_watching()        # the child's copies of the fds; no thread watches here
-        for e in self.engines + self.poll_engines:
-            if e is not None:
-                e.q = NULL
-                e.removed = True
-        self.engines = []
-        self.poll_engines = []
-        self.blocking = []
+        for e in self.queues.clear():
+            e.q = NULL
+            e.removed = True
         self.handle.engines = []
-
-    cdef int keep_undrained(self, QueueEngine e) except -1:
-        """Requests still in flight after the drain: unless the backend is
-        gone, the device may still write their memory after the instance or
-        queue is destroyed, so that memory is never given back."""
-        if e.unreaped == 0:
-            return 0
-        if self.handle.state == ST_BROKEN or self.handle.backend_dead():
-            return 0
-        kept = []
-        cdef Completion c = e.head
-        while c is not None:
-            kept.append(c)
-            c = c.next
-        if e.ring.in_flight:
-            kept.append(self.handle.region_owners())
-        kept_for_the_kernel.append(kept)
-        return <int>e.unreaped
 
     cdef list orphans(self, QueueEngine e, int kept):
         """Completions nobody collected: those reaped and not handed out, and
@@ -349,8 +373,8 @@ cdef class DeviceCore:
         if (h.closing or h.b == NULL or h.forked() or h.state == ST_BROKEN
                 or h.reconnect_enabled or not h.backend_dead()):
             return
-        h.state = ST_BROKEN
-        for e in self.live_engines():
+        h.set_broken(None)
+        for e in self.queues.live():
             e.abandon(EIO, BACKEND_HUNG_UP, True)
 
     def enable_reconnect(self, connector, timeout):
@@ -367,12 +391,7 @@ cdef class DeviceCore:
         if not h.backend_fds:
             raise ValueError(f"{h.driver} device has no backend socket to watch; "
                              f"only a daemon's device can reconnect")
-        self.reconnect_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.reconnect_fd < 0:
-            self.reconnect_fd = -1
-            raise OSError(errno, f"eventfd for reconnect notices: {os.strerror(errno)}")
-        self.connector = connector
-        self.reconnect_timeout = timeout
+        self.reconnector = new_reconnector(h, connector, timeout, self.limits)
         h.reconnect_enabled = True
         wake, self.monitor_wake = os.pipe()
         threading.Thread(target=_watch_backend, args=(weakref.ref(self), wake), daemon=True,
@@ -381,27 +400,20 @@ cdef class DeviceCore:
     cdef void stop_watching(self) noexcept:
         """End the backend watcher (it wakes when the pipe's write end
         closes) and the reconnect notices (a watcher holds its own copy)."""
-        for fd in (self.monitor_wake, self.reconnect_fd):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if self.monitor_wake >= 0:
+            try:
+                os.close(self.monitor_wake)
+            except OSError:
+                pass
         self.monitor_wake = -1
-        self.reconnect_fd = -1
-
-    cdef void tell_reconnect(self) noexcept:
-        """A reconnect began or ended: ``reconnect_fd`` becomes readable
-        (blkio.aio's loop watches a duplicate; the count never fills)."""
-        cdef uint64_t one = 1
-        if self.reconnect_fd >= 0:
-            c_write(self.reconnect_fd, &one, 8)
+        if self.reconnector is not None:
+            self.reconnector.close()
 
     @property
     def reconnect_fd(self):
         """The eventfd whose count goes up when a reconnect begins and when
         it ends (-1: the device does not reconnect)."""
-        return self.reconnect_fd
+        return -1 if self.reconnector is None else self.reconnector.events_fd
 
     @property
     def generation(self):
@@ -425,8 +437,9 @@ cdef class DeviceCore:
         or closing.  The reconnect counts as a call inside the device, so
         that close() waits for it (and it gives up when close() begins)."""
         cdef DeviceHandle h = self.handle
+        cdef Reconnector r = self.reconnector
         cdef Py_ssize_t entry
-        if (self.connector is None or h.closing or h.b == NULL or h.forked()
+        if (r is None or h.closing or h.b == NULL or h.forked()
                 or h.state == ST_BROKEN or h.n_reconnects != generation):
             return
         if h.reconnecting:
@@ -435,146 +448,31 @@ cdef class DeviceCore:
         if not h.backend_dead():
             return
         h.reconnecting = True
-        self.tell_reconnect()
+        r.tell()
         entry = guard_enter(&h.guard)
         try:
-            self.reconnect(1)       # its own entry: the only call of this thread
+            r.run(self.queues.live(), 1)    # its own entry: the only call of this thread
         except BaseException as e:
             # A failure of our own (the backend's are handled inside): the
             # device must not be left half-switched; everything fails.
             if h.state != ST_BROKEN:
                 try:
-                    self.give_up(f"{BACKEND_HUNG_UP} and reconnecting failed: "
-                                 f"{type(e).__name__}: {e}")
+                    r.give_up(self.queues.live(), f"{BACKEND_HUNG_UP} and reconnecting "
+                                                  f"failed: {type(e).__name__}: {e}")
                 except BaseException:
                     pass
             unraisable(self, e)
         finally:
             h.reconnecting = False
             h.wake_waiters()
-            self.tell_reconnect()
+            r.tell()
             core_leave(self, entry)
-
-    cdef int reconnect(self, Py_ssize_t own) except -1:
-        """The sequence of ``recover`` (the gate is shut: no new call enters)."""
-        cdef DeviceHandle h = self.handle
-        cdef DeviceCore fresh
-        cdef QueueEngine e
-        cdef blkioq *q
-        cdef list engines, queues
-        cdef bint quiet = False
-        cdef Py_ssize_t resubmitted = 0
-        timeout = self.reconnect_timeout
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        pause = RETRY_FIRST
-        last = None
-        while True:
-            if h.closing:
-                return 0                # close() fails what is in flight
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return self.give_up(reconnect_failed(timeout, last or "none finished in time",
-                                                     True))
-            try:
-                fresh, fds, limits, capacity, read_only = self.connector(min(left, CONNECT_ATTEMPT))
-            except OSError as err:
-                last = err
-                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-                pause = min(2 * pause, RETRY_MAX)
-                continue
-            try:
-                why = self.differs(limits, capacity, read_only)
-                if why is not None:
-                    return self.give_up(reconnect_failed(timeout, why, False))
-                if not quiet:
-                    # Every call inside parked between its slices: none holds
-                    # a pointer into the old instance any more.
-                    quiet = h.wait_quiet(own, deadline)
-                    if not quiet:
-                        if h.closing:
-                            return 0
-                        return self.give_up(reconnect_failed(
-                            timeout, "calls inside the device did not stop", True))
-                    # Completions the daemon posted before it died: successes.
-                    for e in self.live_engines():
-                        e.drive(0, 0.0, None)
-                engines = self.live_engines()
-                queues = []
-                for e in engines:
-                    q = fresh.handle.get_queue(e.index, e.is_poll_queue)
-                    if q == NULL:
-                        return self.give_up(reconnect_failed(
-                            timeout, f"it has no {'poll ' if e.is_poll_queue else ''}queue "
-                                     f"{e.index}", False))
-                    queues.append(<uintptr_t>q)
-                try:
-                    h.map_regions_into(fresh.handle)
-                except OSError as err:
-                    last = err          # it died again: start over
-                    continue
-                # The switch: from here the old instance is fresh's, to destroy.
-                h.take_instance(fresh.handle)
-                h.backend_fds = tuple(fds)
-                try:
-                    for e, qp in zip(engines, queues):
-                        resubmitted += e.resume(<blkioq *><uintptr_t>qp)
-                except BaseException as err:
-                    # The new daemon may hold some of them: their memory stays.
-                    for e in engines:
-                        self.keep_undrained(e)
-                    self.give_up(f"{BACKEND_HUNG_UP}; resubmitting after the reconnect failed: "
-                                 f"{err}", False)
-                    raise
-                h.n_reconnects += 1
-                h.n_resubmitted += resubmitted
-                return 0
-            finally:
-                fresh.close(0.0)        # the new instance on failure, the old one after the switch
-
-    cdef str differs(self, object limits, object capacity, object read_only):
-        """What makes the instance a reconnect found another device than
-        the first (None: the same capacity, read-only flag and limits)."""
-        cdef DeviceHandle h = self.handle
-        if capacity != h.lim.capacity:
-            return f"capacity {capacity} bytes, was {h.lim.capacity}"
-        if bool(read_only) != h.lim.read_only:
-            return f"read-only is {bool(read_only)}, was {bool(h.lim.read_only)}"
-        if limits != self.limits:
-            names = getattr(self.limits, "__dataclass_fields__", None) or ()
-            changed = [f"{n} {getattr(limits, n, None)} (was {getattr(self.limits, n)})"
-                       for n in names if getattr(limits, n, None) != getattr(self.limits, n)]
-            return "limits differ: " + (", ".join(changed) or repr(limits))
-        return None
-
-    cdef int give_up(self, str why, bint release=True) except -1:
-        """The backend will not come back: the device is broken, everything
-        in flight fails with ``why``; its memory goes back (``release``)
-        when nothing can touch it any more (the daemon that had it is dead)."""
-        cdef DeviceHandle h = self.handle
-        cdef QueueEngine e
-        h.state = ST_BROKEN
-        h.broken_why = why
-        for e in self.live_engines():
-            e.abandon(EIO, why, release)
-        return 0
 
     # ---- queues ----------------------------------------------------------------
 
     cdef QueueEngine blocking_engine(self, Py_ssize_t entry):
-        """The queue of a thread's blocking calls: each thread (by its entry
-        in the device's guard) gets one of its own while the device has
-        enough, and threads beyond that share (``QueueEngine.wait_shared``)."""
-        cdef list qs = self.blocking
-        cdef Py_ssize_t n = len(qs)
-        if n == 1:
-            return <QueueEngine>qs[0]
-        if n == 0:
-            raise ValueError(f"{self.handle.driver} device has no queue left for blocking I/O "
-                             f"(num_queues=0, or its queues were removed)")
-        if entry >= GUARD_THREADS:        # a thread the guard does not track
-            import threading
-            entry = threading.get_ident() % n
-        return <QueueEngine>qs[entry % n]
+        """The queue of a thread's blocking calls (``QueueTable.for_blocking``)."""
+        return self.queues.for_blocking(entry, self.handle.driver)
 
     cdef QueueEngine engine_at(self, Py_ssize_t index, bint poll):
         cdef DeviceHandle h = self.handle
@@ -582,15 +480,10 @@ cdef class DeviceCore:
             raise h.unusable_error()
         if h.state != ST_BROKEN:      # a broken device still shows its queues
             h.ensure_started()
-        lst = self.poll_engines if poll else self.engines
-        kind = "poll queue" if poll else "queue"
-        if not 0 <= index < len(lst) or lst[index] is None:
-            raise IndexError(f"{kind} {index} does not exist or was removed "
-                             f"({len(lst)} {kind} slot(s))")
-        return lst[index]
+        return self.queues.at(index, poll)
 
     def live_engines(self):
-        return [e for e in self.engines + self.poll_engines if e is not None]
+        return self.queues.live()
 
     def add_queue(self, bint poll):
         cdef DeviceHandle h = self.handle
@@ -604,15 +497,9 @@ cdef class DeviceCore:
             q = h.get_queue(idx, poll)
             if q == NULL:
                 raise OSError(EIO, f"libblkio added queue {idx} but does not return it")
-            e = new_engine(h, self.space, q, idx, poll,
-                           (<QueueEngine>self.engines[0]).depth if self.engines and self.engines[0] is not None else 0)
-            lst = self.poll_engines if poll else self.engines
-            while len(lst) <= idx:
-                lst.append(None)
-            lst[idx] = e
+            e = new_engine(h, self.space, q, idx, poll, self.queues.first_depth())
+            self.queues.put(e)
             h.engines.append(e)
-            if not poll:
-                self.blocking.append(e)
             return e
         finally:
             core_leave(self, entry)
@@ -648,21 +535,16 @@ cdef class DeviceCore:
             e.drain(e.remove_timeout)
         except BaseException as err:      # Ctrl-C: stop draining, still remove
             interrupted = err
-        kept = self.keep_undrained(e)
+        kept = e.keep_undrained()
         try:
             self.handle.remove_queue(e.index, e.is_poll_queue)
         finally:
             orphans = self.orphans(e, kept)
             e.removed = True
             e.q = NULL
-            lst = self.poll_engines if e.is_poll_queue else self.engines
-            lst[e.index] = None
-            if e in self.blocking:
-                self.blocking.remove(e)
+            self.queues.drop(e)
             if e in self.handle.engines:
                 self.handle.engines.remove(e)
-            while lst and lst[len(lst) - 1] is None:
-                lst.pop()
             self.tell_gone(e, orphans)
         if interrupted is not None:
             raise interrupted
@@ -700,7 +582,7 @@ cdef class DeviceCore:
             if length == 0 or addr % align or length % align:
                 raise ValueError(f"cannot register {length} bytes at {addr:#x}: address and size "
                                  f"must be multiples of mem-region-alignment ({align})")
-            if h.in_range(addr, length):
+            if h.regions.covers(addr, length):
                 return True     # already inside registered memory (alloc arena, a Buffer)
             owner = owner_of(array)
             if owner is not None:
@@ -726,11 +608,11 @@ cdef class DeviceCore:
         cdef uintptr_t length
         cdef QueueEngine e
         try:
-            region = h.user_region(addr)
+            region = h.regions.user_region(addr)
             if region is None:
                 return False        # not registered, or an arena chunk / the pool
             length = region[1]
-            for e in self.live_engines():
+            for e in self.queues.live():
                 users += e.using(addr, addr + length)
             if users:
                 raise ValueError(f"cannot unregister {length} bytes at {addr:#x}: {users} "

@@ -1,12 +1,15 @@
 # The queue engine: one libblkio queue and what is in flight on it.  It owns
-# Completion (a request, and what its caller sees once it finished), and
-# QueueEngine: enqueueing (every blkioq_* call of the package), dispatching
-# completions, driving the queue (submit, reap, the sliced waits, the shared
-# wait of several threads), the completion fd, the queue's own guard and
-# removal flags, abandoning what is in flight when the backend or the queue
-# is gone, and resubmitting it on a new queue after a reconnect (resume).
-# It calls only downward: the handle (state it observes), the bounce space
-# (giving space back), the batch ring and held buffers.
+# Completion (a request -- how it is handed to libblkio -- and what its
+# caller sees once it finished), InFlight (the list of requests in flight,
+# which holds the references libblkio's user_data borrows), and QueueEngine:
+# enqueueing (every blkioq_* call of the package), dispatching completions,
+# driving the queue (submit, reap, the sliced waits, the shared wait over
+# _sharedwait), the completion fd, the queue's own guard and removal flags,
+# abandoning what is in flight when the backend or the queue is gone, the
+# memory kept for requests that never completed, and resubmitting on a new
+# queue after a reconnect (resume).  It calls only downward: the handle
+# (state it observes), the bounce space (giving space back), the batch ring,
+# held buffers and the shared wait.
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from posix.uio cimport iovec
@@ -16,9 +19,10 @@ from ._handle cimport DeviceHandle, Guard, GUARD_THREADS, guard_enter, guard_ent
 from ._memory cimport Buffer
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers
+from ._sharedwait cimport SharedWait
 from ._batch cimport BatchRing, BatchArrays, BatchSlot, take_slots, complete
 from ._checks cimport removed_error
-from ._posix cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_lock, pthread_mutex_trylock,
+from ._posix cimport (pthread_mutex_t, pthread_mutex_lock, pthread_mutex_trylock,
                      pthread_mutex_unlock)
 
 
@@ -59,6 +63,8 @@ cdef class Completion:
     cdef Completion prev     # links of the queue's in-flight list, which
     cdef Completion next     # holds the reference libblkio's user_data borrows
     cdef object release_memory(self)
+    cdef void hand_to(self, blkioq *q, void *ud) noexcept nogil
+    cdef int finish(self, int ret, const char *error_msg) except -1
 
 
 cdef inline int set_ret(Completion c, int ret) except -1:
@@ -69,6 +75,19 @@ cdef inline int set_ret(Completion c, int ret) except -1:
 
 cdef Completion new_completion(int op, uint64_t offset, uint64_t length, unsigned int flags,
                                int route, object user_data)
+
+
+cdef class InFlight:
+    # The requests handed to libblkio and not yet reaped, newest first
+    # (doubly linked through Completion.prev/next).  The list holds the
+    # reference each request's libblkio user_data borrows.
+    cdef Completion head
+    cdef void link(self, Completion c) noexcept
+    cdef void unlink(self, Completion c) noexcept
+    cdef Py_ssize_t hand_to(self, blkioq *q) noexcept
+    cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end)
+    cdef list requests(self)
+    cdef object fail_all(self, int err, str msg, bint release, list ready)
 
 
 cdef class QueueEngine:
@@ -83,17 +102,13 @@ cdef class QueueEngine:
     cdef bint lock_ready
     cdef Py_ssize_t nogil_users     # threads in a GIL-free section that takes the lock
                                     # (changed with the GIL held: see take_queue)
-    # Blocking calls of several threads on one queue: one of them (the
-    # leader) sleeps on the completion fd, the others on this condition.
-    cdef bint leader
-    cdef pthread_mutex_t wait_mutex
-    cdef pthread_cond_t wait_cond
+    cdef SharedWait shared         # several threads waiting on this queue
     # What is in flight, counted three ways (the batch ring counts its own):
     cdef Py_ssize_t unreaped       # enqueued and not yet reaped (Queue.in_flight)
     cdef Py_ssize_t in_libblkio    # enqueued and not yet returned by do_io (as libblkio counts;
                                    # changed only under the lock)
     cdef list ready                # reaped Completions not yet handed out
-    cdef Completion head           # in-flight Completions (doubly linked)
+    cdef InFlight in_flight        # the Completions handed to libblkio
     cdef Completion spare          # a finished internal Completion, recycled by the hot path
     cdef uint64_t spare_len        # the hot path's last length, and it as an int:
     cdef object spare_len_obj      # most calls return what the one before did
@@ -123,19 +138,16 @@ cdef class QueueEngine:
                             blkio_completion *comps) noexcept nogil
     cdef int dispatch(self, blkio_completion *comps, int n) except -1
     cdef int collect(self, blkio_completion *comps, int held) except -1
-    cdef void link(self, Completion c) noexcept
     cdef int drive(self, int min_completions, double timeout, Completion until) except -1
-    cdef bint drive_slice(self, double seconds) except -1
     cdef int wait_shared(self, Completion until) except -1
-    cdef void wake_followers(self) noexcept
     cdef int hung_up(self) except -1
     cdef int set_fd_enabled(self, bint value) except -1
     cdef int completion_fd(self) noexcept
     cdef bint reset_fd(self, int fd) noexcept
     cdef list take(self, object max)
-    cdef void unlink(self, Completion c) noexcept
     cdef object abandon(self, int err, str msg, bint release)
     cdef bint drain(self, double timeout)
+    cdef int keep_undrained(self) except -1
     cdef Py_ssize_t resume(self, blkioq *q) except -1
 
 

@@ -2,6 +2,7 @@
 from typing import Any, final
 
 OP_NAMES: tuple[str, ...]
+kept_for_the_kernel: list[Any]
 
 @final
 class Completion:
@@ -19,6 +20,9 @@ class Completion:
     @property
     def length(self) -> int: ...
     def check(self) -> int: ...
+
+@final
+class InFlight: ...
 
 @final
 class QueueEngine:

@@ -1,22 +1,29 @@
 """The queue engine: one libblkio queue and what is in flight on it.
 
-``Completion`` is one request: what libblkio is given (segments, flags), the
-memory it holds until it is reaped, and, once finished, what its caller sees
-(``user_data``, ``ret``, ``error_msg``, ``check()``).  ``QueueEngine`` hands
-requests to libblkio (every ``blkioq_*`` call of the package is here),
-dispatches completions (to their caller, to the batch ring, or to whoever
-routes them: ``Route``), drives the queue -- submit, reap, waits cut into
-slices that notice Ctrl-C, a closing device, a removed queue and a dead
-backend (and park while the device reconnects) -- and lets several threads
-wait on one queue without holding its lock (``wait_shared``).  When the
-backend or the queue is gone, ``abandon`` completes everything in flight
-with an error (one routine for both); after a reconnect, ``resume`` hands
-everything in flight to the new instance's queue.
+``Completion`` is one request: what libblkio is given (segments, flags, and
+the one ``blkioq_*`` call that hands it over: ``hand_to``), the memory it
+holds until it is reaped, and, once finished, what its caller sees
+(``user_data``, ``ret``, ``error_msg``, ``check()``: ``finish``).
+``InFlight`` is the list of requests handed to libblkio and not yet reaped
+(it holds the references libblkio's user_data borrows).  ``QueueEngine``
+hands requests to libblkio (every ``blkioq_*`` call of the package is in
+this module), dispatches completions (to their caller, to the batch ring, or
+to whoever routes them: ``Route``), drives the queue -- submit, reap, waits
+cut into slices that notice Ctrl-C, a closing device, a removed queue and a
+dead backend (and park while the device reconnects) -- and lets several
+threads wait on one queue without holding its lock (``wait_shared``, over
+``_sharedwait``).  When the backend or the queue is gone, ``abandon``
+completes everything in flight with an error (one routine for both), and
+``keep_undrained`` keeps the memory of requests that never completed; after
+a reconnect, ``resume`` hands everything in flight to the new instance's
+queue.
 
 It calls only downward: the handle (whose state it observes), the bounce
-space (to give space back), the batch ring and held buffers.  The device core
-(``_device``) creates engines and drives their removal and reconnects; the transfer engine
-(``_transfer``) and the public ``Queue`` (``_public``) call into them.
+space (to give space back), the batch ring, held buffers and the shared
+wait.  The device core (``_device``) creates engines and drives their
+removal, the reconnect (``_reconnect``) their resumption; the transfer
+engine (``_transfer``) and the public ``Queue`` (``_public``) call into
+them.
 """
 
 cimport cython
@@ -24,7 +31,7 @@ cimport numpy as cnp
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.ref cimport PyObject
-from libc.errno cimport EINTR, EIO, ETIME, errno
+from libc.errno cimport EINTR, EIO, ETIME
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport free
 from posix.time cimport timespec
@@ -37,15 +44,19 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        removed_error, unraisable, BACKEND_HUNG_UP)
 from ._handle cimport ST_BROKEN
 from ._held cimport scatter
+from ._sharedwait cimport SharedWait
 from ._posix cimport (pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock,
-                      pthread_mutex_trylock, pthread_mutex_unlock, pthread_cond_init,
-                      pthread_cond_destroy, pthread_cond_broadcast, pthread_cond_timedwait,
-                      clock_gettime, CLOCK_MONOTONIC, realtime_after, pollfd, poll, POLLIN)
+                      pthread_mutex_unlock, clock_gettime, CLOCK_MONOTONIC)
 
 import os
 import time
 
 from ._checks import OP_NAMES
+
+#: What requests that never completed were holding (close, remove_queue or a
+#: failed reconnect gave up waiting for them): the device may still write
+#: that memory, so it is never given back.
+kept_for_the_kernel = []
 
 # Waits are cut into slices so that Python signal handlers run, timeouts are
 # honoured, a closing device and a dead backend are noticed, whatever the
@@ -139,6 +150,63 @@ cdef class Completion:
         self.views = None
         return err
 
+    cdef void hand_to(self, lb.blkioq *q, void *ud) noexcept nogil:
+        """Enqueue this request on ``q`` with ``ud`` as libblkio's user_data
+        (the queue is the caller's: its lock held, or no other thread)."""
+        cdef int op = self.op
+        if op == READ:
+            if self.iovcnt == 1:
+                lb.blkioq_read(q, self.offset, self.iov[0].iov_base, self.iov[0].iov_len, ud,
+                               self.flags)
+            else:
+                lb.blkioq_readv(q, self.offset, self.iov, self.iovcnt, ud, self.flags)
+        elif op == WRITE:
+            if self.iovcnt == 1:
+                lb.blkioq_write(q, self.offset, self.iov[0].iov_base, self.iov[0].iov_len, ud,
+                                self.flags)
+            else:
+                lb.blkioq_writev(q, self.offset, self.iov, self.iovcnt, ud, self.flags)
+        elif op == WRITE_ZEROES:
+            lb.blkioq_write_zeroes(q, self.offset, self.length, ud, self.flags)
+        elif op == DISCARD:
+            lb.blkioq_discard(q, self.offset, self.length, ud, self.flags)
+        elif op == FLUSH:
+            lb.blkioq_flush(q, ud, self.flags)
+        elif op == REPORT_ZONES:
+            lb.blkioq_report_zones(q, self.offset, <lb.blkio_zone *>self.iov[0].iov_base,
+                                   <uint32_t>(self.length // sizeof(lb.blkio_zone)), ud, 0)
+        elif op == OPEN_ZONE:
+            lb.blkioq_open_zone(q, self.offset, ud, 0)
+        elif op == CLOSE_ZONE:
+            lb.blkioq_close_zone(q, self.offset, ud, 0)
+        elif op == FINISH_ZONE:
+            lb.blkioq_finish_zone(q, self.offset, ud, 0)
+        elif op == RESET_ZONE:
+            lb.blkioq_reset_zone(q, self.offset, ud, 0)
+        elif op == OPEN_ALL_ZONES:
+            lb.blkioq_open_all_zones(q, ud, 0)
+        elif op == CLOSE_ALL_ZONES:
+            lb.blkioq_close_all_zones(q, ud, 0)
+        elif op == FINISH_ALL_ZONES:
+            lb.blkioq_finish_all_zones(q, ud, 0)
+        else:
+            lb.blkioq_reset_all_zones(q, ud, 0)
+
+    cdef int finish(self, int ret, const char *error_msg) except -1:
+        """libblkio completed the request with ``ret``: what its caller sees,
+        and a bounced read's data copied to the caller's memory (which the
+        dispatcher lets go of next)."""
+        self.ret = ret
+        if self.route != INTERNAL:      # a blocking call's own: Python never sees it
+            self.ret_obj = ret
+        if ret < 0 and error_msg != NULL:
+            self._error_msg = error_msg.decode("utf-8", "replace")
+        if self.bounce_start >= 0 and (ret == 0 and self.op == READ
+                                       or ret > 0 and self.op == REPORT_ZONES):
+            scatter(<char *>self.iov[0].iov_base, self.user_iov, self.user_iovcnt)
+        self.done = True
+        return 0
+
     @property
     def error_msg(self):
         """libblkio's message for a failed request, or None."""
@@ -229,6 +297,133 @@ cdef int _expose_members() except -1:
 _expose_members()
 
 # --------------------------------------------------------------------------
+# Batch requests, handed to libblkio (the queue is the caller's)
+
+cdef inline void _hand_slot(lb.blkioq *q, int op, uint64_t offset, char *addr, uint64_t length,
+                            Py_ssize_t slot, unsigned int flags) noexcept nogil:
+    """One batch request: its libblkio user_data is its slot with TAG_BIT."""
+    cdef void *ud = <void *>((<uintptr_t>slot << 1) | TAG_BIT)
+    if op == READ:
+        lb.blkioq_read(q, offset, <void *>addr, length, ud, flags)
+    else:
+        lb.blkioq_write(q, offset, <void *>addr, length, ud, flags)
+
+
+cdef inline void _hand_batch(lb.blkioq *q, int op, BatchArrays a, Py_ssize_t *idx,
+                             unsigned int flags) noexcept nogil:
+    """A checked batch, its requests in the slots ``idx``."""
+    # the arrays in locals: libblkio's calls could change any field
+    cdef Py_ssize_t i, n = a.n
+    cdef uint64_t bs = a.blocksize
+    cdef uint64_t *offs = a.offs
+    cdef uint64_t *boffs = a.boffs
+    cdef char *base = a.base
+    for i in range(n):
+        _hand_slot(q, op, offs[i], base + (boffs[i] if boffs != NULL else <uint64_t>i * bs), bs,
+                   idx[i], flags)
+
+
+cdef Py_ssize_t _hand_ring(lb.blkioq *q, BatchRing ring) noexcept:
+    """Every batch request in flight, to ``q`` again (a reconnect; they are
+    all in flight at once: no order among them).  Returns how many."""
+    cdef BatchSlot *slot
+    cdef Py_ssize_t i, n = 0
+    for i in range(ring.slots_cap):
+        slot = &ring.slots[i]
+        if slot.length != 0:
+            _hand_slot(q, slot.op, slot.offset, <char *>slot.addr, slot.length, i, slot.flags)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------
+# What is in flight
+
+@cython.final
+cdef class InFlight:
+    """The requests of one queue handed to libblkio and not yet reaped
+    (internal).  The list holds the reference each request's libblkio
+    user_data borrows; close, unregister and abandon look at it."""
+
+    cdef void link(self, Completion c) noexcept:
+        c.next = self.head
+        if self.head is not None:
+            self.head.prev = c
+        self.head = c
+        c.linked = True
+
+    cdef void unlink(self, Completion c) noexcept:
+        c.linked = False
+        if c.prev is not None:
+            c.prev.next = c.next
+        else:
+            self.head = c.next
+        if c.next is not None:
+            c.next.prev = c.prev
+        c.prev = None
+        c.next = None
+
+    cdef Py_ssize_t hand_to(self, lb.blkioq *q) noexcept:
+        """Hand every request to ``q`` again (a reconnect), in the order they
+        were submitted -- a flush after every write submitted before it.
+        Returns how many."""
+        cdef Completion c = self.head
+        cdef Py_ssize_t n = 0
+        while c is not None and c.next is not None:     # the oldest is last
+            c = c.next
+        while c is not None:
+            c.hand_to(q, <void *>c)
+            n += 1
+            c = c.prev
+        return n
+
+    cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end):
+        """Requests whose device-visible memory overlaps [start, end)."""
+        cdef Py_ssize_t n = 0
+        cdef Completion c = self.head
+        cdef int k
+        cdef uintptr_t a
+        while c is not None:
+            for k in range(c.iovcnt if c.iov != NULL else 0):
+                a = <uintptr_t>c.iov[k].iov_base
+                if a < end and a + c.iov[k].iov_len > start:
+                    n += 1
+                    break
+            c = c.next
+        return n
+
+    cdef list requests(self):
+        """Every request in flight, newest first."""
+        out = []
+        cdef Completion c = self.head
+        while c is not None:
+            out.append(c)
+            c = c.next
+        return out
+
+    cdef object fail_all(self, int err, str msg, bint release, list ready):
+        """Complete every request with -err and ``msg``, without libblkio,
+        emptying the list; those of callers go to ``ready``.  ``release``:
+        their memory goes back now.  Returns the first exception giving
+        memory back raised (after finishing the loop), or None."""
+        cdef Completion c
+        raised = None
+        while self.head is not None:
+            c = self.head
+            self.unlink(c)
+            set_ret(c, -err)
+            c._error_msg = msg
+            c.done = True
+            if release:
+                released = c.release_memory()
+                if released is not None and raised is None:
+                    raised = released
+            if c.route != INTERNAL:
+                ready.append(c)
+        return raised
+
+
+# --------------------------------------------------------------------------
 # The engine
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -254,9 +449,9 @@ cdef QueueEngine new_engine(DeviceHandle handle, BounceSpace space, lb.blkioq *q
     e.is_poll_queue = poll
     e.depth = depth
     e.ring = BatchRing.__new__(BatchRing)
+    e.in_flight = InFlight.__new__(InFlight)
+    e.shared = SharedWait.__new__(SharedWait)
     pthread_mutex_init(&e.lock, NULL)
-    pthread_mutex_init(&e.wait_mutex, NULL)
-    pthread_cond_init(&e.wait_cond, NULL)
     e.lock_ready = True
     e.ready = []
     e.gone_listeners = []
@@ -270,8 +465,6 @@ cdef class QueueEngine:
     def __dealloc__(self):
         if self.lock_ready:
             pthread_mutex_destroy(&self.lock)
-            pthread_mutex_destroy(&self.wait_mutex)
-            pthread_cond_destroy(&self.wait_cond)
 
     cdef int check_usable(self) except -1:
         """Between wait slices: give up when the device or queue is going
@@ -301,25 +494,14 @@ cdef class QueueEngine:
         if h.reconnect_enabled and h.state != ST_BROKEN:
             return 0
         inflight = self.unreaped
-        h.state = ST_BROKEN
+        h.set_broken(None)
         for e in h.engines:
             (<QueueEngine>e).abandon(EIO, BACKEND_HUNG_UP, True)
         raise broken_error(h.driver, inflight)
 
     cdef Py_ssize_t using(self, uintptr_t start, uintptr_t end):
         """Requests in flight whose device-visible memory overlaps [start, end)."""
-        cdef Py_ssize_t n = 0
-        cdef Completion c = self.head
-        cdef int k
-        cdef uintptr_t a
-        while c is not None:
-            for k in range(c.iovcnt if c.iov != NULL else 0):
-                a = <uintptr_t>c.iov[k].iov_base
-                if a < end and a + c.iov[k].iov_len > start:
-                    n += 1
-                    break
-            c = c.next
-        return n + self.ring.using(start, end)
+        return self.in_flight.using(start, end) + self.ring.using(start, end)
 
     # ---- enqueue: the one place that hands requests to libblkio ----------
 
@@ -349,7 +531,7 @@ cdef class QueueEngine:
             held = take_queue(self)
         if held < 0 or not (lazy_link and reap):
             # the list holds the reference libblkio's user_data borrows
-            self.link(c)
+            self.in_flight.link(c)
         if held < 0:
             if wait_first:
                 wait_first = (self.handle.threaded and self.guard.users == 1
@@ -384,7 +566,7 @@ cdef class QueueEngine:
                 self.dispatch(comps, n)
             finally:
                 if not c.done and not c.linked:
-                    self.link(c)        # still in flight: the list holds it now
+                    self.in_flight.link(c)        # still in flight: the list holds it now
         return 0
 
     cdef int _enqueue_wait_locked(self, Completion c, void *ud, lb.blkio_completion *comps,
@@ -404,42 +586,7 @@ cdef class QueueEngine:
         submit and collect completions that are already there."""
         cdef lb.blkioq *q = self.q
         cdef int n = 0
-        cdef int op = c.op
-        if op == READ:
-            if c.iovcnt == 1:
-                lb.blkioq_read(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
-            else:
-                lb.blkioq_readv(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
-        elif op == WRITE:
-            if c.iovcnt == 1:
-                lb.blkioq_write(q, c.offset, c.iov[0].iov_base, c.iov[0].iov_len, ud, c.flags)
-            else:
-                lb.blkioq_writev(q, c.offset, c.iov, c.iovcnt, ud, c.flags)
-        elif op == WRITE_ZEROES:
-            lb.blkioq_write_zeroes(q, c.offset, c.length, ud, c.flags)
-        elif op == DISCARD:
-            lb.blkioq_discard(q, c.offset, c.length, ud, c.flags)
-        elif op == FLUSH:
-            lb.blkioq_flush(q, ud, c.flags)
-        elif op == REPORT_ZONES:
-            lb.blkioq_report_zones(q, c.offset, <lb.blkio_zone *>c.iov[0].iov_base,
-                                   <uint32_t>(c.length // sizeof(lb.blkio_zone)), ud, 0)
-        elif op == OPEN_ZONE:
-            lb.blkioq_open_zone(q, c.offset, ud, 0)
-        elif op == CLOSE_ZONE:
-            lb.blkioq_close_zone(q, c.offset, ud, 0)
-        elif op == FINISH_ZONE:
-            lb.blkioq_finish_zone(q, c.offset, ud, 0)
-        elif op == RESET_ZONE:
-            lb.blkioq_reset_zone(q, c.offset, ud, 0)
-        elif op == OPEN_ALL_ZONES:
-            lb.blkioq_open_all_zones(q, ud, 0)
-        elif op == CLOSE_ALL_ZONES:
-            lb.blkioq_close_all_zones(q, ud, 0)
-        elif op == FINISH_ALL_ZONES:
-            lb.blkioq_finish_all_zones(q, ud, 0)
-        else:
-            lb.blkioq_reset_all_zones(q, ud, 0)
+        c.hand_to(q, ud)
         self.in_libblkio += 1
         if reap:
             n = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
@@ -497,69 +644,21 @@ cdef class QueueEngine:
                             lb.blkio_completion *comps) noexcept nogil:
         """Hand a batch's requests to libblkio and submit them (the queue
         ours); returns what do_io returned."""
-        # the arrays in locals: libblkio's calls could change any field
-        cdef Py_ssize_t i, n = a.n
         cdef lb.blkioq *q = self.q
-        cdef uint64_t bs = a.blocksize
-        cdef uint64_t *offs = a.offs
-        cdef uint64_t *boffs = a.boffs
-        cdef char *base = a.base
-        cdef char *addr
         cdef int got
-        for i in range(n):
-            addr = base + (boffs[i] if boffs != NULL else <uint64_t>i * bs)
-            if op == READ:
-                lb.blkioq_read(q, offs[i], <void *>addr, bs,
-                               <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
-            else:
-                lb.blkioq_write(q, offs[i], <void *>addr, bs,
-                                <void *>((<uintptr_t>idx[i] << 1) | TAG_BIT), flags)
-        self.in_libblkio += n
+        _hand_batch(q, op, a, idx, flags)
+        self.in_libblkio += a.n
         got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
         if got > 0:
             self.in_libblkio -= got
         return got
 
-    cdef void link(self, Completion c) noexcept:
-        """Into the in-flight list, which holds the reference libblkio's
-        user_data borrows (and what close, unregister and abandon look at)."""
-        c.next = self.head
-        if self.head is not None:
-            self.head.prev = c
-        self.head = c
-        c.linked = True
-
-    cdef void unlink(self, Completion c) noexcept:
-        c.linked = False
-        if c.prev is not None:
-            c.prev.next = c.next
-        else:
-            self.head = c.next
-        if c.next is not None:
-            c.next.prev = c.prev
-        c.prev = None
-        c.next = None
-
     cdef object abandon(self, int err, str msg, bint release):
         """Complete every request in flight with -err, without libblkio: its
         backend or queue is gone.  ``release``: nothing can touch the
         requests' memory any more, so it goes back now (else the caller keeps
-        it).  Returns the completions of the caller's requests, which are
-        also left in ``ready``."""
-        cdef Completion c
-        raised = None
-        while self.head is not None:
-            c = self.head
-            self.unlink(c)
-            set_ret(c, -err)
-            c._error_msg = msg
-            c.done = True
-            if release:
-                released = c.release_memory()
-                if released is not None and raised is None:
-                    raised = released
-            if c.route != INTERNAL:
-                self.ready.append(c)
+        it).  The caller's completions are left in ``ready``."""
+        raised = self.in_flight.fail_all(err, msg, release, self.ready)
         self.ring.fail_all(err)
         self.unreaped = 0
         self.in_libblkio = 0
@@ -586,18 +685,11 @@ cdef class QueueEngine:
                 continue
             c = <Completion><PyObject *>comps[i].user_data
             if c.linked:
-                self.unlink(c)
-            c.ret = comps[i].ret
-            if c.route != INTERNAL:      # a blocking call's own: Python never sees it
-                c.ret_obj = c.ret
-            if c.ret < 0 and comps[i].error_msg != NULL:
-                c._error_msg = comps[i].error_msg.decode("utf-8", "replace")
+                self.in_flight.unlink(c)
             if c.bounce_start >= 0:
-                if c.ret == 0 and c.op == READ or c.ret > 0 and c.op == REPORT_ZONES:
-                    scatter(<char *>c.iov[0].iov_base, c.user_iov, c.user_iovcnt)
                 self.handle.bounced_bytes += c.length
                 self.handle.n_bounced += 1
-            c.done = True
+            c.finish(comps[i].ret, comps[i].error_msg)
             if not _release_hot(c):
                 released = c.release_memory()
                 if released is not None and err is None:
@@ -732,28 +824,12 @@ cdef class QueueEngine:
                 raise TimeoutError(f"no completion within {timeout} s "
                                    f"({self.unreaped} request(s) still in flight)")
 
-    cdef bint drive_slice(self, double seconds) except -1:
-        """Reap this queue for up to ``seconds`` (a wait for bounce space
-        does, so that our own completed requests give their space back);
-        False when nothing is in flight."""
-        if self.unreaped == 0:
-            return False
-        try:
-            self.drive(1, seconds, None)
-        except TimeoutError:
-            pass
-        return True
-
     cdef int wait_shared(self, Completion until) except -1:
-        """Wait for ``until`` while other calls use this queue too.  Waiting
-        inside blkioq_do_io would hold the queue's lock, and every other thread
-        would stop submitting until this request completed.  Instead one
-        waiter (the leader) sleeps on the completion fd with neither the GIL
-        nor the queue lock, reaps for everyone and wakes the others, who wait
-        for that on ``wait_cond``; so N threads keep N requests in flight."""
-        cdef int fd, r, err
-        cdef pollfd pfd
-        cdef timespec ts
+        """Wait for ``until`` while other calls use this queue too, without
+        holding its lock (``SharedWait``): waiting inside blkioq_do_io would
+        stop every other thread's submits until this request completed."""
+        cdef int fd, r
+        cdef SharedWait sw = self.shared
         cdef int slice_ms = <int>((SHARE_CHECK if self.handle.reconnect_enabled else WAIT_SLICE)
                                   * 1000)
         if not self.fd_enabled:
@@ -764,40 +840,20 @@ cdef class QueueEngine:
                 return 0
             self.check_usable()
             fd = lb.blkioq_get_completion_fd(self.q)    # a new one after a reconnect
-            if not self.leader:
-                self.leader = True
-                pfd.fd = fd
-                pfd.events = POLLIN
-                pfd.revents = 0
-                with nogil:
-                    r = poll(&pfd, 1, slice_ms)
-                    err = errno
+            if not sw.leader:
+                r = sw.lead(fd, slice_ms)
                 if r > 0:
                     self.reset_fd(fd)           # under the queue lock, then reap
-                self.leader = False
+                sw.end_lead()
                 self.drive(0, 0.0, None)
-                self.wake_followers()
-                if r < 0 and err != EINTR:
-                    raise OSError(err, f"poll on the completion fd: {os.strerror(err)}")
+                sw.wake()
+                if r < 0 and r != -EINTR:
+                    raise OSError(-r, f"poll on the completion fd: {os.strerror(-r)}")
                 if r == 0 and self.handle.backend_dead():
                     self.hung_up()
-                PyErr_CheckSignals()
             else:
-                # A follower: the leader reaps; wait for its call (or a slice).
-                realtime_after(&ts, WAIT_SLICE)
-                pthread_mutex_lock(&self.wait_mutex)
-                if not until.done and self.leader:
-                    with nogil:
-                        pthread_cond_timedwait(&self.wait_cond, &self.wait_mutex, &ts)
-                        pthread_mutex_unlock(&self.wait_mutex)
-                else:
-                    pthread_mutex_unlock(&self.wait_mutex)
-                PyErr_CheckSignals()
-
-    cdef void wake_followers(self) noexcept:
-        pthread_mutex_lock(&self.wait_mutex)
-        pthread_cond_broadcast(&self.wait_cond)
-        pthread_mutex_unlock(&self.wait_mutex)
+                sw.follow(&until.done)      # the leader reaps for us
+            PyErr_CheckSignals()
 
     # ---- the completion fd ------------------------------------------------
 
@@ -851,44 +907,38 @@ cdef class QueueEngine:
                 return False
         return True
 
+    cdef int keep_undrained(self) except -1:
+        """Requests still in flight after a drain: unless the backend is
+        gone, the device may still write their memory after the instance or
+        queue is destroyed, so that memory is never given back.  Returns how
+        many."""
+        if self.unreaped == 0:
+            return 0
+        if self.handle.state == ST_BROKEN or self.handle.backend_dead():
+            return 0
+        kept = self.in_flight.requests()
+        if self.ring.in_flight:
+            kept.append(self.handle.regions.owners())
+        kept_for_the_kernel.append(kept)
+        return <int>self.unreaped
+
     # ---- a reconnect (the device core drives it) ------------------------------
 
     cdef Py_ssize_t resume(self, lb.blkioq *q) except -1:
         """Go on with queue ``q`` of a new instance (the old one died with its
         backend, and every call inside is parked): hand it every request
-        still in flight, and submit them.  Batch requests go first (they are
-        all in flight at once: no order among them), then the others in the
-        order they were submitted -- so a flush comes after every write
-        submitted before it.  Their memory is where it was, mapped into the
-        new instance.  Returns how many were handed over."""
+        still in flight (batch requests first, then the others in the order
+        they were submitted), and submit them.  Their memory is where it
+        was, mapped into the new instance.  Returns how many."""
         cdef lb.blkio_completion comps[NCOMPS]
-        cdef BatchRing ring = self.ring
-        cdef BatchSlot *slot
-        cdef Completion c = self.head
-        cdef Py_ssize_t i, n = 0
+        cdef Py_ssize_t n
         cdef int got
         cdef int held = hold_queue(self)
         self.q = q
         if self.fd_enabled:
             lb.blkioq_set_completion_fd_enabled(q, True)
-        for i in range(ring.slots_cap):
-            slot = &ring.slots[i]
-            if slot.length == 0:
-                continue
-            if slot.op == READ:
-                lb.blkioq_read(q, slot.offset, <void *>slot.addr, slot.length,
-                               <void *>((<uintptr_t>i << 1) | TAG_BIT), slot.flags)
-            else:
-                lb.blkioq_write(q, slot.offset, <void *>slot.addr, slot.length,
-                                <void *>((<uintptr_t>i << 1) | TAG_BIT), slot.flags)
-            n += 1
+        n = _hand_ring(q, self.ring) + self.in_flight.hand_to(q)
         self.in_libblkio = n
-        while c is not None and c.next is not None:     # the oldest is last
-            c = c.next
-        while c is not None:
-            self._enqueue_locked(c, <void *>c, False, comps)
-            n += 1
-            c = c.prev
         got = lb.blkioq_do_io(q, comps, 0, NCOMPS, NULL)
         if got > 0:
             self.in_libblkio -= got

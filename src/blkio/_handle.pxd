@@ -1,14 +1,15 @@
 # The device handle: the one owner of a ``blkio *`` -- its state (which
 # queues and waits observe: started, broken, closing, reconnecting, the
-# process it belongs to), its limits as a C struct for the request path, typed property access,
-# memory-region map/unmap with the table of memory the device holds, and the
-# counters of the lifetime guard.  It may not parse user options, knows
+# process it belongs to), its limits as a C struct for the request path,
+# typed property access, memory-region map/unmap with the table of memory
+# the device holds (RegionTable, Region records), and the counters of the
+# lifetime guard.  It may not parse user options, knows
 # nothing of requests, and never calls up: the device core (``_device``)
 # drives its transitions.
 
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from cpython.pythread cimport PyThread_get_thread_ident
-from ._libblkio cimport blkio, blkioq
+from ._libblkio cimport blkio, blkioq, blkio_mem_region
 from ._checks cimport HotLimits, IoPolicy
 from ._posix cimport pthread_mutex_t, pthread_cond_t
 
@@ -102,6 +103,21 @@ cdef class Region:
     cdef object owner
     cdef bint mapped            # mapped with libblkio (else only held)
     cdef bint user              # from Device.register (else the arena or the pool)
+    cdef void describe(self, uintptr_t addr, blkio_mem_region *r) noexcept
+
+
+cdef class RegionTable:
+    # the Region of each start address, and sorted [start, end) for lookups
+    cdef dict by_start
+    cdef uintptr_t *start
+    cdef uintptr_t *end
+    cdef Py_ssize_t n, cap
+    cdef int add(self, uintptr_t addr, Region region) except -1
+    cdef Region remove(self, uintptr_t addr)
+    cdef bint holds(self, uintptr_t addr)
+    cdef list addresses(self)
+    cdef void forget(self) noexcept
+    cdef bint covers(self, uintptr_t start, size_t length) noexcept nogil
 
 
 cdef class DeviceHandle:
@@ -120,12 +136,7 @@ cdef class DeviceHandle:
     cdef pthread_cond_t guard_cond
     cdef pthread_mutex_t ctl_lock  # serialises instance calls: properties, map, queues
     cdef bint locks_ready
-    # memory held by the device: sorted [start, end) for lookups, and the
-    # Region of each start address
-    cdef uintptr_t *reg_start
-    cdef uintptr_t *reg_end
-    cdef Py_ssize_t nreg, capreg
-    cdef dict regions
+    cdef RegionTable regions       # the memory the device holds
     cdef tuple backend_fds         # vhost-user sockets whose hang-up means a dead daemon
     cdef list engines              # the queue engines of the instance (the device core keeps it)
     # blocking calls
@@ -156,7 +167,6 @@ cdef class DeviceHandle:
                  object owner, bint user) except -1
     cdef int unmap(self, uintptr_t addr) except -1
     cdef int unmap_all(self) except -1
-    cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil
     cdef uint64_t io_chunk_cap(self) noexcept
     cdef uint64_t check_io_chunk(self, object chunk) except 0
     cdef blkioq *get_queue(self, int index, bint poll) noexcept
@@ -168,9 +178,8 @@ cdef class DeviceHandle:
     cdef int wait_reconnected(self, Py_ssize_t waiting) except -1
     cdef bint wait_quiet(self, Py_ssize_t own, double deadline)
     cdef int map_regions_into(self, DeviceHandle other) except -1
-    cdef void take_instance(self, DeviceHandle other) noexcept
-    cdef void _table_insert(self, uintptr_t start, uintptr_t end) except *
-    cdef void _table_remove(self, uintptr_t start) noexcept
+    cdef void take_instance(self, DeviceHandle other, tuple backend_fds) noexcept
+    cdef void set_broken(self, str why) noexcept
     cdef void destroy(self) noexcept
 
 

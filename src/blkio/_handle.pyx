@@ -2,8 +2,9 @@
 
 It holds the instance's state, its limits as a C struct for the request path
 (and blkio's own policy for cutting requests, apart), typed property access,
-memory-region map/unmap with the table of memory the device holds (one
-``Region`` record each), and the counters and flags of the lifetime guard.
+memory-region map/unmap (the memory the device holds is a ``RegionTable`` of
+``Region`` records, which the request checks search), and the counters and
+flags of the lifetime guard.
 It never parses user options, knows nothing of requests, and never calls up:
 the device core (``_device``) drives the lifetime, queues (``_engine``)
 observe the state (closing, broken, forked) between their wait slices.
@@ -52,6 +53,7 @@ queue's own guard in ``_engine``):
 import enum
 import time
 
+cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport free, realloc
@@ -98,6 +100,110 @@ _STATES = (State.CREATED, State.CONNECTED, State.STARTED, State.BROKEN, State.CL
 cdef class Region:
     """Memory the device holds (internal)."""
 
+    cdef void describe(self, uintptr_t addr, lb.blkio_mem_region *r) noexcept:
+        """The libblkio region for this memory at ``addr``: exactly the
+        values it was mapped with (unmap needs the same)."""
+        memset(r, 0, sizeof(r[0]))
+        r.addr = <void *>addr
+        r.len = self.length
+        r.fd = self.fd
+        r.fd_offset = self.fd_offset
+
+
+@cython.final
+cdef class RegionTable:
+    """The memory a device holds (internal): a Region record per start
+    address, and sorted [start, end) arrays for the request checks."""
+
+    def __cinit__(self):
+        self.by_start = {}
+        self.start = NULL
+        self.end = NULL
+
+    def __dealloc__(self):
+        free(self.start)
+        free(self.end)
+
+    cdef int add(self, uintptr_t addr, Region region) except -1:
+        cdef Py_ssize_t i, j, newcap
+        cdef uintptr_t *s
+        cdef uintptr_t *e
+        if self.n == self.cap:
+            newcap = max(16, 2 * self.cap)
+            s = <uintptr_t *>realloc(self.start, newcap * sizeof(uintptr_t))
+            if s == NULL:
+                raise MemoryError()
+            self.start = s
+            e = <uintptr_t *>realloc(self.end, newcap * sizeof(uintptr_t))
+            if e == NULL:
+                raise MemoryError()
+            self.end = e
+            self.cap = newcap
+        self.by_start[addr] = region
+        i = 0
+        while i < self.n and self.start[i] < addr:
+            i += 1
+        j = self.n
+        while j > i:
+            self.start[j] = self.start[j - 1]
+            self.end[j] = self.end[j - 1]
+            j -= 1
+        self.start[i] = addr
+        self.end[i] = addr + region.length
+        self.n += 1
+        return 0
+
+    cdef Region remove(self, uintptr_t addr):
+        """Take the region at ``addr`` out (KeyError: none there)."""
+        cdef Region region = self.by_start.pop(addr)
+        cdef Py_ssize_t i = 0
+        while i < self.n and self.start[i] != addr:
+            i += 1
+        while i + 1 < self.n:
+            self.start[i] = self.start[i + 1]
+            self.end[i] = self.end[i + 1]
+            i += 1
+        if i < self.n:
+            self.n -= 1
+        return region
+
+    cdef bint holds(self, uintptr_t addr):
+        return addr in self.by_start
+
+    cdef list addresses(self):
+        return sorted(self.by_start)
+
+    cdef void forget(self) noexcept:
+        self.by_start = {}
+        self.n = 0
+
+    cdef bint covers(self, uintptr_t start, size_t length) noexcept nogil:
+        """Does [start, start+length) lie inside one region?"""
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        while lo < hi:       # last region starting at or before `start`
+            mid = (lo + hi) // 2
+            if self.start[mid] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return False
+        return start + length <= self.end[lo - 1]
+
+    def user_region(self, uintptr_t addr):
+        """(start, length) of the memory ``register``ed at ``addr``, or None."""
+        cdef Region region = self.by_start.get(addr)
+        if region is None or not region.user:
+            return None
+        return addr, region.length
+
+    def owners(self):
+        """What keeps each region's memory alive."""
+        return [(<Region>region).owner for region in self.by_start.values()]
+
+    def __len__(self):
+        return self.n
+
 
 cdef class DeviceHandle:
     """The libblkio instance of one device (internal: the device core makes it)."""
@@ -106,9 +212,7 @@ cdef class DeviceHandle:
         self.b = NULL
         self.pid = blkio_current_pid
         self.state = ST_CLOSED
-        self.reg_start = NULL
-        self.reg_end = NULL
-        self.regions = {}
+        self.regions = RegionTable()
         self.backend_fds = ()
         self.engines = []
         pthread_mutex_init(&self.guard_mutex, NULL)
@@ -121,8 +225,6 @@ cdef class DeviceHandle:
         # the child of a fork() the instance is the parent's: never destroyed.
         if self.b != NULL and not self.forked():
             lb.blkio_destroy(&self.b)
-        free(self.reg_start)
-        free(self.reg_end)
         if self.locks_ready:
             pthread_mutex_destroy(&self.guard_mutex)
             pthread_cond_destroy(&self.guard_cond)
@@ -148,8 +250,7 @@ cdef class DeviceHandle:
         self.b = NULL
         self.closing = True
         self.state = ST_CLOSED
-        self.regions = {}
-        self.nreg = 0
+        self.regions.forget()
 
     cdef int ensure_started(self) except -1:
         if self.closing or self.b == NULL or self.forked():
@@ -165,7 +266,14 @@ cdef class DeviceHandle:
         return _STATES[<int>self.state]
 
     def mark_broken(self):
+        self.set_broken(None)
+
+    cdef void set_broken(self, str why) noexcept:
+        """The backend hung up and will not come back (``why``: after a
+        failed reconnect, else None): every call raises EIO from now on."""
         self.state = ST_BROKEN
+        if why is not None:
+            self.broken_why = why
 
     # ---- the lifetime guard: waiting for calls to leave ------------------------
 
@@ -265,14 +373,11 @@ cdef class DeviceHandle:
         cdef lb.blkio_mem_region r
         cdef Region region
         cdef int ret
-        for addr, region in self.regions.items():
+        for addr in self.regions.addresses():
+            region = self.regions.by_start[addr]
             if not region.mapped:
                 continue
-            memset(&r, 0, sizeof(r))
-            r.addr = <void *><uintptr_t>addr
-            r.len = region.length
-            r.fd = region.fd
-            r.fd_offset = region.fd_offset
+            region.describe(addr, &r)
             other.ctl_acquire()
             with nogil:
                 ret = lb.blkio_map_mem_region(other.b, &r)
@@ -282,12 +387,14 @@ cdef class DeviceHandle:
                                           f"{addr:#x}) on reconnect")
         return 0
 
-    cdef void take_instance(self, DeviceHandle other) noexcept:
+    cdef void take_instance(self, DeviceHandle other, tuple backend_fds) noexcept:
         """Swap instances with ``other`` (a reconnect: this device goes on
-        with the new one, ``other`` is left holding the old one to destroy)."""
+        with the new one and its backend's sockets, ``other`` is left
+        holding the old one to destroy)."""
         cdef lb.blkio *b = self.b
         self.b = other.b
         other.b = b
+        self.backend_fds = backend_fds
 
     def wait_destroyed(self, double timeout):
         """Wait (GIL released) until another thread finished destroying."""
@@ -507,17 +614,21 @@ cdef class DeviceHandle:
         unregister), mapping it with libblkio where the driver needs or pins
         memory regions.  The table of held memory is also what the batch API
         and the direct path check buffers against."""
-        cdef lb.blkio_mem_region r
-        memset(&r, 0, sizeof(r))
-        r.addr = <void *>addr
-        r.len = length
-        r.fd = fd
-        r.fd_offset = fd_offset
-        cdef int ret = 0
-        cdef bint mapped = self.lim.maps_memory
-        if addr in self.regions:
+        if self.regions.holds(addr):
             raise ValueError(f"memory at {addr:#x} is already registered with this device")
-        if mapped:
+        # The owner reference keeps the memory and its fd alive while mapped:
+        # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).
+        cdef Region region = Region.__new__(Region)
+        region.length = length
+        region.fd = fd
+        region.fd_offset = fd_offset
+        region.owner = owner
+        region.mapped = self.lim.maps_memory
+        region.user = user
+        cdef lb.blkio_mem_region r
+        cdef int ret = 0
+        if region.mapped:
+            region.describe(addr, &r)
             self.ctl_acquire()
             with nogil:
                 ret = lb.blkio_map_mem_region(self.b, &r)
@@ -526,31 +637,16 @@ cdef class DeviceHandle:
             # the reconnect maps every region it holds into the new instance.
             if ret < 0 and not (self.reconnect_enabled and self.backend_dead()):
                 raise libblkio_error(ret, f"blkio_map_mem_region({length} bytes at {addr:#x})")
-        # The owner reference keeps the memory and its fd alive while mapped:
-        # unmapping after the fd closed corrupts data on vhost-user (DESIGN 9).
-        cdef Region region = Region.__new__(Region)
-        region.length = length
-        region.fd = fd
-        region.fd_offset = fd_offset
-        region.owner = owner
-        region.mapped = mapped
-        region.user = user
-        self.regions[addr] = region
-        self._table_insert(addr, addr + length)
+        self.regions.add(addr, region)
         return 0
 
     cdef int unmap(self, uintptr_t addr) except -1:
-        cdef Region region = self.regions.pop(addr)
+        # Out of the table first: no request can be validated against the
+        # region while it is being unmapped (``owner`` keeps it alive).
+        cdef Region region = self.regions.remove(addr)
         cdef lb.blkio_mem_region r
-        memset(&r, 0, sizeof(r))
-        r.addr = <void *>addr       # exactly the values given to map
-        r.len = region.length
-        r.fd = region.fd
-        r.fd_offset = region.fd_offset
-        # Out of the lookup table first: no request can be validated against
-        # the region while it is being unmapped (``owner`` keeps it alive).
-        self._table_remove(addr)
         if region.mapped and self.b != NULL:
+            region.describe(addr, &r)
             self.ctl_acquire()
             with nogil:
                 lb.blkio_unmap_mem_region(self.b, &r)
@@ -558,71 +654,9 @@ cdef class DeviceHandle:
         return 0
 
     cdef int unmap_all(self) except -1:
-        for addr in sorted(self.regions):
+        for addr in self.regions.addresses():
             self.unmap(addr)
         return 0
-
-    def user_region(self, uintptr_t addr):
-        """(start, length) of the memory ``register``ed at ``addr``, or None."""
-        cdef Region region = self.regions.get(addr)
-        if region is None or not region.user:
-            return None
-        return addr, region.length
-
-    def region_owners(self):
-        return [(<Region>region).owner for region in self.regions.values()]
-
-    cdef void _table_insert(self, uintptr_t start, uintptr_t end) except *:
-        cdef Py_ssize_t i, j, newcap
-        cdef uintptr_t *s
-        cdef uintptr_t *e
-        if self.nreg == self.capreg:
-            newcap = max(16, 2 * self.capreg)
-            s = <uintptr_t *>realloc(self.reg_start, newcap * sizeof(uintptr_t))
-            if s == NULL:
-                raise MemoryError()
-            self.reg_start = s
-            e = <uintptr_t *>realloc(self.reg_end, newcap * sizeof(uintptr_t))
-            if e == NULL:
-                raise MemoryError()
-            self.reg_end = e
-            self.capreg = newcap
-        i = 0
-        while i < self.nreg and self.reg_start[i] < start:
-            i += 1
-        j = self.nreg
-        while j > i:
-            self.reg_start[j] = self.reg_start[j - 1]
-            self.reg_end[j] = self.reg_end[j - 1]
-            j -= 1
-        self.reg_start[i] = start
-        self.reg_end[i] = end
-        self.nreg += 1
-
-    cdef void _table_remove(self, uintptr_t start) noexcept:
-        cdef Py_ssize_t i = 0
-        while i < self.nreg and self.reg_start[i] != start:
-            i += 1
-        if i == self.nreg:
-            return
-        while i + 1 < self.nreg:
-            self.reg_start[i] = self.reg_start[i + 1]
-            self.reg_end[i] = self.reg_end[i + 1]
-            i += 1
-        self.nreg -= 1
-
-    cdef bint in_range(self, uintptr_t start, size_t length) noexcept nogil:
-        """Does [start, start+length) lie inside one region the device holds?"""
-        cdef Py_ssize_t lo = 0, hi = self.nreg, mid
-        while lo < hi:       # last region starting at or before `start`
-            mid = (lo + hi) // 2
-            if self.reg_start[mid] <= start:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo == 0:
-            return False
-        return start + length <= self.reg_end[lo - 1]
 
     # ---- queues ------------------------------------------------------------------
 

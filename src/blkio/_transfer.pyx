@@ -73,7 +73,7 @@ cdef bint direct_ok(DeviceHandle h, iovec *iov, int iovcnt) noexcept nogil:
             return False
         if h.lim.max_segment_len and iov[i].iov_len > h.lim.max_segment_len:
             return False
-        if h.lim.needs_mem_regions and not h.in_range(a, iov[i].iov_len):
+        if h.lim.needs_mem_regions and not h.regions.covers(a, iov[i].iov_len):
             return False
     return True
 
@@ -102,7 +102,13 @@ cdef Py_ssize_t wait_for_space(BounceSpace space, QueueEngine e, size_t nbytes,
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no bounce buffer space for {nbytes} bytes "
                                    f"within {timeout} s")
-            if e is None or not e.drive_slice(WAIT_SLICE):
+            if e is not None and e.unreaped > 0:
+                # our own completed requests give their space back
+                try:
+                    e.drive(1, WAIT_SLICE, None)
+                except TimeoutError:
+                    pass
+            else:
                 left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
                 waiter.event.wait(max(left, 0))
     except BaseException:
