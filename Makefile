@@ -12,7 +12,7 @@ VPY    := $(VENV)/bin/python
 TOOLS  := build/dist/tools
 SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in src/blkio/*.pyx src/blkio/*.pxd src/blkio/*.h src/blkio/*.pyi src/blkio/meson.build src/blkio/py.typed)
 
-.PHONY: test test-asan test-wheels dist docs bench bench-full bench-instr system install clean
+.PHONY: test test-quick test-asan test-wheels dist docs bench bench-full bench-instr system install clean
 
 # With PYTEST_ARGS (a selection, while developing) dist/ is not rebuilt and
 # the sanitizer run is left out; the plain command runs everything, the docs
@@ -21,6 +21,15 @@ SOURCES := meson.build pyproject.toml $(wildcard src/blkio/*.py src/blkio/*.in s
 test: install $(VENV)/.docs-deps $(if $(PYTEST_ARGS),,dist)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(if $(PYTEST_ARGS),,$(MAKE) test-asan)
+
+# The edit-test loop (a few minutes): the API modules against the dev venv,
+# stopping at the first failure; no dist/, docs, guest VM, wheels, budget,
+# CLIs' harness or sanitizers.  The modules are the ones the wheel runs.
+QUICK_TESTS := test_device test_io test_queue test_batch test_aio test_aio_batch \
+	test_large_io test_pool test_surface test_vhost_user test_zoned
+test-quick: install
+	$(VENV)/bin/pytest -x -q -p no:cacheprovider -m 'not soak' \
+	  $(addprefix tests/,$(addsuffix .py,$(QUICK_TESTS))) $(PYTEST_ARGS)
 
 # The extension built with AddressSanitizer and UBSan (its own venv and build
 # folder), running the host suite, the lifetime torture suite included, with
