@@ -223,7 +223,7 @@ def wrong(path: str) -> None:
 
 
 CORE_MODULES = ("_checks", "_memory", "_handle", "_pool", "_held", "_zoneops", "_batch", "_engine",
-                "_transfer", "_device", "_public")
+                "_transfer", "_device", "_public", "_asyncport")
 STUBS = tuple(f"{m}.pyi" for m in CORE_MODULES)
 ALLOWLIST = Path(__file__).resolve().parent / "stubtest-allowlist.txt"
 

@@ -7,7 +7,8 @@
 Everything a request needs -- checks, direct or bounced memory, splitting and
 pipelining, the first-failure rule, advisory discard -- is the core's
 transfer engine, the same as for blocking calls; this module only ties it to
-the loop, through the core's one asyncio port (``_public.AsyncPort``).  A
+the loop, through the core's one asyncio port (``_asyncport.AsyncPort``,
+which also keeps the accounting of the batches in flight).  A
 request is enqueued when its method is called (bad arguments raise there);
 requests enqueued during one loop iteration go to libblkio in one
 ``blkioq_do_io`` call (like QEMU's plug/unplug); completions come through
@@ -47,28 +48,22 @@ import time
 import types
 import weakref
 from asyncio import get_running_loop as _running_loop
-from typing import Any, Awaitable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, List, Optional, Sequence
 
 import numpy as np
 
 # (imported under private names: this module's public names are __all__'s)
 from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_device
-from ._checks import int_array as _int_array, write_zeroes_flags as _write_zeroes_flags
+from ._checks import write_zeroes_flags as _write_zeroes_flags
 from ._connect import (DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT,
                        DEFAULT_RECONNECT_TIMEOUT as _DEFAULT_RECONNECT_TIMEOUT)
-from ._public import Reconnecting as _Reconnecting, async_port as _async_port
-from ._zones import ZONE_DTYPE as _ZONE_DTYPE, _report_plan
-from .errors import error_for as _error_for
+from ._asyncport import Reconnecting as _Reconnecting, async_port as _async_port
+from ._zones import AsyncZonedMixin as _AsyncZonedMixin
 
 __all__ = ["AsyncDevice", "open"]
 
 _READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
 
-# A batch request's user_data: its batch's number << 32 | its index in the batch.
-_TAG_SHIFT = 32
-_INDEX_MASK = (1 << _TAG_SHIFT) - 1
-_BATCH_IDS = 1 << 31                # numbers wrap (tags stay positive int64)
-_REAP_DTYPE = np.dtype([("user_data", np.int64), ("ret", np.int32)])
 # A batch that completes during submission does not wait for the loop; such
 # awaits yield to it once per this many bytes (a count, not a clock: the
 # same program makes the same calls, however fast the machine runs it).
@@ -81,22 +76,7 @@ def _yield_once() -> Any:
     yield
 
 
-class _Batch:
-    """One awaited batch: its requests in flight, its first failure, and the
-    memory they use (held until the last of them is reaped, even when the
-    awaiting task was cancelled: the device may still write it)."""
-
-    __slots__ = ("n", "left", "fut", "memory", "offsets", "abandoned", "nfail",
-                 "fail_index", "fail_ret")
-
-    def __init__(self, n: int, memory: Any, offsets: np.ndarray) -> None:
-        self.n, self.left, self.memory, self.offsets = n, 0, memory, offsets
-        self.fut: "Optional[asyncio.Future[None]]" = None
-        self.abandoned = False
-        self.nfail, self.fail_index, self.fail_ret = 0, -1, 0
-
-
-class AsyncDevice:
+class AsyncDevice(_AsyncZonedMixin):
     """Coroutine I/O on one queue of a :class:`blkio.Device`.
 
     ``spin_us`` > 0 busy-polls the queue for that many microseconds after
@@ -119,20 +99,12 @@ class AsyncDevice:
         self.queue = self._port.queue
         self.spin_us = spin_us
         self._loop = _running_loop()
-        self._flush_scheduled = False
         self._closed = False
         self._fd = -1
-        self._fd_on = False
-        self._batches: Dict[int, _Batch] = {}
-        self._next_batch = 1            # batch 0: the solo batch (see _batch)
-        self._reap_out = np.zeros(256, _REAP_DTYPE)
-        self._reap_ud = self._reap_out["user_data"]
-        self._reap_ret = self._reap_out["ret"]
         self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
         self._sync_bytes = 0             # completed during submission since the last yield
         self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
         self._events = -1               # a duplicate of the device's reconnect eventfd
-        self._generation = 0            # the device's reconnects when we last looked
         self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
         self._watch(self._loop)
         self._listen()
@@ -159,6 +131,7 @@ class AsyncDevice:
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._port.bind(loop, self._flush, self._feed)
         self._watch_completions()
         self._watch_backend()
 
@@ -166,8 +139,7 @@ class AsyncDevice:
         # A duplicate: libblkio closes its fd when the device goes (or
         # reconnects), possibly from another thread, and the loop must never
         # watch a reused number.
-        self._port.enable_fd(True)
-        self._fd_on = True
+        self._port.enable_fd()
         self._fd = os.dup(self._port.fd)
         self._loop.add_reader(self._fd, self._on_completion_fd)
 
@@ -180,7 +152,6 @@ class AsyncDevice:
         flag of the sockets changes (uvloop would make a socket handed to it
         non-blocking under libblkio)."""
         port = self._port
-        self._generation = port.generation
         if port.reconnects:
             self._events = os.dup(port.reconnect_fd)
             self._loop.add_reader(self._events, self._on_reconnect_event)
@@ -212,6 +183,7 @@ class AsyncDevice:
 
     def _release_fd(self) -> None:
         self._port.on_gone(None)
+        self._port.bind(None, None, None)
         self._release_completion_fd()
         self._unwatch_backend()
 
@@ -224,7 +196,6 @@ class AsyncDevice:
             raise ValueError(f"this AsyncDevice has {self._port.in_flight} request(s) in flight "
                              f"on another event loop; await them there first")
         self._release_fd()
-        self._flush_scheduled = False
         self._room = None
         self._watch(loop)
         self._listen()
@@ -234,28 +205,9 @@ class AsyncDevice:
         what close drained was routed; the rest fail, and the fd goes."""
         self._release_fd()
         self._closed = True
-        self._route_orphans(orphans)
-        batches, self._batches = self._batches, {}
-        for rec in batches.values():
-            if rec.fut is not None and not rec.fut.done():
-                rec.fut.set_exception(self._closed_during_batch(rec))
+        self._port.orphaned(orphans)
         if self._room is not None:
             self._room.set()
-
-    @staticmethod
-    def _route_orphans(orphans: List[Any]) -> None:
-        for c in orphans:
-            fut = c.user_data
-            if isinstance(fut, asyncio.Future) and not fut.done():
-                if c.ret >= 0:
-                    fut.set_result(c.length)
-                else:
-                    fut.set_exception(ValueError(f"the device was closed (or its queue removed) "
-                                                 f"before this {c.op} completed"))
-
-    def _closed_during_batch(self, rec: _Batch) -> ValueError:
-        return ValueError(f"the {self.device.driver} device was closed (or its queue removed) "
-                          f"while a batch of {rec.n} request(s) was in flight")
 
     # ---- the backend's hang-up, and reconnecting --------------------------------
 
@@ -282,14 +234,13 @@ class AsyncDevice:
         the new instance's completion fd is watched and what completed (or
         failed) meanwhile is routed."""
         port = self._port
-        if not port.reconnecting and (self._reconnected is not None
-                                      or port.generation != self._generation):
+        if port.reconnect_over(self._reconnected is not None):
             event, self._reconnected = self._reconnected, None
-            self._generation = port.generation
+            port.pause(False)
             if not self._closed:
                 self._release_completion_fd()
                 try:
-                    if not (self.device.closed or port.gone or port.broken):
+                    if port.usable:
                         self._watch_completions()
                 except _Reconnecting:
                     pass                    # the next one began: below
@@ -299,8 +250,8 @@ class AsyncDevice:
                 event.set()
         if port.reconnecting and self._reconnected is None and not self._closed:
             self._reconnected = asyncio.Event()
+            port.pause(True)
             self._release_completion_fd()   # the old instance's: it signals nothing more
-            self._fd_on = False
 
     async def _until_reconnected(self) -> None:
         """Before calling into the device: wait out a reconnect in progress."""
@@ -333,26 +284,7 @@ class AsyncDevice:
             self._follow_reconnect()    # its end reaps
             return
         try:
-            if self._fd_on:          # no fd events while we reap in a loop
-                port.enable_fd(False)
-                self._fd_on = False
-            stuck, more = port.reap()
-            while port.batch_ready:
-                self._take_batches()
-                stuck2, more = port.reap()
-                stuck += stuck2
-            if port.in_flight:
-                port.enable_fd(True)
-                self._fd_on = True
-                stuck2, more2 = port.reap()     # what completed before the fd was on
-                stuck += stuck2
-                more = more or more2
-                if port.batch_ready:
-                    self._take_batches()
-            else:
-                # An event on the fd now is spurious (io_uring signals it even
-                # while disabled, for completions reaped during the submit).
-                port.reset_fd(self._fd)
+            stuck, more = port.reap(self._fd)
         except _Reconnecting:
             self._follow_reconnect()    # its end reaps
             return
@@ -363,14 +295,13 @@ class AsyncDevice:
         for t in stuck:
             self._loop.create_task(self._feed(t))
         if more:
-            self._schedule_flush()
+            port.schedule_flush()
         if self._room is not None:
             self._room.set()
 
     def _flush(self) -> None:
         # Runs once per loop iteration in which requests were enqueued: one
         # blkioq_do_io submits them all (QEMU's plug/unplug).
-        self._flush_scheduled = False
         if self._closed or self._reconnected is not None:
             return
         if self.spin_us > 0 and self._port.in_flight:
@@ -380,11 +311,6 @@ class AsyncDevice:
                 if not self._port.in_flight:
                     break
         self._reap()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     async def _feed(self, t: Any) -> None:
         """A transfer waits for bounce space: await it in the pool's FIFO,
@@ -398,7 +324,7 @@ class AsyncDevice:
             except BaseException as e:
                 self._port.fail(t, e)
                 return
-            self._schedule_flush()
+            self._port.schedule_flush()
 
     # ---- requests -------------------------------------------------------------------
 
@@ -407,22 +333,13 @@ class AsyncDevice:
         loop = _running_loop()
         if loop is not self._loop or self._closed:
             self._follow(loop)
-        if self._reconnected is not None:
-            return loop.create_task(self._after_reconnect(
-                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
-        fut = loop.create_future()
-        try:
-            t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
-        except _Reconnecting:
-            self._follow_reconnect()
-            return loop.create_task(self._after_reconnect(
-                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
-        if t is not None and self._port.need(t) and not fut.done():
-            loop.create_task(self._feed(t))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
+        if self._reconnected is None:
+            try:
+                return self._port.submit(op, offset, buf, flags, length, chunk, depth, vectored)
+            except _Reconnecting:
+                self._follow_reconnect()
+        return loop.create_task(self._after_reconnect(
+            lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
 
     def readinto(self, offset: int, buf: Any, *, chunk: Optional[int] = None,
                  depth: Optional[int] = None) -> Awaitable[int]:
@@ -433,20 +350,8 @@ class AsyncDevice:
         in a coroutine for ``create_task``).  A read longer than a chunk is
         pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
         if chunk is None and depth is None:
-            # the hot path, inline: one call into the core, no frame but this
-            loop = _running_loop()
-            if loop is self._loop and not self._closed and self._reconnected is None:
-                fut = loop.create_future()
-                try:
-                    t = self._port.io(_READ, offset, buf, 0, fut)
-                except _Reconnecting:
-                    self._follow_reconnect()
-                    return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
-                if t is not None and self._port.need(t) and not fut.done():
-                    loop.create_task(self._feed(t))     # a piece waits for bounce space
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    loop.call_soon(self._flush)
+            fut = self._port.io(_READ, offset, buf, 0)     # the hot path: one call
+            if fut is not None:
                 return fut
         return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
 
@@ -468,20 +373,8 @@ class AsyncDevice:
         ``readinto`` when longer than a chunk."""
         flags = _REQ_FUA if fua else 0
         if chunk is None and depth is None:
-            # the hot path, as in readinto
-            loop = _running_loop()
-            if loop is self._loop and not self._closed and self._reconnected is None:
-                fut = loop.create_future()
-                try:
-                    t = self._port.io(_WRITE, offset, buf, flags, fut)
-                except _Reconnecting:
-                    self._follow_reconnect()
-                    return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
-                if t is not None and self._port.need(t) and not fut.done():
-                    loop.create_task(self._feed(t))     # a piece waits for bounce space
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    loop.call_soon(self._flush)
+            fut = self._port.io(_WRITE, offset, buf, flags)     # the hot path, as in readinto
+            if fut is not None:
                 return fut
         return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
 
@@ -509,7 +402,7 @@ class AsyncDevice:
         """Make completed writes durable."""
         await self._submit(_FLUSH, 0, None, 0)
 
-    # ---- zoned devices (see Device.report_zones & co.; offsets in bytes) ----
+    # ---- zoned devices (the methods: _zones.AsyncZonedMixin) ----------------------
 
     async def _zone(self, op: int, offset: int = 0, zones: Any = None) -> int:
         loop = _running_loop()
@@ -524,58 +417,8 @@ class AsyncDevice:
             except BaseException:
                 self.device.bounce_pool.release(bounce)
                 raise
-        self._schedule_flush()
+        self._port.schedule_flush()
         return await fut
-
-    async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
-        """Report zones from the one holding ``offset`` (see
-        ``Device.report_zones``): a numpy array of ``blkio._ZONE_DTYPE``."""
-        pos, left, per_request = _report_plan(self.device, offset, nr_zones)
-        parts = []
-        while left > 0:
-            n = min(left, per_request)
-            zones = self.device.alloc(n * _ZONE_DTYPE.itemsize).view(_ZONE_DTYPE)
-            got = await self._zone(_Op.REPORT_ZONES, pos, zones)
-            parts.append(zones[:got])
-            if got < n or got == 0:
-                break
-            left -= got
-            pos = int(zones[got - 1]["start"]) + int(zones[got - 1]["len"])
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, _ZONE_DTYPE)
-
-    async def open_zone(self, offset: int) -> None:
-        """Open the zone starting at ``offset`` explicitly."""
-        await self._zone(_Op.OPEN_ZONE, offset)
-
-    async def close_zone(self, offset: int) -> None:
-        """Close the open zone starting at ``offset``."""
-        await self._zone(_Op.CLOSE_ZONE, offset)
-
-    async def finish_zone(self, offset: int) -> None:
-        """Finish the zone starting at ``offset`` (it becomes FULL)."""
-        await self._zone(_Op.FINISH_ZONE, offset)
-
-    async def reset_zone(self, offset: int) -> None:
-        """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
-        await self._zone(_Op.RESET_ZONE, offset)
-
-    async def open_all_zones(self) -> None:
-        """Open every CLOSED zone."""
-        await self._zone(_Op.OPEN_ALL_ZONES)
-
-    async def close_all_zones(self) -> None:
-        """Close every open zone."""
-        await self._zone(_Op.CLOSE_ALL_ZONES)
-
-    async def finish_all_zones(self) -> None:
-        """Finish every open or closed zone."""
-        await self._zone(_Op.FINISH_ALL_ZONES)
-
-    async def reset_all_zones(self) -> None:
-        """Reset every zone that is not EMPTY."""
-        await self._zone(_Op.RESET_ALL_ZONES)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -618,159 +461,55 @@ class AsyncDevice:
         if self._reconnected is not None:
             await self._until_reconnected()
         port = self._port
-        solo = -2
-        if not self._batches:
-            # The common case, in the core: the only batch in flight, in one
-            # wave, with the default tags 0..n-1 (batch 0).
-            try:
-                solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize,
-                                       self._reap_out)
-            except _Reconnecting:
-                self._follow_reconnect()    # the general path below waits it out
-            if solo >= 0:
-                self._sync_bytes += solo    # yield now and then: cached reads never wait
-                if self._sync_bytes >= _SYNC_BYTES:
-                    self._sync_bytes = 0
-                    await _yield_once()
-                return solo
-        offs = _int_array(offsets, "offsets")        # the core checked them already
-        n = offs.shape[0]
-        if not isinstance(buffers, np.ndarray):
-            buffers = np.asarray(buffers)
-        bs = blocksize if region is not None else (buffers.shape[1] if buffers.ndim == 2 else 0)
-        memory = buffers if region is None else region
-        if n == 0:
-            return 0
-        depth = port.depth
-        if solo == -3:                      # some failed during the submission
-            rec = _Batch(n, memory, offs)
-            rec.left = k = port.batch_taken
-            self._batches[0] = rec
-            self._credit(0, k, self._reap_ud[:k], self._reap_ret[:k])
-            del self._batches[0]
-            raise self._batch_error(op, rec, bs)
-        if solo == -1:
-            bid, pos = 0, n
-        else:
-            # all of it before the first wave (each wave is checked again)
-            await self._call(port.check_batch, op, offs, buffers, region, blocksize)
-            bid = self._next_batch
-            while bid in self._batches or bid == 0:   # 0: the solo batch's
-                bid = bid % (_BATCH_IDS - 1) + 1
-            self._next_batch = bid % (_BATCH_IDS - 1) + 1
-            pos = 0
-        base = bid << _TAG_SHIFT
-        rec = _Batch(n, memory, offs)
-        rec.left = pos
-        self._batches[bid] = rec
-        error: Optional[BaseException] = None
         try:
-            if pos:
-                self._reap()            # the solo batch: route what is done, arm the fd
-            while pos < n:
-                k = n - pos
-                if depth:
-                    while depth - port.in_flight <= 0:
+            # The common one is submitted here at once (see AsyncPort.start_batch).
+            b = port.start_batch(op, offsets, buffers, flags, region, blocksize)
+        except _Reconnecting:
+            self._follow_reconnect()
+            b = await self._call(port.start_batch, op, offsets, buffers, flags, region, blocksize)
+        if type(b) is int:
+            nbytes = b
+        else:
+            error: Optional[BaseException] = None
+            waited = False
+            try:
+                if b.submitted:
+                    self._reap()        # the solo batch: route what is done, arm the fd
+                while not b.submitted:
+                    while port.batch_room == 0:
                         await self._wait_room()
                         if self._closed:
-                            raise self._closed_during_batch(rec)
-                    k = min(k, depth - port.in_flight)
-                tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
-                try:
-                    await self._call(port.submit_batch, op, offs[pos:pos + k],
-                                     buffers[pos:pos + k], tags, flags, region, blocksize)
-                except Exception as e:
-                    if rec.left and (self.device.closed or port.gone):
-                        raise self._closed_during_batch(rec) from e
-                    error = e           # nothing of this wave was submitted
-                    break
-                rec.left += k
-                pos += k
-                if port.batch_ready:
+                            raise port.closed_during(b)
                     try:
-                        self._take_batches()
-                    except _Reconnecting:
-                        self._follow_reconnect()    # the reconnect's end takes them
-                if rec.left:
-                    self._reap()
-            if rec.left:
-                if self._closed:
-                    raise self._closed_during_batch(rec)
-                rec.fut = self._loop.create_future()
-                await rec.fut
+                        await self._call(port.wave, b)
+                    except Exception as e:
+                        port.wave_failed(b, e)
+                        error = e       # nothing of this wave was submitted
+                        break
+                    if b.left:
+                        self._reap()
+                    elif port.reconnecting:
+                        self._follow_reconnect()    # the reconnect's end takes the rest
+                if b.left:
+                    if self._closed:
+                        raise port.closed_during(b)
+                    fut = self._loop.create_future()
+                    port.await_batch(b, fut)
+                    await fut
+                    waited = True
+            finally:
+                port.end_batch(b)       # cancelled: reaping drops it at its end
+            if error is not None:
+                raise error
+            if waited:
                 self._sync_bytes = 0
-            elif error is None:
-                self._sync_bytes += n * bs
-                if self._sync_bytes >= _SYNC_BYTES:
-                    self._sync_bytes = 0
-                    await _yield_once()
-        finally:
-            if rec.left == 0:
-                self._batches.pop(bid, None)
-            else:
-                rec.abandoned = True    # cancelled: reaping drops it at the end
-        if error is not None:
-            raise error
-        if rec.nfail:
-            raise self._batch_error(op, rec, bs)
-        return n * bs
-
-    def _take_batches(self) -> None:
-        """Route the batch completions waiting in the ring to their batches:
-        with one batch in flight and no failure, not even a numpy call."""
-        port = self._port
-        cap = len(self._reap_out)
-        while port.batch_ready:
-            failed_before = port.batch_failed
-            k = port.take_batch(self._reap_out)
-            failed = port.batch_failed != failed_before
-            if len(self._batches) == 1 and not failed:
-                self._credit(next(iter(self._batches)), k, None, None)
-            else:
-                ud = self._reap_ud[:k]
-                rets = self._reap_ret[:k]
-                ids = ud >> _TAG_SHIFT
-                uniq, counts = np.unique(ids, return_counts=True)
-                for bid, cnt in zip(uniq.tolist(), counts.tolist()):
-                    mine = ids == bid
-                    self._credit(bid, cnt, ud[mine] if failed else None,
-                                 rets[mine] if failed else None)
-            if k < cap:
-                break
-
-    def _credit(self, bid: int, count: int, ud: Optional[np.ndarray],
-                rets: Optional[np.ndarray]) -> None:
-        rec = self._batches.get(bid)
-        if rec is None:
-            return                      # not submitted through this AsyncDevice
-        if ud is not None and rets is not None:
-            bad = np.flatnonzero(rets)
-            if bad.size:
-                idx = ud[bad] & _INDEX_MASK
-                j = int(np.argmin(idx))
-                if rec.nfail == 0 or int(idx[j]) < rec.fail_index:
-                    rec.fail_index = int(idx[j])
-                    rec.fail_ret = int(rets[bad[j]])
-                rec.nfail += int(bad.size)
-        rec.left -= count
-        if rec.left == 0:
-            if rec.fut is not None and not rec.fut.done():
-                rec.fut.set_result(None)
-            if rec.abandoned:
-                del self._batches[bid]
-
-    def _batch_error(self, op: int, rec: _Batch, bs: int) -> OSError:
-        i = rec.fail_index
-        offset = int(rec.offsets[i])
-        others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
-        why = self._port.broken_reason     # the backend hung up for good
-        e = _error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
-                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
-                                      f"failed{others}{': ' + why if why else ''}")
-        e.index = i                     # type: ignore[attr-defined]
-        e.offset = offset               # type: ignore[attr-defined]
-        e.failed = rec.nfail            # type: ignore[attr-defined]
-        return e
+                return port.batch_result(b)
+            nbytes = b.nbytes
+        self._sync_bytes += nbytes      # yield now and then: cached reads never wait
+        if self._sync_bytes >= _SYNC_BYTES:
+            self._sync_bytes = 0
+            await _yield_once()
+        return b if type(b) is int else port.batch_result(b)
 
     async def _wait_room(self) -> None:
         """Until a reap may have freed room in the queue (a batch wave waits)."""
