@@ -23,7 +23,7 @@ active zone limits.  ``ZoneWriter`` tracks the write pointer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, SupportsIndex, Tuple, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, SupportsIndex, Tuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,9 @@ from .errors import Error
 from ._checks import Op
 from ._public import check_zone as _check_zone, zone_request as _zone_request
 from ._zoneops import ZONE_DTYPE, ZONED_MODELS, ZoneState, ZoneType
+
+if TYPE_CHECKING:
+    from . import Device
 
 __all__ = ["ZONE_DTYPE", "AsyncZonedMixin", "ZoneInfo", "ZoneState", "ZoneType", "ZoneWriter",
            "ZonedMixin", "read_zone_info"]
@@ -243,9 +246,9 @@ class AsyncZonedMixin:
     awaited (``_zone`` is the AsyncDevice's: one request on the loop)."""
 
     if TYPE_CHECKING:      # provided by AsyncDevice
-        device: Any
+        device: Device
 
-        async def _zone(self, op: int, offset: int = 0, zones: Any = None) -> int: ...
+        def _zone(self, op: int, offset: int = 0, zones: Any = None) -> Awaitable[int]: ...
 
     async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
         """Report zones from the one holding ``offset`` (see

@@ -8,8 +8,9 @@ Everything a request needs -- checks, direct or bounced memory, splitting and
 pipelining, the first-failure rule, advisory discard -- is the core's
 transfer engine, the same as for blocking calls; this module only ties it to
 the loop, through the core's one asyncio port (``_asyncport.AsyncPort``,
-which also keeps the accounting of the batches in flight).  A
-request is enqueued when its method is called (bad arguments raise there);
+which also keeps the accounting of the batches in flight); the loop's side
+-- readers, reaping, reconnects, awaits off the hot path -- is
+``_aioloop.LoopLink``.  A request is enqueued when its method is called (bad arguments raise there);
 requests enqueued during one loop iteration go to libblkio in one
 ``blkioq_do_io`` call (like QEMU's plug/unplug); completions come through
 the queue's completion fd (``loop.add_reader`` on a duplicate of it, so the
@@ -42,13 +43,8 @@ drained it, else with ``ValueError`` saying the device is closed.
 from __future__ import annotations
 
 import asyncio
-import os
-import select
-import time
-import types
-import weakref
 from asyncio import get_running_loop as _running_loop
-from typing import Any, Awaitable, List, Optional, Sequence
+from typing import Any, Awaitable, Optional, Sequence
 
 import numpy as np
 
@@ -57,23 +53,13 @@ from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_d
 from ._checks import write_zeroes_flags as _write_zeroes_flags
 from ._connect import (DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT,
                        DEFAULT_RECONNECT_TIMEOUT as _DEFAULT_RECONNECT_TIMEOUT)
-from ._asyncport import Reconnecting as _Reconnecting, async_port as _async_port
+from ._aioloop import LoopLink as _LoopLink
+from ._asyncport import async_port as _async_port
 from ._zones import AsyncZonedMixin as _AsyncZonedMixin
 
 __all__ = ["AsyncDevice", "open"]
 
 _READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
-
-# A batch that completes during submission does not wait for the loop; such
-# awaits yield to it once per this many bytes (a count, not a clock: the
-# same program makes the same calls, however fast the machine runs it).
-_SYNC_BYTES = 1 << 20
-
-
-@types.coroutine
-def _yield_once() -> Any:
-    """Let the loop run one iteration (``asyncio.sleep(0)`` minus its coroutine)."""
-    yield
 
 
 class AsyncDevice(_AsyncZonedMixin):
@@ -97,249 +83,22 @@ class AsyncDevice(_AsyncZonedMixin):
         self.device = device
         self._port = _async_port(device, queue)
         self.queue = self._port.queue
-        self.spin_us = spin_us
-        self._loop = _running_loop()
-        self._closed = False
-        self._fd = -1
-        self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
-        self._sync_bytes = 0             # completed during submission since the last yield
-        self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
-        self._events = -1               # a duplicate of the device's reconnect eventfd
-        self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
-        self._watch(self._loop)
-        self._listen()
+        self._link = _LoopLink(device, self._port, spin_us)
 
-    def _listen(self) -> None:
-        """Be told (on our loop) when the device is closed or the queue
-        removed by someone else."""
-        ref = weakref.ref(self)
+    @property
+    def spin_us(self) -> int:
+        """Microseconds the loop busy-polls the queue after submitting (0: never)."""
+        return self._link.spin_us
 
-        def queue_gone(orphans: List[Any]) -> None:
-            adev = ref()
-            if adev is not None:
-                try:
-                    adev._loop.call_soon_threadsafe(adev._device_gone, orphans)
-                except RuntimeError:        # the loop is closed
-                    pass
-        self._port.on_gone(queue_gone)
+    @spin_us.setter
+    def spin_us(self, value: int) -> None:
+        self._link.spin_us = value
 
     def __reduce__(self) -> Any:
         raise TypeError("a blkio.aio.AsyncDevice cannot be pickled: its device belongs to "
                         "this process; open the device in the other process")
 
-    # ---- the loop ------------------------------------------------------------
-
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._port.bind(loop, self._flush, self._feed)
-        self._watch_completions()
-        self._watch_backend()
-
-    def _watch_completions(self) -> None:
-        # A duplicate: libblkio closes its fd when the device goes (or
-        # reconnects), possibly from another thread, and the loop must never
-        # watch a reused number.
-        self._port.enable_fd()
-        self._fd = os.dup(self._port.fd)
-        self._loop.add_reader(self._fd, self._on_completion_fd)
-
-    def _watch_backend(self) -> None:
-        """A device that reconnects tells its reconnects' start and end on
-        an eventfd (a duplicate is watched: its watcher thread sees the
-        hang-up).  Otherwise the loop watches the backend's sockets through
-        an epoll set of its own that asks for no events: it becomes readable
-        only at a hang-up, libblkio's own messages never wake it, and no
-        flag of the sockets changes (uvloop would make a socket handed to it
-        non-blocking under libblkio)."""
-        port = self._port
-        if port.reconnects:
-            self._events = os.dup(port.reconnect_fd)
-            self._loop.add_reader(self._events, self._on_reconnect_event)
-        elif port.backend_fds:
-            self._backend = select.epoll()
-            for fd in port.backend_fds:
-                self._backend.register(fd, 0)
-            self._loop.add_reader(self._backend.fileno(), self._on_backend)
-
-    def _unwatch_backend(self) -> None:
-        if self._backend is not None:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(self._backend.fileno())
-            self._backend.close()
-            self._backend = None
-        self._events = self._close_reader(self._events)
-
-    def _release_completion_fd(self) -> None:
-        self._fd = self._close_reader(self._fd)
-
-    def _close_reader(self, fd: int) -> int:
-        """Stop watching ``fd`` (our own descriptor, -1: none) and close it;
-        returns -1 for the attribute that held it."""
-        if fd >= 0:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
-        return -1
-
-    def _release_fd(self) -> None:
-        self._port.on_gone(None)
-        self._port.bind(None, None, None)
-        self._release_completion_fd()
-        self._unwatch_backend()
-
-    def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Awaited from another loop than the one watching the fd: move
-        there when nothing is in flight."""
-        if self._closed:
-            raise ValueError(f"{self.device.driver} device is closed")
-        if self._port.in_flight and not self._loop.is_closed():
-            raise ValueError(f"this AsyncDevice has {self._port.in_flight} request(s) in flight "
-                             f"on another event loop; await them there first")
-        self._release_fd()
-        self._room = None
-        self._watch(loop)
-        self._listen()
-
-    def _device_gone(self, orphans: List[Any]) -> None:
-        """The device was closed (or our queue removed) by someone else:
-        what close drained was routed; the rest fail, and the fd goes."""
-        self._release_fd()
-        self._closed = True
-        self._port.orphaned(orphans)
-        if self._room is not None:
-            self._room.set()
-
-    # ---- the backend's hang-up, and reconnecting --------------------------------
-
-    def _on_backend(self) -> None:
-        """The backend's socket hung up (a device that does not reconnect):
-        everything in flight fails; route it."""
-        if self._backend is None or not self._backend.poll(0):
-            return
-        self._unwatch_backend()
-        self._port.hang_up()
-        self._reap()
-
-    def _on_reconnect_event(self) -> None:
-        try:
-            os.read(self._events, 8)
-        except BlockingIOError:
-            pass
-        self._follow_reconnect()
-
-    def _follow_reconnect(self) -> None:
-        """Keep up with the device's reconnects: while one is in progress
-        the loop makes no call into the device (the port's calls raise
-        Reconnecting instead of waiting); once it is over -- seen or not --
-        the new instance's completion fd is watched and what completed (or
-        failed) meanwhile is routed."""
-        port = self._port
-        if port.reconnect_over(self._reconnected is not None):
-            event, self._reconnected = self._reconnected, None
-            port.pause(False)
-            if not self._closed:
-                self._release_completion_fd()
-                try:
-                    if port.usable:
-                        self._watch_completions()
-                except _Reconnecting:
-                    pass                    # the next one began: below
-                else:
-                    self._reap()
-            if event is not None:
-                event.set()
-        if port.reconnecting and self._reconnected is None and not self._closed:
-            self._reconnected = asyncio.Event()
-            port.pause(True)
-            self._release_completion_fd()   # the old instance's: it signals nothing more
-
-    async def _until_reconnected(self) -> None:
-        """Before calling into the device: wait out a reconnect in progress."""
-        while self._reconnected is not None:
-            await self._reconnected.wait()
-
-    async def _after_reconnect(self, submit: Any) -> Any:
-        await self._until_reconnected()
-        return await submit()
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        """A port call from a coroutine: after a reconnect in progress."""
-        while True:
-            if self._reconnected is not None:
-                await self._until_reconnected()
-            try:
-                return fn(*args)
-            except _Reconnecting:
-                self._follow_reconnect()
-
-    # ---- completions ------------------------------------------------------------
-
-    def _on_completion_fd(self) -> None:
-        self._port.reset_fd(self._fd)
-        self._reap()
-
-    def _reap(self) -> None:
-        port = self._port
-        if self._reconnected is not None or port.reconnecting:
-            self._follow_reconnect()    # its end reaps
-            return
-        try:
-            stuck, more = port.reap(self._fd)
-        except _Reconnecting:
-            self._follow_reconnect()    # its end reaps
-            return
-        except ValueError:
-            if not (self.device.closed or port.gone):
-                raise
-            return                      # closed by another thread: queue_gone resolves the rest
-        for t in stuck:
-            self._loop.create_task(self._feed(t))
-        if more:
-            port.schedule_flush()
-        if self._room is not None:
-            self._room.set()
-
-    def _flush(self) -> None:
-        # Runs once per loop iteration in which requests were enqueued: one
-        # blkioq_do_io submits them all (QEMU's plug/unplug).
-        if self._closed or self._reconnected is not None:
-            return
-        if self.spin_us > 0 and self._port.in_flight:
-            deadline = time.perf_counter() + self.spin_us / 1e6
-            while time.perf_counter() < deadline:
-                self._reap()
-                if not self._port.in_flight:
-                    break
-        self._reap()
-
-    async def _feed(self, t: Any) -> None:
-        """A transfer waits for bounce space: await it in the pool's FIFO,
-        then let the transfer go on (its future carries any failure)."""
-        pool = self.device.bounce_pool
-        while self._port.need(t):
-            try:
-                await self._until_reconnected()
-                bounce = await pool.acquire_async(self._port.need(t))
-                await self._call(self._port.refill, t, bounce)
-            except BaseException as e:
-                self._port.fail(t, e)
-                return
-            self._port.schedule_flush()
-
     # ---- requests -------------------------------------------------------------------
-
-    def _submit(self, op: int, offset: Any, buf: Any, flags: int, length: Any = 0,
-                chunk: Any = None, depth: Any = None, vectored: bool = False) -> "asyncio.Future[Any]":
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        if self._reconnected is None:
-            try:
-                return self._port.submit(op, offset, buf, flags, length, chunk, depth, vectored)
-            except _Reconnecting:
-                self._follow_reconnect()
-        return loop.create_task(self._after_reconnect(
-            lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
 
     def readinto(self, offset: int, buf: Any, *, chunk: Optional[int] = None,
                  depth: Optional[int] = None) -> Awaitable[int]:
@@ -353,18 +112,18 @@ class AsyncDevice(_AsyncZonedMixin):
             fut = self._port.io(_READ, offset, buf, 0)     # the hot path: one call
             if fut is not None:
                 return fut
-        return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
+        return self._link.submit(_READ, offset, buf, 0, 0, chunk, depth)
 
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
-        if self._reconnected is not None:
-            await self._until_reconnected()
+        if self._link.reconnected is not None:
+            await self._link.until_reconnected()
         if type(nbytes) is int and nbytes == 0:
             out = np.empty(0, np.uint8)
         else:
             out = self.device.alloc(nbytes)
-        await self._submit(_READ, offset, out, 0, 0, chunk, depth)
+        await self._link.submit(_READ, offset, out, 0, 0, chunk, depth)
         return out
 
     def write(self, offset: int, buf: Any, *, fua: bool = False, chunk: Optional[int] = None,
@@ -376,49 +135,36 @@ class AsyncDevice(_AsyncZonedMixin):
             fut = self._port.io(_WRITE, offset, buf, flags)     # the hot path, as in readinto
             if fut is not None:
                 return fut
-        return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
+        return self._link.submit(_WRITE, offset, buf, flags, 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any], *, chunk: Optional[int] = None,
               depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored read (split and pipelined like ``readinto``); awaits the count."""
-        return self._submit(_READ, offset, bufs, 0, 0, chunk, depth, True)
+        return self._link.submit(_READ, offset, bufs, 0, 0, chunk, depth, True)
 
     def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False,
                chunk: Optional[int] = None, depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored write (split and pipelined like ``write``); awaits the count."""
-        return self._submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
+        return self._link.submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
         """Write ``length`` zero bytes at ``offset``."""
-        await self._submit(_WRITE_ZEROES, offset, None,
+        await self._link.submit(_WRITE_ZEROES, offset, None,
                            _write_zeroes_flags(fua, may_unmap, no_fallback), length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
-        await self._submit(_DISCARD, offset, None, 0, length)
+        await self._link.submit(_DISCARD, offset, None, 0, length)
 
     async def flush(self) -> None:
         """Make completed writes durable."""
-        await self._submit(_FLUSH, 0, None, 0)
+        await self._link.submit(_FLUSH, 0, None, 0)
 
     # ---- zoned devices (the methods: _zones.AsyncZonedMixin) ----------------------
 
-    async def _zone(self, op: int, offset: int = 0, zones: Any = None) -> int:
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        fut = loop.create_future()
-        need = await self._call(self._port.zone, op, offset, zones, fut)
-        if need < 0:
-            bounce = await self.device.bounce_pool.acquire_async(-need)
-            try:
-                await self._call(self._port.zone, op, offset, zones, fut, bounce)
-            except BaseException:
-                self.device.bounce_pool.release(bounce)
-                raise
-        self._port.schedule_flush()
-        return await fut
+    def _zone(self, op: int, offset: int = 0, zones: Any = None) -> Awaitable[int]:
+        return self._link.zone(op, offset, zones)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -444,79 +190,15 @@ class AsyncDevice(_AsyncZonedMixin):
         stay there, and the batch keeps a reference to ``buffers`` (or
         ``region``) until the last of them completes.  Closing the device
         while a batch is awaited makes the await raise ``ValueError``."""
-        return self._batch(_READ, offsets, buffers, 0, region, blocksize)
+        return self._link.batch(_READ, offsets, buffers, 0, region, blocksize)
 
     def write_batch(self, offsets: Any, buffers: Any, *, fua: bool = False, region: Any = None,
                     blocksize: int = 0) -> Awaitable[int]:
         """Write row i of ``buffers`` at ``offsets[i]`` for every i; awaits the
         bytes written.  As ``read_batch`` otherwise (``fua``: each write is
         durable when it completes)."""
-        return self._batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region, blocksize)
-
-    async def _batch(self, op: int, offsets: Any, buffers: Any, flags: int, region: Any,
-                     blocksize: int) -> int:
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        if self._reconnected is not None:
-            await self._until_reconnected()
-        port = self._port
-        try:
-            # The common one is submitted here at once (see AsyncPort.start_batch).
-            b = port.start_batch(op, offsets, buffers, flags, region, blocksize)
-        except _Reconnecting:
-            self._follow_reconnect()
-            b = await self._call(port.start_batch, op, offsets, buffers, flags, region, blocksize)
-        if type(b) is int:
-            nbytes = b
-        else:
-            error: Optional[BaseException] = None
-            waited = False
-            try:
-                if b.submitted:
-                    self._reap()        # the solo batch: route what is done, arm the fd
-                while not b.submitted:
-                    while port.batch_room == 0:
-                        await self._wait_room()
-                        if self._closed:
-                            raise port.closed_during(b)
-                    try:
-                        await self._call(port.wave, b)
-                    except Exception as e:
-                        port.wave_failed(b, e)
-                        error = e       # nothing of this wave was submitted
-                        break
-                    if b.left:
-                        self._reap()
-                    elif port.reconnecting:
-                        self._follow_reconnect()    # the reconnect's end takes the rest
-                if b.left:
-                    if self._closed:
-                        raise port.closed_during(b)
-                    fut = self._loop.create_future()
-                    port.await_batch(b, fut)
-                    await fut
-                    waited = True
-            finally:
-                port.end_batch(b)       # cancelled: reaping drops it at its end
-            if error is not None:
-                raise error
-            if waited:
-                self._sync_bytes = 0
-                return port.batch_result(b)
-            nbytes = b.nbytes
-        self._sync_bytes += nbytes      # yield now and then: cached reads never wait
-        if self._sync_bytes >= _SYNC_BYTES:
-            self._sync_bytes = 0
-            await _yield_once()
-        return b if type(b) is int else port.batch_result(b)
-
-    async def _wait_room(self) -> None:
-        """Until a reap may have freed room in the queue (a batch wave waits)."""
-        if self._room is None:
-            self._room = asyncio.Event()
-        self._room.clear()
-        await self._room.wait()
+        return self._link.batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region,
+                                blocksize)
 
     # ---- memory and lifecycle -------------------------------------------------------
 
@@ -535,19 +217,17 @@ class AsyncDevice(_AsyncZonedMixin):
         if self._port.in_flight and not self.device.closed:
             raise ValueError(f"{self._port.in_flight} request(s) still in flight; "
                              f"await them before detaching")
-        self._closed = True
-        self._release_fd()
+        self._link.stop()
 
     async def aclose(self) -> None:
         """Wait for requests in flight, then close the device."""
-        if self._closed:
-            self._release_fd()
+        if self._link.closed:
+            self._link.stop()
             return
         while self._port.in_flight and not self.device.closed:
             await asyncio.sleep(0.01)
-            self._reap()
-        self._closed = True
-        self._release_fd()
+            self._link.reap()
+        self._link.stop()
         await _running_loop().run_in_executor(None, self.device.close)
 
     async def __aenter__(self) -> "AsyncDevice":
