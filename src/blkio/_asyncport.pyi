@@ -31,6 +31,10 @@ class AsyncBatch:
     def submitted(self) -> bool: ...
 
 @final
+class BatchBook:
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+@final
 class AsyncPort:
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     @property

@@ -24,7 +24,7 @@ from ._checks cimport READ, WRITE, FLUSH, op_in, as_u64, as_index
 from ._device cimport DeviceCore, core_enter, core_leave
 from ._engine cimport QueueEngine, TO_FUTURE
 from ._handle cimport ST_BROKEN
-from ._batch cimport BatchArrays, batch_arrays, check_batch
+from ._batch cimport BatchArrays, BatchRing, batch_arrays, check_batch
 from ._transfer cimport Transfer, zone_completion, start_async, route_async
 from ._public cimport (DeviceFront, Queue, _queue_of, _enter, _leave, _enter_even_broken,
                        _chunk, _depth)
@@ -81,10 +81,7 @@ def async_port(DeviceFront front not None, index):
     port.engine = e
     port.queue = _queue_of(core, e)
     port.stuck = []
-    port.batches = {}
-    port.next_batch = 1                 # batch 0: the solo batch (see start_batch)
-    port.reap_out = np.zeros(REAP_ROWS, REAP_DTYPE)
-    port.rows = <ReapRow *>cnp.PyArray_DATA(port.reap_out)
+    port.book = BatchBook.__new__(BatchBook)
     return port
 
 
@@ -131,6 +128,89 @@ cdef class AsyncBatch:
 
 
 @cython.final
+cdef class BatchBook:
+    """The batches one port has in flight, by number, and their accounting
+    as their completions come in: each batch's count, its lowest failed
+    index, its future resolved with the last (package-private)."""
+
+    cdef dict batches
+    cdef int64_t next_id
+    cdef object reap_out             # REAP_DTYPE rows the ring's completions are taken into
+    cdef ReapRow *rows
+
+    def __cinit__(self):
+        self.batches = {}
+        self.next_id = 1                # batch 0: the solo batch (see AsyncPort.start_batch)
+        self.reap_out = np.zeros(REAP_ROWS, REAP_DTYPE)
+        self.rows = <ReapRow *>cnp.PyArray_DATA(self.reap_out)
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("BatchBook is blkio.aio's")
+
+    cdef int64_t new_id(self) except -1:
+        cdef int64_t bid = self.next_id
+        while bid in self.batches or bid == 0:     # 0: the solo batch's
+            bid = bid % (BATCH_IDS - 1) + 1
+        self.next_id = bid % (BATCH_IDS - 1) + 1
+        return bid
+
+    cdef int take(self, BatchRing ring) except -1:
+        """Credit the batch completions waiting in ``ring`` to their batches:
+        with one batch in flight and no failure, in one step."""
+        cdef Py_ssize_t k, failed_before
+        if self.reap_out is not ring.out:
+            ring.set_out(self.reap_out)
+        while ring.ready:
+            failed_before = ring.failed
+            k = ring.copy_out()
+            if len(self.batches) == 1 and ring.failed == failed_before:
+                for only in self.batches.values():
+                    break
+                self.credit(<AsyncBatch>only, k)
+            else:
+                self.credit_rows(k, ring.failed != failed_before)
+            if k < REAP_ROWS:
+                break
+        return 0
+
+    cdef int credit_rows(self, Py_ssize_t k, bint failed) except -1:
+        """Credit rows[:k] to their batches, each run of one batch's tags
+        at once; with ``failed``, the lowest failed index of each is kept."""
+        cdef ReapRow *rows = self.rows
+        cdef Py_ssize_t i = 0, j, r
+        cdef int64_t bid, idx
+        cdef AsyncBatch b
+        while i < k:
+            bid = rows[i].user_data >> TAG_SHIFT
+            j = i + 1
+            while j < k and rows[j].user_data >> TAG_SHIFT == bid:
+                j += 1
+            found = self.batches.get(bid)
+            if found is not None:        # else not submitted through this port
+                b = <AsyncBatch>found
+                if failed:
+                    for r in range(i, j):
+                        if rows[r].ret != 0:
+                            idx = rows[r].user_data & INDEX_MASK
+                            if b.nfail == 0 or idx < b.fail_index:
+                                b.fail_index = idx
+                                b.fail_ret = rows[r].ret
+                            b.nfail += 1
+                self.credit(b, j - i)
+            i = j
+        return 0
+
+    cdef int credit(self, AsyncBatch b, Py_ssize_t count) except -1:
+        b.left -= count
+        if b.left == 0:
+            if b.fut is not None and not b.fut.done():
+                b.fut.set_result(None)
+            if b.abandoned:
+                del self.batches[b.bid]
+        return 0
+
+
+@cython.final
 cdef class AsyncPort:
     """blkio.aio's one way into the core (package-private): submit requests
     and transfers with futures, reap and route their completions, batches,
@@ -148,12 +228,8 @@ cdef class AsyncPort:
     cdef bint paused                 # a reconnect in progress: the hot path declines
     cdef bint flush_scheduled
     cdef object seen_generation      # the device's reconnects when the loop last looked
-    # batches in flight, by number
-    cdef dict batches
-    cdef int64_t next_batch
+    cdef BatchBook book              # the batches in flight
     cdef Py_ssize_t solo_taken       # completions of the solo batch taken at its submission
-    cdef object reap_out             # REAP_DTYPE rows the ring's completions are taken into
-    cdef ReapRow *rows
 
     def __init__(self, *args, **kwargs):
         raise TypeError("AsyncPort is blkio.aio's; use blkio.aio.open()")
@@ -302,14 +378,14 @@ cdef class AsyncPort:
                 e.set_fd_enabled(False)
             more = self._reap_into(stuck)
             while e.ring.ready:
-                self._take_batches()
+                self.book.take(e.ring)
                 more = self._reap_into(stuck)
             if e.unreaped:
                 e.set_fd_enabled(True)
                 if self._reap_into(stuck):      # what completed before the fd was on
                     more = True
                 if e.ring.ready:
-                    self._take_batches()
+                    self.book.take(e.ring)
             else:
                 # An event on the fd now is spurious (io_uring signals it even
                 # while disabled, for completions reaped during the submit).
@@ -384,7 +460,7 @@ cdef class AsyncPort:
         (``submitted``) or to be submitted in waves (``wave``)."""
         cdef Py_ssize_t solo = -2
         cdef AsyncBatch b
-        if not self.batches:
+        if not self.book.batches:
             solo = self._solo_batch(op, offsets, buffers, flags, region, blocksize)
             if solo >= 0:
                 return solo
@@ -404,20 +480,17 @@ cdef class AsyncPort:
         if solo == -3:                          # some failed during the submission
             b.pos = b.n
             b.left = self.solo_taken
-            self.batches[0] = b
-            self._credit_rows(self.solo_taken, True)
-            del self.batches[0]
+            self.book.batches[0] = b
+            self.book.credit_rows(self.solo_taken, True)
+            del self.book.batches[0]
             raise b.error(self.engine.handle.broken_why)
         if solo == -1:                          # in flight, tags 0..n-1
             b.pos = b.left = b.n
             b.bid = 0
         else:
             self._check_batch(b)                # all of it before the first wave
-            b.bid = self.next_batch
-            while b.bid in self.batches or b.bid == 0:   # 0: the solo batch's
-                b.bid = b.bid % (BATCH_IDS - 1) + 1
-            self.next_batch = b.bid % (BATCH_IDS - 1) + 1
-        self.batches[b.bid] = b
+            b.bid = self.book.new_id()
+        self.book.batches[b.bid] = b
         return b
 
     cdef Py_ssize_t _solo_batch(self, int op, offsets, buffers, unsigned int flags, region,
@@ -436,8 +509,8 @@ cdef class AsyncPort:
         try:
             a = batch_arrays(op, offsets, buffers, None, region, bs)
             room = e.depth - e.in_libblkio if e.depth else -1
-            if self.reap_out is not e.ring.out:
-                e.ring.set_out(self.reap_out)
+            if self.book.reap_out is not e.ring.out:
+                e.ring.set_out(self.book.reap_out)
             if (room >= 0 and a.n > room) or a.n > e.ring.out_len or e.ring.in_flight \
                     or e.ring.ready:
                 return -2
@@ -508,8 +581,8 @@ cdef class AsyncPort:
         """The await of ``b`` ended (or was cancelled): forget it once its
         last request is in."""
         if b.left == 0:
-            if self.batches.get(b.bid) is b:
-                del self.batches[b.bid]
+            if self.book.batches.get(b.bid) is b:
+                del self.book.batches[b.bid]
         else:
             b.abandoned = True      # reaping drops it at its end
 
@@ -525,7 +598,7 @@ cdef class AsyncPort:
 
     @property
     def batches_in_flight(self):
-        return len(self.batches)
+        return len(self.book.batches)
 
     def take_batches(self):
         """Credit the batch completions waiting in the ring to their batches
@@ -534,63 +607,9 @@ cdef class AsyncPort:
         _not_reconnecting(self)
         cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
         try:
-            self._take_batches()
+            self.book.take(self.engine.ring)
         finally:
             _leave(<Queue>self.queue, entries)
-
-    cdef int _take_batches(self) except -1:
-        cdef QueueEngine e = self.engine
-        cdef Py_ssize_t k, failed_before
-        if self.reap_out is not e.ring.out:
-            e.ring.set_out(self.reap_out)
-        while e.ring.ready:
-            failed_before = e.ring.failed
-            k = e.ring.copy_out()
-            if len(self.batches) == 1 and e.ring.failed == failed_before:
-                for only in self.batches.values():
-                    break
-                self._credit(<AsyncBatch>only, k)
-            else:
-                self._credit_rows(k, e.ring.failed != failed_before)
-            if k < REAP_ROWS:
-                break
-        return 0
-
-    cdef int _credit_rows(self, Py_ssize_t k, bint failed) except -1:
-        """Credit rows[:k] to their batches, each run of one batch's tags
-        at once; with ``failed``, the lowest failed index of each is kept."""
-        cdef ReapRow *rows = self.rows
-        cdef Py_ssize_t i = 0, j, r
-        cdef int64_t bid, idx
-        cdef AsyncBatch b
-        while i < k:
-            bid = rows[i].user_data >> TAG_SHIFT
-            j = i + 1
-            while j < k and rows[j].user_data >> TAG_SHIFT == bid:
-                j += 1
-            found = self.batches.get(bid)
-            if found is not None:        # else not submitted through this port
-                b = <AsyncBatch>found
-                if failed:
-                    for r in range(i, j):
-                        if rows[r].ret != 0:
-                            idx = rows[r].user_data & INDEX_MASK
-                            if b.nfail == 0 or idx < b.fail_index:
-                                b.fail_index = idx
-                                b.fail_ret = rows[r].ret
-                            b.nfail += 1
-                self._credit(b, j - i)
-            i = j
-        return 0
-
-    cdef int _credit(self, AsyncBatch b, Py_ssize_t count) except -1:
-        b.left -= count
-        if b.left == 0:
-            if b.fut is not None and not b.fut.done():
-                b.fut.set_result(None)
-            if b.abandoned:
-                del self.batches[b.bid]
-        return 0
 
     # ---- the queue's end -----------------------------------------------------------------
 
@@ -619,7 +638,7 @@ cdef class AsyncPort:
                 else:
                     fut.set_exception(ValueError(f"the device was closed (or its queue "
                                                  f"removed) before this {c.op} completed"))
-        batches, self.batches = self.batches, {}
+        batches, self.book.batches = self.book.batches, {}
         for b in batches.values():
             fut = (<AsyncBatch>b).fut
             if fut is not None and not fut.done():
