@@ -4,16 +4,17 @@ It owns the part of driving one queue from an event loop that is not the
 loop's own wiring: a request's hot path in one call (its future made on the
 loop the port is bound to, the request enqueued, the loop's flush
 scheduled), longer transfers and those waiting for bounce space, reaping and
-routing completions with the completion fd kept quiet meanwhile, the batches
-in flight (their tags, their accounting, the first failure and its error),
-what a closed device or a removed queue leaves unresolved, and whether a
-reconnect ended since the loop last looked.  Every call enters the queue's
-guard (``_public``) and calls down: transfer engine, queue engine, batch
-ring, device core.  It never waits: while the device reconnects its calls
-raise ``Reconnecting``.  Readers, tasks, events and awaits are blkio.aio's;
-the port reaches the loop only through what ``bind`` handed it (the loop,
-the flush to run once per iteration, the coroutine that feeds a transfer
-bounce space), never through the AsyncDevice's attributes.
+routing completions with the completion fd kept quiet meanwhile, batches
+(submitted whole or in waves; the ones in flight, their tags, accounting
+and first failure in a ``BatchBook``), what a closed device or a removed
+queue leaves unresolved, and whether a reconnect ended since the loop last
+looked.  Every call enters the queue's guard (``_public``) and calls down:
+transfer engine, queue engine, batch ring, device core.  It never waits:
+while the device reconnects its calls raise ``Reconnecting``.  Readers,
+tasks, events and awaits are blkio.aio's (``_aioloop``); the port reaches
+the loop only through what ``bind`` handed it (the loop, the flush to run
+once per iteration, the coroutine that feeds a transfer bounce space),
+never through the AsyncDevice's attributes.
 """
 
 cimport cython
