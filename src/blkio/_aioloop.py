@@ -22,7 +22,7 @@ import weakref
 from asyncio import get_running_loop as _running_loop
 from typing import Any, List, Optional
 
-from ._asyncport import Reconnecting, AsyncPort
+from ._asyncport import AsyncBatch, AsyncPort, Reconnecting
 
 # A batch that completes during submission does not wait for the loop; such
 # awaits yield to it once per this many bytes (a count, not a clock: the
@@ -320,9 +320,11 @@ class LoopLink:
         except Reconnecting:
             self.follow_reconnect()
             b = await self._call(port.start_batch, op, offsets, buffers, flags, region, blocksize)
+        batch: Optional[AsyncBatch] = None      # None: done during the submission
         if isinstance(b, int):
             nbytes = b
         else:
+            batch = b
             error: Optional[BaseException] = None
             waited = False
             try:
@@ -362,7 +364,7 @@ class LoopLink:
         if self.sync_bytes >= SYNC_BYTES:
             self.sync_bytes = 0
             await _yield_once()
-        return b if isinstance(b, int) else port.batch_result(b)
+        return nbytes if batch is None else port.batch_result(batch)
 
     async def _wait_room(self) -> None:
         """Until a reap may have freed room in the queue (a batch wave waits)."""

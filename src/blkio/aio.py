@@ -62,6 +62,12 @@ __all__ = ["AsyncDevice", "open"]
 _READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
 
 
+def _spin_us(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {value!r}")
+    return value
+
+
 class AsyncDevice(_AsyncZonedMixin):
     """Coroutine I/O on one queue of a :class:`blkio.Device`.
 
@@ -78,8 +84,7 @@ class AsyncDevice(_AsyncZonedMixin):
             import warnings
             warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
             spin_us = poll_us
-        if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
-            raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
+        spin_us = _spin_us(spin_us)
         self.device = device
         self._port = _async_port(device, queue)
         self.queue = self._port.queue
@@ -92,7 +97,7 @@ class AsyncDevice(_AsyncZonedMixin):
 
     @spin_us.setter
     def spin_us(self, value: int) -> None:
-        self._link.spin_us = value
+        self._link.spin_us = _spin_us(value)
 
     def __reduce__(self) -> Any:
         raise TypeError("a blkio.aio.AsyncDevice cannot be pickled: its device belongs to "
