@@ -979,7 +979,7 @@ def markdown(evaluated: List[dict], meta: dict,
         "bare future round trip on the same event loop (`contenders.py "
         "ping`: 32 tasks, each awaiting a future that one `call_soon` "
         "callback resolves for all). A batch that completes during submission "
-        "lets the loop run once a MiB of such batches (`blkio.aio._SYNC_BYTES`, "
+        "lets the loop run once a MiB of such batches (`blkio._aioloop.SYNC_BYTES`, "
         "a count, so the same under callgrind); a batch that has to wait "
         "(vhost-user, O_DIRECT) adds a future round trip with one task.",
         "",

@@ -168,7 +168,7 @@ def test_batches_and_single_awaits_in_flight_together(request, run, kind):
             assert all(by_op[len(sizes) + j] == BS for j in range(len(singles)))
             assert by_op[len(ops) - 1] == len(written) * BS
             assert adev.queue.in_flight == 0
-            assert not adev._batches
+            assert not adev._port.batches_in_flight
             return rows, sbufs, wrows.copy()
     rows, sbufs, wrows = run(main())
     _check_rows(backing, offs[:442], rows)
@@ -239,7 +239,7 @@ def test_failed_request_raises_oserror_naming_its_offset_after_the_batch(
                 await call(offs, rows)
             # Raised only once every request of the batch finished.
             assert adev.queue.in_flight == 0
-            assert not adev._batches
+            assert not adev._port.batches_in_flight
             if op == "read":
                 _check_rows(image, offs[1:], rows[1:])
             e = ei.value
@@ -285,7 +285,7 @@ def test_failures_during_submission_raise_after_the_batch(tiny_fs, run):
             _fill(rows, 15)
             with pytest.raises(OSError) as ei:
                 await adev.write_batch(offs, rows)
-            assert adev.queue.in_flight == 0 and not adev._batches
+            assert adev.queue.in_flight == 0 and not adev._port.batches_in_flight
             return ei.value, rows.copy()
     e, rows = run(main())
     assert e.errno == errno.ENOSPC
@@ -388,7 +388,7 @@ def test_cancelled_batch_keeps_its_memory_until_its_requests_complete(slow_socke
             assert q.requests - before == 8
             gc.collect()
             assert alive() is None
-            assert not adev._batches
+            assert not adev._port.batches_in_flight
             # The device still serves batches.
             more = adev.alloc(2 * BS).reshape(2, BS)
             more[:] = 0xEE

@@ -223,7 +223,8 @@ def wrong(path: str) -> None:
 
 
 CORE_MODULES = ("_checks", "_memory", "_handle", "_pool", "_held", "_zoneops", "_batch",
-                "_sharedwait", "_engine", "_reconnect", "_transfer", "_device", "_public")
+                "_sharedwait", "_engine", "_reconnect", "_transfer", "_device", "_public",
+                "_asyncport")
 STUBS = tuple(f"{m}.pyi" for m in CORE_MODULES)
 ALLOWLIST = Path(__file__).resolve().parent / "stubtest-allowlist.txt"
 

@@ -5,11 +5,11 @@ core and entering its guard for every call.
 property catalogue, limits, zones and ``open``): blocking I/O on the calling
 thread's queue, memory, queues, close.  ``Queue`` is one queue's API (per
 request, batch, zones, the completion fd); ``BouncePool`` the public face of
-the bounce space; ``AsyncPort`` the one package-private protocol through
-which ``blkio.aio`` drives a queue from an event loop.  None of them can be
-built from Python (TypeError) or pickled; each method checks its arguments
-(``_checks``), enters the guard, calls down (transfer engine, queue engine,
-device core) and leaves.  No pointer work happens above this module.
+the bounce space.  None of them can be built from Python (TypeError) or
+pickled; each method checks its arguments (``_checks``), enters the guard,
+calls down (transfer engine, queue engine, device core) and leaves.  No
+pointer work happens above this module but in ``_asyncport`` (the asyncio
+port), which cimports the types and the guard entry from ``_public.pxd``.
 """
 
 cimport cython
@@ -22,12 +22,12 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES, 
                        FINISH_ALL_ZONES, RESET_ALL_ZONES, op_in, as_u64, as_index, zero_flags,
                        no_device_error, removed_error, zone_problem, problem_error)
 from ._device cimport DeviceCore, core_enter, core_leave, blocking_engine_of
-from ._engine cimport Completion, QueueEngine, queue_use, queue_use_as, queue_unuse
-from ._handle cimport DeviceHandle, GUARD_THREADS, ST_BROKEN, check_io_depth, guard_thread
+from ._engine cimport Completion, QueueEngine, queue_use
+from ._handle cimport DeviceHandle, GUARD_THREADS, check_io_depth, guard_thread
 from ._batch cimport BatchArrays, batch_arrays, check_batch
-from ._transfer cimport (Transfer, blocking_io, blocking_one, blocking_zone, zone_completion,
-                         enqueue_request, start_async, route_async, wait_for_space)
-from ._engine cimport TO_CALLER, TO_FUTURE
+from ._transfer cimport (blocking_io, blocking_one, blocking_zone, zone_completion,
+                         enqueue_request, wait_for_space)
+from ._engine cimport TO_CALLER
 from ._pool cimport BounceSpace
 from ._held cimport HeldBuffers, hold_buffers
 from ._zoneops import ZONE_DTYPE
@@ -44,20 +44,10 @@ cnp.import_array()     # numpy's C API: _held's inline helpers use it
 cdef str _NOT_BUILT = "{} cannot be built directly; {}"
 
 
-cdef inline uint64_t _chunk(DeviceCore core, object chunk) except? 0xFFFFFFFFFFFFFFFF:
-    return 0 if chunk is None else core.handle.check_io_chunk(chunk)
-
-
-cdef inline int _depth(object depth) except -1:
-    return 0 if depth is None else check_io_depth(depth)
-
-
 # ---- the device --------------------------------------------------------------------
 
 cdef class DeviceFront:
     """The compiled base of ``blkio.Device``: blocking I/O, memory, queues."""
-
-    cdef DeviceCore core
 
     def __reduce__(self):
         raise TypeError(f"a blkio.Device cannot be pickled: it is a libblkio instance of this "
@@ -407,24 +397,6 @@ cdef Queue _queue_of(DeviceCore core, QueueEngine e):
     return <Queue>e.api
 
 
-cdef inline Py_ssize_t _enter(Queue q) except -1:
-    """The device's guard, then the queue's; refuses a closed device, a
-    removed queue and a broken backend.  Returns both entries, packed."""
-    if q is None or q.core is None:
-        raise no_device_error()
-    cdef DeviceCore core = q.core
-    cdef Py_ssize_t dentry = core_enter(core)
-    cdef QueueEngine e = q.engine
-    if e.removing or e.q == NULL:
-        core_leave(core, dentry)
-        raise removed_error(e.index)
-    if e.handle.state == ST_BROKEN:
-        core_leave(core, dentry)
-        e.check_usable()        # fails what it had in flight, raises
-    return dentry * (GUARD_THREADS + 1) + queue_use_as(e, guard_thread(&core.handle.guard,
-                                                                       dentry))
-
-
 cdef Py_ssize_t _enter_even_broken(Queue q) except -1:
     """``_enter`` for what a broken device still does: hand out what failed
     (the asyncio port's routing of what its backend's hang-up failed)."""
@@ -439,11 +411,6 @@ cdef Py_ssize_t _enter_even_broken(Queue q) except -1:
     return dentry * (GUARD_THREADS + 1) + queue_use(e)
 
 
-cdef inline void _leave(Queue q, Py_ssize_t entries) noexcept:
-    queue_unuse(q.engine, entries % (GUARD_THREADS + 1))
-    core_leave(q.core, entries // (GUARD_THREADS + 1))
-
-
 @cython.final
 cdef class Queue:
     """One libblkio queue.  Enqueue requests, then ``submit``/``wait``/``completions``.
@@ -452,9 +419,6 @@ cdef class Queue:
     several threads may share one; one queue per thread is the fast way.
     Made by ``Device.queue()``, ``Device.poll_queue()``, ``Device.add_queue()``.
     """
-
-    cdef DeviceCore core
-    cdef QueueEngine engine
 
     def __init__(self, *args, **kwargs):
         raise TypeError("blkio.Queue cannot be built directly; use Device.queue(), "
@@ -966,325 +930,3 @@ cdef class BouncePool:
             return "<blkio.BouncePool of no device>"
         return (f"<blkio.BouncePool size={self.size} in_use={self.in_use} "
                 f"max_size={self.max_size} waiting={self.waiting}>")
-
-
-# ---- the asyncio port ------------------------------------------------------------------
-
-class Reconnecting(Exception):
-    """What the asyncio port's calls raise while the device reconnects,
-    instead of waiting for it at the guard's gate as other calls do: the
-    loop must keep running (blkio.aio waits on the reconnect eventfd)."""
-
-
-cdef inline int _not_reconnecting(AsyncPort port) except -1:
-    # With the GIL held from here into the guard, no reconnect can begin
-    # in between: a call that passes enters without waiting.
-    if port.engine.handle.reconnecting:
-        raise Reconnecting(port.core.driver)
-    return 0
-
-
-def async_port(DeviceFront front not None, index):
-    """The port through which blkio.aio drives queue ``index`` (package-private)."""
-    cdef DeviceCore core = front._live()
-    cdef QueueEngine e = core.engine_at(as_index(index, "queue"), False)
-    cdef AsyncPort port = AsyncPort.__new__(AsyncPort)
-    port.core = core
-    port.engine = e
-    port.queue = _queue_of(core, e)
-    port.stuck = []
-    return port
-
-
-@cython.final
-cdef class AsyncPort:
-    """blkio.aio's one way into the core (package-private): submit requests
-    and transfers with futures, reap and route their completions, batches,
-    the completion fd, and the notice that the queue is gone."""
-
-    cdef DeviceCore core
-    cdef QueueEngine engine
-    cdef readonly object queue       # the public Queue of the engine
-    cdef list stuck                  # transfers waiting for bounce space, from the last reap
-    cdef object listener             # this port's gone_listeners entry
-    cdef readonly Py_ssize_t batch_taken   # completions solo_batch moved into out
-
-    def __init__(self, *args, **kwargs):
-        raise TypeError("AsyncPort is blkio.aio's; use blkio.aio.open()")
-
-    def __reduce__(self):
-        raise TypeError("an asyncio port cannot be pickled")
-
-    def submit(self, int op, offset, buf, flags, future, length=0, chunk=None, depth=None,
-               bint vectored=False):
-        """Enqueue a read, write, write-zeroes, discard or flush resolving
-        ``future``; None when it went as one request, else its Transfer
-        (awaiting bounce space when its ``need`` is set: see ``waiting``)."""
-        if not op_in(op, READ, FLUSH):
-            raise ValueError(f"unknown op {op!r}")
-        cdef uint64_t off = as_u64(offset, "offset"), n = as_u64(length, "length")
-        cdef uint64_t ck = _chunk(self.core, chunk)
-        cdef int dp = _depth(depth)
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            return start_async(self.engine, op, off, buf, vectored, flags, future, n, ck, dp)
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def io(self, int op, offset, buf, unsigned int flags, future):
-        """The hot path of ``submit``: a read or write of one buffer of at
-        most a chunk, enqueued resolving ``future``.  None when enqueued;
-        else ``submit``'s answer (a Transfer: a longer request, or one
-        waiting for bounce space)."""
-        if op != READ and op != WRITE:
-            raise ValueError(f"io takes a read or a write, not op {op!r}")
-        cdef uint64_t off = as_u64(offset, "offset")
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            return start_async(self.engine, op, off, buf, False, flags, future, 0, 0, 0)
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def need(self, Transfer t not None):
-        """Bounce bytes ``t`` waits for before its next piece (0: none)."""
-        return t.need
-
-    def refill(self, Transfer t not None, bounce):
-        """Go on with ``t`` now that ``bounce`` (space acquired for its next
-        piece) is there; space it did not use goes back."""
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            if t.future is None or t.future.done():
-                self.engine.space.release(bounce)
-                return
-            t.fill(bounce)
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def zone(self, int op, offset, zones, future, bounce=None):
-        """Enqueue a zone request resolving ``future`` with its ret; minus
-        the bounce bytes a report waits for (nothing enqueued), else 0."""
-        cdef uint64_t off = as_u64(offset, "offset")
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            c = zone_completion(self.engine, op, off, zones, TO_FUTURE, future, bounce,
-                                bounce is None)
-            if c is None:
-                return -memoryview(zones).nbytes
-            self.engine.enqueue_one(c, False)
-            return 0
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def reap(self):
-        """Submit what is enqueued, take what is complete and route it:
-        futures resolved, transfers refilled and their new pieces submitted.
-        Returns (the transfers now waiting for bounce space with nothing in
-        flight, True when more is left for another round of the loop)."""
-        cdef QueueEngine e = self.engine
-        cdef uint64_t before
-        cdef int rounds = 0
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
-        stuck = []
-        try:
-            if e.handle.state == ST_BROKEN:
-                # The backend hung up: what it had in flight failed (abandon);
-                # resolve those futures, submit nothing.
-                route_async(e, self.stuck)
-                return list(self.stuck), False
-            while True:
-                e.drive(0, 0.0, None)
-                if not e.ready:
-                    return stuck, False
-                before = e.n_requests
-                route_async(e, self.stuck)
-                stuck.extend(self.stuck)
-                if e.n_requests == before:
-                    return stuck, False
-                rounds += 1
-                if rounds == 8:         # cached pieces: let the loop run too
-                    e.drive(0, 0.0, None)
-                    return stuck, True
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def submit_batch(self, int op, offsets, buffers, user_data, unsigned int flags, region,
-                     blocksize):
-        cdef Queue q = <Queue>self.queue
-        _not_reconnecting(self)
-        return q._submit_batch(op, offsets, buffers, user_data, flags, region, blocksize)
-
-    def solo_batch(self, int op, offsets, buffers, unsigned int flags, region, blocksize,
-                   out):
-        """The common batch, submitted here when nothing else of the
-        caller's is in flight: it fits the queue's room and ``out``.  Returns
-        its bytes when every request completed during the submission without
-        failure (their completions taken); -1 when it is in flight (tags
-        0..n-1: the caller awaits it); -3 when some failed at once (their
-        completions are in ``out``, the count in ``batch_taken``); -2 when it
-        does not fit (nothing submitted)."""
-        cdef QueueEngine e = self.engine
-        cdef BatchArrays a
-        cdef Py_ssize_t room, failed
-        cdef uint64_t bs = as_u64(blocksize, "blocksize")
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            a = batch_arrays(op, offsets, buffers, None, region, bs)
-            room = e.depth - e.in_libblkio if e.depth else -1
-            if out is not e.ring.out:
-                e.ring.set_out(out)
-            if (room >= 0 and a.n > room) or a.n > e.ring.out_len or e.ring.in_flight \
-                    or e.ring.ready:
-                return -2
-            check_batch(a, e.handle, op, room)
-            if a.n == 0:
-                return 0
-            e.enqueue_batch(op, a, flags)
-            if e.ring.ready != a.n:
-                return -1
-            failed = e.ring.failed
-            self.batch_taken = e.ring.copy_out()
-            if e.ring.failed == failed:
-                return a.n * a.blocksize
-            return -3
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def check_batch(self, int op, offsets, buffers, region, blocksize):
-        """Check a whole batch, enqueueing nothing (before its first wave)."""
-        cdef uint64_t bs = as_u64(blocksize, "blocksize")
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        cdef BatchArrays a
-        try:
-            a = batch_arrays(op, offsets, buffers, None, region, bs)
-            check_batch(a, self.engine.handle, op, -1)
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def fail(self, Transfer t not None, exc):
-        """End ``t`` with ``exc`` (its bounce space could not be had)."""
-        if t.future is not None and not t.future.done():
-            t.future.set_exception(exc)
-        t.future = None
-
-    def take_batch(self, out):
-        """Move completed batch requests into ``out`` (no waiting; on a
-        broken device too, for the requests its backend's hang-up failed)."""
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
-        try:
-            if out is not self.engine.ring.out:
-                self.engine.ring.set_out(out)
-            return self.engine.ring.copy_out()
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    @property
-    def batch_ready(self):
-        return self.engine.ring.ready
-
-    @property
-    def batch_failed(self):
-        return self.engine.ring.failed
-
-    @property
-    def in_flight(self):
-        return self.engine.unreaped
-
-    @property
-    def depth(self):
-        return self.engine.depth
-
-    @property
-    def fd(self):
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter(<Queue>self.queue)
-        try:
-            return self.engine.completion_fd()
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def enable_fd(self, bint value):
-        if self.engine.fd_enabled == value:
-            return
-        _not_reconnecting(self)
-        cdef Py_ssize_t entries = _enter_even_broken(<Queue>self.queue)
-        try:
-            self.engine.set_fd_enabled(value)
-        finally:
-            _leave(<Queue>self.queue, entries)
-
-    def reset_fd(self, int fd):
-        """Read the count of ``fd`` (a dup of the completion fd) under the
-        queue's lock."""
-        return self.engine.reset_fd(fd)
-
-    def on_gone(self, callback):
-        """``callback(orphans)`` when the queue is removed or the device
-        closed (the completions nobody collected); None: no more notice
-        for this port."""
-        if self.listener is not None:
-            try:
-                self.engine.gone_listeners.remove(self.listener)
-            except ValueError:
-                pass
-        self.listener = callback
-        if callback is not None:
-            self.engine.gone_listeners.append(callback)
-
-    @property
-    def gone(self):
-        return self.queue.removed
-
-    # ---- the backend (vhost-user): its hang-up, and reconnecting --------------------
-
-    @property
-    def backend_fds(self):
-        """The sockets whose hang-up means the backend died (the loop
-        watches duplicates of them)."""
-        return self.core.backend_fds
-
-    @property
-    def reconnects(self):
-        """Does the device reconnect when its backend hangs up?"""
-        return self.engine.handle.reconnect_enabled
-
-    @property
-    def reconnecting(self):
-        return self.engine.handle.reconnecting
-
-    @property
-    def generation(self):
-        """Reconnects so far (names the backend a hang-up is about)."""
-        return self.core.generation
-
-    @property
-    def broken(self):
-        return self.engine.handle.state == ST_BROKEN
-
-    def hang_up(self):
-        """The loop saw the backend hang up, on a device that does not
-        reconnect: everything in flight fails, the device is broken."""
-        cdef Py_ssize_t entry = core_enter(self.core)
-        try:
-            self.core.hang_up()
-        finally:
-            core_leave(self.core, entry)
-
-    @property
-    def reconnect_fd(self):
-        """An eventfd readable when a reconnect began or ended (the loop
-        watches a duplicate; -1 when the device does not reconnect)."""
-        return self.core.reconnect_fd
-
-    @property
-    def broken_reason(self):
-        """Why a broken device will not come back (a failed reconnect), or None."""
-        return self.engine.handle.broken_why

@@ -2,8 +2,10 @@
 
 It owns ``ZoneInfo`` (the zone geometry, read once at open and validated),
 the blocking zone methods of ``blkio.Device`` (``ZonedMixin``: report, open,
-close, finish and reset of one zone or all zones, a count of zones by state)
-and ``ZoneWriter``, which appends at the write pointer across zones.  The
+close, finish and reset of one zone or all zones, a count of zones by state),
+the same awaited on ``blkio.aio.AsyncDevice`` (``AsyncZonedMixin``; one
+report's requests, ``_Report``, are the same for both) and ``ZoneWriter``,
+which appends at the write pointer across zones.  The
 requests themselves, and every check made before one is submitted, are the
 core's (``_public.zone_request``, ``Queue.report_zones`` & co.;
 ``_checks.zone_problem`` and ``request_problem``); this module never calls
@@ -21,7 +23,7 @@ active zone limits.  ``ZoneWriter`` tracks the write pointer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, SupportsIndex, Tuple, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, SupportsIndex, Tuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -31,8 +33,11 @@ from ._checks import Op
 from ._public import check_zone as _check_zone, zone_request as _zone_request
 from ._zoneops import ZONE_DTYPE, ZONED_MODELS, ZoneState, ZoneType
 
-__all__ = ["ZONE_DTYPE", "ZoneInfo", "ZoneState", "ZoneType", "ZoneWriter", "ZonedMixin",
-           "read_zone_info"]
+if TYPE_CHECKING:
+    from . import Device
+
+__all__ = ["ZONE_DTYPE", "AsyncZonedMixin", "ZoneInfo", "ZoneState", "ZoneType", "ZoneWriter",
+           "ZonedMixin", "read_zone_info"]
 
 _ZONED_PROPERTIES = ("zoned", "zone-size", "nr-zones", "max-open-zones", "max-active-zones",
                      "append-support", "zone-append-max-bytes")
@@ -92,6 +97,40 @@ def read_zone_info(get: Callable[[str], Any], has_zone_properties: bool, capacit
                     bool(v["append-support"]), v["zone-append-max-bytes"])
 
 
+class _Report:
+    """One report's requests, for the blocking and the asyncio face alike:
+    ``next()`` is the zones array the next request fills at ``pos`` (None:
+    done), ``took(got)`` records its count, ``result()`` joins the parts."""
+
+    def __init__(self, device: Any, offset: int, nr_zones: Optional[int]) -> None:
+        self.device = device
+        self.pos, self.left, self.per_request = _report_plan(device, offset, nr_zones)
+        self.parts: List[np.ndarray] = []
+        self.zones = np.empty(0, ZONE_DTYPE)
+
+    def next(self) -> Optional[np.ndarray]:
+        if self.left <= 0:
+            return None
+        n = min(self.left, self.per_request)
+        self.zones = self.device.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
+        return self.zones
+
+    def took(self, got: int) -> None:
+        zones = self.zones
+        self.parts.append(zones[:got])
+        if got < len(zones) or got == 0:
+            self.left = 0
+            return
+        self.left -= got
+        last = zones[got - 1]
+        self.pos = int(last["start"]) + int(last["len"])
+
+    def result(self) -> np.ndarray:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return np.concatenate(self.parts) if self.parts else np.empty(0, ZONE_DTYPE)
+
+
 def _report_plan(device: Any, offset: int, nr_zones: Optional[int]) -> Tuple[int, int, int]:
     """Where a report starts (a zone start, bytes), how many zones it
     covers, and how many one request may ask for (its reply must fit
@@ -145,21 +184,10 @@ class ZonedMixin:
         (``ZoneType``), state (``ZoneState``), reset (bool).  A FULL zone's
         write_pointer is start + len, as libblkio reports it.  A report
         longer than one request allows (max-transfer) takes several."""
-        pos, left, per_request = _report_plan(self, offset, nr_zones)
-        parts = []
-        while left > 0:
-            n = min(left, per_request)
-            zones = self.alloc(n * ZONE_DTYPE.itemsize).view(ZONE_DTYPE)
-            got = _zone_request(cast(Any, self), Op.REPORT_ZONES, pos, zones)
-            parts.append(zones[:got])
-            if got < n or got == 0:
-                break
-            left -= got
-            last = zones[got - 1]
-            pos = int(last["start"]) + int(last["len"])
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, ZONE_DTYPE)
+        report = _Report(self, offset, nr_zones)
+        while (zones := report.next()) is not None:
+            report.took(_zone_request(cast(Any, self), Op.REPORT_ZONES, report.pos, zones))
+        return report.result()
 
     def zone_states(self) -> Dict[str, int]:
         """How many zones are in each state: {"empty": n, "imp_open": n, ...},
@@ -211,6 +239,56 @@ class ZonedMixin:
         starting at ``zone_offset`` and, once it is full, of the next ones
         (``nr_zones`` zones in all)."""
         return ZoneWriter(self, zone_offset, nr_zones)
+
+
+class AsyncZonedMixin:
+    """Zone methods of ``blkio.aio.AsyncDevice``: the requests of ZonedMixin,
+    awaited (``_zone`` is the AsyncDevice's: one request on the loop)."""
+
+    if TYPE_CHECKING:      # provided by AsyncDevice
+        device: Device
+
+        def _zone(self, op: int, offset: int = 0, zones: Any = None) -> Awaitable[int]: ...
+
+    async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
+        """Report zones from the one holding ``offset`` (see
+        ``Device.report_zones``): a numpy array of ``blkio._ZONE_DTYPE``."""
+        report = _Report(self.device, offset, nr_zones)
+        while (zones := report.next()) is not None:
+            report.took(await self._zone(Op.REPORT_ZONES, report.pos, zones))
+        return report.result()
+
+    async def open_zone(self, offset: int) -> None:
+        """Open the zone starting at ``offset`` explicitly."""
+        await self._zone(Op.OPEN_ZONE, offset)
+
+    async def close_zone(self, offset: int) -> None:
+        """Close the open zone starting at ``offset``."""
+        await self._zone(Op.CLOSE_ZONE, offset)
+
+    async def finish_zone(self, offset: int) -> None:
+        """Finish the zone starting at ``offset`` (it becomes FULL)."""
+        await self._zone(Op.FINISH_ZONE, offset)
+
+    async def reset_zone(self, offset: int) -> None:
+        """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
+        await self._zone(Op.RESET_ZONE, offset)
+
+    async def open_all_zones(self) -> None:
+        """Open every CLOSED zone."""
+        await self._zone(Op.OPEN_ALL_ZONES)
+
+    async def close_all_zones(self) -> None:
+        """Close every open zone."""
+        await self._zone(Op.CLOSE_ALL_ZONES)
+
+    async def finish_all_zones(self) -> None:
+        """Finish every open or closed zone."""
+        await self._zone(Op.FINISH_ALL_ZONES)
+
+    async def reset_all_zones(self) -> None:
+        """Reset every zone that is not EMPTY."""
+        await self._zone(Op.RESET_ALL_ZONES)
 
 
 class ZoneWriter:

@@ -7,8 +7,10 @@
 Everything a request needs -- checks, direct or bounced memory, splitting and
 pipelining, the first-failure rule, advisory discard -- is the core's
 transfer engine, the same as for blocking calls; this module only ties it to
-the loop, through the core's one asyncio port (``_public.AsyncPort``).  A
-request is enqueued when its method is called (bad arguments raise there);
+the loop, through the core's one asyncio port (``_asyncport.AsyncPort``,
+which also keeps the accounting of the batches in flight); the loop's side
+-- readers, reaping, reconnects, awaits off the hot path -- is
+``_aioloop.LoopLink``.  A request is enqueued when its method is called (bad arguments raise there);
 requests enqueued during one loop iteration go to libblkio in one
 ``blkioq_do_io`` call (like QEMU's plug/unplug); completions come through
 the queue's completion fd (``loop.add_reader`` on a duplicate of it, so the
@@ -41,62 +43,32 @@ drained it, else with ``ValueError`` saying the device is closed.
 from __future__ import annotations
 
 import asyncio
-import os
-import select
-import time
-import types
-import weakref
 from asyncio import get_running_loop as _running_loop
-from typing import Any, Awaitable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Optional, Sequence
 
 import numpy as np
 
 # (imported under private names: this module's public names are __all__'s)
 from . import Device as _Device, Op as _Op, REQ_FUA as _REQ_FUA, open as _open_device
-from ._checks import int_array as _int_array, write_zeroes_flags as _write_zeroes_flags
+from ._checks import write_zeroes_flags as _write_zeroes_flags
 from ._connect import (DEFAULT_CONNECT_TIMEOUT as _DEFAULT_CONNECT_TIMEOUT,
                        DEFAULT_RECONNECT_TIMEOUT as _DEFAULT_RECONNECT_TIMEOUT)
-from ._public import Reconnecting as _Reconnecting, async_port as _async_port
-from ._zones import ZONE_DTYPE as _ZONE_DTYPE, _report_plan
-from .errors import error_for as _error_for
+from ._aioloop import LoopLink as _LoopLink
+from ._asyncport import async_port as _async_port
+from ._zones import AsyncZonedMixin as _AsyncZonedMixin
 
 __all__ = ["AsyncDevice", "open"]
 
 _READ, _WRITE, _WRITE_ZEROES, _DISCARD, _FLUSH = _Op.READ, _Op.WRITE, _Op.WRITE_ZEROES, _Op.DISCARD, _Op.FLUSH
 
-# A batch request's user_data: its batch's number << 32 | its index in the batch.
-_TAG_SHIFT = 32
-_INDEX_MASK = (1 << _TAG_SHIFT) - 1
-_BATCH_IDS = 1 << 31                # numbers wrap (tags stay positive int64)
-_REAP_DTYPE = np.dtype([("user_data", np.int64), ("ret", np.int32)])
-# A batch that completes during submission does not wait for the loop; such
-# awaits yield to it once per this many bytes (a count, not a clock: the
-# same program makes the same calls, however fast the machine runs it).
-_SYNC_BYTES = 1 << 20
+
+def _spin_us(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {value!r}")
+    return value
 
 
-@types.coroutine
-def _yield_once() -> Any:
-    """Let the loop run one iteration (``asyncio.sleep(0)`` minus its coroutine)."""
-    yield
-
-
-class _Batch:
-    """One awaited batch: its requests in flight, its first failure, and the
-    memory they use (held until the last of them is reaped, even when the
-    awaiting task was cancelled: the device may still write it)."""
-
-    __slots__ = ("n", "left", "fut", "memory", "offsets", "abandoned", "nfail",
-                 "fail_index", "fail_ret")
-
-    def __init__(self, n: int, memory: Any, offsets: np.ndarray) -> None:
-        self.n, self.left, self.memory, self.offsets = n, 0, memory, offsets
-        self.fut: "Optional[asyncio.Future[None]]" = None
-        self.abandoned = False
-        self.nfail, self.fail_index, self.fail_ret = 0, -1, 0
-
-
-class AsyncDevice:
+class AsyncDevice(_AsyncZonedMixin):
     """Coroutine I/O on one queue of a :class:`blkio.Device`.
 
     ``spin_us`` > 0 busy-polls the queue for that many microseconds after
@@ -112,317 +84,26 @@ class AsyncDevice:
             import warnings
             warnings.warn("poll_us is deprecated; use spin_us", DeprecationWarning, stacklevel=2)
             spin_us = poll_us
-        if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
-            raise ValueError(f"spin_us takes an int >= 0 (microseconds), got {spin_us!r}")
+        spin_us = _spin_us(spin_us)
         self.device = device
         self._port = _async_port(device, queue)
         self.queue = self._port.queue
-        self.spin_us = spin_us
-        self._loop = _running_loop()
-        self._flush_scheduled = False
-        self._closed = False
-        self._fd = -1
-        self._fd_on = False
-        self._batches: Dict[int, _Batch] = {}
-        self._next_batch = 1            # batch 0: the solo batch (see _batch)
-        self._reap_out = np.zeros(256, _REAP_DTYPE)
-        self._reap_ud = self._reap_out["user_data"]
-        self._reap_ret = self._reap_out["ret"]
-        self._room: Optional[asyncio.Event] = None   # queue room freed (batch waves wait)
-        self._sync_bytes = 0             # completed during submission since the last yield
-        self._backend: Optional[select.epoll] = None   # the backend's sockets, for their hang-up
-        self._events = -1               # a duplicate of the device's reconnect eventfd
-        self._generation = 0            # the device's reconnects when we last looked
-        self._reconnected: Optional[asyncio.Event] = None   # set: a reconnect is in progress
-        self._watch(self._loop)
-        self._listen()
+        self._link = _LoopLink(device, self._port, spin_us)
 
-    def _listen(self) -> None:
-        """Be told (on our loop) when the device is closed or the queue
-        removed by someone else."""
-        ref = weakref.ref(self)
+    @property
+    def spin_us(self) -> int:
+        """Microseconds the loop busy-polls the queue after submitting (0: never)."""
+        return self._link.spin_us
 
-        def queue_gone(orphans: List[Any]) -> None:
-            adev = ref()
-            if adev is not None:
-                try:
-                    adev._loop.call_soon_threadsafe(adev._device_gone, orphans)
-                except RuntimeError:        # the loop is closed
-                    pass
-        self._port.on_gone(queue_gone)
+    @spin_us.setter
+    def spin_us(self, value: int) -> None:
+        self._link.spin_us = _spin_us(value)
 
     def __reduce__(self) -> Any:
         raise TypeError("a blkio.aio.AsyncDevice cannot be pickled: its device belongs to "
                         "this process; open the device in the other process")
 
-    # ---- the loop ------------------------------------------------------------
-
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._watch_completions()
-        self._watch_backend()
-
-    def _watch_completions(self) -> None:
-        # A duplicate: libblkio closes its fd when the device goes (or
-        # reconnects), possibly from another thread, and the loop must never
-        # watch a reused number.
-        self._port.enable_fd(True)
-        self._fd_on = True
-        self._fd = os.dup(self._port.fd)
-        self._loop.add_reader(self._fd, self._on_completion_fd)
-
-    def _watch_backend(self) -> None:
-        """A device that reconnects tells its reconnects' start and end on
-        an eventfd (a duplicate is watched: its watcher thread sees the
-        hang-up).  Otherwise the loop watches the backend's sockets through
-        an epoll set of its own that asks for no events: it becomes readable
-        only at a hang-up, libblkio's own messages never wake it, and no
-        flag of the sockets changes (uvloop would make a socket handed to it
-        non-blocking under libblkio)."""
-        port = self._port
-        self._generation = port.generation
-        if port.reconnects:
-            self._events = os.dup(port.reconnect_fd)
-            self._loop.add_reader(self._events, self._on_reconnect_event)
-        elif port.backend_fds:
-            self._backend = select.epoll()
-            for fd in port.backend_fds:
-                self._backend.register(fd, 0)
-            self._loop.add_reader(self._backend.fileno(), self._on_backend)
-
-    def _unwatch_backend(self) -> None:
-        if self._backend is not None:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(self._backend.fileno())
-            self._backend.close()
-            self._backend = None
-        self._events = self._close_reader(self._events)
-
-    def _release_completion_fd(self) -> None:
-        self._fd = self._close_reader(self._fd)
-
-    def _close_reader(self, fd: int) -> int:
-        """Stop watching ``fd`` (our own descriptor, -1: none) and close it;
-        returns -1 for the attribute that held it."""
-        if fd >= 0:
-            if not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
-        return -1
-
-    def _release_fd(self) -> None:
-        self._port.on_gone(None)
-        self._release_completion_fd()
-        self._unwatch_backend()
-
-    def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Awaited from another loop than the one watching the fd: move
-        there when nothing is in flight."""
-        if self._closed:
-            raise ValueError(f"{self.device.driver} device is closed")
-        if self._port.in_flight and not self._loop.is_closed():
-            raise ValueError(f"this AsyncDevice has {self._port.in_flight} request(s) in flight "
-                             f"on another event loop; await them there first")
-        self._release_fd()
-        self._flush_scheduled = False
-        self._room = None
-        self._watch(loop)
-        self._listen()
-
-    def _device_gone(self, orphans: List[Any]) -> None:
-        """The device was closed (or our queue removed) by someone else:
-        what close drained was routed; the rest fail, and the fd goes."""
-        self._release_fd()
-        self._closed = True
-        self._route_orphans(orphans)
-        batches, self._batches = self._batches, {}
-        for rec in batches.values():
-            if rec.fut is not None and not rec.fut.done():
-                rec.fut.set_exception(self._closed_during_batch(rec))
-        if self._room is not None:
-            self._room.set()
-
-    @staticmethod
-    def _route_orphans(orphans: List[Any]) -> None:
-        for c in orphans:
-            fut = c.user_data
-            if isinstance(fut, asyncio.Future) and not fut.done():
-                if c.ret >= 0:
-                    fut.set_result(c.length)
-                else:
-                    fut.set_exception(ValueError(f"the device was closed (or its queue removed) "
-                                                 f"before this {c.op} completed"))
-
-    def _closed_during_batch(self, rec: _Batch) -> ValueError:
-        return ValueError(f"the {self.device.driver} device was closed (or its queue removed) "
-                          f"while a batch of {rec.n} request(s) was in flight")
-
-    # ---- the backend's hang-up, and reconnecting --------------------------------
-
-    def _on_backend(self) -> None:
-        """The backend's socket hung up (a device that does not reconnect):
-        everything in flight fails; route it."""
-        if self._backend is None or not self._backend.poll(0):
-            return
-        self._unwatch_backend()
-        self._port.hang_up()
-        self._reap()
-
-    def _on_reconnect_event(self) -> None:
-        try:
-            os.read(self._events, 8)
-        except BlockingIOError:
-            pass
-        self._follow_reconnect()
-
-    def _follow_reconnect(self) -> None:
-        """Keep up with the device's reconnects: while one is in progress
-        the loop makes no call into the device (the port's calls raise
-        Reconnecting instead of waiting); once it is over -- seen or not --
-        the new instance's completion fd is watched and what completed (or
-        failed) meanwhile is routed."""
-        port = self._port
-        if not port.reconnecting and (self._reconnected is not None
-                                      or port.generation != self._generation):
-            event, self._reconnected = self._reconnected, None
-            self._generation = port.generation
-            if not self._closed:
-                self._release_completion_fd()
-                try:
-                    if not (self.device.closed or port.gone or port.broken):
-                        self._watch_completions()
-                except _Reconnecting:
-                    pass                    # the next one began: below
-                else:
-                    self._reap()
-            if event is not None:
-                event.set()
-        if port.reconnecting and self._reconnected is None and not self._closed:
-            self._reconnected = asyncio.Event()
-            self._release_completion_fd()   # the old instance's: it signals nothing more
-            self._fd_on = False
-
-    async def _until_reconnected(self) -> None:
-        """Before calling into the device: wait out a reconnect in progress."""
-        while self._reconnected is not None:
-            await self._reconnected.wait()
-
-    async def _after_reconnect(self, submit: Any) -> Any:
-        await self._until_reconnected()
-        return await submit()
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        """A port call from a coroutine: after a reconnect in progress."""
-        while True:
-            if self._reconnected is not None:
-                await self._until_reconnected()
-            try:
-                return fn(*args)
-            except _Reconnecting:
-                self._follow_reconnect()
-
-    # ---- completions ------------------------------------------------------------
-
-    def _on_completion_fd(self) -> None:
-        self._port.reset_fd(self._fd)
-        self._reap()
-
-    def _reap(self) -> None:
-        port = self._port
-        if self._reconnected is not None or port.reconnecting:
-            self._follow_reconnect()    # its end reaps
-            return
-        try:
-            if self._fd_on:          # no fd events while we reap in a loop
-                port.enable_fd(False)
-                self._fd_on = False
-            stuck, more = port.reap()
-            while port.batch_ready:
-                self._take_batches()
-                stuck2, more = port.reap()
-                stuck += stuck2
-            if port.in_flight:
-                port.enable_fd(True)
-                self._fd_on = True
-                stuck2, more2 = port.reap()     # what completed before the fd was on
-                stuck += stuck2
-                more = more or more2
-                if port.batch_ready:
-                    self._take_batches()
-            else:
-                # An event on the fd now is spurious (io_uring signals it even
-                # while disabled, for completions reaped during the submit).
-                port.reset_fd(self._fd)
-        except _Reconnecting:
-            self._follow_reconnect()    # its end reaps
-            return
-        except ValueError:
-            if not (self.device.closed or port.gone):
-                raise
-            return                      # closed by another thread: queue_gone resolves the rest
-        for t in stuck:
-            self._loop.create_task(self._feed(t))
-        if more:
-            self._schedule_flush()
-        if self._room is not None:
-            self._room.set()
-
-    def _flush(self) -> None:
-        # Runs once per loop iteration in which requests were enqueued: one
-        # blkioq_do_io submits them all (QEMU's plug/unplug).
-        self._flush_scheduled = False
-        if self._closed or self._reconnected is not None:
-            return
-        if self.spin_us > 0 and self._port.in_flight:
-            deadline = time.perf_counter() + self.spin_us / 1e6
-            while time.perf_counter() < deadline:
-                self._reap()
-                if not self._port.in_flight:
-                    break
-        self._reap()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    async def _feed(self, t: Any) -> None:
-        """A transfer waits for bounce space: await it in the pool's FIFO,
-        then let the transfer go on (its future carries any failure)."""
-        pool = self.device.bounce_pool
-        while self._port.need(t):
-            try:
-                await self._until_reconnected()
-                bounce = await pool.acquire_async(self._port.need(t))
-                await self._call(self._port.refill, t, bounce)
-            except BaseException as e:
-                self._port.fail(t, e)
-                return
-            self._schedule_flush()
-
     # ---- requests -------------------------------------------------------------------
-
-    def _submit(self, op: int, offset: Any, buf: Any, flags: int, length: Any = 0,
-                chunk: Any = None, depth: Any = None, vectored: bool = False) -> "asyncio.Future[Any]":
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        if self._reconnected is not None:
-            return loop.create_task(self._after_reconnect(
-                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
-        fut = loop.create_future()
-        try:
-            t = self._port.submit(op, offset, buf, flags, fut, length, chunk, depth, vectored)
-        except _Reconnecting:
-            self._follow_reconnect()
-            return loop.create_task(self._after_reconnect(
-                lambda: self._submit(op, offset, buf, flags, length, chunk, depth, vectored)))
-        if t is not None and self._port.need(t) and not fut.done():
-            loop.create_task(self._feed(t))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
 
     def readinto(self, offset: int, buf: Any, *, chunk: Optional[int] = None,
                  depth: Optional[int] = None) -> Awaitable[int]:
@@ -433,33 +114,21 @@ class AsyncDevice:
         in a coroutine for ``create_task``).  A read longer than a chunk is
         pipelined as in ``Device.readinto`` (``chunk``, ``depth``)."""
         if chunk is None and depth is None:
-            # the hot path, inline: one call into the core, no frame but this
-            loop = _running_loop()
-            if loop is self._loop and not self._closed and self._reconnected is None:
-                fut = loop.create_future()
-                try:
-                    t = self._port.io(_READ, offset, buf, 0, fut)
-                except _Reconnecting:
-                    self._follow_reconnect()
-                    return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
-                if t is not None and self._port.need(t) and not fut.done():
-                    loop.create_task(self._feed(t))     # a piece waits for bounce space
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    loop.call_soon(self._flush)
+            fut = self._port.io(_READ, offset, buf, 0)     # the hot path: one call
+            if fut is not None:
                 return fut
-        return self._submit(_READ, offset, buf, 0, 0, chunk, depth)
+        return self._link.submit(_READ, offset, buf, 0, 0, chunk, depth)
 
     async def read(self, offset: int, nbytes: int, *, chunk: Optional[int] = None,
                    depth: Optional[int] = None) -> np.ndarray:
         """Read ``nbytes`` at ``offset`` into a new array of mapped memory."""
-        if self._reconnected is not None:
-            await self._until_reconnected()
+        if self._link.reconnected is not None:
+            await self._link.until_reconnected()
         if type(nbytes) is int and nbytes == 0:
             out = np.empty(0, np.uint8)
         else:
             out = self.device.alloc(nbytes)
-        await self._submit(_READ, offset, out, 0, 0, chunk, depth)
+        await self._link.submit(_READ, offset, out, 0, 0, chunk, depth)
         return out
 
     def write(self, offset: int, buf: Any, *, fua: bool = False, chunk: Optional[int] = None,
@@ -468,114 +137,39 @@ class AsyncDevice:
         ``readinto`` when longer than a chunk."""
         flags = _REQ_FUA if fua else 0
         if chunk is None and depth is None:
-            # the hot path, as in readinto
-            loop = _running_loop()
-            if loop is self._loop and not self._closed and self._reconnected is None:
-                fut = loop.create_future()
-                try:
-                    t = self._port.io(_WRITE, offset, buf, flags, fut)
-                except _Reconnecting:
-                    self._follow_reconnect()
-                    return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
-                if t is not None and self._port.need(t) and not fut.done():
-                    loop.create_task(self._feed(t))     # a piece waits for bounce space
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    loop.call_soon(self._flush)
+            fut = self._port.io(_WRITE, offset, buf, flags)     # the hot path, as in readinto
+            if fut is not None:
                 return fut
-        return self._submit(_WRITE, offset, buf, flags, 0, chunk, depth)
+        return self._link.submit(_WRITE, offset, buf, flags, 0, chunk, depth)
 
     def readv(self, offset: int, bufs: Sequence[Any], *, chunk: Optional[int] = None,
               depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored read (split and pipelined like ``readinto``); awaits the count."""
-        return self._submit(_READ, offset, bufs, 0, 0, chunk, depth, True)
+        return self._link.submit(_READ, offset, bufs, 0, 0, chunk, depth, True)
 
     def writev(self, offset: int, bufs: Sequence[Any], *, fua: bool = False,
                chunk: Optional[int] = None, depth: Optional[int] = None) -> Awaitable[int]:
         """Vectored write (split and pipelined like ``write``); awaits the count."""
-        return self._submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
+        return self._link.submit(_WRITE, offset, bufs, _REQ_FUA if fua else 0, 0, chunk, depth, True)
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
                            may_unmap: bool = True, no_fallback: bool = False) -> None:
         """Write ``length`` zero bytes at ``offset``."""
-        await self._submit(_WRITE_ZEROES, offset, None,
+        await self._link.submit(_WRITE_ZEROES, offset, None,
                            _write_zeroes_flags(fua, may_unmap, no_fallback), length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard ``length`` bytes at ``offset`` (advisory: unsupported is success)."""
-        await self._submit(_DISCARD, offset, None, 0, length)
+        await self._link.submit(_DISCARD, offset, None, 0, length)
 
     async def flush(self) -> None:
         """Make completed writes durable."""
-        await self._submit(_FLUSH, 0, None, 0)
+        await self._link.submit(_FLUSH, 0, None, 0)
 
-    # ---- zoned devices (see Device.report_zones & co.; offsets in bytes) ----
+    # ---- zoned devices (the methods: _zones.AsyncZonedMixin) ----------------------
 
-    async def _zone(self, op: int, offset: int = 0, zones: Any = None) -> int:
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        fut = loop.create_future()
-        need = await self._call(self._port.zone, op, offset, zones, fut)
-        if need < 0:
-            bounce = await self.device.bounce_pool.acquire_async(-need)
-            try:
-                await self._call(self._port.zone, op, offset, zones, fut, bounce)
-            except BaseException:
-                self.device.bounce_pool.release(bounce)
-                raise
-        self._schedule_flush()
-        return await fut
-
-    async def report_zones(self, offset: int = 0, nr_zones: Optional[int] = None) -> np.ndarray:
-        """Report zones from the one holding ``offset`` (see
-        ``Device.report_zones``): a numpy array of ``blkio._ZONE_DTYPE``."""
-        pos, left, per_request = _report_plan(self.device, offset, nr_zones)
-        parts = []
-        while left > 0:
-            n = min(left, per_request)
-            zones = self.device.alloc(n * _ZONE_DTYPE.itemsize).view(_ZONE_DTYPE)
-            got = await self._zone(_Op.REPORT_ZONES, pos, zones)
-            parts.append(zones[:got])
-            if got < n or got == 0:
-                break
-            left -= got
-            pos = int(zones[got - 1]["start"]) + int(zones[got - 1]["len"])
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, _ZONE_DTYPE)
-
-    async def open_zone(self, offset: int) -> None:
-        """Open the zone starting at ``offset`` explicitly."""
-        await self._zone(_Op.OPEN_ZONE, offset)
-
-    async def close_zone(self, offset: int) -> None:
-        """Close the open zone starting at ``offset``."""
-        await self._zone(_Op.CLOSE_ZONE, offset)
-
-    async def finish_zone(self, offset: int) -> None:
-        """Finish the zone starting at ``offset`` (it becomes FULL)."""
-        await self._zone(_Op.FINISH_ZONE, offset)
-
-    async def reset_zone(self, offset: int) -> None:
-        """Reset the zone starting at ``offset`` (EMPTY, reads give zeroes)."""
-        await self._zone(_Op.RESET_ZONE, offset)
-
-    async def open_all_zones(self) -> None:
-        """Open every CLOSED zone."""
-        await self._zone(_Op.OPEN_ALL_ZONES)
-
-    async def close_all_zones(self) -> None:
-        """Close every open zone."""
-        await self._zone(_Op.CLOSE_ALL_ZONES)
-
-    async def finish_all_zones(self) -> None:
-        """Finish every open or closed zone."""
-        await self._zone(_Op.FINISH_ALL_ZONES)
-
-    async def reset_all_zones(self) -> None:
-        """Reset every zone that is not EMPTY."""
-        await self._zone(_Op.RESET_ALL_ZONES)
+    def _zone(self, op: int, offset: int = 0, zones: Any = None) -> Awaitable[int]:
+        return self._link.zone(op, offset, zones)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -601,183 +195,15 @@ class AsyncDevice:
         stay there, and the batch keeps a reference to ``buffers`` (or
         ``region``) until the last of them completes.  Closing the device
         while a batch is awaited makes the await raise ``ValueError``."""
-        return self._batch(_READ, offsets, buffers, 0, region, blocksize)
+        return self._link.batch(_READ, offsets, buffers, 0, region, blocksize)
 
     def write_batch(self, offsets: Any, buffers: Any, *, fua: bool = False, region: Any = None,
                     blocksize: int = 0) -> Awaitable[int]:
         """Write row i of ``buffers`` at ``offsets[i]`` for every i; awaits the
         bytes written.  As ``read_batch`` otherwise (``fua``: each write is
         durable when it completes)."""
-        return self._batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region, blocksize)
-
-    async def _batch(self, op: int, offsets: Any, buffers: Any, flags: int, region: Any,
-                     blocksize: int) -> int:
-        loop = _running_loop()
-        if loop is not self._loop or self._closed:
-            self._follow(loop)
-        if self._reconnected is not None:
-            await self._until_reconnected()
-        port = self._port
-        solo = -2
-        if not self._batches:
-            # The common case, in the core: the only batch in flight, in one
-            # wave, with the default tags 0..n-1 (batch 0).
-            try:
-                solo = port.solo_batch(op, offsets, buffers, flags, region, blocksize,
-                                       self._reap_out)
-            except _Reconnecting:
-                self._follow_reconnect()    # the general path below waits it out
-            if solo >= 0:
-                self._sync_bytes += solo    # yield now and then: cached reads never wait
-                if self._sync_bytes >= _SYNC_BYTES:
-                    self._sync_bytes = 0
-                    await _yield_once()
-                return solo
-        offs = _int_array(offsets, "offsets")        # the core checked them already
-        n = offs.shape[0]
-        if not isinstance(buffers, np.ndarray):
-            buffers = np.asarray(buffers)
-        bs = blocksize if region is not None else (buffers.shape[1] if buffers.ndim == 2 else 0)
-        memory = buffers if region is None else region
-        if n == 0:
-            return 0
-        depth = port.depth
-        if solo == -3:                      # some failed during the submission
-            rec = _Batch(n, memory, offs)
-            rec.left = k = port.batch_taken
-            self._batches[0] = rec
-            self._credit(0, k, self._reap_ud[:k], self._reap_ret[:k])
-            del self._batches[0]
-            raise self._batch_error(op, rec, bs)
-        if solo == -1:
-            bid, pos = 0, n
-        else:
-            # all of it before the first wave (each wave is checked again)
-            await self._call(port.check_batch, op, offs, buffers, region, blocksize)
-            bid = self._next_batch
-            while bid in self._batches or bid == 0:   # 0: the solo batch's
-                bid = bid % (_BATCH_IDS - 1) + 1
-            self._next_batch = bid % (_BATCH_IDS - 1) + 1
-            pos = 0
-        base = bid << _TAG_SHIFT
-        rec = _Batch(n, memory, offs)
-        rec.left = pos
-        self._batches[bid] = rec
-        error: Optional[BaseException] = None
-        try:
-            if pos:
-                self._reap()            # the solo batch: route what is done, arm the fd
-            while pos < n:
-                k = n - pos
-                if depth:
-                    while depth - port.in_flight <= 0:
-                        await self._wait_room()
-                        if self._closed:
-                            raise self._closed_during_batch(rec)
-                    k = min(k, depth - port.in_flight)
-                tags = np.arange(base + pos, base + pos + k, dtype=np.int64)
-                try:
-                    await self._call(port.submit_batch, op, offs[pos:pos + k],
-                                     buffers[pos:pos + k], tags, flags, region, blocksize)
-                except Exception as e:
-                    if rec.left and (self.device.closed or port.gone):
-                        raise self._closed_during_batch(rec) from e
-                    error = e           # nothing of this wave was submitted
-                    break
-                rec.left += k
-                pos += k
-                if port.batch_ready:
-                    try:
-                        self._take_batches()
-                    except _Reconnecting:
-                        self._follow_reconnect()    # the reconnect's end takes them
-                if rec.left:
-                    self._reap()
-            if rec.left:
-                if self._closed:
-                    raise self._closed_during_batch(rec)
-                rec.fut = self._loop.create_future()
-                await rec.fut
-                self._sync_bytes = 0
-            elif error is None:
-                self._sync_bytes += n * bs
-                if self._sync_bytes >= _SYNC_BYTES:
-                    self._sync_bytes = 0
-                    await _yield_once()
-        finally:
-            if rec.left == 0:
-                self._batches.pop(bid, None)
-            else:
-                rec.abandoned = True    # cancelled: reaping drops it at the end
-        if error is not None:
-            raise error
-        if rec.nfail:
-            raise self._batch_error(op, rec, bs)
-        return n * bs
-
-    def _take_batches(self) -> None:
-        """Route the batch completions waiting in the ring to their batches:
-        with one batch in flight and no failure, not even a numpy call."""
-        port = self._port
-        cap = len(self._reap_out)
-        while port.batch_ready:
-            failed_before = port.batch_failed
-            k = port.take_batch(self._reap_out)
-            failed = port.batch_failed != failed_before
-            if len(self._batches) == 1 and not failed:
-                self._credit(next(iter(self._batches)), k, None, None)
-            else:
-                ud = self._reap_ud[:k]
-                rets = self._reap_ret[:k]
-                ids = ud >> _TAG_SHIFT
-                uniq, counts = np.unique(ids, return_counts=True)
-                for bid, cnt in zip(uniq.tolist(), counts.tolist()):
-                    mine = ids == bid
-                    self._credit(bid, cnt, ud[mine] if failed else None,
-                                 rets[mine] if failed else None)
-            if k < cap:
-                break
-
-    def _credit(self, bid: int, count: int, ud: Optional[np.ndarray],
-                rets: Optional[np.ndarray]) -> None:
-        rec = self._batches.get(bid)
-        if rec is None:
-            return                      # not submitted through this AsyncDevice
-        if ud is not None and rets is not None:
-            bad = np.flatnonzero(rets)
-            if bad.size:
-                idx = ud[bad] & _INDEX_MASK
-                j = int(np.argmin(idx))
-                if rec.nfail == 0 or int(idx[j]) < rec.fail_index:
-                    rec.fail_index = int(idx[j])
-                    rec.fail_ret = int(rets[bad[j]])
-                rec.nfail += int(bad.size)
-        rec.left -= count
-        if rec.left == 0:
-            if rec.fut is not None and not rec.fut.done():
-                rec.fut.set_result(None)
-            if rec.abandoned:
-                del self._batches[bid]
-
-    def _batch_error(self, op: int, rec: _Batch, bs: int) -> OSError:
-        i = rec.fail_index
-        offset = int(rec.offsets[i])
-        others = f"; {rec.nfail} of {rec.n} requests failed" if rec.nfail > 1 else ""
-        why = self._port.broken_reason     # the backend hung up for good
-        e = _error_for(-rec.fail_ret, f"{'read' if op == _READ else 'write'} of {bs} bytes at "
-                                      f"offset {offset} (request {i} of a batch of {rec.n}) "
-                                      f"failed{others}{': ' + why if why else ''}")
-        e.index = i                     # type: ignore[attr-defined]
-        e.offset = offset               # type: ignore[attr-defined]
-        e.failed = rec.nfail            # type: ignore[attr-defined]
-        return e
-
-    async def _wait_room(self) -> None:
-        """Until a reap may have freed room in the queue (a batch wave waits)."""
-        if self._room is None:
-            self._room = asyncio.Event()
-        self._room.clear()
-        await self._room.wait()
+        return self._link.batch(_WRITE, offsets, buffers, _REQ_FUA if fua else 0, region,
+                                blocksize)
 
     # ---- memory and lifecycle -------------------------------------------------------
 
@@ -796,19 +222,17 @@ class AsyncDevice:
         if self._port.in_flight and not self.device.closed:
             raise ValueError(f"{self._port.in_flight} request(s) still in flight; "
                              f"await them before detaching")
-        self._closed = True
-        self._release_fd()
+        self._link.stop()
 
     async def aclose(self) -> None:
         """Wait for requests in flight, then close the device."""
-        if self._closed:
-            self._release_fd()
+        if self._link.closed:
+            self._link.stop()
             return
         while self._port.in_flight and not self.device.closed:
             await asyncio.sleep(0.01)
-            self._reap()
-        self._closed = True
-        self._release_fd()
+            self._link.reap()
+        self._link.stop()
         await _running_loop().run_in_executor(None, self.device.close)
 
     async def __aenter__(self) -> "AsyncDevice":
