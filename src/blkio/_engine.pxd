@@ -73,6 +73,18 @@ cdef inline int set_ret(Completion c, int ret) except -1:
     return 0
 
 
+cdef inline void set_request(Completion c, int op, uint64_t offset, uint64_t length,
+                             unsigned int flags) noexcept:
+    """What ``c`` asks for, not done yet: a new Completion's or a recycled
+    one's (a recycled one is internal, so its ``ret_obj`` is never read)."""
+    c.op = op
+    c.offset = offset
+    c.length = length
+    c.flags = flags
+    c.done = False
+    c.ret = 0
+
+
 cdef Completion new_completion(int op, uint64_t offset, uint64_t length, unsigned int flags,
                                int route, object user_data)
 

@@ -242,10 +242,7 @@ cdef class Completion:
 cdef Completion new_completion(int op, uint64_t offset, uint64_t length, unsigned int flags,
                                int route, object user_data):
     cdef Completion c = Completion.__new__(Completion)
-    c.op = op
-    c.offset = offset
-    c.length = length
-    c.flags = flags
+    set_request(c, op, offset, length, flags)
     c.route = route
     c.user_data = user_data
     return c

@@ -33,7 +33,7 @@ from ._checks cimport (READ, WRITE, WRITE_ZEROES, DISCARD, FLUSH, REPORT_ZONES,
                        OPEN_ALL_ZONES, NO_PROBLEM, TOO_LONG, HotLimits, check_request,
                        zone_problem, problem_error, range_problem, request_error, CANCELLED)
 from ._engine cimport (Route, TO_CALLER, INTERNAL, TO_FUTURE, TO_TRANSFER, new_completion,
-                       queue_use, queue_use_as, queue_unuse)
+                       set_request, queue_use, queue_use_as, queue_unuse)
 from ._handle cimport GUARD_THREADS, ST_STARTED
 from ._held cimport hold_buffers, array_memory, view_flags, slice_iov, gather
 from ._posix cimport ENOTSUP, ECANCELED
@@ -444,12 +444,7 @@ cdef object _blocking_one_on(QueueEngine e, int op, uint64_t offset, object buf,
         c = new_completion(op, offset, length, flags, INTERNAL, None)
     else:
         e.spare = None
-        c.op = op
-        c.offset = offset
-        c.length = length
-        c.flags = flags
-        c.done = False
-        c.ret = 0           # internal: ret_obj is never read
+        set_request(c, op, offset, length, flags)
     c.iov1 = one
     c.iov = &c.iov1
     c.iovcnt = 1
