@@ -42,6 +42,14 @@ def tool_env() -> dict:
     return env
 
 
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that is sent SIGINT: Python turns SIGINT
+    into KeyboardInterrupt only when it is not ignored at start-up, and a
+    run started in the background by a shell without job control (``cmd &``,
+    nohup) ignores it in every process it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def require(condition: object, reason: str) -> None:
     """Skip the test unless ``condition`` holds; with CI=true, fail instead."""
     if condition:

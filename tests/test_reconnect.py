@@ -21,7 +21,7 @@ import pytest
 
 import blkio
 import blkio.aio
-from conftest import require
+from conftest import require, sigint_default
 
 CHILD = Path(__file__).resolve().parent / "reconnect_child.py"
 DRIVER = "virtio-blk-vhost-user"
@@ -33,7 +33,8 @@ def _child(tmp_path: Path, scenario: str, **cfg: object) -> dict:
             "qemu-storage-daemon is not installed (Debian: qemu-system-common)")
     cfg = dict(cfg, scenario=scenario, dir=str(tmp_path))
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(cfg)], capture_output=True,
-                          text=True, timeout=300, cwd=str(CHILD.parent))
+                          text=True, timeout=300, cwd=str(CHILD.parent),
+                          preexec_fn=sigint_default)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     out = json.loads(lines[-1]) if lines else {}
     assert proc.returncode == 0 and not out.get("errors"), (

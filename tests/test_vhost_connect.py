@@ -31,7 +31,7 @@ import pytest
 
 import blkio
 from blkio import _vhost_socket
-from conftest import require, tool_env, write_image
+from conftest import require, sigint_default, tool_env, write_image
 
 DRIVER = "virtio-blk-vhost-user"
 #: Far above any timeout used here: a call that has not returned by then hung.
@@ -68,7 +68,7 @@ def _open_fds() -> set:
 def _child(code: str, timeout: float = HANG) -> dict:
     """Run ``code`` in a child interpreter; it prints one JSON line last."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=sigint_default)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
