@@ -666,8 +666,13 @@ def run_sigint(cfg: Dict[str, Any]) -> Dict[str, Any]:
         deadline = time.monotonic() + HANG
         while dev.stats.reconnects < 1 and time.monotonic() < deadline:
             time.sleep(0.001)
-        got = dev.read(5 * BS, BS)
-        if not np.array_equal(got, pattern(5, 77)):
+        # The resubmitted write has no caller waiting for it, and a read
+        # issued meanwhile may overtake it (a device orders no two requests
+        # in flight): it must land, not land first.
+        while (not np.array_equal(dev.read(5 * BS, BS), pattern(5, 77))
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+        if not np.array_equal(dev.read(5 * BS, BS), pattern(5, 77)):
             errors.append("the interrupted write was not resubmitted")
         dev.write(6 * BS, buf)
         if not np.array_equal(dev.read(6 * BS, BS), pattern(5, 77)):
