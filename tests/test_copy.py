@@ -443,6 +443,8 @@ def test_resident_pages_refuses_an_offset_off_a_page(image):
             resident_pages(fd, [512])
         with pytest.raises(ValueError, match="page-aligned"):
             resident_pages(fd, [-4096])
+        with pytest.raises(TypeError, match="integer"):
+            resident_pages(fd, [4096.0])
     finally:
         os.close(fd)
 

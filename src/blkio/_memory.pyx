@@ -13,7 +13,7 @@ cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.ref cimport Py_INCREF
 from libc.errno cimport errno
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from posix.mman cimport mmap, munmap, mincore, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.unistd cimport close as c_close
@@ -420,13 +420,16 @@ def resident_pages(int fd, offsets):
     cdef size_t page = PAGE
     cdef unsigned char vec
     cdef void *addr
-    cdef long long off
+    cdef uint64_t off
     cdef Py_ssize_t hits = 0
     for o in offsets:
-        off = o
-        if off < 0 or off % page:
+        try:
+            off = as_u64(o, "offset")       # TypeError for floats and bools
+        except ValueError:
+            off = 1                         # negative: not an offset at all
+        if off % page or off >= (<uint64_t>1 << 62):
             raise ValueError(f"resident_pages: offset {o} is not a page-aligned offset")
-        addr = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, off)
+        addr = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, <long long>off)
         if addr == MAP_FAILED:
             raise OSError(errno, os.strerror(errno))
         vec = 0
